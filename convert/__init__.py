@@ -1,0 +1,1 @@
+"""Checkpoint converters (run as `python -m convert.hf_to_flax`)."""

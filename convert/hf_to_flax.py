@@ -1,0 +1,329 @@
+"""Hugging Face PaliGemma safetensors -> pali-jax Flax parameters (+ orbax directory).
+
+    python -m convert.hf_to_flax SRC DST [--dtype auto|float32|bfloat16] [--overwrite]
+
+SRC is an HF checkpoint directory: config.json plus model.safetensors, or shards listed in
+model.safetensors.index.json, with any of the key prefixes transformers has used
+(`language_model.model.*` / `model.language_model.*`, `vision_tower.vision_model.*` /
+`vision_tower.*` / `model.vision_tower.*`, `multi_modal_projector.*` / `model.multi_modal_projector.*`).
+Tensors are read one at a time into preallocated stacked arrays, so peak memory is the output
+plus one tensor. Coverage is strict against `jax.eval_shape` of the model's init. DST is written
+into a temporary sibling directory and renamed at the end: it exists whole or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from convert.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
+from pali_jax.checkpoint import save_params
+from pali_jax.config import ConfigError, PaliGemmaConfig
+
+CONFIG_FILE = "pali_jax_config.json"
+PARAMS_DIR = "params"
+# Files a converted directory carries over from SRC (tokenizer, processor, generation settings).
+SIDE_FILES = (
+    "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "preprocessor_config.json", "processor_config.json", "generation_config.json",
+)
+DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+class ConversionError(ValueError):
+    """SRC cannot be converted; the message says which file or tensor and why."""
+
+
+Transform = Callable[[np.ndarray], np.ndarray]
+# A Flax leaf path, the index of the slice this tensor fills ((layer,) or (layer, k) for stacked
+# leaves, () for whole leaves), and how to turn the PyTorch layout into the Flax one.
+Target = tuple[tuple[str, ...], tuple[int, ...], Transform]
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def _linear(w: np.ndarray) -> np.ndarray:
+    """PyTorch Linear [out, in] -> Flax kernel [in, out]."""
+    return w.T
+
+
+def _heads_in(n: int, h: int) -> Transform:
+    """q/k/v projection [n*h, in] -> [in, n, h] (SigLIP DenseGeneral kernel)."""
+    return lambda w: w.T.reshape(-1, n, h)
+
+
+def _heads_out(n: int, h: int) -> Transform:
+    """Output projection [out, n*h] -> [n, h, out]."""
+    return lambda w: w.reshape(-1, n, h).transpose(1, 2, 0)
+
+
+def _einsum_in(n: int, h: int) -> Transform:
+    """Gemma q/k/v projection [n*h, D] -> [n, D, h]."""
+    return lambda w: w.reshape(n, h, -1).transpose(0, 2, 1)
+
+
+def _split_heads(n: int, h: int) -> Transform:
+    """Bias [n*h] -> [n, h]."""
+    return lambda b: b.reshape(n, h)
+
+
+def _canonical(key: str) -> tuple[str, str]:
+    """Maps every HF key layout to (tower, rest): tower in {"text", "vision", "projector", "lm_head"}."""
+    k = key.removeprefix("model.") if key.startswith("model.") and not key.startswith("model.model.") else key
+    if k.startswith("language_model."):
+        rest = k.removeprefix("language_model.")
+        if rest == "lm_head.weight":
+            return "lm_head", rest
+        return "text", rest.removeprefix("model.")
+    if k.startswith("vision_tower."):
+        return "vision", k.removeprefix("vision_tower.").removeprefix("vision_model.")
+    if k.startswith("multi_modal_projector."):
+        return "projector", k.removeprefix("multi_modal_projector.")
+    if k == "lm_head.weight":
+        return "lm_head", k
+    raise ConversionError(f"unexpected tensor {key!r} (not a PaliGemma weight)")
+
+
+_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+
+
+def _text_target(rest: str, cfg: PaliGemmaConfig) -> Target | None:
+    t = cfg.text
+    if rest == "embed_tokens.weight":
+        return ("llm", "embedder", "input_embedding"), (), _same
+    if rest == "norm.weight":
+        return ("llm", "final_norm", "scale"), (), _same
+    m = _LAYER.fullmatch(rest)
+    if not m or int(m[1]) >= t.depth:
+        return None
+    i, sub = int(m[1]), m[2]
+    norms = {"input_layernorm.weight": "pre_attention_norm"}
+    if t.post_norms:  # Gemma 2
+        norms |= {
+            "post_attention_layernorm.weight": "post_attention_norm",
+            "pre_feedforward_layernorm.weight": "pre_ffw_norm",
+            "post_feedforward_layernorm.weight": "post_ffw_norm",
+        }
+    else:  # Gemma 1: HF's "post_attention_layernorm" is the pre-FFW norm
+        norms["post_attention_layernorm.weight"] = "pre_ffw_norm"
+    table: dict[str, Target] = {
+        "self_attn.q_proj.weight": (("attn", "q_einsum"), (i,), _einsum_in(t.num_heads, t.head_dim)),
+        "self_attn.k_proj.weight": (("attn", "kv_einsum"), (i, 0), _einsum_in(t.num_kv_heads, t.head_dim)),
+        "self_attn.v_proj.weight": (("attn", "kv_einsum"), (i, 1), _einsum_in(t.num_kv_heads, t.head_dim)),
+        "self_attn.o_proj.weight": (("attn", "attn_vec_einsum"), (i,), _heads_out(t.num_heads, t.head_dim)),
+        "mlp.gate_proj.weight": (("mlp", "gating_einsum"), (i, 0), _linear),
+        "mlp.up_proj.weight": (("mlp", "gating_einsum"), (i, 1), _linear),
+        "mlp.down_proj.weight": (("mlp", "linear"), (i,), _linear),
+    }
+    table |= {k: ((v, "scale"), (i,), _same) for k, v in norms.items()}
+    if sub not in table:
+        return None
+    path, index, fn = table[sub]
+    return ("llm", "layers", *path), index, fn
+
+
+def _vision_target(rest: str, cfg: PaliGemmaConfig) -> Target | None:
+    v = cfg.vision
+    fixed: dict[str, Target] = {
+        "embeddings.patch_embedding.weight": (("embedding", "kernel"), (), lambda w: w.transpose(2, 3, 1, 0)),
+        "embeddings.patch_embedding.bias": (("embedding", "bias"), (), _same),
+        "embeddings.position_embedding.weight": (("pos_embedding",), (), lambda w: w[None]),
+        "post_layernorm.weight": (("Transformer", "encoder_norm", "scale"), (), _same),
+        "post_layernorm.bias": (("Transformer", "encoder_norm", "bias"), (), _same),
+    }
+    if rest in fixed:
+        path, index, fn = fixed[rest]
+        return ("img", *path), index, fn
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)", rest)
+    if not m or int(m[1]) >= v.depth:
+        return None
+    i, sub = int(m[1]), m[2]
+    attn = "MultiHeadDotProductAttention_0"
+    table: dict[str, tuple[tuple[str, ...], Transform]] = {
+        "layer_norm1.weight": (("LayerNorm_0", "scale"), _same),
+        "layer_norm1.bias": (("LayerNorm_0", "bias"), _same),
+        "layer_norm2.weight": (("LayerNorm_1", "scale"), _same),
+        "layer_norm2.bias": (("LayerNorm_1", "bias"), _same),
+        "mlp.fc1.weight": (("Dense_0", "kernel"), _linear),
+        "mlp.fc1.bias": (("Dense_0", "bias"), _same),
+        "mlp.fc2.weight": (("Dense_1", "kernel"), _linear),
+        "mlp.fc2.bias": (("Dense_1", "bias"), _same),
+        "self_attn.out_proj.weight": ((attn, "out", "kernel"), _heads_out(v.num_heads, v.head_dim)),
+        "self_attn.out_proj.bias": ((attn, "out", "bias"), _same),
+    }
+    for hf, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")):
+        table[f"self_attn.{hf}.weight"] = ((attn, ours, "kernel"), _heads_in(v.num_heads, v.head_dim))
+        table[f"self_attn.{hf}.bias"] = ((attn, ours, "bias"), _split_heads(v.num_heads, v.head_dim))
+    if sub not in table:
+        return None
+    path, fn = table[sub]
+    return ("img", "Transformer", "encoderblock", *path), (i,), fn
+
+
+def _target(key: str, cfg: PaliGemmaConfig) -> Target | None:
+    """Where an HF tensor goes; None for the tied `lm_head` (it is the embedding)."""
+    tower, rest = _canonical(key)
+    if tower == "lm_head":
+        return None
+    if tower == "projector":
+        target = {"linear.weight": (("img", "head", "kernel"), (), _linear),
+                  "linear.bias": (("img", "head", "bias"), (), _same)}.get(rest)
+    elif tower == "text":
+        target = _text_target(rest, cfg)
+    else:
+        target = _vision_target(rest, cfg)
+    if target is None:
+        raise ConversionError(f"unexpected tensor {key!r} for this config.json (wrong depth or model type?)")
+    return target
+
+
+def checkpoint_tensors(src: Path) -> dict[str, TensorInfo]:
+    """Every tensor of an HF checkpoint directory (single file or index + shards)."""
+    index = src / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ConversionError(f"{index} is not a valid safetensors index") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (src / f).exists()]
+        if missing:
+            raise ConversionError(f"{src}: shard {missing[0]} listed in model.safetensors.index.json is missing")
+    elif (src / "model.safetensors").exists():
+        files, weight_map = ["model.safetensors"], None
+    else:
+        raise ConversionError(f"{src}: no model.safetensors or model.safetensors.index.json")
+    tensors: dict[str, TensorInfo] = {}
+    for name in files:
+        for key, info in read_header(src / name).items():
+            if weight_map is not None and weight_map.get(key) != name:
+                continue  # the index is authoritative about which shard holds a key
+            tensors[key] = info
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(tensors))
+        if absent:
+            raise ConversionError(f"tensor {absent[0]!r} is listed in the index but not in {weight_map[absent[0]]}")
+    return tensors
+
+
+def abstract_params(cfg: PaliGemmaConfig) -> dict[str, Any]:
+    """The model's parameter shapes, from `jax.eval_shape` of its init (no memory)."""
+    from pali_jax.paligemma import PaliGemmaModel
+
+    size = cfg.image_size
+    pixels = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(PaliGemmaModel(cfg).init, jax.random.PRNGKey(0), pixels, ids)["params"]
+
+
+def _resolve_dtype(dtype: str | None, tensors: dict[str, TensorInfo]) -> np.dtype:
+    if dtype in (None, "auto"):
+        floats = [i.dtype for i in tensors.values() if np.issubdtype(i.dtype, np.floating) or i.dtype == DTYPES["bfloat16"]]
+        return np.dtype(max(set(floats), key=floats.count)) if floats else DTYPES["float32"]
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
+    return DTYPES[dtype]
+
+
+def load_hf(src: str | Path, dtype: str | None = None) -> tuple[PaliGemmaConfig, dict[str, Any]]:
+    """Reads an HF PaliGemma directory into (config, nested dict of numpy arrays).
+
+    dtype: "float32", "bfloat16", or None/"auto" for the checkpoint's own dtype.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise ConversionError(f"{src} is not a directory")
+    cfg = PaliGemmaConfig.from_hf(src)
+    out_dtype = _resolve_dtype(dtype, tensors := checkpoint_tensors(src))
+    flat_shapes = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
+    arrays: dict[tuple[str, ...], np.ndarray] = {}
+    filled: dict[tuple[str, ...], np.ndarray] = {}
+    for key in sorted(tensors):
+        target = _target(key, cfg)
+        if target is None:
+            continue
+        path, index, fn = target
+        leaf = flat_shapes.get(path)
+        if leaf is None:
+            raise ConversionError(f"tensor {key!r} maps to {'/'.join(path)}, which this config's model lacks")
+        info = tensors[key]
+        value = fn(read_tensor(info))
+        expected = leaf.shape[len(index):]
+        if value.shape != expected or any(i >= n for i, n in zip(index, leaf.shape)):
+            raise ConversionError(
+                f"tensor {key!r} has shape {info.shape}, which does not fit {'/'.join(path)} "
+                f"{leaf.shape} of config.json's model"
+            )
+        if path not in arrays:
+            arrays[path] = np.empty(leaf.shape, out_dtype)
+            filled[path] = np.zeros(leaf.shape[: len(index)], bool)
+        arrays[path][index] = value
+        filled[path][index] = True
+        del value
+    for path in flat_shapes:
+        if path not in filled or not filled[path].all():
+            raise ConversionError(f"the checkpoint has no tensor for {'/'.join(path)} (or for some of its layers)")
+    params: dict[str, Any] = {}
+    for path, array in arrays.items():
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = array
+    return cfg, params
+
+
+def convert(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Converts SRC into a pali-jax directory DST (orbax params, config, tokenizer files)."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} already exists (pass --overwrite to replace it)")
+    cfg, params = load_hf(src, dtype)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_params(tmp / PARAMS_DIR, params)
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+        for name in SIDE_FILES:
+            if (src / name).exists():
+                shutil.copy2(src / name, tmp / name)
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convert.hf_to_flax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="HF PaliGemma checkpoint directory")
+    parser.add_argument("dst", help="output directory (created atomically)")
+    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32 or bfloat16")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.src, args.dst, args.dtype, args.overwrite)
+    except (ConversionError, ConfigError, SafetensorsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""A minimal safetensors reader that loads one tensor at a time with plain file reads.
+
+Plain reads (not mmap) keep peak memory at the output plus one tensor: mapped pages would stay
+resident and count against the process. bfloat16 comes back as `ml_dtypes.bfloat16`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file that cannot be read (truncated, corrupt, unknown dtype)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors a file declares; checks that every one lies inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise SafetensorsError(f"{path}: truncated (no header)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise SafetensorsError(f"{path}: truncated or corrupt (header of {header_len} bytes in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SafetensorsError(f"{path}: corrupt header (not JSON)") from None
+    base = 8 + header_len
+    infos = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_DTYPES[meta["dtype"]])
+            begin, end = meta["data_offsets"]
+            shape = tuple(meta["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsError(f"{path}: corrupt entry for tensor {name!r}") from None
+        if end - begin != dtype.itemsize * int(np.prod(shape)):
+            raise SafetensorsError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
+        if base + end > size:
+            raise SafetensorsError(f"{path}: truncated (tensor {name!r} ends past the end of the file)")
+        infos[name] = TensorInfo(path, dtype, shape, base + begin, end - begin)
+    return infos
+
+
+def read_tensor(info: TensorInfo) -> np.ndarray:
+    out = np.empty(info.shape, info.dtype)
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != info.nbytes:
+            raise SafetensorsError(f"{info.file}: truncated while reading a tensor")
+    return out

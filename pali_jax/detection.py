@@ -1,0 +1,85 @@
+"""Parse PaliGemma detection / segmentation output and draw it.
+
+PaliGemma answers ``detect cat ; dog`` with ``<locY0><locX0><locY1><locX1> label`` entries joined by
+``" ; "``. Coordinates are bins 0..1023 of the (square) model input, so they scale to any image size
+as ``y = bin / 1024 * height`` and ``x = bin / 1024 * width``. ``segment`` answers add 16
+``<segNNN>`` codes after the four locations; turning them into a mask needs big_vision's VQ-VAE
+decoder, so they are returned as plain integers.
+"""
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
+
+_LOC = r"<loc(\d{4})>"
+# A box, then any <segNNN> codes, then the label up to the next ";" or "<" (start of the next box).
+_DETECTION_RE = re.compile(_LOC * 4 + r"(?P<seg>(?:<seg\d{3}>)*)(?P<label>[^;<]*)")
+_SEG_RE = re.compile(r"<seg(\d{3})>")
+_NUM_SEG_CODES = 16
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One box in pixels of the original image, with its label and, for segmentation, 16 codes."""
+
+    xmin: float
+    ymin: float
+    xmax: float
+    ymax: float
+    label: str
+    seg_codes: tuple[int, ...] | None = None
+
+
+def parse_detections(text: str, image_width: int, image_height: int) -> list[Detection]:
+    """Boxes found in a PaliGemma answer, scaled to an image of the given size.
+
+    Anything that is not a complete run of four ``<locNNNN>`` tokens is skipped, as are boxes with
+    a bin above 1023. A missing label gives ``""``. ``seg_codes`` is set only when exactly 16
+    ``<segNNN>`` tokens (each below 128) follow the box. Swapped corners are put in order.
+    """
+    detections = []
+    for match in _DETECTION_RE.finditer(text):
+        y0, x0, y1, x1 = (int(match.group(i)) for i in range(1, 5))
+        if max(y0, x0, y1, x1) > 1023:
+            continue
+        codes = tuple(int(c) for c in _SEG_RE.findall(match.group("seg")))
+        valid_codes = len(codes) == _NUM_SEG_CODES and max(codes) < 128
+        xs = sorted((x0 / 1024 * image_width, x1 / 1024 * image_width))
+        ys = sorted((y0 / 1024 * image_height, y1 / 1024 * image_height))
+        detections.append(
+            Detection(
+                xmin=xs[0],
+                ymin=ys[0],
+                xmax=xs[1],
+                ymax=ys[1],
+                label=match.group("label").strip(),
+                seg_codes=codes if valid_codes else None,
+            )
+        )
+    return detections
+
+
+def draw_detections(
+    image: PIL.Image.Image | np.ndarray,
+    detections: Iterable[Detection],
+    color: str | tuple[int, int, int] = "red",
+    line_width: int = 2,
+) -> PIL.Image.Image:
+    """A copy of ``image`` (PIL, or uint8 ``[H, W, 3]`` array) with boxes and labels drawn on it."""
+    canvas = (PIL.Image.fromarray(image) if isinstance(image, np.ndarray) else image).convert("RGB")
+    draw = PIL.ImageDraw.Draw(canvas)
+    font = PIL.ImageFont.load_default()
+    for det in detections:
+        draw.rectangle((det.xmin, det.ymin, det.xmax, det.ymax), outline=color, width=line_width)
+        if det.label:
+            left, top, right, bottom = draw.textbbox((0, 0), det.label, font=font)
+            # Label on a filled tab above the box, or inside it when the box touches the top edge.
+            y = det.ymin - (bottom - top) - 2 if det.ymin >= bottom - top + 2 else det.ymin
+            draw.rectangle((det.xmin, y, det.xmin + right - left + 2, y + bottom - top + 2), fill=color)
+            draw.text((det.xmin + 1 - left, y + 1 - top), det.label, fill="white", font=font)
+    return canvas

@@ -1,0 +1,189 @@
+"""The Gemma decoder (Gemma 1 and Gemma 2) in Flax linen.
+
+Einsum axis letters, used throughout the package:
+  B batch, T query length, S key length (cache slots), D width, N query heads, K kv heads,
+  G query heads per kv head (N = K * G), H head dim, F MLP width, V vocab, L layers.
+
+Parameter names follow big_vision / google-deepmind/gemma (`embedder/input_embedding`,
+`attn/q_einsum`, `attn/kv_einsum`, `attn/attn_vec_einsum`, `mlp/gating_einsum`, `mlp/linear`,
+`pre_attention_norm`, ...). Layers run under `nn.scan`, so every layer parameter carries a leading
+[L] axis. Numerics follow transformers' Gemma/Gemma2 (see shared facts): norms, attention logits and
+softmax in float32, everything else in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pali_jax import kv_cache
+from pali_jax.config import GemmaConfig
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+class RMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps) * (1 + scale)` in float32; the stored scale is zero-centred."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(nn.Module):
+    """The tied token embedding: ids -> scaled vectors, and vectors -> vocabulary logits."""
+
+    vocab_size: int
+    width: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.input_embedding = self.param("input_embedding", _init, (self.vocab_size, self.width))
+
+    def encode(self, ids: jax.Array) -> jax.Array:
+        """[B, T] -> [B, T, D], scaled by sqrt(D) rounded to the activation dtype as HF does."""
+        x = jnp.take(self.input_embedding, ids, axis=0).astype(self.dtype)
+        return x * jnp.asarray(math.sqrt(self.width), self.dtype)
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, V]."""
+        return jnp.einsum("btd,vd->btv", x, self.input_embedding.astype(self.dtype))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding in the split-halves layout; x [B, T, N, H], positions [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (base ** (jnp.arange(0, half, dtype=jnp.float32) * 2 / x.shape[-1]))  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nn.Module):
+    """Multi-query / grouped-query attention with RoPE, soft-capping and an optional cache."""
+
+    cfg: GemmaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, mask, layer_kv, write_index):
+        """x [B, T, D], positions [B, T], mask [B, T, S] bool; layer_kv: (k, v) [B, S, K, H] or None.
+
+        Returns ([B, T, D], the updated (k, v) or None).
+        """
+        c = self.cfg
+        w_q = self.param("q_einsum", _init, (c.num_heads, c.width, c.head_dim))  # [N, D, H]
+        w_kv = self.param("kv_einsum", _init, (2, c.num_kv_heads, c.width, c.head_dim))  # [2, K, D, H]
+        w_o = self.param("attn_vec_einsum", _init, (c.num_heads, c.head_dim, c.width))  # [N, H, D]
+
+        q = jnp.einsum("btd,ndh->btnh", x, w_q.astype(self.dtype))
+        k, v = jnp.einsum("btd,ckdh->cbtkh", x, w_kv.astype(self.dtype))
+        q = apply_rope(q, positions, c.rope_base)
+        k = apply_rope(k, positions, c.rope_base)
+        if layer_kv is not None:
+            k = kv_cache.write(layer_kv[0], k, write_index)
+            v = kv_cache.write(layer_kv[1], v, write_index)
+            layer_kv = (k, v)
+
+        b, t = q.shape[:2]
+        groups = c.num_heads // c.num_kv_heads
+        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+        logits = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = logits * c.query_scale
+        if c.attn_logit_softcap is not None:
+            logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
+        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(self.dtype)).reshape(b, t, c.num_heads, c.head_dim)
+        return jnp.einsum("btnh,nhd->btd", out, w_o.astype(self.dtype)), layer_kv
+
+
+class FeedForward(nn.Module):
+    """GeGLU: `linear(gelu(x @ gate) * (x @ up))`."""
+
+    cfg: GemmaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.cfg
+        w_gating = self.param("gating_einsum", _init, (2, c.width, c.mlp_dim))  # [2, D, F]
+        w_linear = self.param("linear", _init, (c.mlp_dim, c.width))  # [F, D]
+        gate, up = jnp.einsum("btd,cdf->cbtf", x, w_gating.astype(self.dtype))
+        hidden = nn.gelu(gate, approximate=self.cfg.gelu_approximate) * up
+        return jnp.einsum("btf,fd->btd", hidden, w_linear.astype(self.dtype))
+
+
+class Block(nn.Module):
+    """One decoder layer. Gemma 2 adds norms after attention and after the MLP (`post_norms`)."""
+
+    cfg: GemmaConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, masks, is_sliding, layer_kv, write_index):
+        """Scanned over layers: x is the carry; is_sliding [] and layer_kv are this layer's slices."""
+        c = self.cfg
+        mask = jnp.where(is_sliding, masks[1], masks[0])
+        h = RMSNorm(c.rms_norm_eps, name="pre_attention_norm")(x)
+        h, layer_kv = Attention(c, self.dtype, name="attn")(h, positions, mask, layer_kv, write_index)
+        if c.post_norms:
+            h = RMSNorm(c.rms_norm_eps, name="post_attention_norm")(h)
+        x = x + h
+        h = RMSNorm(c.rms_norm_eps, name="pre_ffw_norm")(x)
+        h = FeedForward(c, self.dtype, name="mlp")(h)
+        if c.post_norms:
+            h = RMSNorm(c.rms_norm_eps, name="post_ffw_norm")(h)
+        return x + h, layer_kv
+
+
+class Gemma(nn.Module):
+    """The decoder stack: embedder, L scanned blocks, final norm, tied logits.
+
+    `remat` recomputes each layer's activations in the backward pass (training memory).
+    """
+
+    cfg: GemmaConfig
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        c = self.cfg
+        block = nn.remat(Block, prevent_cse=False) if self.remat else Block
+        self.embedder = Embedder(c.vocab_size, c.width, self.dtype)
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+            length=c.depth,
+        )(c, self.dtype)
+        self.final_norm = RMSNorm(c.rms_norm_eps)
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return self.embedder.encode(ids)
+
+    def __call__(self, x, positions, masks, kv, write_index=0):
+        """x [B, T, D] embedded inputs; masks: (full, sliding) [B, T, S]; kv: (k, v) [L, B, S, K, H]
+        or None. Returns (final-normed hidden states [B, T, D], updated kv or None)."""
+        is_sliding = jnp.asarray(self.cfg.layer_is_sliding, bool)  # [L]
+        x, kv = self.layers(x, positions, masks, is_sliding, kv, write_index)
+        return self.final_norm(x), kv
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, V] float32, with Gemma 2's final soft cap where configured."""
+        logits = self.embedder.decode(x).astype(jnp.float32)
+        if self.cfg.final_logit_softcap is not None:
+            cap = self.cfg.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return logits

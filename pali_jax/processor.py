@@ -1,0 +1,339 @@
+"""PaliGemma input processing: images -> pixel arrays, prompts -> token ids, ids -> text.
+
+Both halves reproduce transformers 5.24's ``PaliGemmaProcessor`` (with the PIL image backend,
+``SiglipImageProcessorPil``) exactly; the tests compare them on the same inputs.
+
+Prompt layout (one example)::
+
+    [<image>] * num_image_tokens + <bos> + tokenize(prefix + "\\n")     token type 0 (bidirectional)
+    + tokenize(suffix) + <eos>                                          token type 1 (causal; training only)
+"""
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import sentencepiece as spm
+
+ImageInput = Union[str, os.PathLike, PIL.Image.Image, np.ndarray]
+
+LOC_TOKENS = tuple(f"<loc{i:04d}>" for i in range(1024))
+SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(128))
+
+
+class ProcessorError(ValueError):
+    """A user input the processor cannot handle (bad image file or array, over-long prompt, ...)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_image_file(path: Union[str, os.PathLike]) -> PIL.Image.Image:
+    """Open an image file the way transformers' ``load_image`` does: EXIF transpose, then plain RGB."""
+    try:
+        with PIL.Image.open(path) as image:
+            # exif_transpose and convert both force a full decode, so truncated files fail here.
+            return PIL.ImageOps.exif_transpose(image).convert("RGB")
+    except FileNotFoundError:
+        raise ProcessorError(f"image file not found: {os.fspath(path)}") from None
+    except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as e:
+        reason = " ".join(str(e).split())  # keep the message on one line
+        raise ProcessorError(f"cannot read image file {os.fspath(path)}: {reason}") from None
+
+
+def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """transformers' ``convert_to_rgb``: transparency is composited onto white, other modes use PIL."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    try:
+        if has_alpha:
+            white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as e:  # e.g. mode "La": PIL has no conversion, and neither does transformers
+        raise ProcessorError(f"cannot convert PIL image of mode {image.mode!r} to RGB: {e}") from None
+
+
+def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
+    """Channels-last uint8/float array ([H, W], [H, W, 1|3|4]) -> PIL image, as transformers does.
+
+    Floats must lie in [0, 1]. Like transformers (with ``do_rescale=False``) an RGBA float image is
+    composited onto white in float, then values are scaled by 255 and truncated to uint8; this
+    round-trips ``uint8 / 255`` exactly.
+    """
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
+        raise ProcessorError(
+            f"image array must have shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {list(array.shape)}"
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        if not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
+            raise ProcessorError(
+                f"float image values must lie in [0, 1], got [{array.min()}, {array.max()}]"
+            )
+        if array.shape[-1] == 4:
+            alpha = array[..., 3:4]
+            array = (alpha * array[..., :3] + (1 - alpha) * 1.0).astype(array.dtype)
+        # Same arithmetic as transformers' rescale(x, 255) then astype(uint8): float64, float32, truncate.
+        array = (array.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise ProcessorError(f"image array dtype must be uint8 or floating, got {array.dtype}")
+    if array.shape[-1] == 1:
+        return PIL.Image.fromarray(array[..., 0])  # 2-D uint8 -> mode "L"
+    # uint8 RGBA goes through PIL's alpha_composite, bit-identical to transformers' numpy blend.
+    return PIL.Image.fromarray(array)
+
+
+def _to_rgb(image: ImageInput) -> PIL.Image.Image:
+    if isinstance(image, (str, os.PathLike)):
+        return _load_image_file(image)
+    if isinstance(image, PIL.Image.Image):
+        return _pil_to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return _pil_to_rgb(_array_to_pil(image))
+    raise ProcessorError(f"unsupported image type {type(image).__name__}: expected a path, PIL image or numpy array")
+
+
+def preprocess_images(images: Union[ImageInput, Sequence[ImageInput]], size: int) -> np.ndarray:
+    """Turn images into SigLIP pixel values ``[B, size, size, 3]`` float32 in [-1, 1].
+
+    Matches transformers' ``SiglipImageProcessorPil`` (the PIL backend PaliGemma's processor uses with
+    ``backend="pil"``) bit for bit:
+
+    - paths (``str`` / ``os.PathLike``) are opened like transformers' ``load_image``: the EXIF
+      orientation tag IS applied, then ``convert("RGB")``, which drops an alpha channel without
+      compositing;
+    - PIL images are used as given: the EXIF orientation is NOT applied (transformers does not), and
+      images with transparency (an ``A`` band or a ``transparency`` entry, e.g. RGBA, LA, PA, P) are
+      composited onto white; every other mode uses PIL's ``convert("RGB")`` (16/32-bit and float
+      grayscale are clipped to 0..255 there, not rescaled);
+    - numpy arrays are channels-last ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]``, uint8 or
+      float in [0, 1] (see ``_array_to_pil``); a 4-D array is a batch. transformers rejects ``[H, W]``
+      arrays; its ``[H, W, 1]`` result is used for them.
+
+    Then: PIL bicubic resize to (size, size) (back to uint8), x / 255, (x - 0.5) / 0.5.
+
+    Raises:
+        ProcessorError: an unreadable file (named in the message), an unsupported array or PIL mode.
+    """
+    if size <= 0:
+        raise ProcessorError(f"image size must be positive, got {size}")
+    if isinstance(images, (str, os.PathLike, PIL.Image.Image)) or (
+        isinstance(images, np.ndarray) and images.ndim in (2, 3)
+    ):
+        images = [images]
+    if len(images) == 0:
+        raise ProcessorError("no images given")
+    batch = np.empty((len(images), size, size, 3), np.float32)
+    for i, image in enumerate(images):
+        resized = np.asarray(_to_rgb(image).resize((size, size), resample=PIL.Image.BICUBIC))
+        # float64 multiply then float32, as transformers' rescale does; normalise in float32.
+        scaled = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+        batch[i] = (scaled - np.float32(0.5)) / np.float32(0.5)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Token arrays for a batch, all ``[B, T]``.
+
+    ``input_ids``, ``token_type_ids`` (0 = prefix incl. image tokens, 1 = suffix; pads are 0, as in
+    transformers) and ``attention_mask`` (1 = real token) are int32. ``loss_mask`` (bool) marks the
+    suffix tokens, ``<eos>`` included: the positions whose token is a training target (predicted from
+    the position before it).
+    """
+
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray
+    attention_mask: np.ndarray
+    loss_mask: np.ndarray
+
+
+class PaliGemmaTokenizer:
+    """Sentencepiece tokenizer of a PaliGemma checkpoint plus PaliGemma's prompt layout.
+
+    Text is passed to sentencepiece as-is: strings such as ``"<bos>"`` or ``"<image>"`` inside a prompt
+    stay literal text (transformers instead turns them into control ids). ``<locNNNN>`` and
+    ``<segNNN>`` are user-defined pieces of the model, so sentencepiece keeps them atomic.
+
+    Args:
+        model_path: a ``tokenizer.model`` file, or a directory holding one.
+        image_token_id: id of ``<image>``, which is not a sentencepiece piece; take it from the model
+            config. Default: the sentencepiece vocabulary size, the id transformers' processor gives
+            it (257152 for real checkpoints).
+    """
+
+    def __init__(self, model_path: Union[str, os.PathLike], image_token_id: int | None = None):
+        path = Path(model_path)
+        if path.is_dir():
+            path = path / "tokenizer.model"
+        if not path.is_file():
+            raise ProcessorError(f"tokenizer model not found: {path}")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.get_piece_size()
+        self.pad_id = self.sp.pad_id()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.image_token_id = self.vocab_size if image_token_id is None else image_token_id
+        ids = (self.sp.piece_to_id(piece) for piece in LOC_TOKENS + SEG_TOKENS)
+        # piece_to_id answers unk for a missing piece; keep only pieces the model really has.
+        self.loc_seg_ids = frozenset(i for i in ids if i != self.sp.unk_id())
+
+    def encode(self, text: str) -> list[int]:
+        """Plain sentencepiece ids of ``text`` (no ``<bos>``/``<eos>``)."""
+        return self.sp.encode(text)
+
+    def encode_example(
+        self, prefix: str, suffix: str | None = None, *, num_image_tokens: int
+    ) -> tuple[list[int], list[int]]:
+        """Ids and token types of one example (unpadded, untruncated), in PaliGemma's layout."""
+        ids = [self.image_token_id] * num_image_tokens + [self.bos_id] + self.encode(prefix + "\n")
+        types = [0] * len(ids)
+        if suffix is not None:
+            suffix_ids = self.encode(suffix) + [self.eos_id]
+            ids += suffix_ids
+            types += [1] * len(suffix_ids)
+        return ids, types
+
+    def _truncate(
+        self, ids: list[int], types: list[int], max_length: int, num_image_tokens: int
+    ) -> tuple[list[int], list[int]]:
+        """Cut to ``max_length``: the suffix tail first (``<eos>`` included), then prefix text.
+
+        The prefix's closing newline is kept so that the model still sees the prompt separator.
+        """
+        n_prefix = types.index(1) if 1 in types else len(types)
+        if n_prefix <= max_length:
+            return ids[:max_length], types[:max_length]
+        newline = self.encode("\n")
+        keep = max_length - len(newline)
+        if keep < num_image_tokens + 1:
+            raise ProcessorError(
+                f"max_length={max_length} cannot hold {num_image_tokens} image tokens, <bos> and the newline"
+            )
+        return ids[:keep] + newline, [0] * max_length
+
+    def __call__(
+        self,
+        prefixes: Union[str, Sequence[str]],
+        suffixes: Union[str, Sequence[str], None] = None,
+        *,
+        num_image_tokens: int,
+        padding_side: Literal["left", "right"] = "left",
+        max_length: int | None = None,
+        pad_to_max_length: bool = False,
+        truncate: bool = False,
+    ) -> EncodedBatch:
+        """Encode a batch of prompts (and, for training, target suffixes) into padded arrays.
+
+        Args:
+            prefixes: prompt text(s), e.g. ``"caption en"``.
+            suffixes: target text(s) for training, one per prefix; ``<eos>`` is appended.
+            num_image_tokens: ``<image>`` placeholders per example (256 for 224 px).
+            padding_side: ``"left"`` for generation, ``"right"`` is usual for training.
+            max_length: the longest sequence allowed (image tokens included); a longer example
+                raises ``ProcessorError`` unless ``truncate`` is set.
+            pad_to_max_length: pad to ``max_length`` instead of to the longest example.
+            truncate: cut over-long examples (see ``_truncate``) instead of raising.
+        """
+        if isinstance(prefixes, str):
+            prefixes = [prefixes]
+        if isinstance(suffixes, str):
+            suffixes = [suffixes]
+        if suffixes is not None and len(suffixes) != len(prefixes):
+            raise ProcessorError(f"got {len(suffixes)} suffixes for {len(prefixes)} prefixes")
+        if len(prefixes) == 0:
+            raise ProcessorError("no prompts given")
+        if padding_side not in ("left", "right"):
+            raise ProcessorError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if (pad_to_max_length or truncate) and max_length is None:
+            raise ProcessorError("pad_to_max_length and truncate need max_length")
+
+        examples = []
+        for i, prefix in enumerate(prefixes):
+            suffix = None if suffixes is None else suffixes[i]
+            ids, types = self.encode_example(prefix, suffix, num_image_tokens=num_image_tokens)
+            if max_length is not None and len(ids) > max_length:
+                if not truncate:
+                    raise ProcessorError(
+                        f"example {i} has {len(ids)} tokens ({num_image_tokens} of them image tokens), more "
+                        f"than max_length={max_length}; shorten it or pass truncate=True"
+                    )
+                ids, types = self._truncate(ids, types, max_length, num_image_tokens)
+            examples.append((ids, types))
+
+        length = max_length if pad_to_max_length else max(len(ids) for ids, _ in examples)
+        shape = (len(examples), length)
+        input_ids = np.full(shape, self.pad_id, np.int32)
+        token_type_ids = np.zeros(shape, np.int32)
+        attention_mask = np.zeros(shape, np.int32)
+        for row, (ids, types) in enumerate(examples):
+            cols = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
+            input_ids[row, cols] = ids
+            token_type_ids[row, cols] = types
+            attention_mask[row, cols] = 1
+        loss_mask = (token_type_ids == 1) & (attention_mask == 1)
+        return EncodedBatch(input_ids, token_type_ids, attention_mask, loss_mask)
+
+    def decode(self, ids: Union[Sequence[int], np.ndarray], *, skip_loc_seg: bool = False) -> str:
+        """Text of generated ids: stops at the first ``<eos>``; drops ``<pad>``, ``<bos>``, ``<image>``.
+
+        ``<locNNNN>``/``<segNNN>`` stay in the text (``parse_detections`` needs them) unless
+        ``skip_loc_seg``. Ids outside the sentencepiece vocabulary (``<image>``, the embedding
+        table's padding rows) are dropped.
+        """
+        kept = []
+        for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist():
+            if i == self.eos_id:
+                break
+            if not 0 <= i < self.vocab_size or (skip_loc_seg and i in self.loc_seg_ids):
+                continue
+            kept.append(i)
+        # sentencepiece itself renders control pieces (<pad>, <bos>) as nothing.
+        return self.sp.decode(kept)
+
+    def batch_decode(self, ids: np.ndarray, *, skip_loc_seg: bool = False) -> list[str]:
+        """``decode`` for each row of a ``[B, T]`` array."""
+        return [self.decode(row, skip_loc_seg=skip_loc_seg) for row in np.asarray(ids)]
+
+
+class PaliGemmaProcessor:
+    """Images and prompts -> model inputs, like transformers' ``PaliGemmaProcessor``.
+
+    Args:
+        tokenizer: the checkpoint's tokenizer.
+        image_size: the vision tower's input resolution (224, 448 or 896).
+        num_image_tokens: image tokens per image, ``(image_size // patch_size) ** 2``.
+    """
+
+    def __init__(self, tokenizer: PaliGemmaTokenizer, image_size: int, num_image_tokens: int):
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.num_image_tokens = num_image_tokens
+
+    def __call__(
+        self,
+        images: Union[ImageInput, Sequence[ImageInput]],
+        prefixes: Union[str, Sequence[str]],
+        suffixes: Union[str, Sequence[str], None] = None,
+        **text_kwargs,
+    ) -> dict[str, np.ndarray]:
+        """One image per prompt. Returns ``pixel_values`` ``[B, size, size, 3]`` and the fields of
+        ``EncodedBatch``; ``text_kwargs`` go to ``PaliGemmaTokenizer.__call__``."""
+        pixel_values = preprocess_images(images, self.image_size)
+        text = self.tokenizer(prefixes, suffixes, num_image_tokens=self.num_image_tokens, **text_kwargs)
+        if len(pixel_values) != len(text.input_ids):
+            raise ProcessorError(f"got {len(pixel_values)} images for {len(text.input_ids)} prompts")
+        return {"pixel_values": pixel_values, **vars(text)}

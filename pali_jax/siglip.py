@@ -1,0 +1,89 @@
+"""The SigLIP vision tower in Flax linen, with PaliGemma's linear projector as its `head`.
+
+Numerics follow transformers' SiglipVisionModel: conv patch embedding, learned position
+embedding (no interpolation), pre-LN blocks with biased projections and tanh-GELU, final LayerNorm.
+Parameter names follow big_vision's ViT (`embedding`, `pos_embedding`, `Transformer/encoderblock`,
+`Transformer/encoder_norm`, `head`), whose `head` is exactly PaliGemma's projector.
+Attention kernels are einsum-shaped: query/key/value [D, N, H], out [N, H, D].
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pali_jax.config import SiglipConfig
+
+
+class Attention(nn.Module):
+    cfg: SiglipConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.cfg
+        proj = lambda name: nn.DenseGeneral((c.num_heads, c.head_dim), dtype=self.dtype, name=name)  # noqa: E731
+        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # [B, T, N, H]
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * c.head_dim**-0.5
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bnts,bsnh->btnh", probs, v)
+        return nn.DenseGeneral(c.width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+
+
+class EncoderBlock(nn.Module):
+    cfg: SiglipConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, None]:
+        c = self.cfg
+        h = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
+        x = x + Attention(c, self.dtype, name="MultiHeadDotProductAttention_0")(h)
+        h = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="LayerNorm_1")(x)
+        h = nn.Dense(c.mlp_dim, dtype=self.dtype, name="Dense_0")(h)
+        h = nn.gelu(h, approximate=c.gelu_approximate)
+        return x + nn.Dense(c.width, dtype=self.dtype, name="Dense_1")(h), None
+
+
+class Encoder(nn.Module):
+    cfg: SiglipConfig
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        block = nn.remat(EncoderBlock, prevent_cse=False) if self.remat else EncoderBlock
+        x, _ = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.cfg.depth
+        )(self.cfg, self.dtype, name="encoderblock")(x, None)
+        return nn.LayerNorm(self.cfg.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
+
+
+class SigLIP(nn.Module):
+    """pixels [B, H, W, 3] in [-1, 1] -> patch features [B, P, width], projected by `head`."""
+
+    cfg: SiglipConfig
+    out_width: int
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        c = self.cfg
+        self.embedding = nn.Conv(
+            c.width, (c.patch_size, c.patch_size), strides=c.patch_size, padding="VALID", dtype=self.dtype
+        )
+        self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02), (1, c.num_patches, c.width))
+        self.Transformer = Encoder(c, self.dtype, self.remat)
+        self.head = nn.Dense(self.out_width, dtype=self.dtype)
+
+    def encode(self, pixels: jax.Array) -> jax.Array:
+        """[B, H, W, 3] -> [B, P, width]: the vision tower's last hidden state (after its final norm)."""
+        x = self.embedding(pixels.astype(self.dtype))
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        x = x + self.pos_embedding.astype(self.dtype)
+        return self.Transformer(x)
+
+    def __call__(self, pixels: jax.Array) -> jax.Array:
+        """[B, H, W, 3] -> [B, P, out_width]: image tokens in the language model's width."""
+        return self.head(self.encode(pixels))
