@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from convert.safetensors_io import SafetensorsError, TensorInfo, read_header, read_tensor
+from convert.safetensors_io import TensorInfo, read_header, read_tensor
 from pali_jax.checkpoint import save_params
-from pali_jax.config import ConfigError, PaliGemmaConfig
+from pali_jax.config import PaliGemmaConfig
+from pali_jax.errors import UserError
 
 CONFIG_FILE = "pali_jax_config.json"
 PARAMS_DIR = "params"
@@ -41,7 +42,7 @@ SIDE_FILES = (
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """SRC cannot be converted; the message says which file or tensor and why."""
 
 
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = convert(args.src, args.dst, args.dtype, args.overwrite)
-    except (ConversionError, ConfigError, SafetensorsError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -14,13 +14,15 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from pali_jax.errors import UserError
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError):
     """A safetensors file that cannot be read (truncated, corrupt, unknown dtype)."""
 
 

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from pali_jax.errors import UserError
+
 # HF class defaults, applied to fields a config.json leaves out (transformers' SiglipVisionConfig,
 # GemmaConfig, Gemma2Config, PaliGemmaConfig).
 _SIGLIP_DEFAULTS = dict(
@@ -34,7 +36,7 @@ _PALIGEMMA_IMAGE_TOKEN_DEFAULT = 256000
 _TANH_GELUS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config.json that pali-jax cannot turn into a model."""
 
 

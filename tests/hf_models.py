@@ -48,11 +48,15 @@ def build(kind: str, image_token_id: int, seed: int = 0) -> PaliGemmaForConditio
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(tiny_config(kind, image_token_id)).eval()
     model.set_attn_implementation("eager")
-    # Random init leaves norm weights at zero and biases at zero: perturb every tensor so that a
-    # swapped or dropped weight cannot hide.
+    # Random init leaves norm weights and biases at zero: perturb every tensor so that a swapped or
+    # dropped weight cannot hide. Larger decoder norm scales let the layers outweigh the scaled
+    # token embedding in the residual stream; otherwise a random model just repeats its input token
+    # and greedy decoding tests nothing.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             p.add_(torch.randn_like(p) * 0.05)
+            if "language_model" in name and "layernorm" in name and "layers." in name:
+                p.add_(3.0)
     return model
 
 
