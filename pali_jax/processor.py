@@ -13,20 +13,22 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import sentencepiece as spm
 
-ImageInput = Union[str, os.PathLike, PIL.Image.Image, np.ndarray]
+from pali_jax.errors import UserError
+
+ImageInput = str | os.PathLike | PIL.Image.Image | np.ndarray
 
 LOC_TOKENS = tuple(f"<loc{i:04d}>" for i in range(1024))
 SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(128))
 
 
-class ProcessorError(ValueError):
+class ProcessorError(UserError):
     """A user input the processor cannot handle (bad image file or array, over-long prompt, ...)."""
 
 
@@ -35,7 +37,7 @@ class ProcessorError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
-def _load_image_file(path: Union[str, os.PathLike]) -> PIL.Image.Image:
+def _load_image_file(path: str | os.PathLike) -> PIL.Image.Image:
     """Open an image file the way transformers' ``load_image`` does: EXIF transpose, then plain RGB."""
     try:
         with PIL.Image.open(path) as image:
@@ -101,7 +103,7 @@ def _to_rgb(image: ImageInput) -> PIL.Image.Image:
     raise ProcessorError(f"unsupported image type {type(image).__name__}: expected a path, PIL image or numpy array")
 
 
-def preprocess_images(images: Union[ImageInput, Sequence[ImageInput]], size: int) -> np.ndarray:
+def preprocess_images(images: ImageInput | Sequence[ImageInput], size: int) -> np.ndarray:
     """Turn images into SigLIP pixel values ``[B, size, size, 3]`` float32 in [-1, 1].
 
     Matches transformers' ``SiglipImageProcessorPil`` (the PIL backend PaliGemma's processor uses with
@@ -172,16 +174,21 @@ class PaliGemmaTokenizer:
         model_path: a ``tokenizer.model`` file, or a directory holding one.
         image_token_id: id of ``<image>``, which is not a sentencepiece piece; take it from the model
             config. Default: the sentencepiece vocabulary size, the id transformers' processor gives
-            it (257152 for real checkpoints).
+            it (257152 for real checkpoints; transformers would first append a ``<mask>`` token, and
+            so give ``<image>`` the next id, to a model without a ``<mask>`` piece).
     """
 
-    def __init__(self, model_path: Union[str, os.PathLike], image_token_id: int | None = None):
+    def __init__(self, model_path: str | os.PathLike, image_token_id: int | None = None):
         path = Path(model_path)
         if path.is_dir():
             path = path / "tokenizer.model"
         if not path.is_file():
             raise ProcessorError(f"tokenizer model not found: {path}")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            reason = " ".join(str(e).split())
+            raise ProcessorError(f"cannot load tokenizer model {path}: {reason}") from None
         self.vocab_size = self.sp.get_piece_size()
         self.pad_id = self.sp.pad_id()
         self.bos_id = self.sp.bos_id()
@@ -227,8 +234,8 @@ class PaliGemmaTokenizer:
 
     def __call__(
         self,
-        prefixes: Union[str, Sequence[str]],
-        suffixes: Union[str, Sequence[str], None] = None,
+        prefixes: str | Sequence[str],
+        suffixes: str | Sequence[str] | None = None,
         *,
         num_image_tokens: int,
         padding_side: Literal["left", "right"] = "left",
@@ -287,7 +294,7 @@ class PaliGemmaTokenizer:
         loss_mask = (token_type_ids == 1) & (attention_mask == 1)
         return EncodedBatch(input_ids, token_type_ids, attention_mask, loss_mask)
 
-    def decode(self, ids: Union[Sequence[int], np.ndarray], *, skip_loc_seg: bool = False) -> str:
+    def decode(self, ids: Sequence[int] | np.ndarray, *, skip_loc_seg: bool = False) -> str:
         """Text of generated ids: stops at the first ``<eos>``; drops ``<pad>``, ``<bos>``, ``<image>``.
 
         ``<locNNNN>``/``<segNNN>`` stay in the text (``parse_detections`` needs them) unless
@@ -325,9 +332,9 @@ class PaliGemmaProcessor:
 
     def __call__(
         self,
-        images: Union[ImageInput, Sequence[ImageInput]],
-        prefixes: Union[str, Sequence[str]],
-        suffixes: Union[str, Sequence[str], None] = None,
+        images: ImageInput | Sequence[ImageInput],
+        prefixes: str | Sequence[str],
+        suffixes: str | Sequence[str] | None = None,
         **text_kwargs,
     ) -> dict[str, np.ndarray]:
         """One image per prompt. Returns ``pixel_values`` ``[B, size, size, 3]`` and the fields of

@@ -137,7 +137,7 @@ def _filter_sorted(sorted_logits: Array, params: SamplingParams) -> Array:
     mass_before = jnp.pad(mass_before, ((0, 0), (1, 0)))  # [B, V]
     # top_p == 1 must be an exact no-op, but in f32 the cumulative mass can
     # round to 1.0 before the low-probability tail, so bypass the comparison.
-    keep = (mass_before <= params.top_p) | (params.top_p >= 1.0) | (rank == 0)
+    keep = (mass_before < params.top_p) | (params.top_p >= 1.0) | (rank == 0)
     return jnp.where(keep, sorted_logits, -jnp.inf)
 
 

@@ -11,6 +11,7 @@ from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, PaliGemmaFo
 # after the sentencepiece vocabulary as in HF's processor, and the embedding has spare rows as the
 # real checkpoints do.
 VOCAB_SIZE = 2112
+IMAGE_TOKEN_ID = 2000  # = the tiny tokenizer's sentencepiece vocabulary size (tests/tokenizer_utils.py)
 IMAGE_SIZE, PATCH = 16, 4  # 16 image tokens
 
 
@@ -21,7 +22,7 @@ def _vision(width=32, depth=2, heads=4, mlp=56):
     )
 
 
-def tiny_config(kind: str, image_token_id: int) -> PaliGemmaConfig:
+def tiny_config(kind: str, image_token_id: int = IMAGE_TOKEN_ID) -> PaliGemmaConfig:
     """kind: "pg1" (Gemma 1, MQA), "pg2" (Gemma 2: GQA, soft caps, query_pre_attn_scalar !=
     head_dim, a sliding window shorter than test sequences) or "pg2_narrow" (heads * head_dim != width)."""
     common = dict(vocab_size=VOCAB_SIZE, rms_norm_eps=1e-6, initializer_range=0.1, pad_token_id=0, bos_token_id=2, eos_token_id=1)
@@ -44,7 +45,7 @@ def tiny_config(kind: str, image_token_id: int) -> PaliGemmaConfig:
     )
 
 
-def build(kind: str, image_token_id: int, seed: int = 0) -> PaliGemmaForConditionalGeneration:
+def build(kind: str, image_token_id: int = IMAGE_TOKEN_ID, seed: int = 0) -> PaliGemmaForConditionalGeneration:
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(tiny_config(kind, image_token_id)).eval()
     model.set_attn_implementation("eager")

@@ -158,6 +158,25 @@ def test_top_p_cutoff_keeps_crossing_token_only(top_p, expected):
     _assert_matches(tokens, _reference_probs(logits, 1.0, 0, top_p))
 
 
+@pytest.mark.parametrize("top_p, expected", [(0.25, {0}), (0.5, {0, 1}), (0.75, {0, 1, 2})])
+def test_top_p_exact_boundary(top_p, expected):
+    # Uniform over 4 tokens: every probability and partial sum is exact in f32,
+    # so top_p = 0.5 is reached exactly by 2 tokens and a 3rd must not be kept.
+    # Equal probabilities also exercise ordering ties (lower id first).
+    tokens = _draw(np.zeros(4), SamplingParams.make(temperature=1.0, top_p=top_p), n=5000)
+    assert set(tokens.tolist()) == expected
+
+
+def test_unvalidated_zero_top_p_still_keeps_one_token():
+    # Params built directly (e.g. traced values) skip validation; top_p = 0
+    # would otherwise mask every token.
+    params = SamplingParams(temperature=jnp.float32(1.0), top_k=jnp.int32(0), top_p=jnp.float32(0.0))
+    kept = _filter_sorted(jnp.array([[2.0, 1.9, 0.3, 0.1]]), params)
+    np.testing.assert_array_equal(jnp.isfinite(kept), [[True, False, False, False]])
+    logits = jnp.array([0.1, 2.0, 0.3, 1.9])
+    assert set(_draw(logits, params, n=2000).tolist()) == {1}
+
+
 def test_top_p_one_keeps_tail_even_when_f32_mass_rounds_to_one():
     # p(token 0) = 1 / (1 + 3e^-20) is exactly 1.0 in f32, so the mass before
     # every tail rank is already 1.0. A tail this improbable cannot be observed
