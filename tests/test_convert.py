@@ -1,0 +1,174 @@
+"""The HF -> Flax converter: round trip, key layouts, dtypes, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import hf_models
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers import PaliGemmaForConditionalGeneration
+
+from convert.hf_to_flax import load_hf, main
+from pali_jax.pretrained import PaliGemma
+from test_model import assert_close, hf_forward, make_inputs
+
+
+def tree_equal(a, b) -> bool:
+    flat_a, tree_a = jax.tree.flatten(a)
+    flat_b, tree_b = jax.tree.flatten(b)
+    return tree_a == tree_b and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(flat_a, flat_b))
+
+
+def convert_cli(capsys, *args) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_sharded_round_trip(tiny_models, tmp_path, capsys):
+    tiny = tiny_models["pg2"]
+    assert len(list(tiny.hf_dir.glob("model-*-of-*.safetensors"))) > 1  # really sharded
+    (tiny.hf_dir / "tokenizer.model").write_bytes(b"not really a tokenizer")
+    dst = tmp_path / "converted"
+    code, err = convert_cli(capsys, tiny.hf_dir, dst)
+    assert code == 0, err
+    assert (dst / "tokenizer.model").read_bytes() == b"not really a tokenizer"
+    loaded = PaliGemma.from_pretrained(dst)
+    assert loaded.config == tiny.pg.config
+    assert tree_equal(loaded.params, tiny.pg.params)
+    assert [p.name for p in tmp_path.iterdir()] == ["converted"]  # no temporary directory left
+
+
+def _rewrite_keys(src, dst, rename):
+    shutil.copytree(src, dst)
+    tensors = load_file(src / "model.safetensors")
+    (dst / "model.safetensors").unlink()
+    save_file({rename(k): v for k, v in tensors.items()}, dst / "model.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize("layout", ["transformers5", "hub_4x", "lm_head"])
+def test_key_layouts(tiny_models, tmp_path, layout):
+    tiny = tiny_models["pg1"]
+
+    def rename(k: str) -> str:
+        if layout == "transformers5":  # model.language_model.*, model.vision_tower.*, model.multi_modal_projector.*
+            return "model." + k.replace("language_model.model.", "language_model.")
+        if layout == "hub_4x":  # vision_tower.vision_model.*
+            return k.replace("vision_tower.", "vision_tower.vision_model.")
+        return k
+
+    src = _rewrite_keys(tiny.hf_dir, tmp_path / layout, rename)
+    if layout == "lm_head":  # a tied lm_head saved anyway is accepted and ignored
+        tensors = load_file(src / "model.safetensors")
+        tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"]
+        save_file(tensors, src / "model.safetensors")
+    _, params = load_hf(src, "float32")
+    assert tree_equal(params, jax.tree.map(np.asarray, tiny.pg.params))
+
+
+def test_bfloat16_checkpoint(tmp_path, capsys):
+    model = hf_models.build("pg1", seed=7)
+    src = hf_models.save(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    _, params = load_hf(src)  # auto: the checkpoint's own dtype
+    assert all(x.dtype == ml_dtypes.bfloat16 for x in jax.tree.leaves(params))
+    code, err = convert_cli(capsys, src, tmp_path / "f32", "--dtype", "float32")
+    assert code == 0, err
+    pg = PaliGemma.from_pretrained(tmp_path / "f32")
+    ref_model = PaliGemmaForConditionalGeneration.from_pretrained(src, dtype=torch.float32).eval()
+    ref_model.set_attn_implementation("eager")
+    pixels, ids, types = make_inputs(pg, 1, 4, 4)
+    assert_close(pg.forward(pixels, ids, types), hf_forward(ref_model, pixels, ids, types).logits.numpy())
+    bf16 = PaliGemma.from_pretrained(tmp_path / "f32", dtype="bfloat16")
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(bf16.params))
+    logits = np.asarray(bf16.forward(pixels, ids, types))
+    assert logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+def _truncate(d):
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _corrupt_header(d):
+    f = d / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"\xff" * 32
+    f.write_bytes(bytes(data))
+
+
+def _edit_config(**text):
+    def edit(d):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["text_config"].update(text)
+        (d / "config.json").write_text(json.dumps(cfg))
+    return edit
+
+
+def _drop_tensor(d):
+    tensors = load_file(d / "model.safetensors")
+    del tensors["language_model.model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, d / "model.safetensors")
+
+
+def _extra_tensor(d):
+    tensors = load_file(d / "model.safetensors")
+    tensors["language_model.model.layers.0.self_attn.rotary.inv_freq"] = np.zeros(4, np.float32)
+    save_file(tensors, d / "model.safetensors")
+
+
+BAD_INPUTS = {
+    "no safetensors": (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
+    "truncated": (_truncate, "truncated"),
+    "corrupt header": (_corrupt_header, "corrupt"),
+    "no config": (lambda d: (d / "config.json").unlink(), "no config.json"),
+    "config not json": (lambda d: (d / "config.json").write_text("{oops"), "not valid JSON"),
+    "width mismatch": (_edit_config(hidden_size=32, head_dim=8), "does not fit"),
+    "depth mismatch": (_edit_config(num_hidden_layers=3), "no tensor for llm/layers"),
+    "missing tensor": (_drop_tensor, "no tensor for llm/layers/mlp/gating_einsum"),
+    "unexpected tensor": (_extra_tensor, "unexpected tensor 'language_model.model.layers.0.self_attn.rotary"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input(tiny_models, tmp_path, capsys, case):
+    damage, message = BAD_INPUTS[case]
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["pg1"].hf_dir, src)
+    damage(src)
+    code, err = convert_cli(capsys, src, tmp_path / "dst")
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no DST, no temporary directory
+
+
+def test_bad_arguments(tiny_models, tmp_path, capsys):
+    code, err = convert_cli(capsys, tmp_path / "nowhere", tmp_path / "dst")
+    assert code == 2 and "is not a directory" in err
+    code, err = convert_cli(capsys, tiny_models["pg1"].hf_dir, tmp_path / "dst", "--dtype", "float16")
+    assert code == 2 and "unknown dtype 'float16'" in err
+    (tmp_path / "exists").mkdir()
+    code, err = convert_cli(capsys, tiny_models["pg1"].hf_dir, tmp_path / "exists")
+    assert code == 2 and "already exists" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]
+
+
+def test_missing_shard_from_the_command_line(tiny_models, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["pg2"].hf_dir, src)
+    next(src.glob("model-00002-of-*.safetensors")).unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "convert.hf_to_flax", str(src), str(tmp_path / "dst")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "shard model-00002" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "dst").exists()
