@@ -78,7 +78,15 @@ class GenerateOutput:
     tokens: np.ndarray
     lengths: np.ndarray
     stop_reason: list[StopReason]
-    logits: np.ndarray | None = None
+    logits: np.ndarray | None = None  # [B, n, V] per-step logits, when asked for
+    scores: np.ndarray | None = None  # [B] beam search: length-normalised log-probability
+
+
+def stop_reasons(done, lengths, max_new_tokens: int) -> list[StopReason]:
+    return [
+        StopReason.STOP_TOKEN if d else StopReason.MAX_NEW_TOKENS if n >= max_new_tokens else StopReason.CACHE_FULL
+        for d, n in zip(np.asarray(done), np.asarray(lengths))
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +94,30 @@ class _Statics:
     buffer: int  # N
     cache_length: int  # S
     keep_logits: bool
+
+
+def prepare_prompts(cfg, ids, types, mask, max_new_tokens, stop_tokens, cache_length, keep_logits):
+    """Host-side checks and bucketing: left-pads prompts to their bucket, sizes buffer and cache,
+    and packs the stop tokens into a fixed-size array (fixed shape: no recompile)."""
+    ids = np.asarray(ids, np.int32)
+    length = ids.shape[1]
+    types = np.zeros_like(ids) if types is None else np.asarray(types, np.int32)
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask, np.int32)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not mask[:, -1].all():
+        raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
+    padded = cfg.num_image_tokens + bucket(max(length - cfg.num_image_tokens, 1), MIN_TEXT_BUCKET)
+    extra = padded - length
+    ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=cfg.pad_token_id)
+    types, mask = np.pad(types, ((0, 0), (extra, 0))), np.pad(mask, ((0, 0), (extra, 0)))
+    buffer = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    statics = _Statics(buffer, cache_length or padded + buffer, keep_logits)
+    if statics.cache_length <= padded:
+        raise ValueError(f"cache_length {statics.cache_length} leaves no room after a {padded}-token prompt")
+    stops = sorted(set(cfg.eos_token_ids) | set(stop_tokens or ()))
+    stops = np.array(stops + [-1] * (bucket(len(stops), 8) - len(stops)), np.int32)
+    return statics, ids, types, mask, stops
 
 
 class Generator:
@@ -151,30 +183,6 @@ class Generator:
         )
 
     # -- host API ------------------------------------------------------------------------------
-    def _prepare(self, ids, types, mask, max_new_tokens, seed, stop_tokens, cache_length, keep_logits):
-        ids = np.asarray(ids, np.int32)
-        batch, length = ids.shape
-        types = np.zeros_like(ids) if types is None else np.asarray(types, np.int32)
-        mask = np.ones_like(ids) if mask is None else np.asarray(mask, np.int32)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not mask[:, -1].all():
-            raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
-        images = self.model.cfg.num_image_tokens
-        padded = images + bucket(max(length - images, 1), MIN_TEXT_BUCKET)
-        extra = padded - length
-        ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=self.model.cfg.pad_token_id)
-        types, mask = np.pad(types, ((0, 0), (extra, 0))), np.pad(mask, ((0, 0), (extra, 0)))
-        buffer = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-        statics = _Statics(buffer, cache_length or padded + buffer, keep_logits)
-        if statics.cache_length <= padded:
-            raise ValueError(f"cache_length {statics.cache_length} leaves no room after a {padded}-token prompt")
-        stops = sorted(set(self.model.cfg.eos_token_ids) | set(stop_tokens or ()))
-        # A fixed-size stop list keeps its shape (and so the program) the same across calls.
-        stops = np.array(stops + [-1] * (bucket(len(stops), 8) - len(stops)), np.int32)
-        key = jax.random.PRNGKey(seed)
-        return statics, ids, types, mask, key, stops
-
     def generate(
         self,
         params,
@@ -191,9 +199,11 @@ class Generator:
         return_logits: bool = False,
     ) -> GenerateOutput:
         """Decodes a batch of left-padded prompts; see the module docstring."""
-        statics, ids, types, mask, key, stops = self._prepare(
-            input_ids, token_type_ids, attention_mask, max_new_tokens, seed, stop_tokens, cache_length, return_logits
+        statics, ids, types, mask, stops = prepare_prompts(
+            self.model.cfg, input_ids, token_type_ids, attention_mask, max_new_tokens, stop_tokens, cache_length,
+            return_logits,
         )
+        key = jax.random.PRNGKey(seed)
         sampling = sampling or SamplingParams.greedy()
         state = self._generate(
             statics, params, pixel_values, ids, types, mask, jnp.int32(max_new_tokens), sampling, key, stops
@@ -215,9 +225,10 @@ class Generator:
         cache_length: int | None = None,
     ) -> Iterator[np.ndarray]:
         """Yields each step's tokens [B] (pad for rows already done) as they are decoded."""
-        statics, ids, types, mask, key, stops = self._prepare(
-            input_ids, token_type_ids, attention_mask, max_new_tokens, seed, stop_tokens, cache_length, False
+        statics, ids, types, mask, stops = prepare_prompts(
+            self.model.cfg, input_ids, token_type_ids, attention_mask, max_new_tokens, stop_tokens, cache_length, False
         )
+        key = jax.random.PRNGKey(seed)
         sampling = sampling or SamplingParams.greedy()
         state = self._prefill(statics, params, pixel_values, ids, types, mask, sampling, key, stops)
         limit = jnp.int32(max_new_tokens)
@@ -230,11 +241,8 @@ class Generator:
 
     def _output(self, state: DecodeState, max_new_tokens: int) -> GenerateOutput:
         lengths = np.asarray(state.lengths)
-        done = np.asarray(state.done)
         n = int(lengths.max())
-        reasons = [
-            StopReason.STOP_TOKEN if d else StopReason.MAX_NEW_TOKENS if l >= max_new_tokens else StopReason.CACHE_FULL
-            for d, l in zip(done, lengths)
-        ]
         logits = None if state.logits is None else np.asarray(state.logits[:, :n])
-        return GenerateOutput(np.asarray(state.tokens[:, :n]), lengths, reasons, logits)
+        return GenerateOutput(
+            np.asarray(state.tokens[:, :n]), lengths, stop_reasons(state.done, lengths, max_new_tokens), logits
+        )

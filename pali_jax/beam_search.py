@@ -1,0 +1,144 @@
+"""Beam search over the KV cache: one jitted prefill + `lax.while_loop`, like `generate.py`.
+
+Each prompt keeps `beams` hypotheses. A step extends every live hypothesis by every token and
+keeps the `beams` best candidates per prompt by length-normalised score, `sum(log p) / len**alpha`
+(alpha = `length_penalty`), so finished and running hypotheses compete on the same footing. A
+hypothesis that emits a stop token is finished: it then only extends with padding at no cost.
+The cache rows are reordered by a gather along the batch axis after every step.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pali_jax.generate import GenerateOutput, _Statics, prepare_prompts, stop_reasons
+from pali_jax.kv_cache import KVCache
+from pali_jax.paligemma import PaliGemmaModel
+
+
+@flax.struct.dataclass
+class BeamState:
+    step: jax.Array  # [] int32
+    tokens: jax.Array  # [B, n, N]
+    logprob: jax.Array  # [B, n] summed log-probabilities
+    lengths: jax.Array  # [B, n]
+    done: jax.Array  # [B, n]
+    cache: KVCache  # rows ordered b * n + beam
+
+
+def _normalised(logprob, lengths, alpha):
+    return logprob / jnp.maximum(lengths, 1).astype(jnp.float32) ** alpha
+
+
+class BeamSearch:
+    """Compiled beam search for one model; reuse the instance to reuse its programs."""
+
+    def __init__(self, model: PaliGemmaModel):
+        self.model = model
+        self._run = jax.jit(self._run_impl, static_argnums=(0, 1))
+
+    def _select(self, state: BeamState, logits, stop_tokens, alpha) -> BeamState:
+        """Extends every hypothesis by every token and keeps the best `n` per prompt."""
+        b, n, _ = state.tokens.shape
+        pad = self.model.cfg.pad_token_id
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(b, n, -1)  # [B, n, V]
+        vocab = logp.shape[-1]
+        # A finished hypothesis continues only with padding, at no cost and no added length.
+        finished_row = jnp.full((vocab,), -jnp.inf).at[pad].set(0.0)
+        logp = jnp.where(state.done[..., None], finished_row, logp)
+        total = state.logprob[..., None] + logp  # [B, n, V]
+        lengths = state.lengths[..., None] + (~state.done[..., None])
+        score = _normalised(total, lengths, alpha).reshape(b, n * vocab)
+        _, flat = jax.lax.top_k(score, n)  # [B, n]
+        beam, token = flat // vocab, flat % vocab
+        take = lambda x: jnp.take_along_axis(x, beam, axis=1)  # noqa: E731
+        was_done = take(state.done)
+        tokens = jnp.take_along_axis(state.tokens, beam[..., None], axis=1)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[..., None].astype(jnp.int32), (0, 0, state.step))
+        rows = (jnp.arange(b)[:, None] * n + beam).reshape(-1)  # [B*n] cache rows to keep
+        c = state.cache
+        cache = c.replace(k=c.k[:, rows], v=c.v[:, rows], valid=c.valid[rows], positions=c.positions[rows])
+        return BeamState(
+            step=state.step + 1,
+            tokens=tokens,
+            logprob=jnp.take_along_axis(total.reshape(b, -1), flat, axis=1),
+            lengths=take(state.lengths) + (~was_done),
+            done=was_done | jnp.isin(token, stop_tokens),
+            cache=cache,
+        )
+
+    def _run_impl(self, statics: _Statics, beams: int, params, pixels, ids, types, mask, max_new_tokens, stop_tokens, alpha):
+        cfg = self.model.cfg
+        batch = ids.shape[0]
+        cache = KVCache.init(cfg.text, batch, statics.cache_length, self.model.dtype)
+        logits, cache = self.model.apply(
+            {"params": params}, pixels, ids, types, mask, cache, method=PaliGemmaModel.prefill
+        )
+        # Every beam starts from the same prompt: copy the cache, and let only beam 0 compete at
+        # the first step so that the n beams do not start as n copies of one hypothesis.
+        repeat = functools.partial(jnp.repeat, repeats=beams, axis=0)
+        cache = cache.replace(
+            k=jnp.repeat(cache.k, beams, axis=1), v=jnp.repeat(cache.v, beams, axis=1),
+            valid=repeat(cache.valid), positions=repeat(cache.positions),
+        )
+        start = jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf)
+        state = BeamState(
+            step=jnp.zeros((), jnp.int32),
+            tokens=jnp.full((batch, beams, statics.buffer), cfg.pad_token_id, jnp.int32),
+            logprob=jnp.broadcast_to(start, (batch, beams)),
+            lengths=jnp.zeros((batch, beams), jnp.int32),
+            done=jnp.zeros((batch, beams), bool),
+            cache=cache,
+        )
+        state = self._select(state, jnp.repeat(logits, beams, axis=0), stop_tokens, alpha)
+
+        def body(s: BeamState) -> BeamState:
+            prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=2).reshape(-1, 1)  # [B*n, 1]
+            step_logits, cache = self.model.apply(
+                {"params": params}, prev, s.cache, ~s.done.reshape(-1, 1), method=PaliGemmaModel.step
+            )
+            return self._select(s.replace(cache=cache), step_logits[:, 0], stop_tokens, alpha)
+
+        def running(s: BeamState):
+            return (s.step < max_new_tokens) & ~s.done.all() & (s.cache.index < s.cache.length)
+
+        return jax.lax.while_loop(running, body, state)
+
+    def search(
+        self,
+        params,
+        pixel_values,
+        input_ids,
+        token_type_ids=None,
+        attention_mask=None,
+        *,
+        beams: int = 4,
+        max_new_tokens: int = 32,
+        length_penalty: float = 1.0,
+        stop_tokens: tuple[int, ...] = (),
+        cache_length: int | None = None,
+    ) -> GenerateOutput:
+        """The best hypothesis per prompt; `GenerateOutput.scores` holds its normalised log-probability."""
+        if beams < 1:
+            raise ValueError(f"beams must be >= 1, got {beams}")
+        statics, ids, types, mask, stops = prepare_prompts(
+            self.model.cfg, input_ids, token_type_ids, attention_mask, max_new_tokens, stop_tokens, cache_length, False
+        )
+        state = self._run(
+            statics, beams, params, pixel_values, ids, types, mask, jnp.int32(max_new_tokens), stops,
+            jnp.float32(length_penalty),
+        )
+        score = np.asarray(_normalised(state.logprob, state.lengths, length_penalty))
+        best = score.argmax(axis=1)
+        rows = np.arange(len(best))
+        lengths = np.asarray(state.lengths)[rows, best]
+        done = np.asarray(state.done)[rows, best]
+        n = int(lengths.max())
+        tokens = np.asarray(state.tokens)[rows, best, :n]
+        return GenerateOutput(tokens, lengths, stop_reasons(done, lengths, max_new_tokens), scores=score[rows, best])
+
