@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, _Statics, prepare_prompts, stop_reasons
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import PaliGemmaModel
@@ -125,7 +126,7 @@ class BeamSearch:
     ) -> GenerateOutput:
         """The best hypothesis per prompt; `GenerateOutput.scores` holds its normalised log-probability."""
         if beams < 1:
-            raise ValueError(f"beams must be >= 1, got {beams}")
+            raise UserError(f"beams must be >= 1, got {beams}")
         statics, ids, types, mask, stops = prepare_prompts(
             self.model.cfg, input_ids, token_type_ids, attention_mask, max_new_tokens, stop_tokens, cache_length, False
         )

@@ -25,7 +25,7 @@ _SIGLIP_DEFAULTS = dict(
 _GEMMA_DEFAULTS = dict(
     vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
     num_attention_heads=16, num_key_value_heads=16, head_dim=256, rms_norm_eps=1e-6,
-    rope_theta=10000.0, hidden_act="gelu_pytorch_tanh", pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    rope_theta=10000.0, hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192, pad_token_id=0, bos_token_id=2, eos_token_id=1,
 )
 _GEMMA2_DEFAULTS = dict(
     _GEMMA_DEFAULTS, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
@@ -86,6 +86,7 @@ class GemmaConfig:
     rms_norm_eps: float = 1e-6
     rope_base: float = 10000.0
     gelu_approximate: bool = True
+    max_positions: int = 8192  # the longest sequence (prompt + generated) the model was made for
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -204,7 +205,7 @@ def _from_hf_dict(cfg: Mapping[str, Any]) -> PaliGemmaConfig:
         final_logit_softcap=t.get("final_logit_softcapping") if is_v2 else None,
         post_norms=is_v2, sliding_window=sliding_window, sliding_layers=sliding_layers,
         rms_norm_eps=t["rms_norm_eps"], rope_base=float(rope.get("rope_theta", t["rope_theta"])),
-        gelu_approximate=_gelu_is_tanh(act),
+        gelu_approximate=_gelu_is_tanh(act), max_positions=t["max_position_embeddings"],
     )
     eos = t["eos_token_id"]
     return PaliGemmaConfig(

@@ -29,7 +29,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from pali_jax import sharding
+from pali_jax.errors import UserError
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import PaliGemmaModel
 from pali_jax.sampling import SamplingParams, sample
@@ -104,9 +107,9 @@ def prepare_prompts(cfg, ids, types, mask, max_new_tokens, stop_tokens, cache_le
     types = np.zeros_like(ids) if types is None else np.asarray(types, np.int32)
     mask = np.ones_like(ids) if mask is None else np.asarray(mask, np.int32)
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not mask[:, -1].all():
-        raise ValueError("prompts must be left-padded: the last position of every row must be a real token")
+        raise UserError("prompts must be left-padded: the last position of every row must be a real token")
     padded = cfg.num_image_tokens + bucket(max(length - cfg.num_image_tokens, 1), MIN_TEXT_BUCKET)
     extra = padded - length
     ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=cfg.pad_token_id)
@@ -114,7 +117,7 @@ def prepare_prompts(cfg, ids, types, mask, max_new_tokens, stop_tokens, cache_le
     buffer = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
     statics = _Statics(buffer, cache_length or padded + buffer, keep_logits)
     if statics.cache_length <= padded:
-        raise ValueError(f"cache_length {statics.cache_length} leaves no room after a {padded}-token prompt")
+        raise UserError(f"cache_length {statics.cache_length} leaves no room after a {padded}-token prompt")
     stops = sorted(set(cfg.eos_token_ids) | set(stop_tokens or ()))
     stops = np.array(stops + [-1] * (bucket(len(stops), 8) - len(stops)), np.int32)
     return statics, ids, types, mask, stops
@@ -123,8 +126,9 @@ def prepare_prompts(cfg, ids, types, mask, max_new_tokens, stop_tokens, cache_le
 class Generator:
     """Compiled generation for one model. Reuse one instance: it holds the compiled programs."""
 
-    def __init__(self, model: PaliGemmaModel):
+    def __init__(self, model: PaliGemmaModel, mesh: Mesh | None = None):
         self.model = model
+        self.mesh = mesh  # params placed by pali_jax.sharding on this mesh; None: one device
         self.traces = 0  # how many programs were traced (each trace is a compile)
         self._generate = jax.jit(self._generate_impl, static_argnums=0)
         self._prefill = jax.jit(self._prefill_impl, static_argnums=0)
@@ -147,6 +151,9 @@ class Generator:
         cfg = self.model.cfg
         batch = ids.shape[0]
         cache = KVCache.init(cfg.text, batch, statics.cache_length, self.model.dtype)
+        if self.mesh is not None:  # host inputs and the fresh cache carry no sharding: pin them
+            pixels, ids, types, mask = sharding.constrain_batch((pixels, ids, types, mask), self.mesh)
+            cache = sharding.constrain_cache(cache, self.mesh)
         logits, cache = self.model.apply(
             {"params": params}, pixels, ids, types, mask, cache, method=PaliGemmaModel.prefill
         )
@@ -167,6 +174,8 @@ class Generator:
         logits, cache = self.model.apply(
             {"params": params}, prev, state.cache, ~state.done[:, None], method=PaliGemmaModel.step
         )
+        if self.mesh is not None:  # keeps the while loop's carried cache in its layout
+            cache = sharding.constrain_cache(cache, self.mesh)
         token = sample(logits[:, 0], jax.random.fold_in(state.key, state.step), sampling)
         return self._emit(state.replace(cache=cache), token, logits[:, 0], stop_tokens)
 

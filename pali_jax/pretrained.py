@@ -1,26 +1,34 @@
-"""`PaliGemma`: a loaded model (config + params) with its compiled entry points.
+"""`PaliGemma`: a loaded model (config + params + tokenizer) with its compiled entry points.
 
     pg = PaliGemma.from_pretrained("path/or/hub-id", dtype="float32")
-    logits = pg.forward(pixel_values, input_ids, token_type_ids, attention_mask)
-    out = pg.generate(pixel_values, input_ids, attention_mask=mask, max_new_tokens=32)
+    [result] = pg.generate("cat.jpg", "caption en")           # text, token_ids, boxes
+    for piece in pg.stream("cat.jpg", "answer en what is this?"): print(piece, end="")
+    logits = pg.forward(pixel_values, input_ids, token_type_ids, attention_mask)   # arrays
+    out = pg.generate_ids(pixel_values, input_ids, attention_mask=mask)             # arrays
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from pali_jax import sharding
+from pali_jax.beam_search import BeamSearch
 from pali_jax.checkpoint import abstract_like, restore_params
 from pali_jax.config import PaliGemmaConfig
+from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, Generator
 from pali_jax.paligemma import PaliGemmaModel
+from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
 from pali_jax.sampling import SamplingParams
 
 CONFIG_FILE = "pali_jax_config.json"  # marks a converted directory (see convert/hf_to_flax.py)
@@ -28,6 +36,37 @@ PARAMS_DIR = "params"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What a hub download fetches: weights, configs, tokenizer; never the PyTorch .bin duplicates.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One generated answer. `token_ids` are the generated ids only (a final EOS included, as HF
+    returns it); `boxes` are the `<loc>` detections scaled to the original image."""
+
+    text: str
+    token_ids: list[int]
+    boxes: list[Detection]
+    stop_reason: str
+
+
+def sampling_params(temperature: float | None, top_k: int | None, top_p: float | None) -> SamplingParams:
+    """Greedy unless a sampling option is given; temperature defaults to 1.0 when sampling."""
+    if temperature is None and top_k is None and top_p is None:
+        return SamplingParams.greedy()
+    return SamplingParams.make(1.0 if temperature is None else temperature, top_k or 0, 1.0 if top_p is None else top_p)
+
+
+def _pair(images, prompts) -> tuple[list, list[str]]:
+    """One image per prompt; a single image or a single prompt is repeated to match the other."""
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if len(images) == 1 and len(prompts) > 1:
+        images = images * len(prompts)
+    if len(prompts) == 1 and len(images) > 1:
+        prompts = prompts * len(images)
+    if len(images) != len(prompts) or not prompts:
+        raise UserError(f"got {len(images)} images for {len(prompts)} prompts")
+    return images, prompts
 
 
 @dataclasses.dataclass
@@ -38,20 +77,32 @@ class PaliGemma:
     params: Any
     dtype: Any = jnp.float32
     path: Path | None = None  # where it was loaded from (tokenizer files live there)
+    mesh: Mesh | None = None  # the mesh `params` are sharded over (pali_jax.sharding); None: one device
 
     def __post_init__(self):
         self.module = PaliGemmaModel(self.config, self.dtype)
-        self.generator = Generator(self.module)
+        self.generator = Generator(self.module, self.mesh)
+        self.beam_search = BeamSearch(self.module)
         self._forward = jax.jit(self.module.apply)
+
+    @functools.cached_property
+    def tokenizer(self) -> PaliGemmaTokenizer:
+        """The checkpoint's sentencepiece tokenizer (`tokenizer.model` beside the weights)."""
+        if self.path is None or not (self.path / "tokenizer.model").exists():
+            raise UserError(
+                f"no tokenizer.model in {self.path}: text prompts need one (or use generate_ids with token ids)"
+            )
+        return PaliGemmaTokenizer(self.path, image_token_id=self.config.image_token_id)
 
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id: str | Path, dtype: str = "float32", *, sliding_window: bool = True
+        cls, path_or_hub_id: str | Path, dtype: str = "float32", *, sliding_window: bool = True, mesh: Mesh | None = None
     ) -> "PaliGemma":
         """Loads a converted directory, an HF checkpoint directory (converted in memory) or a hub id.
 
         dtype: "float32" or "bfloat16" (parameters and activations). sliding_window=False turns
         Gemma 2's sliding window off on every layer (big_vision's behaviour; see README).
+        mesh (`pali_jax.sharding.make_mesh`): every parameter is loaded straight onto its shards.
         """
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
@@ -60,8 +111,13 @@ class PaliGemma:
             path = _download(str(path_or_hub_id))
         if (path / CONFIG_FILE).exists():
             config = PaliGemmaConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-            saved = restore_params(path / PARAMS_DIR)  # metadata only would do; orbax needs a target
-            params = jax.tree.map(lambda x: jnp.asarray(x, DTYPES[dtype]), saved)
+            if mesh is not None:
+                params = sharding.restore_sharded(path / PARAMS_DIR, config, mesh, DTYPES[dtype])
+            else:
+                saved = restore_params(path / PARAMS_DIR)  # metadata only would do; orbax needs a target
+                params = jax.tree.map(lambda x: jnp.asarray(x, DTYPES[dtype]), saved)
+        elif (path / "config.json").exists() and mesh is not None:
+            config, params = sharding.load_hf_sharded(path, mesh, dtype)
         elif (path / "config.json").exists():
             from convert.hf_to_flax import load_hf
 
@@ -71,7 +127,7 @@ class PaliGemma:
             raise UserError(f"{path} is neither a pali-jax directory ({CONFIG_FILE}) nor an HF checkpoint (config.json)")
         if not sliding_window:
             config = config.without_sliding_window()
-        return cls(config, params, DTYPES[dtype], path)
+        return cls(config, params, DTYPES[dtype], path, mesh)
 
     # -- model calls ---------------------------------------------------------------------------
     def _check(self, pixel_values, input_ids) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +179,95 @@ class PaliGemma:
             self.params, pixels, ids, token_type_ids, attention_mask, max_new_tokens=max_new_tokens,
             sampling=sampling, seed=seed, stop_tokens=stop_tokens, cache_length=cache_length,
         )
+
+    # -- images and strings --------------------------------------------------------------------
+    def _encode(self, images: Sequence[ImageInput], prompts: Sequence[str], max_new_tokens: int):
+        pixels = preprocess_images(list(images), self.config.image_size).astype(self.dtype)
+        batch = self.tokenizer(
+            list(prompts), num_image_tokens=self.config.num_image_tokens,
+            max_length=self.config.text.max_positions - max_new_tokens,
+        )
+        return pixels, batch
+
+    def generate(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: str | Sequence[str],
+        *,
+        max_new_tokens: int = 32,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        beams: int = 1,
+        length_penalty: float = 1.0,
+        seed: int = 0,
+        batch_size: int | None = None,
+        stop_tokens: tuple[int, ...] = (),
+    ) -> list[Result]:
+        """Answers each (image, prompt) pair: paths, PIL images or arrays, and prompt strings such as
+        "caption en", "answer en what is on the table?" or "detect cat ; dog".
+
+        Greedy unless a sampling option (temperature, top_k, top_p) is given; `beams` > 1 runs beam
+        search. A single image or prompt is paired with every one of the others. `batch_size`
+        splits the work into batches (default: all at once).
+        """
+        images, prompts = _pair(images, prompts)
+        sampling = sampling_params(temperature, top_k, top_p)
+        if beams > 1 and sampling.temperature > 0:
+            raise UserError("beam search is deterministic: drop temperature / top_k / top_p, or use beams=1")
+        loaded = [load_image(image) for image in images]
+        step = batch_size or len(prompts)
+        if step < 1:
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        results = []
+        for start in range(0, len(prompts), step):
+            chunk = loaded[start : start + step]
+            pixels, enc = self._encode(chunk, prompts[start : start + step], max_new_tokens)
+            args = (self.params, pixels, enc.input_ids, enc.token_type_ids, enc.attention_mask)
+            if beams > 1:
+                out = self.beam_search.search(
+                    *args, beams=beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
+                    stop_tokens=stop_tokens,
+                )
+            else:
+                out = self.generator.generate(
+                    *args, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_tokens=stop_tokens
+                )
+            for row, image in enumerate(chunk):
+                ids = out.tokens[row, : out.lengths[row]].tolist()
+                text = self.tokenizer.decode(ids)
+                results.append(Result(text, ids, parse_detections(text, *image.size), out.stop_reason[row].name.lower()))
+        return results
+
+    def stream(
+        self,
+        image: ImageInput,
+        prompt: str,
+        *,
+        max_new_tokens: int = 32,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop_tokens: tuple[int, ...] = (),
+    ) -> Iterator[str]:
+        """Yields the answer's text in pieces as tokens are decoded (same tokens as `generate`)."""
+        pixels, enc = self._encode([load_image(image)], [prompt], max_new_tokens)
+        ids: list[int] = []
+        shown = ""
+        for tokens in self.generator.stream(
+            self.params, pixels, enc.input_ids, enc.token_type_ids, enc.attention_mask,
+            max_new_tokens=max_new_tokens, sampling=sampling_params(temperature, top_k, top_p), seed=seed,
+            stop_tokens=stop_tokens,
+        ):
+            ids.append(int(tokens[0]))
+            text = self.tokenizer.decode(ids)
+            # Hold back a piece that ends inside a multi-byte character (byte-fallback pieces).
+            if text.startswith(shown) and not text.endswith("\ufffd") and len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+        if ids and (text := self.tokenizer.decode(ids)).startswith(shown) and len(text) > len(shown):
+            yield text[len(shown) :]
 
 
 def _download(hub_id: str) -> Path:

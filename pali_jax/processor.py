@@ -93,7 +93,8 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(array)
 
 
-def _to_rgb(image: ImageInput) -> PIL.Image.Image:
+def load_image(image: ImageInput) -> PIL.Image.Image:
+    """Any supported image input as an RGB PIL image, converted exactly as `preprocess_images` does."""
     if isinstance(image, (str, os.PathLike)):
         return _load_image_file(image)
     if isinstance(image, PIL.Image.Image):
@@ -135,7 +136,7 @@ def preprocess_images(images: ImageInput | Sequence[ImageInput], size: int) -> n
         raise ProcessorError("no images given")
     batch = np.empty((len(images), size, size, 3), np.float32)
     for i, image in enumerate(images):
-        resized = np.asarray(_to_rgb(image).resize((size, size), resample=PIL.Image.BICUBIC))
+        resized = np.asarray(load_image(image).resize((size, size), resample=PIL.Image.BICUBIC))
         # float64 multiply then float32, as transformers' rescale does; normalise in float32.
         scaled = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
         batch[i] = (scaled - np.float32(0.5)) / np.float32(0.5)

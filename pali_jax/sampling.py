@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pali_jax.errors import UserError
+
 Array = jax.Array
 
 
@@ -66,13 +68,13 @@ class SamplingParams:
         temperature, top_p = float(temperature), float(top_p)
         # `not (x >= 0)` also rejects NaN.
         if not temperature >= 0.0 or math.isinf(temperature):
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+            raise UserError(f"temperature must be finite and >= 0, got {temperature}")
         if isinstance(top_k, bool) or int(top_k) != top_k:
-            raise ValueError(f"top_k must be an integer, got {top_k!r}")
+            raise UserError(f"top_k must be an integer, got {top_k!r}")
         if top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+            raise UserError(f"top_k must be >= 0 (0 disables it), got {top_k}")
         if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+            raise UserError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
         return cls(
             temperature=jnp.asarray(temperature, jnp.float32),
             top_k=jnp.asarray(int(top_k), jnp.int32),

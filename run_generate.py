@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""Caption, answer or detect with PaliGemma from the command line.
+
+    python run_generate.py                                   # bundled demo model + sample image
+    python run_generate.py --model google/paligemma2-3b-mix-224 --image cat.jpg --prompt "caption en"
+    python run_generate.py --model ./converted --image photos/ --prompt "detect cat ; dog" --json --draw out.png
+
+Decoding is greedy unless --sample (or a sampling knob) is given. Errors print one line to stderr
+and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent / "pali_jax" / "assets" / "demo"
+DEMO_NOTE = (
+    "no --model given: using the bundled demo model, a tiny PaliGemma trained from scratch on synthetic images "
+    "of coloured shapes (it knows captions, shape colours and boxes, nothing else). "
+    "Pass --model for a real checkpoint."
+)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2 (argparse prints usage too)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="local HF checkpoint dir, converted dir, or hub id (default: bundled demo)")
+    p.add_argument("--image", nargs="+", help="image files or folders (default: the bundled sample image)")
+    p.add_argument("--prompt", default="caption en", help='e.g. "caption en", "answer en what is this?", "detect cat"')
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens at most (the seed's max_tokens_to_generate)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding (the default)")
+    mode.add_argument("--sample", action="store_true", help="sample (the seed's do_sample=True)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (implies --sample; default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (implies --sample)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (implies --sample)")
+    p.add_argument("--beams", type=int, default=1, help="beam search width (deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
+    p.add_argument("--draw", metavar="OUT.png", help="draw detected boxes (one file per image if several)")
+    p.add_argument("--stream", action="store_true", help="print text as it is decoded")
+    p.add_argument("--compilation-cache", metavar="DIR", help="persistent XLA cache (default ~/.cache/pali_jax/xla)")
+    p.add_argument("--no-compilation-cache", action="store_true")
+    args = p.parse_args(argv)
+    knobs = args.temperature is not None or args.top_k is not None or args.top_p is not None
+    if args.greedy and knobs:
+        p.error("--greedy conflicts with --temperature / --top-k / --top-p")
+    if args.beams > 1 and (args.sample or knobs):
+        p.error("--beams is deterministic: it cannot be combined with sampling")
+    if args.stream and (args.json or args.beams > 1):
+        p.error("--stream prints plain text from greedy or sampled decoding: drop --json / --beams")
+    for name in ("max_tokens", "batch_size", "beams"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.sample and args.temperature is None:
+        args.temperature = 1.0
+    return args
+
+
+def collect_images(paths: list[str]) -> list[Path]:
+    from pali_jax.errors import UserError
+
+    images = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            images += found
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise UserError(f"image {path} does not exist")
+    return images
+
+
+def draw_path(out: str, image: Path, many: bool) -> Path:
+    out_path = Path(out)
+    return out_path.with_name(f"{out_path.stem}_{image.stem}{out_path.suffix or '.png'}") if many else out_path
+
+
+def run(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from pali_jax import PaliGemma, UserError, draw_detections, enable_compilation_cache, load_image
+
+    if not args.no_compilation_cache:
+        enable_compilation_cache(args.compilation_cache)
+    model_path = args.model
+    if model_path is None:
+        model_path = DEMO_DIR / "model"
+        if not model_path.exists():
+            raise UserError(f"the bundled demo model is missing from {model_path}: pass --model")
+        print(f"pali-jax: {DEMO_NOTE}", file=sys.stderr)
+    images = collect_images(args.image) if args.image else sorted((DEMO_DIR / "images").glob("*.png"))[:1]
+    if not images:
+        raise UserError("no image given and no bundled sample image found: pass --image")
+    t0 = time.perf_counter()
+    pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    options = dict(max_new_tokens=args.max_tokens, seed=args.seed, **sampling)
+
+    if args.stream:
+        for path in images:
+            if len(images) > 1:
+                print(f"{path}: ", end="", flush=True)
+            for piece in pg.stream(path, args.prompt, **options):
+                print(piece, end="", flush=True)
+            print()
+        return
+
+    batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    for batch in tqdm(batches, desc="images", unit="batch", disable=len(batches) == 1, file=sys.stderr):
+        t1 = time.perf_counter()
+        results = pg.generate(batch, args.prompt, beams=args.beams, **options)
+        batch_s = time.perf_counter() - t1
+        for path, result in zip(batch, results):
+            if args.draw and result.boxes:
+                draw_detections(load_image(path), result.boxes).save(draw_path(args.draw, path, len(images) > 1))
+            if args.json:
+                print(json.dumps({
+                    "image": str(path), "prompt": args.prompt, "text": result.text,
+                    "token_ids": result.token_ids, "stop_reason": result.stop_reason,
+                    "boxes": [vars(b) for b in result.boxes],
+                    "timings": {"load_s": round(load_s, 4), "batch_s": round(batch_s, 4), "batch_size": len(batch)},
+                }), flush=True)
+            else:
+                print(f"{path}: {result.text}" if len(images) > 1 else result.text, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pali_jax.errors import UserError
+
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The user-facing half end to end: PaliGemma.generate/stream on images and strings, run_generate.py,
+and loading from the hub cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import hf_models
+import numpy as np
+import PIL.Image
+import pytest
+import skimage.data
+import torch
+from transformers import GemmaTokenizer
+from transformers import PaliGemmaProcessor as HFPaliGemmaProcessor
+
+import run_generate
+from convert.hf_to_flax import convert
+from pali_jax import PaliGemma
+from test_generate import agree
+from test_processor import hf_image_processor
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer_dir):
+    """A tiny PaliGemma 2 whose vocabulary fits the tiny tokenizer: HF dir (with tokenizer.model),
+    its conversion, the torch reference and transformers' processor."""
+    root = tmp_path_factory.mktemp("cli")
+    model = hf_models.build("pg2", seed=3)
+    hf_dir = hf_models.save(model, root / "hf")
+    shutil.copy(tokenizer_dir / "tokenizer.model", hf_dir / "tokenizer.model")
+    converted = convert(hf_dir, root / "converted")
+    processor = HFPaliGemmaProcessor(
+        image_processor=hf_image_processor(hf_models.IMAGE_SIZE),
+        tokenizer=GemmaTokenizer.from_pretrained(str(tokenizer_dir)),
+    )
+    images = []
+    for name in ("astronaut", "coffee"):
+        path = root / f"{name}.png"
+        PIL.Image.fromarray(getattr(skimage.data, name)()).save(path)
+        images.append(path)
+    return dict(hf=model, hf_dir=hf_dir, converted=converted, processor=processor, images=images, root=root)
+
+
+def hf_generate(checkpoint, image: Path, prompt: str, n: int):
+    inputs = checkpoint["processor"](images=PIL.Image.open(image), text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = checkpoint["hf"].generate(
+            **inputs, max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    return out.sequences[0, inputs["input_ids"].shape[1]:].numpy(), torch.stack(out.logits)[:, 0].numpy()
+
+
+def run_cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run_generate.py"), *map(str, args)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=300,
+    )
+
+
+def test_json_token_ids_equal_transformers(checkpoint):
+    proc = run_cli(
+        "--model", checkpoint["converted"], "--image", *checkpoint["images"], "--prompt", "caption en",
+        "--max-tokens", 12, "--json", "--no-compilation-cache",
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["image"] for line in lines] == [str(p) for p in checkpoint["images"]]
+    for line, image in zip(lines, checkpoint["images"]):
+        assert agree(np.array(line["token_ids"]), *hf_generate(checkpoint, image, "caption en", 12)) == "equal"
+        assert set(line) >= {"text", "token_ids", "boxes", "timings"}
+
+
+def test_api_generate_and_stream(checkpoint):
+    pg = PaliGemma.from_pretrained(checkpoint["hf_dir"])  # HF dir, converted in memory
+    prompts = ["caption en", "answer en what is on the table?"]
+    results = pg.generate(checkpoint["images"][1], prompts, max_new_tokens=10)
+    for prompt, result in zip(prompts, results):
+        hf_tokens, hf_logits = hf_generate(checkpoint, checkpoint["images"][1], prompt, 10)
+        assert agree(np.array(result.token_ids), hf_tokens, hf_logits) == "equal"
+        assert result.text == pg.tokenizer.decode(result.token_ids)
+    streamed = "".join(pg.stream(checkpoint["images"][1], prompts[1], max_new_tokens=10))
+    assert streamed == results[1].text
+    batched = pg.generate(checkpoint["images"][1], prompts, max_new_tokens=10, batch_size=1)
+    assert [r.token_ids for r in batched] == [r.token_ids for r in results]
+
+
+def test_stream_flag_prints_the_same_text(checkpoint):
+    common = ("--model", checkpoint["converted"], "--image", checkpoint["images"][0], "--max-tokens", 8,
+              "--no-compilation-cache")
+    plain, streamed = run_cli(*common), run_cli(*common, "--stream")
+    assert plain.returncode == streamed.returncode == 0, plain.stderr + streamed.stderr
+    assert plain.stdout == streamed.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "missing.png"], "does not exist"),
+    (["--image", "{empty}"], "holds no image files"),
+    (["--image", "{notimage}"], "notimage.png"),
+    (["--model", "{empty}"], "neither a pali-jax directory"),
+    (["--model", "no/such-model"], "cannot download no/such-model"),
+    (["--beams", "0"], "--beams must be >= 1"),
+    (["--greedy", "--temperature", "0.5"], "--greedy conflicts"),
+    (["--sample", "--beams", "3"], "cannot be combined"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--dtype", "float16"], "invalid choice"),
+])
+def test_bad_inputs(checkpoint, tmp_path, capsys, monkeypatch, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notimage.png").write_text("hello")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = [a.format(empty=tmp_path / "empty", notimage=tmp_path / "notimage.png") for a in args]
+    if "--model" not in args:
+        args = ["--model", str(checkpoint["converted"]), *args]
+    if "--image" not in args:
+        args += ["--image", str(checkpoint["images"][0])]
+    with pytest.raises(SystemExit) as exit_info:
+        sys.exit(run_generate.main([*args, "--no-compilation-cache"]))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_bad_input_in_a_real_process(checkpoint):
+    proc = run_cli("--model", checkpoint["converted"], "--image", "nowhere.jpg")
+    assert proc.returncode == 2
+    assert proc.stderr == "error: image nowhere.jpg does not exist\n"
+
+
+def _hub_cache(root: Path, repo: str, files: Path) -> Path:
+    """A Hugging Face hub cache holding `repo` at one commit, as snapshot_download leaves it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = root / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(files, repo_dir / "snapshots" / commit)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    return root / "hub"
+
+
+def test_hub_id_offline(checkpoint, tmp_path):
+    script = "from pali_jax import PaliGemma; import sys; pg = PaliGemma.from_pretrained(sys.argv[1]); print(pg.config.text.depth)"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home")}
+    missing = subprocess.run([sys.executable, "-c", script, "google/paligemma2-3b-pt-224"], capture_output=True,
+                             text=True, env={**env, "HF_HUB_CACHE": str(tmp_path / "empty")}, cwd=ROOT)
+    assert missing.returncode != 0 and "cannot download google/paligemma2-3b-pt-224" in missing.stderr
+    cache = _hub_cache(tmp_path, "someone/tiny-paligemma", checkpoint["hf_dir"])
+    found = subprocess.run([sys.executable, "-c", script, "someone/tiny-paligemma"], capture_output=True, text=True,
+                           env={**env, "HF_HUB_CACHE": str(cache)}, cwd=ROOT)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "3"
