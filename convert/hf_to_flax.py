@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from convert.safetensors_io import TensorInfo, read_header, read_tensor
+from convert.safetensors_io import TensorInfo, read_header, read_into, read_tensor
 from pali_jax.checkpoint import save_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
@@ -261,9 +261,9 @@ def load_hf(src: str | Path, dtype: str | None = None) -> tuple[PaliGemmaConfig,
         if leaf is None:
             raise ConversionError(f"tensor {key!r} maps to {'/'.join(path)}, which this config's model lacks")
         info = tensors[key]
-        value = fn(read_tensor(info))
         expected = leaf.shape[len(index):]
-        if value.shape != expected or any(i >= n for i, n in zip(index, leaf.shape)):
+        # The layout transforms only reshape and transpose: check the shape they will produce.
+        if jax.eval_shape(fn, jax.ShapeDtypeStruct(info.shape, jnp.float32)).shape != expected or any(i >= n for i, n in zip(index, leaf.shape)):
             raise ConversionError(
                 f"tensor {key!r} has shape {info.shape}, which does not fit {'/'.join(path)} "
                 f"{leaf.shape} of config.json's model"
@@ -271,9 +271,11 @@ def load_hf(src: str | Path, dtype: str | None = None) -> tuple[PaliGemmaConfig,
         if path not in arrays:
             arrays[path] = np.empty(leaf.shape, out_dtype)
             filled[path] = np.zeros(leaf.shape[: len(index)], bool)
-        arrays[path][index] = value
+        if fn is _same:
+            read_into(info, arrays[path][index])  # straight into place: no temporary copy
+        else:
+            arrays[path][index] = fn(read_tensor(info))
         filled[path][index] = True
-        del value
     for path in flat_shapes:
         if path not in filled or not filled[path].all():
             raise ConversionError(f"the checkpoint has no tensor for {'/'.join(path)} (or for some of its layers)")

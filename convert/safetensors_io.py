@@ -68,10 +68,33 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+_CHUNK_BYTES = 64 << 20
+
+
 def read_tensor(info: TensorInfo) -> np.ndarray:
     out = np.empty(info.shape, info.dtype)
+    read_into(info, out)
+    return out
+
+
+def read_into(info: TensorInfo, out: np.ndarray) -> None:
+    """Reads a tensor straight into `out` (C-contiguous, same shape), casting to out's dtype in
+    chunks: no full-size temporary, so big tensors (the 257k-row embedding) cost no extra memory."""
+    if out.shape != info.shape or not out.flags.c_contiguous:
+        raise ValueError(f"read_into needs a C-contiguous {info.shape} array, got {out.shape}")
+    flat = out.reshape(-1)
+    step = max(1, _CHUNK_BYTES // info.dtype.itemsize)
     with open(info.file, "rb") as f:
         f.seek(info.start)
-        if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != info.nbytes:
-            raise SafetensorsError(f"{info.file}: truncated while reading a tensor")
-    return out
+        for start in range(0, flat.size, step):
+            part = flat[start : start + step]
+            if out.dtype == info.dtype:
+                got = f.readinto(memoryview(part.view(np.uint8)))
+                want = part.nbytes
+            else:
+                raw = f.read(part.size * info.dtype.itemsize)
+                got, want = len(raw), part.size * info.dtype.itemsize
+                if got == want:
+                    part[...] = np.frombuffer(raw, info.dtype)
+            if got != want:
+                raise SafetensorsError(f"{info.file}: truncated while reading a tensor")

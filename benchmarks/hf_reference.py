@@ -1,0 +1,43 @@
+"""Random transformers PaliGemma models of real widths, for benchmarks (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
+
+from pali_jax.config import PaliGemmaConfig as OurConfig
+
+
+def hf_config(cfg: OurConfig, vision_layers: int | None = None, text_layers: int | None = None) -> PaliGemmaConfig:
+    """The transformers config of one of our presets, optionally with fewer layers."""
+    v, t = cfg.vision, cfg.text
+    vision = SiglipVisionConfig(
+        hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=vision_layers or v.depth,
+        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size, vision_use_head=False,
+    )
+    depth = text_layers or t.depth
+    common = dict(
+        vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_dim, num_hidden_layers=depth,
+        num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
+    )
+    if t.post_norms:
+        text = Gemma2Config(**common, query_pre_attn_scalar=int(t.query_pre_attn_scalar),
+                            sliding_window=t.sliding_window, final_logit_softcapping=t.final_logit_softcap,
+                            attn_logit_softcapping=t.attn_logit_softcap)
+    else:
+        text = GemmaConfig(**common)
+    return PaliGemmaConfig(vision_config=vision, text_config=text, image_token_index=cfg.image_token_id,
+                           projection_dim=t.width, vocab_size=t.vocab_size)
+
+
+def build(config: PaliGemmaConfig, dtype: torch.dtype) -> PaliGemmaForConditionalGeneration:
+    """A random model in `dtype`, eager attention, eval mode."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.no_grad():
+            model = PaliGemmaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.set_attn_implementation("eager")
+    return model
