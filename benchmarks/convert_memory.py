@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -48,12 +47,16 @@ def main() -> None:
         src_bytes = sum(f.stat().st_size for f in (work / "hf").glob("*.safetensors"))
 
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "convert.hf_to_flax", str(work / "hf"), str(work / "flax")],
-                              capture_output=True, text=True)
+        peak_file = work / "peak_rss"
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.peak_rss", str(peak_file), "convert.hf_to_flax", str(work / "hf"),
+             str(work / "flax")],
+            capture_output=True, text=True,
+        )
         convert_s = time.perf_counter() - t0
         if proc.returncode:
             sys.exit(proc.stderr)
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        peak = int(peak_file.read_text())
         out_bytes = sum(f.stat().st_size for f in (work / "flax" / "params").rglob("*") if f.is_file())
         from pali_jax.pretrained import PaliGemma
 

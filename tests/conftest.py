@@ -1,11 +1,24 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures: the tiny tokenizer and tiny transformers PaliGemma models."""
 
+from __future__ import annotations
+
+import dataclasses
+import shutil
 from pathlib import Path
 
+import PIL.Image
 import pytest
+import skimage.data
+import torch
+from transformers import GemmaTokenizer
+from transformers import PaliGemmaProcessor as HFPaliGemmaProcessor
+
+import hf_models
+from tokenizer_utils import train_tokenizer
+from convert.hf_to_flax import convert
+from pali_jax.pretrained import PaliGemma
 
 # ---- tokenizer fixtures (processor tests) ---------------------------------------------------------
-from tokenizer_utils import train_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -20,13 +33,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ---- tiny HF PaliGemma models (model, converter, generation tests) ---------------------------------
-import dataclasses
 
-import hf_models
-import torch
-
-from convert.hf_to_flax import load_hf
-from pali_jax.pretrained import PaliGemma
 
 KINDS = ("pg1", "pg2", "pg2_narrow")
 # How each kind is saved: sharded files for one, a single file for the others.
@@ -54,3 +61,31 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Tiny]:
 @pytest.fixture(params=KINDS)
 def tiny(request, tiny_models) -> Tiny:
     return tiny_models[request.param]
+
+
+# ---- a tiny PaliGemma 2 with the tiny tokenizer (CLI, API and README tests) ------------------------
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer_dir):
+    """A tiny PaliGemma 2 whose vocabulary fits the tiny tokenizer: HF dir (with tokenizer.model),
+    its conversion, the torch reference and transformers' processor."""
+    root = tmp_path_factory.mktemp("cli")
+    model = hf_models.build("pg2", seed=3)
+    hf_dir = hf_models.save(model, root / "hf")
+    shutil.copy(tokenizer_dir / "tokenizer.model", hf_dir / "tokenizer.model")
+    converted = convert(hf_dir, root / "converted")
+    from test_processor import hf_image_processor
+
+    processor = HFPaliGemmaProcessor(
+        image_processor=hf_image_processor(hf_models.IMAGE_SIZE),
+        tokenizer=GemmaTokenizer.from_pretrained(str(tokenizer_dir)),
+    )
+    images = []
+    for name in ("astronaut", "coffee"):
+        path = root / f"{name}.png"
+        PIL.Image.fromarray(getattr(skimage.data, name)()).save(path)
+        images.append(path)
+    return dict(hf=model, hf_dir=hf_dir, converted=converted, processor=processor, images=images, root=root)
+
+

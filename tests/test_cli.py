@@ -4,49 +4,22 @@ and loading from the hub cache."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import hf_models
 import numpy as np
 import PIL.Image
 import pytest
-import skimage.data
 import torch
-from transformers import GemmaTokenizer
-from transformers import PaliGemmaProcessor as HFPaliGemmaProcessor
 
 import run_generate
-from convert.hf_to_flax import convert
 from pali_jax import PaliGemma
 from test_generate import agree
-from test_processor import hf_image_processor
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory, tokenizer_dir):
-    """A tiny PaliGemma 2 whose vocabulary fits the tiny tokenizer: HF dir (with tokenizer.model),
-    its conversion, the torch reference and transformers' processor."""
-    root = tmp_path_factory.mktemp("cli")
-    model = hf_models.build("pg2", seed=3)
-    hf_dir = hf_models.save(model, root / "hf")
-    shutil.copy(tokenizer_dir / "tokenizer.model", hf_dir / "tokenizer.model")
-    converted = convert(hf_dir, root / "converted")
-    processor = HFPaliGemmaProcessor(
-        image_processor=hf_image_processor(hf_models.IMAGE_SIZE),
-        tokenizer=GemmaTokenizer.from_pretrained(str(tokenizer_dir)),
-    )
-    images = []
-    for name in ("astronaut", "coffee"):
-        path = root / f"{name}.png"
-        PIL.Image.fromarray(getattr(skimage.data, name)()).save(path)
-        images.append(path)
-    return dict(hf=model, hf_dir=hf_dir, converted=converted, processor=processor, images=images, root=root)
 
 
 def hf_generate(checkpoint, image: Path, prompt: str, n: int):
