@@ -15,16 +15,16 @@ from pali_jax.errors import UserError
 def save_params(path: str | Path, params: Any) -> None:
     """Writes a parameter tree (numpy or jax arrays) as an orbax checkpoint at `path` (must not exist).
 
-    Synchronous and lean: orbax's defaults deep-copy every numpy array before writing and compress
-    the chunks, which together cost about twice the model's size in extra memory (the converter's
-    peak). This save finishes before returning, so the arrays need no copy; float weights hardly
-    compress anyway.
+    Synchronous and lean, for the converter's peak memory: orbax's defaults deep-copy every numpy
+    array before writing (this save finishes before returning, so no copy is needed), compress the
+    chunks (float weights hardly compress) and pack them into an OCDBT store, which buffers about
+    40% of a 3B model on the way. Plain zarr arrays cost nothing beyond the parameters.
     """
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, ocp.type_handlers.ArrayHandler()),
     )
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False, use_ocdbt=False)
     with ocp.Checkpointer(handler) as ckptr:
         ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(params))
 

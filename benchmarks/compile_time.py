@@ -1,0 +1,96 @@
+"""Compile time: process start to first token, without and with JAX's persistent compilation cache,
+and how many programs 20 different prompt lengths compile.
+
+    python -m benchmarks.compile_time        # PaliGemma 1 3B widths, 2 + 2 layers, float32
+
+Converts a random model once, then starts `python -m benchmarks.compile_time --child` three times
+with one fresh cache directory: the first process fills the cache, the next two read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def child(model_dir: str, cache: str | None) -> None:
+    """Runs in a fresh process: load, generate one token, report seconds since the parent launched it."""
+    t_launch = float(os.environ["BENCH_T0"])
+    from pali_jax import PaliGemma, enable_compilation_cache
+
+    if cache:
+        enable_compilation_cache(cache)
+    pg = PaliGemma.from_pretrained(model_dir)
+    t_loaded = time.time()
+    cfg = pg.config
+    ids = np.concatenate([np.full((1, cfg.num_image_tokens), cfg.image_token_id), [[2, 1000, 2000, 108]]], 1)
+    pixels = np.zeros((1, cfg.image_size, cfg.image_size, 3), np.float32)
+    pg.generate_ids(pixels, ids, max_new_tokens=1)
+    done = time.time()
+    print(json.dumps({"to_first_token_s": done - t_launch, "load_s": t_loaded - t_launch, "first_call_s": done - t_loaded}))
+
+
+def count_programs(model_dir: str) -> dict:
+    """Programs traced for 20 prompt lengths between 1 and 200 text tokens."""
+    from pali_jax import PaliGemma
+
+    pg = PaliGemma.from_pretrained(model_dir)
+    cfg = pg.config
+    lengths = np.linspace(1, 200, 20).astype(int)
+    pixels = np.zeros((1, cfg.image_size, cfg.image_size, 3), np.float32)
+    for n in lengths:
+        ids = np.concatenate([np.full((1, cfg.num_image_tokens), cfg.image_token_id), np.full((1, n), 1000)], 1)
+        pg.generate_ids(pixels, ids, max_new_tokens=4)
+    return {"prompt_text_lengths": lengths.tolist(), "programs_compiled": pg.generator.traces}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--child", nargs=2, metavar=("MODEL_DIR", "CACHE"), help=argparse.SUPPRESS)
+    p.add_argument("--preset", default="paligemma-3b-224")
+    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    if args.child:
+        child(args.child[0], None if args.child[1] == "-" else args.child[1])
+        return
+
+    import torch
+
+    from benchmarks.hf_reference import build, hf_config
+    from convert.hf_to_flax import convert
+    from pali_jax.config import preset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build(hf_config(preset(args.preset), args.vision_layers, args.text_layers), torch.float32).save_pretrained(
+            Path(tmp) / "hf")
+        convert(Path(tmp) / "hf", Path(tmp) / "flax")
+        runs = {}
+        for name, cache in [("no_cache", "-"), ("cold_cache", f"{tmp}/xla"), ("warm_cache", f"{tmp}/xla"),
+                            ("warm_cache_again", f"{tmp}/xla")]:
+            env = {**os.environ, "BENCH_T0": repr(time.time())}
+            out = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "--child", f"{tmp}/flax", cache],
+                                 capture_output=True, text=True, env=env, check=True)
+            runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        result = {"runs": runs, "warm_over_cold": runs["warm_cache"]["to_first_token_s"] / runs["cold_cache"]["to_first_token_s"],
+                  **count_programs(f"{tmp}/flax")}
+    for name, r in runs.items():
+        print(f"{name:>17}: first token {r['to_first_token_s']:6.2f} s after launch "
+              f"(load {r['load_s']:.2f} s, first call {r['first_call_s']:.2f} s)")
+    print(f"warm / cold cache: {result['warm_over_cold']:.2f}; programs for 20 prompt lengths "
+          f"(1..200 text tokens): {result['programs_compiled']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
