@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -53,12 +54,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stream", action="store_true", help="print text as it is decoded")
     p.add_argument("--compilation-cache", metavar="DIR", help="persistent XLA cache (default ~/.cache/pali_jax/xla)")
     p.add_argument("--no-compilation-cache", action="store_true")
+    from pali_jax.sharding import add_mesh_arguments
+
+    add_mesh_arguments(p)
     args = p.parse_args(argv)
     knobs = args.temperature is not None or args.top_k is not None or args.top_p is not None
     if args.greedy and knobs:
         p.error("--greedy conflicts with --temperature / --top-k / --top-p")
     if args.beams > 1 and (args.sample or knobs):
         p.error("--beams is deterministic: it cannot be combined with sampling")
+    if args.mesh and args.beams > 1:
+        p.error("--beams does not run under --mesh yet: use greedy or sampled decoding")
     if args.stream and (args.json or args.beams > 1):
         p.error("--stream prints plain text from greedy or sampled decoding: drop --json / --beams")
     for name in ("max_tokens", "batch_size", "beams"):
@@ -95,8 +101,14 @@ def draw_path(out: str, image: Path, many: bool) -> Path:
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from pali_jax import PaliGemma, UserError, draw_detections, enable_compilation_cache, load_image
+    import jax
 
+    from pali_jax import PaliGemma, UserError, draw_detections, enable_compilation_cache, load_image
+    from pali_jax.sharding import mesh_from_args
+
+    mesh = mesh_from_args(args)  # joins a multi-host run first: before anything touches a device
+    if jax.process_index() != 0:  # every process computes; the first one speaks
+        sys.stdout = open(os.devnull, "w")
     if not args.no_compilation_cache:
         enable_compilation_cache(args.compilation_cache)
     model_path = args.model
@@ -109,7 +121,7 @@ def run(args: argparse.Namespace) -> None:
     if not images:
         raise UserError("no image given and no bundled sample image found: pass --image")
     t0 = time.perf_counter()
-    pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype)
+    pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh)
     load_s = time.perf_counter() - t0
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     options = dict(max_new_tokens=args.max_tokens, seed=args.seed, **sampling)

@@ -142,9 +142,17 @@ class Generator:
         if state.logits is not None:
             state = state.replace(logits=jax.lax.dynamic_update_slice(state.logits, logits[:, None], (0, state.step, 0)))
         stopped = jnp.isin(token, stop_tokens) & ~state.done
-        return state.replace(
+        return self._host_readable(state.replace(
             step=state.step + 1, tokens=tokens, lengths=state.lengths + (~state.done), done=state.done | stopped
-        )
+        ))
+
+    def _host_readable(self, state: DecodeState) -> DecodeState:
+        """Under a mesh, the outputs the host reads made whole on every device: in a multi-host run
+        a process can only fetch arrays its own devices hold entirely."""
+        if self.mesh is None:
+            return state
+        outputs = {k: getattr(state, k) for k in ("tokens", "lengths", "done", "logits")}
+        return state.replace(**sharding.replicate(outputs, self.mesh))
 
     def _prefill_impl(self, statics: _Statics, params, pixels, ids, types, mask, sampling, key, stop_tokens):
         self.traces += 1
@@ -185,11 +193,12 @@ class Generator:
 
     def _generate_impl(self, statics, params, pixels, ids, types, mask, max_new_tokens, sampling, key, stop_tokens):
         state = self._prefill_impl(statics, params, pixels, ids, types, mask, sampling, key, stop_tokens)
-        return jax.lax.while_loop(
+        # The loop's carried state takes whatever layout XLA picks: make the result readable again.
+        return self._host_readable(jax.lax.while_loop(
             lambda s: self._running(s, max_new_tokens),
             lambda s: self._step_impl(params, s, sampling, stop_tokens),
             state,
-        )
+        ))
 
     # -- host API ------------------------------------------------------------------------------
     def generate(

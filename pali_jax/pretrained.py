@@ -96,7 +96,12 @@ class PaliGemma:
 
     @classmethod
     def from_pretrained(
-        cls, path_or_hub_id: str | Path, dtype: str = "float32", *, sliding_window: bool = True, mesh: Mesh | None = None
+        cls,
+        path_or_hub_id: str | Path,
+        dtype: str = "float32",
+        *,
+        sliding_window: bool = True,
+        mesh: Mesh | None = None,
     ) -> "PaliGemma":
         """Loads a converted directory, an HF checkpoint directory (converted in memory) or a hub id.
 

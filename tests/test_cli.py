@@ -128,3 +128,13 @@ def test_hub_id_offline(checkpoint, tmp_path):
                            env={**env, "HF_HUB_CACHE": str(cache)}, cwd=ROOT)
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == "3"
+
+
+def test_mesh_flag_gives_the_same_tokens(checkpoint):
+    common = ("--model", checkpoint["converted"], "--image", *checkpoint["images"], "--max-tokens", 8, "--json",
+              "--no-compilation-cache")
+    single = run_cli(*common)
+    meshed = run_cli(*common, "--mesh", "data=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert single.returncode == meshed.returncode == 0, single.stderr + meshed.stderr
+    tokens = lambda out: [json.loads(line)["token_ids"] for line in out.splitlines()]  # noqa: E731
+    assert tokens(meshed.stdout) == tokens(single.stdout)
