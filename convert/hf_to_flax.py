@@ -14,6 +14,7 @@ into a temporary sibling directory and renamed at the end: it exists whole or no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -31,6 +32,7 @@ from convert.safetensors_io import TensorInfo, read_header, read_into, read_tens
 from pali_jax.checkpoint import save_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
+from pali_jax.paligemma import abstract_params
 
 CONFIG_FILE = "pali_jax_config.json"
 PARAMS_DIR = "params"
@@ -220,16 +222,6 @@ def checkpoint_tensors(src: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
-def abstract_params(cfg: PaliGemmaConfig) -> dict[str, Any]:
-    """The model's parameter shapes, from `jax.eval_shape` of its init (no memory)."""
-    from pali_jax.paligemma import PaliGemmaModel
-
-    size = cfg.image_size
-    pixels = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
-    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(PaliGemmaModel(cfg).init, jax.random.PRNGKey(0), pixels, ids)["params"]
-
-
 def _resolve_dtype(dtype: str | None, tensors: dict[str, TensorInfo]) -> np.dtype:
     if dtype in (None, "auto"):
         floats = [i.dtype for i in tensors.values() if np.issubdtype(i.dtype, np.floating) or i.dtype == DTYPES["bfloat16"]]
@@ -239,53 +231,94 @@ def _resolve_dtype(dtype: str | None, tensors: dict[str, TensorInfo]) -> np.dtyp
     return DTYPES[dtype]
 
 
-def load_hf(src: str | Path, dtype: str | None = None) -> tuple[PaliGemmaConfig, dict[str, Any]]:
-    """Reads an HF PaliGemma directory into (config, nested dict of numpy arrays).
+LeafPath = tuple[str, ...]
 
-    dtype: "float32", "bfloat16", or None/"auto" for the checkpoint's own dtype.
-    """
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """One HF tensor and where it goes: the Flax leaf, the slice of it (layer, k/v), the layout change."""
+
+    key: str
+    path: LeafPath
+    index: tuple[int, ...]
+    info: TensorInfo
+    transform: Transform
+
+    def read(self) -> np.ndarray:
+        """The tensor in the Flax layout (in the checkpoint's dtype)."""
+        return self.transform(read_tensor(self.info))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A checked conversion: every HF tensor placed, every Flax leaf (and each of its layers) covered,
+    every shape right. Made before any tensor data is read, so a bad checkpoint fails fast."""
+
+    config: PaliGemmaConfig
+    dtype: np.dtype
+    leaves: dict[LeafPath, jax.ShapeDtypeStruct]  # the model's parameters, flat
+    placements: list[Placement]
+
+
+def plan(src: str | Path, dtype: str | None = None) -> Plan:
+    """Checks an HF PaliGemma directory against the model of its config.json; see `Plan`."""
     src = Path(src)
     if not src.is_dir():
         raise ConversionError(f"{src} is not a directory")
     cfg = PaliGemmaConfig.from_hf(src)
-    out_dtype = _resolve_dtype(dtype, tensors := checkpoint_tensors(src))
-    flat_shapes = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
-    arrays: dict[tuple[str, ...], np.ndarray] = {}
-    filled: dict[tuple[str, ...], np.ndarray] = {}
+    tensors = checkpoint_tensors(src)
+    out_dtype = _resolve_dtype(dtype, tensors)
+    leaves = {tuple(k.key for k in p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
+    placements, filled = [], {}
     for key in sorted(tensors):
         target = _target(key, cfg)
         if target is None:
             continue
         path, index, fn = target
-        leaf = flat_shapes.get(path)
+        leaf = leaves.get(path)
         if leaf is None:
             raise ConversionError(f"tensor {key!r} maps to {'/'.join(path)}, which this config's model lacks")
         info = tensors[key]
-        expected = leaf.shape[len(index):]
         # The layout transforms only reshape and transpose: check the shape they will produce.
-        if jax.eval_shape(fn, jax.ShapeDtypeStruct(info.shape, jnp.float32)).shape != expected or any(i >= n for i, n in zip(index, leaf.shape)):
+        out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct(info.shape, jnp.float32)).shape
+        if out_shape != leaf.shape[len(index):] or any(i >= n for i, n in zip(index, leaf.shape)):
             raise ConversionError(
                 f"tensor {key!r} has shape {info.shape}, which does not fit {'/'.join(path)} "
                 f"{leaf.shape} of config.json's model"
             )
-        if path not in arrays:
-            arrays[path] = np.empty(leaf.shape, out_dtype)
-            filled[path] = np.zeros(leaf.shape[: len(index)], bool)
-        if fn is _same:
-            read_into(info, arrays[path][index])  # straight into place: no temporary copy
-        else:
-            arrays[path][index] = fn(read_tensor(info))
-        filled[path][index] = True
-    for path in flat_shapes:
+        filled.setdefault(path, np.zeros(leaf.shape[: len(index)], bool))[index] = True
+        placements.append(Placement(key, path, index, info, fn))
+    for path in leaves:
         if path not in filled or not filled[path].all():
             raise ConversionError(f"the checkpoint has no tensor for {'/'.join(path)} (or for some of its layers)")
-    params: dict[str, Any] = {}
-    for path, array in arrays.items():
-        node = params
+    return Plan(cfg, out_dtype, leaves, placements)
+
+
+def nest(flat: dict[LeafPath, Any]) -> dict[str, Any]:
+    """{("img", "head", "kernel"): x, ...} -> {"img": {"head": {"kernel": x}}, ...}."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = array
-    return cfg, params
+        node[path[-1]] = value
+    return tree
+
+
+def load_hf(src: str | Path, dtype: str | None = None) -> tuple[PaliGemmaConfig, dict[str, Any]]:
+    """Reads an HF PaliGemma directory into (config, nested dict of numpy arrays).
+
+    dtype: "float32", "bfloat16", or None/"auto" for the checkpoint's own dtype.
+    """
+    p = plan(src, dtype)
+    arrays = {path: np.empty(leaf.shape, p.dtype) for path, leaf in p.leaves.items()}
+    for placement in p.placements:
+        out = arrays[placement.path][placement.index]
+        if placement.transform is _same:
+            read_into(placement.info, out)  # straight into place: no temporary copy
+        else:
+            out[...] = placement.read()
+    return p.config, nest(arrays)
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:

@@ -102,3 +102,12 @@ def _types_and_mask(input_ids, token_type_ids, attention_mask):
     prefix = jnp.ones(input_ids.shape, bool) if token_type_ids is None else token_type_ids == 0
     valid = jnp.ones(input_ids.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     return prefix, valid
+
+
+def abstract_params(cfg: PaliGemmaConfig, dtype: jnp.dtype = jnp.float32):
+    """The model's parameters as `jax.ShapeDtypeStruct`s, from `jax.eval_shape` of its init (no memory)."""
+    size = cfg.image_size
+    pixels = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = jax.eval_shape(PaliGemmaModel(cfg).init, jax.random.PRNGKey(0), pixels, ids)["params"]
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)

@@ -22,12 +22,12 @@ from jax.sharding import Mesh
 
 from pali_jax import sharding
 from pali_jax.beam_search import BeamSearch
-from pali_jax.checkpoint import abstract_like, restore_params
+from pali_jax.checkpoint import restore_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, Generator
-from pali_jax.paligemma import PaliGemmaModel
+from pali_jax.paligemma import PaliGemmaModel, abstract_params
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
 from pali_jax.sampling import SamplingParams
 
@@ -119,8 +119,7 @@ class PaliGemma:
             if mesh is not None:
                 params = sharding.restore_sharded(path / PARAMS_DIR, config, mesh, DTYPES[dtype])
             else:
-                saved = restore_params(path / PARAMS_DIR)  # metadata only would do; orbax needs a target
-                params = jax.tree.map(lambda x: jnp.asarray(x, DTYPES[dtype]), saved)
+                params = restore_params(path / PARAMS_DIR, abstract_params(config, DTYPES[dtype]))
         elif (path / "config.json").exists() and mesh is not None:
             config, params = sharding.load_hf_sharded(path, mesh, dtype)
         elif (path / "config.json").exists():

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
 from pali_jax.kv_cache import KVCache
+from pali_jax.paligemma import abstract_params
 
 AXES = ("data", "fsdp", "tensor")
 # Tensors with fewer elements stay whole on every device: splitting a norm scale or a bias saves
@@ -356,8 +357,6 @@ def abstract_sharded_params(
     cfg: PaliGemmaConfig, mesh: AnyMesh, dtype: Any = jnp.float32, min_elements: int = MIN_SHARDED_ELEMENTS
 ) -> Any:
     """The parameter tree as ShapeDtypeStructs with shardings (jax.eval_shape: no memory)."""
-    from convert.hf_to_flax import abstract_params
-
     abstract = abstract_params(cfg)
     shardings = param_shardings(abstract, mesh, min_elements)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s), abstract, shardings)
@@ -390,42 +389,22 @@ def load_hf_sharded(
 ) -> tuple[PaliGemmaConfig, Any]:
     """Reads an HF PaliGemma checkpoint straight onto the mesh: (config, sharded params).
 
-    Safetensors tensors are read one at a time. A whole-leaf tensor (embedding, projector) is
-    placed shard by shard; a per-layer tensor is placed likewise and written into its stacked
-    [L, ...] leaf, which lives only on the devices (zeros, sharded, updated in place). So no host
-    ever holds more than one checkpoint tensor (plus its converted copy), and each process copies
-    only its own devices' slices of it. dtype as in `convert.hf_to_flax.load_hf`.
+    Safetensors tensors are read one at a time (after `convert.hf_to_flax.plan` checked them all).
+    A whole-leaf tensor (embedding, projector) is placed shard by shard; a per-layer tensor is placed
+    likewise and written into its stacked [L, ...] leaf, which lives only on the devices (zeros,
+    sharded, updated in place). So no host ever holds more than one checkpoint tensor (plus its
+    converted copy), and each process copies only its own devices' slices of it. dtype as in
+    `convert.hf_to_flax.load_hf`.
     """
-    from convert.hf_to_flax import ConversionError, _resolve_dtype, _target, abstract_params, checkpoint_tensors
-    from convert.safetensors_io import read_tensor
+    from convert.hf_to_flax import nest, plan
 
-    src = Path(src)
-    if not src.is_dir():
-        raise ConversionError(f"{src} is not a directory")
-    cfg = PaliGemmaConfig.from_hf(src)
-    tensors = checkpoint_tensors(src)
-    out_dtype = _resolve_dtype(dtype, tensors)
-    leaves = {
-        tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]
-    }
-    specs = {path: partition_spec("/".join(path), leaf.shape, mesh, min_elements) for path, leaf in leaves.items()}
+    p = plan(src, dtype)
+    specs = {path: partition_spec("/".join(path), leaf.shape, mesh, min_elements) for path, leaf in p.leaves.items()}
     arrays: dict[tuple[str, ...], jax.Array] = {}
-    filled: dict[tuple[str, ...], np.ndarray] = {}
     writers: dict[tuple[str, ...], Any] = {}
-    for key in sorted(tensors):
-        target = _target(key, cfg)
-        if target is None:
-            continue
-        path, index, fn = target
-        leaf = leaves.get(path)
-        if leaf is None:
-            raise ConversionError(f"tensor {key!r} maps to {'/'.join(path)}, which this config's model lacks")
-        value = fn(read_tensor(tensors[key])).astype(out_dtype)
-        if value.shape != leaf.shape[len(index):] or any(i >= n for i, n in zip(index, leaf.shape)):
-            raise ConversionError(
-                f"tensor {key!r} has shape {tensors[key].shape}, which does not fit {'/'.join(path)} "
-                f"{leaf.shape} of config.json's model"
-            )
+    for placement in p.placements:
+        path, index, leaf = placement.path, placement.index, p.leaves[placement.path]
+        value = placement.read().astype(p.dtype)
         spec = tuple(specs[path]) + (None,) * (len(leaf.shape) - len(specs[path]))
         # The rules never split a stacked or k/v axis (the indexed ones), so the slice keeps the
         # leaf's layout and the write below moves no data between devices.
@@ -435,25 +414,13 @@ def load_hf_sharded(
         del value
         if not index:
             arrays[path] = placed
-            filled[path] = np.ones((), bool)
             continue
         if path not in arrays:
             sharding = NamedSharding(mesh, specs[path])
-            arrays[path] = jax.jit(lambda s=leaf.shape: jnp.zeros(s, out_dtype), out_shardings=sharding)()
-            filled[path] = np.zeros(leaf.shape[: len(index)], bool)
+            arrays[path] = jax.jit(lambda s=leaf.shape: jnp.zeros(s, p.dtype), out_shardings=sharding)()
             writers[path] = jax.jit(_update_slice, donate_argnums=0, out_shardings=sharding)
         arrays[path] = writers[path](arrays[path], placed, np.asarray(index, np.int32))
-        filled[path][index] = True
-    for path in leaves:
-        if path not in filled or not filled[path].all():
-            raise ConversionError(f"the checkpoint has no tensor for {'/'.join(path)} (or for some of its layers)")
-    params: dict[str, Any] = {}
-    for path, array in arrays.items():
-        node = params
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = array
-    return cfg, params
+    return p.config, nest(arrays)
 
 
 # -- memory accounting -----------------------------------------------------------------------------

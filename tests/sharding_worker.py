@@ -47,7 +47,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert.hf_to_flax import abstract_params, convert, load_hf  # noqa: E402
+from convert.hf_to_flax import convert, load_hf  # noqa: E402
+from pali_jax.paligemma import abstract_params  # noqa: E402
 from pali_jax import sharding  # noqa: E402
 from pali_jax.config import PaliGemmaConfig  # noqa: E402
 from pali_jax.generate import prepare_prompts  # noqa: E402

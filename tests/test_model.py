@@ -14,6 +14,7 @@ import torch
 from transformers import PaliGemmaConfig as HFPaliGemmaConfig
 
 from pali_jax import config as cfglib
+from pali_jax.paligemma import abstract_params
 from pali_jax.pretrained import PaliGemma
 from pali_jax.train import suffix_nll
 
@@ -205,8 +206,6 @@ PARAM_COUNTS = {
 
 @pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
 def test_preset_parameter_counts(name):
-    from convert.hf_to_flax import abstract_params
-
     count = sum(x.size for x in jax.tree.leaves(abstract_params(cfglib.preset(f"{name}-224"))))
     assert count == PARAM_COUNTS[name]
     # Higher resolutions only grow the position embedding: (num_patches - 256) * 1152 more.
