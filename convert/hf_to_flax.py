@@ -49,9 +49,12 @@ class ConversionError(UserError):
 
 
 Transform = Callable[[np.ndarray], np.ndarray]
-# A Flax leaf path, the index of the slice this tensor fills ((layer,) or (layer, k) for stacked
-# leaves, () for whole leaves), and how to turn the PyTorch layout into the Flax one.
-Target = tuple[tuple[str, ...], tuple[int, ...], Transform]
+# A Flax leaf path, the index of the part this tensor fills ((layer,) for stacked leaves, () for
+# whole leaves, (layer, ALL, k) for k/v and gate/up, which share one [D, 2, ...] weight), and how
+# to turn the PyTorch layout into the Flax one.
+Index = tuple[int | slice, ...]
+Target = tuple[tuple[str, ...], Index, Transform]
+ALL = slice(None)
 
 
 def _same(w: np.ndarray) -> np.ndarray:
@@ -64,7 +67,7 @@ def _linear(w: np.ndarray) -> np.ndarray:
 
 
 def _heads_in(n: int, h: int) -> Transform:
-    """q/k/v projection [n*h, in] -> [in, n, h] (SigLIP DenseGeneral kernel)."""
+    """q/k/v projection [n*h, in] -> [in, n, h]."""
     return lambda w: w.T.reshape(-1, n, h)
 
 
@@ -72,10 +75,6 @@ def _heads_out(n: int, h: int) -> Transform:
     """Output projection [out, n*h] -> [n, h, out]."""
     return lambda w: w.reshape(-1, n, h).transpose(1, 2, 0)
 
-
-def _einsum_in(n: int, h: int) -> Transform:
-    """Gemma q/k/v projection [n*h, D] -> [n, D, h]."""
-    return lambda w: w.reshape(n, h, -1).transpose(0, 2, 1)
 
 
 def _split_heads(n: int, h: int) -> Transform:
@@ -123,12 +122,12 @@ def _text_target(rest: str, cfg: PaliGemmaConfig) -> Target | None:
     else:  # Gemma 1: HF's "post_attention_layernorm" is the pre-FFW norm
         norms["post_attention_layernorm.weight"] = "pre_ffw_norm"
     table: dict[str, Target] = {
-        "self_attn.q_proj.weight": (("attn", "q_einsum"), (i,), _einsum_in(t.num_heads, t.head_dim)),
-        "self_attn.k_proj.weight": (("attn", "kv_einsum"), (i, 0), _einsum_in(t.num_kv_heads, t.head_dim)),
-        "self_attn.v_proj.weight": (("attn", "kv_einsum"), (i, 1), _einsum_in(t.num_kv_heads, t.head_dim)),
+        "self_attn.q_proj.weight": (("attn", "q_einsum"), (i,), _heads_in(t.num_heads, t.head_dim)),
+        "self_attn.k_proj.weight": (("attn", "kv_einsum"), (i, ALL, 0), _heads_in(t.num_kv_heads, t.head_dim)),
+        "self_attn.v_proj.weight": (("attn", "kv_einsum"), (i, ALL, 1), _heads_in(t.num_kv_heads, t.head_dim)),
         "self_attn.o_proj.weight": (("attn", "attn_vec_einsum"), (i,), _heads_out(t.num_heads, t.head_dim)),
-        "mlp.gate_proj.weight": (("mlp", "gating_einsum"), (i, 0), _linear),
-        "mlp.up_proj.weight": (("mlp", "gating_einsum"), (i, 1), _linear),
+        "mlp.gate_proj.weight": (("mlp", "gating_einsum"), (i, ALL, 0), _linear),
+        "mlp.up_proj.weight": (("mlp", "gating_einsum"), (i, ALL, 1), _linear),
         "mlp.down_proj.weight": (("mlp", "linear"), (i,), _linear),
     }
     table |= {k: ((v, "scale"), (i,), _same) for k, v in norms.items()}
@@ -240,7 +239,7 @@ class Placement:
 
     key: str
     path: LeafPath
-    index: tuple[int, ...]
+    index: Index
     info: TensorInfo
     transform: Transform
 
@@ -281,12 +280,15 @@ def plan(src: str | Path, dtype: str | None = None) -> Plan:
         info = tensors[key]
         # The layout transforms only reshape and transpose: check the shape they will produce.
         out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct(info.shape, jnp.float32)).shape
-        if out_shape != leaf.shape[len(index):] or any(i >= n for i, n in zip(index, leaf.shape)):
+        ints = [(axis, i) for axis, i in enumerate(index) if isinstance(i, int)]
+        part_shape = tuple(n for axis, n in enumerate(leaf.shape) if axis >= len(index) or index[axis] == ALL)
+        if out_shape != part_shape or any(i >= leaf.shape[axis] for axis, i in ints):
             raise ConversionError(
                 f"tensor {key!r} has shape {info.shape}, which does not fit {'/'.join(path)} "
                 f"{leaf.shape} of config.json's model"
             )
-        filled.setdefault(path, np.zeros(leaf.shape[: len(index)], bool))[index] = True
+        # Which parts of each leaf are filled: one flag per combination of the indexed axes.
+        filled.setdefault(path, np.zeros([leaf.shape[axis] for axis, _ in ints], bool))[tuple(i for _, i in ints)] = True
         placements.append(Placement(key, path, index, info, fn))
     for path in leaves:
         if path not in filled or not filled[path].all():
@@ -314,7 +316,7 @@ def load_hf(src: str | Path, dtype: str | None = None) -> tuple[PaliGemmaConfig,
     arrays = {path: np.empty(leaf.shape, p.dtype) for path, leaf in p.leaves.items()}
     for placement in p.placements:
         out = arrays[placement.path][placement.index]
-        if placement.transform is _same:
+        if placement.transform is _same and out.flags.c_contiguous:
             read_into(placement.info, out)  # straight into place: no temporary copy
         else:
             out[...] = placement.read()

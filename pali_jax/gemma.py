@@ -6,7 +6,9 @@ Einsum axis letters, used throughout the package:
 
 Parameter names follow big_vision / google-deepmind/gemma (`embedder/input_embedding`,
 `attn/q_einsum`, `attn/kv_einsum`, `attn/attn_vec_einsum`, `mlp/gating_einsum`, `mlp/linear`,
-`pre_attention_norm`, ...). Layers run under `nn.scan`, so every layer parameter carries a leading
+`pre_attention_norm`, ...). Layouts put the contracted axes first and keep the rest contiguous
+(q [D, N, H], kv [D, 2, K, H], out [N, H, D], gating [D, 2, F], linear [F, D]; big_vision has
+[N, D, H], [2, K, D, H], [2, D, F]), so that every projection is ONE 2-D matmul (`_project`). Layers run under `nn.scan`, so every layer parameter carries a leading
 [L] axis. Numerics follow transformers' Gemma/Gemma2 (see shared facts): norms, attention logits and
 softmax in float32, everything else in the activation dtype.
 """
@@ -19,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pali_jax import kv_cache
+from pali_jax import kv_cache, lora
 from pali_jax.config import GemmaConfig
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -58,6 +60,18 @@ class Embedder(nn.Module):
         return jnp.einsum("btd,vd->btv", x, self.input_embedding.astype(self.dtype))
 
 
+def _project(x: jax.Array, w: jax.Array, in_axes: int) -> jax.Array:
+    """x [..., *in] @ w [*in, *out] -> [..., *out], as one 2-D matmul.
+
+    XLA:CPU runs einsums whose weight keeps several free axes (or whose contracted axis sits in the
+    middle) through a generic loop that is 10x slower than its GEMM, which dominates decoding.
+    """
+    n_in = math.prod(w.shape[:in_axes])
+    lead = x.shape[: x.ndim - in_axes]
+    y = x.reshape(-1, n_in) @ w.reshape(n_in, -1)
+    return y.reshape(*lead, *w.shape[in_axes:])
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     """Rotary embedding in the split-halves layout; x [B, T, N, H], positions [B, T]."""
     half = x.shape[-1] // 2
@@ -82,12 +96,13 @@ class Attention(nn.Module):
         Returns ([B, T, D], the updated (k, v) or None).
         """
         c = self.cfg
-        w_q = self.param("q_einsum", _init, (c.num_heads, c.width, c.head_dim))  # [N, D, H]
-        w_kv = self.param("kv_einsum", _init, (2, c.num_kv_heads, c.width, c.head_dim))  # [2, K, D, H]
+        w_q = self.param("q_einsum", _init, (c.width, c.num_heads, c.head_dim))  # [D, N, H]
+        w_kv = self.param("kv_einsum", _init, (c.width, 2, c.num_kv_heads, c.head_dim))  # [D, 2, K, H]
         w_o = self.param("attn_vec_einsum", _init, (c.num_heads, c.head_dim, c.width))  # [N, H, D]
 
-        q = jnp.einsum("btd,ndh->btnh", x, w_q.astype(self.dtype))
-        k, v = jnp.einsum("btd,ckdh->cbtkh", x, w_kv.astype(self.dtype))
+        q = _project(x, w_q.astype(self.dtype), 1) + lora.delta(self, "q_einsum", x)  # [B, T, N, H]
+        kv = jnp.moveaxis(_project(x, w_kv.astype(self.dtype), 1), 2, 0)  # [2, B, T, K, H]
+        k, v = kv + lora.delta(self, "kv_einsum", x)
         q = apply_rope(q, positions, c.rope_base)
         k = apply_rope(k, positions, c.rope_base)
         if layer_kv is not None:
@@ -105,7 +120,8 @@ class Attention(nn.Module):
         logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(self.dtype)).reshape(b, t, c.num_heads, c.head_dim)
-        return jnp.einsum("btnh,nhd->btd", out, w_o.astype(self.dtype)), layer_kv
+        y = _project(out, w_o.astype(self.dtype), 2) + lora.delta(self, "attn_vec_einsum", out)
+        return y, layer_kv
 
 
 class FeedForward(nn.Module):
@@ -117,11 +133,12 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.cfg
-        w_gating = self.param("gating_einsum", _init, (2, c.width, c.mlp_dim))  # [2, D, F]
+        w_gating = self.param("gating_einsum", _init, (c.width, 2, c.mlp_dim))  # [D, 2, F]
         w_linear = self.param("linear", _init, (c.mlp_dim, c.width))  # [F, D]
-        gate, up = jnp.einsum("btd,cdf->cbtf", x, w_gating.astype(self.dtype))
+        gating = jnp.moveaxis(_project(x, w_gating.astype(self.dtype), 1), 2, 0)  # [2, B, T, F]
+        gate, up = gating + lora.delta(self, "gating_einsum", x)
         hidden = nn.gelu(gate, approximate=self.cfg.gelu_approximate) * up
-        return jnp.einsum("btf,fd->btd", hidden, w_linear.astype(self.dtype))
+        return _project(hidden, w_linear.astype(self.dtype), 1) + lora.delta(self, "linear", hidden)
 
 
 class Block(nn.Module):
@@ -163,7 +180,7 @@ class Gemma(nn.Module):
         self.embedder = Embedder(c.vocab_size, c.width, self.dtype)
         self.layers = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "lora": 0},  # LoRA adapters (lora.py) are stacked like the weights
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
             length=c.depth,

@@ -181,10 +181,10 @@ _RULES: tuple[tuple[re.Pattern, str], ...] = tuple(
     (re.compile(pattern), roles)
     for pattern, roles in (
         (r"(^|/)embedder/input_embedding$", "TF"),  # [V, D]: vocab-parallel embedding and logits
-        (r"(^|/)attn/q_einsum$", "TFF"),  # [N, D, H]
-        (r"(^|/)attn/kv_einsum$", ".TFF"),  # [2, K, D, H]
+        (r"(^|/)attn/q_einsum$", "FTF"),  # [D, N, H]
+        (r"(^|/)attn/kv_einsum$", "F.TF"),  # [D, 2, K, H]
         (r"(^|/)attn/attn_vec_einsum$", "TFF"),  # [N, H, D]
-        (r"(^|/)mlp/gating_einsum$", ".FT"),  # [2, D, F]
+        (r"(^|/)mlp/gating_einsum$", "F.T"),  # [D, 2, F]
         (r"(^|/)mlp/linear$", "TF"),  # [F, D]
         (r"(^|/)MultiHeadDotProductAttention_0/(query|key|value)/kernel$", "FTF"),  # [W, N, H]
         (r"(^|/)MultiHeadDotProductAttention_0/out/kernel$", "TFF"),  # [N, H, W]
@@ -378,10 +378,9 @@ def restore_sharded(
     return restore_params(path, abstract_sharded_params(cfg, mesh, dtype, min_elements))
 
 
-def _update_slice(buffer: jax.Array, value: jax.Array, index: jax.Array) -> jax.Array:
-    """buffer[index] = value, where index addresses leading dimensions."""
-    start = tuple(index) + (0,) * value.ndim
-    return jax.lax.dynamic_update_slice(buffer, value.reshape((1,) * index.shape[0] + value.shape), start)
+def _update_slice(buffer: jax.Array, value: jax.Array, start: jax.Array) -> jax.Array:
+    """buffer with `value` (same rank) written at `start`."""
+    return jax.lax.dynamic_update_slice(buffer, value, tuple(start))
 
 
 def load_hf_sharded(
@@ -404,22 +403,25 @@ def load_hf_sharded(
     writers: dict[tuple[str, ...], Any] = {}
     for placement in p.placements:
         path, index, leaf = placement.path, placement.index, p.leaves[placement.path]
-        value = placement.read().astype(p.dtype)
         spec = tuple(specs[path]) + (None,) * (len(leaf.shape) - len(specs[path]))
-        # The rules never split a stacked or k/v axis (the indexed ones), so the slice keeps the
-        # leaf's layout and the write below moves no data between devices.
-        placed = jax.make_array_from_callback(
-            value.shape, NamedSharding(mesh, _canonical(spec[len(index):])), lambda i, v=value: v[i]
-        )
-        del value
+        value = placement.read().astype(p.dtype)
         if not index:
-            arrays[path] = placed
+            arrays[path] = jax.make_array_from_callback(leaf.shape, NamedSharding(mesh, specs[path]), lambda i, v=value: v[i])
             continue
+        # A part of a stacked leaf (one layer; one of k/v or gate/up): give it the leaf's rank (size
+        # 1 on the indexed axes, which the rules never split) so that it keeps the leaf's layout and
+        # the write below moves no data between devices.
+        ints = [axis for axis, i in enumerate(index) if isinstance(i, int)]
+        value = np.expand_dims(value, ints)
+        part_spec = _canonical(tuple(None if axis in ints else s for axis, s in enumerate(spec)))
+        placed = jax.make_array_from_callback(value.shape, NamedSharding(mesh, part_spec), lambda i, v=value: v[i])
+        del value
         if path not in arrays:
             sharding = NamedSharding(mesh, specs[path])
             arrays[path] = jax.jit(lambda s=leaf.shape: jnp.zeros(s, p.dtype), out_shardings=sharding)()
             writers[path] = jax.jit(_update_slice, donate_argnums=0, out_shardings=sharding)
-        arrays[path] = writers[path](arrays[path], placed, np.asarray(index, np.int32))
+        start = np.array([i if isinstance(i, int) else 0 for i in index] + [0] * (len(leaf.shape) - len(index)), np.int32)
+        arrays[path] = writers[path](arrays[path], placed, start)
     return p.config, nest(arrays)
 
 

@@ -99,8 +99,8 @@ def test_indivisible_dimensions_stay_whole(worker):
     f = worker["fallbacks"]
     assert f["1,1,8"]["valid"] and f["2,2,2"]["valid"]
     assert f["1,1,8"]["llm/layers/attn/q_einsum"] == "P()"
-    assert f["2,2,2"]["llm/layers/attn/q_einsum"] == "P(None, 'tensor', 'fsdp')"
-    assert f["2,2,2"]["llm/layers/attn/kv_einsum"] == "P(None, None, None, 'fsdp')"
+    assert f["2,2,2"]["llm/layers/attn/q_einsum"] == "P(None, 'fsdp', 'tensor')"  # [L, D, N, H]
+    assert f["2,2,2"]["llm/layers/attn/kv_einsum"] == "P(None, 'fsdp')"  # [L, D, 2, K=1, H]: D over fsdp
 
 
 # -- no devices needed -----------------------------------------------------------------------------
@@ -149,10 +149,10 @@ def test_rules_on_a_real_shape():
     """paligemma2-10b under data=2, fsdp=4, tensor=2: heads and MLP width over tensor, the width
     over fsdp, the layer axis never split, norms whole."""
     s = _specs("paligemma2-10b-224", "2,4,2")
-    assert s["llm/layers/attn/q_einsum"] == P(None, "tensor", "fsdp")  # [L, N, D, H]
-    assert s["llm/layers/attn/kv_einsum"] == P(None, None, "tensor", "fsdp")  # [L, 2, K, D, H]
+    assert s["llm/layers/attn/q_einsum"] == P(None, "fsdp", "tensor")  # [L, D, N, H]
+    assert s["llm/layers/attn/kv_einsum"] == P(None, "fsdp", None, "tensor")  # [L, D, 2, K, H]
     assert s["llm/layers/attn/attn_vec_einsum"] == P(None, "tensor", None, "fsdp")  # [L, N, H, D]
-    assert s["llm/layers/mlp/gating_einsum"] == P(None, None, "fsdp", "tensor")  # [L, 2, D, F]
+    assert s["llm/layers/mlp/gating_einsum"] == P(None, "fsdp", None, "tensor")  # [L, D, 2, F]
     assert s["llm/layers/mlp/linear"] == P(None, "tensor", "fsdp")  # [L, F, D]
     assert s["llm/embedder/input_embedding"] == P("tensor", "fsdp")  # [V, D]
     assert s["img/Transformer/encoderblock/Dense_0/kernel"] == P(None, "fsdp", "tensor")  # [L, W, F]
