@@ -20,8 +20,8 @@ from pathlib import Path
 
 DEMO_DIR = Path(__file__).resolve().parent / "pali_jax" / "assets" / "demo"
 DEMO_NOTE = (
-    "no --model given: using the bundled demo model, a tiny PaliGemma trained from scratch on synthetic images "
-    "of coloured shapes (it knows captions, shape colours and boxes, nothing else). "
+    "no --model given: using the bundled demo model, a toy PaliGemma (about 1.7M parameters) trained briefly from "
+    "scratch on synthetic images of coloured shapes; it only knows that task, and often answers it wrongly. "
     "Pass --model for a real checkpoint."
 )
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}

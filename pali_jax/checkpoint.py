@@ -56,17 +56,17 @@ class TrainCheckpointer:
     def __init__(self, directory: str | Path, every: int, keep: int = 3):
         if every <= 0 or keep <= 0:
             raise CheckpointError(f"checkpoint interval and keep must be positive, got {every} and {keep}")
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=every, create=True, enable_async_checkpointing=False
-        )
+        # The interval is applied here: orbax would also save the first step it is given.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+        self.every = every
         self.directory = Path(directory).absolute()
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-        """Saves `state` as step `step` when the interval says so (or `force`); True if saved."""
-        if step in self._manager.all_steps():
+        """Saves `state` as step `step` when `step` is a multiple of `every` (or `force`); True if saved."""
+        if not (force or step % self.every == 0) or step in self._manager.all_steps():
             return False
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+        return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

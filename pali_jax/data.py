@@ -1,0 +1,183 @@
+"""Fine-tuning data: JSONL files of examples, and fixed-shape batches.
+
+One example per line, the format of Google's PaliGemma fine-tuning colab:
+
+    {"image": "images/0001.jpg", "prefix": "caption en", "suffix": "a red circle"}
+
+Relative image paths are resolved against the JSONL file's directory. A bad line (not JSON, a
+missing or non-string field, an image file that is missing or unreadable, too many tokens) stops
+loading with `file:line: what is wrong`, or is reported on stderr and skipped when asked.
+
+Batches have a fixed shape (`batch_size` rows, `max_length` tokens, right-padded), so a run
+compiles one train step. The training order is a pure function of the run's PRNG key and the
+step number: resuming at step s yields exactly the batches s, s+1, ... of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Callable
+
+import jax
+import numpy as np
+import PIL.Image
+
+from pali_jax.errors import UserError
+from pali_jax.processor import ImageInput, PaliGemmaProcessor
+
+FIELDS = ("image", "prefix", "suffix")
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: tuple[int, ...], epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng([*seed, epoch]).permutation(n)
+
+
+class DataError(UserError):
+    """A data file or example that cannot be used (the message says where and why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One training example: an image (path, PIL image or uint8 array), prompt and target text."""
+
+    image: ImageInput
+    prefix: str
+    suffix: str
+    source: str = ""  # where it came from, for messages ("train.jsonl:12")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _parse_line(line: str, base: Path) -> Example | str:
+    """The example of one JSONL line, or what is wrong with it."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(record, dict):
+        return f"expected a JSON object with {', '.join(FIELDS)}, got {type(record).__name__}"
+    missing = [f for f in FIELDS if f not in record]
+    if missing:
+        return f"missing field {missing[0]!r}"
+    wrong = [f for f in FIELDS if not isinstance(record[f], str)]
+    if wrong:
+        return f"field {wrong[0]!r} must be a string, got {type(record[wrong[0]]).__name__}"
+    image = base / record["image"]
+    try:
+        with PIL.Image.open(image):  # reads the header only: cheap, and catches most bad files
+            pass
+    except FileNotFoundError:
+        return f"image file not found: {image}"
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"cannot read image {image}: {' '.join(str(e).split())}"
+    return Example(str(image), record["prefix"], record["suffix"])
+
+
+def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False, warn: Callable[[str], None] = _warn) -> list[Example]:
+    """Examples of a JSONL file. Blank lines are ignored. A bad line raises `DataError`
+    ("file:line: problem"), or with `skip_bad` is passed to `warn` and skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read data file {path}: {e}") from None
+    examples = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        parsed = _parse_line(line, path.parent)
+        if isinstance(parsed, str):
+            message = f"{path}:{number}: {parsed}"
+            if not skip_bad:
+                raise DataError(message)
+            warn(f"skipped {message}")
+            continue
+        examples.append(dataclasses.replace(parsed, source=f"{path}:{number}"))
+    if not examples:
+        raise DataError(f"{path} holds no usable example")
+    return examples
+
+
+class Dataset:
+    """Examples tokenized for one model, batched to a fixed shape.
+
+    max_length: tokens per row (image tokens included); None takes the longest example. An
+    example longer than `max_length` raises `DataError`, or is skipped with `skip_bad`.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        processor: PaliGemmaProcessor,
+        max_length: int | None = None,
+        *,
+        skip_bad: bool = False,
+        warn: Callable[[str], None] = _warn,
+    ):
+        tok, n_image = processor.tokenizer, processor.num_image_tokens
+        lengths = [len(tok.encode_example(e.prefix, e.suffix, num_image_tokens=n_image)[0]) for e in examples]
+        if max_length is None:
+            max_length = max(lengths, default=0)
+        kept = []
+        for example, length in zip(examples, lengths):
+            if length > max_length:
+                message = (f"{example.source or 'example'}: {length} tokens ({n_image} image tokens) "
+                           f"exceed max_length {max_length}")
+                if not skip_bad:
+                    raise DataError(message)
+                warn(f"skipped {message}")
+                continue
+            kept.append(example)
+        if not kept:
+            raise DataError("no usable example")
+        self.examples = kept
+        self.processor = processor
+        self.max_length = max_length
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def batch(self, indices: Sequence[int], *, rows: int | None = None) -> dict[str, np.ndarray]:
+        """The examples at `indices` as model inputs (`PaliGemmaProcessor` fields + `loss_mask`),
+        right-padded to `max_length`; `rows` > len(indices) appends empty rows (no loss)."""
+        chosen = [self.examples[i] for i in indices]
+        batch = self.processor(
+            [e.image for e in chosen], [e.prefix for e in chosen], [e.suffix for e in chosen],
+            padding_side="right", max_length=self.max_length, pad_to_max_length=True,
+        )
+        extra = (rows or len(chosen)) - len(chosen)
+        if extra > 0:
+            batch = {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+        return batch
+
+    def train_indices(self, step: int, batch_size: int, key: jax.Array) -> np.ndarray:
+        """Which examples form training batch `step`: epochs of permutations seeded by the raw
+        PRNG key `key` and the epoch number, read in order."""
+        n = len(self.examples)
+        positions = np.arange(step * batch_size, (step + 1) * batch_size)
+        seed = tuple(int(w) for w in np.asarray(key, np.uint32).ravel())
+        epochs = positions // n
+        out = np.empty(batch_size, np.int64)
+        for epoch in np.unique(epochs):
+            out[epochs == epoch] = _epoch_order(seed, int(epoch), n)[positions[epochs == epoch] % n]
+        return out
+
+    def train_batch(self, step: int, batch_size: int, key: jax.Array) -> dict[str, np.ndarray]:
+        """Training batch number `step` of a run keyed by `key`."""
+        return self.batch(self.train_indices(step, batch_size, key))
+
+    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Every example once, in order; the last batch is filled with empty rows."""
+        for start in range(0, len(self.examples), batch_size):
+            yield self.batch(range(start, min(start + batch_size, len(self.examples))), rows=batch_size)

@@ -1,0 +1,311 @@
+"""Fine-tune PaliGemma on JSONL data.
+
+    python -m pali_jax.finetune --model MODEL --train train.jsonl [--eval eval.jsonl] --out RUN [options]
+
+MODEL is anything `PaliGemma.from_pretrained` loads (a converted directory, an HF checkpoint
+directory, a hub id). Data lines are {"image": ..., "prefix": ..., "suffix": ...} (see data.py).
+The run directory gets:
+
+    RUN/checkpoints/<step>/   full training states (orbax), every --checkpoint-every steps, the last --keep
+    RUN/model/                the final model: pali_jax_config.json + params/ + tokenizer.model, which
+                              PaliGemma.from_pretrained and run_generate.py --model load directly
+
+`--resume` continues from the newest checkpoint exactly as if the run had not stopped (same
+batches, same updates). With --eval, every --eval-every steps prints the held-out loss and the
+exact-match rate of greedy answers per task (the prompt's first word), and for `detect` prompts
+the share of target boxes found with IoU >= 0.5. Mistakes in the input (paths, data lines,
+settings) print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from pali_jax.checkpoint import TrainCheckpointer, save_params
+from pali_jax.config import PaliGemmaConfig
+from pali_jax.data import Dataset, Example, read_jsonl
+from pali_jax.detection import Detection, parse_detections
+from pali_jax.errors import UserError
+from pali_jax.pretrained import CONFIG_FILE, DTYPES, PARAMS_DIR, PaliGemma
+from pali_jax.processor import PaliGemmaProcessor
+from pali_jax.train import OPTIMIZERS, SCHEDULES, TRAINABLE_PRESETS, Trainer, TrainConfig, TrainState
+
+# Besides the weights, what an exported model directory carries over from the source model.
+SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "added_tokens.json", "preprocessor_config.json", "processor_config.json", "generation_config.json")
+_IOU_THRESHOLD = 0.5
+
+
+# -- export ------------------------------------------------------------------------------------
+def export_model(
+    dst: str | Path, config: PaliGemmaConfig, params: Any, source: str | Path | None, dtype: str = "float32"
+) -> Path:
+    """Writes a model directory in the converted layout (pali_jax_config.json, params/, and the
+    tokenizer files of `source`), atomically: `dst` is replaced whole or left as it was."""
+    if dtype not in DTYPES:
+        raise UserError(f"unknown export dtype {dtype!r}; use float32 or bfloat16")
+    dst = Path(dst)
+    host = jax.tree.map(lambda x: np.asarray(x.astype(DTYPES[dtype])), params)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_params(tmp / PARAMS_DIR, host)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+        for name in SIDE_FILES if source is not None else ():
+            if (Path(source) / name).exists():
+                shutil.copy2(Path(source) / name, tmp / name)
+        shutil.rmtree(dst, ignore_errors=True)
+        tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+# -- evaluation by generation ------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TaskMetrics:
+    """Greedy-generation scores of the examples of one task (prompts sharing their first word)."""
+
+    count: int
+    exact_match: float  # share of answers equal to the target (whitespace-trimmed)
+    boxes: int = 0  # target boxes (detection prompts)
+    box_iou50: float = 0.0  # share of target boxes matched by a predicted box of the same label with IoU >= 0.5
+    mean_iou: float = 0.0
+
+    def summary(self) -> str:
+        text = f"exact {self.exact_match:.1%} of {self.count}"
+        return text + (f", IoU>=0.5 {self.box_iou50:.1%} of {self.boxes} boxes" if self.boxes else "")
+
+
+def box_iou(a: Detection, b: Detection) -> float:
+    """Intersection over union of two boxes."""
+    w = max(0.0, min(a.xmax, b.xmax) - max(a.xmin, b.xmin))
+    h = max(0.0, min(a.ymax, b.ymax) - max(a.ymin, b.ymin))
+    inter = w * h
+    union = (a.xmax - a.xmin) * (a.ymax - a.ymin) + (b.xmax - b.xmin) * (b.ymax - b.ymin) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _best_ious(predicted: str, target: str) -> list[float]:
+    """For each box of `target`, the best IoU of a predicted box with the same label (0 if none)."""
+    pred = parse_detections(predicted, 1024, 1024)
+    return [max((box_iou(p, t) for p in pred if p.label == t.label), default=0.0)
+            for t in parse_detections(target, 1024, 1024)]
+
+
+def evaluate_generation(
+    pg: PaliGemma, examples: Sequence[Example], *, batch_size: int = 32, max_new_tokens: int | None = None
+) -> dict[str, TaskMetrics]:
+    """Greedy answers to `examples`, scored per task (the prompt's first word: caption, answer, detect...).
+
+    max_new_tokens: default one more than the longest target (its EOS).
+    """
+    tok = pg.tokenizer
+    if max_new_tokens is None:
+        max_new_tokens = max(len(tok.encode(e.suffix)) for e in examples) + 1
+    results = pg.generate([e.image for e in examples], [e.prefix for e in examples],
+                          max_new_tokens=max_new_tokens, batch_size=batch_size)
+    by_task: dict[str, list[tuple[bool, list[float]]]] = {}
+    for example, result in zip(examples, results):
+        task = example.prefix.split(maxsplit=1)[0] if example.prefix.strip() else ""
+        ious = _best_ious(result.text, example.suffix) if "<loc" in example.suffix else []
+        by_task.setdefault(task, []).append((result.text.strip() == example.suffix.strip(), ious))
+    metrics = {}
+    for task, rows in sorted(by_task.items()):
+        ious = [iou for _, row_ious in rows for iou in row_ious]
+        metrics[task] = TaskMetrics(
+            count=len(rows), exact_match=float(np.mean([ok for ok, _ in rows])), boxes=len(ious),
+            box_iou50=float(np.mean([iou >= _IOU_THRESHOLD for iou in ious])) if ious else 0.0,
+            mean_iou=float(np.mean(ious)) if ious else 0.0,
+        )
+    return metrics
+
+
+def eval_loss(trainer: Trainer, state: TrainState, data: Dataset, batch_size: int) -> float:
+    """The training loss over every example of `data`."""
+    total = weight = 0.0
+    for batch in data.eval_batches(batch_size):
+        t, w = trainer.eval_terms(state, batch)
+        total, weight = total + t, weight + w
+    return total / max(weight, 1.0)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def fit(
+    trainer: Trainer,
+    state: TrainState,
+    data: Dataset,
+    *,
+    checkpointer: TrainCheckpointer | None = None,
+    evaluate: Callable[[TrainState], str] | None = None,
+    eval_every: int = 0,
+    progress: bool = True,
+) -> tuple[TrainState, list[dict[str, float]]]:
+    """Trains from `state.step` to `train_config.steps`. Returns the final state and one record per
+    step (step, loss, grad_norm, learning_rate). `evaluate(state)` runs before the first step (a
+    baseline), every `eval_every` steps (0: never) and at the end; its line is printed above the
+    progress bar."""
+    from tqdm import tqdm
+
+    t = trainer.train_config
+    start = int(state.step)
+    key = np.asarray(state.rng)
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=t.steps, initial=start, unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    if evaluate is not None and start == 0:
+        bar.write(f"step 0: {evaluate(state)}", file=sys.stderr)
+    batch = data.train_batch(start, t.batch_size, key) if start < t.steps else None
+    for step in range(start + 1, t.steps + 1):
+        state, metrics = trainer.step(state, batch)
+        if step < t.steps:  # build the next batch while the step runs (dispatch is asynchronous)
+            batch = data.train_batch(step, t.batch_size, key)
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        history.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=False)
+        bar.update()
+        if checkpointer is not None:
+            checkpointer.save(step, state, force=step == t.steps)
+        if evaluate is not None and (step == t.steps or (eval_every and step % eval_every == 0)):
+            bar.write(f"step {step}: {evaluate(state)}", file=sys.stderr)
+    bar.close()
+    return state, history
+
+
+# -- command line ------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2 (argparse would print the usage too)
+        raise UserError(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m pali_jax.finetune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="converted dir, HF checkpoint dir or hub id")
+    p.add_argument("--train", required=True, help="training data (JSONL)")
+    p.add_argument("--eval", help="held-out data (JSONL) for loss and generation metrics")
+    p.add_argument("--out", required=True, help="run directory (checkpoints/, model/)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer updates")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--accum-steps", type=int, default=1, help="microbatches per update (gradient accumulation)")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    p.add_argument("--schedule", default="cosine", choices=SCHEDULES)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--momentum", type=float, default=0.0, help="sgd momentum (0: plain SGD)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip (0: off)")
+    p.add_argument("--trainable", default="all", choices=tuple(TRAINABLE_PRESETS), help="what trains")
+    p.add_argument("--train-pattern", action="append", metavar="REGEX",
+                   help="train the parameters whose path (e.g. llm/layers/attn/q_einsum) starts with REGEX; "
+                        "repeatable; replaces --trainable")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (needed by --trainable lora)")
+    p.add_argument("--reduction", default="example", choices=("example", "token"),
+                   help="loss mean per example then over the batch (big_vision) or over all tokens (transformers)")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="activation dtype")
+    p.add_argument("--frozen-dtype", default="float32", choices=tuple(DTYPES), help="storage of frozen weights")
+    p.add_argument("--remat", action="store_true", help="recompute layer activations in the backward pass")
+    p.add_argument("--max-length", type=int, help="tokens per example, image tokens included (default: longest)")
+    p.add_argument("--skip-bad-lines", action="store_true", help="warn about bad data lines and skip them")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-limit", type=int, default=256, help="held-out examples answered by generation")
+    p.add_argument("--export-dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("max_length", "eval_every", "eval_limit", "checkpoint_every", "keep"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, accum_steps=args.accum_steps, optimizer=args.optimizer,
+        learning_rate=args.lr, schedule=args.schedule, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, momentum=args.momentum, grad_clip=args.grad_clip or None,
+        trainable=tuple(args.train_pattern) if args.train_pattern else args.trainable, lora_rank=args.lora_rank,
+        reduction=args.reduction, label_smoothing=args.label_smoothing, frozen_dtype=args.frozen_dtype,
+        remat=args.remat, seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Runs the fine-tuning the arguments describe; returns the exported model directory."""
+    train_config = _train_config(args)
+    out = Path(args.out)
+    ckpt_dir = out / "checkpoints"
+    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.resume:
+        raise UserError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
+    train_examples = read_jsonl(args.train, skip_bad=args.skip_bad_lines)
+    eval_examples = read_jsonl(args.eval, skip_bad=args.skip_bad_lines) if args.eval else []
+
+    pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype)
+    processor = PaliGemmaProcessor(pg.tokenizer, pg.config.image_size, pg.config.num_image_tokens)
+    max_length = args.max_length or max(
+        len(pg.tokenizer.encode_example(e.prefix, e.suffix, num_image_tokens=processor.num_image_tokens)[0])
+        for e in train_examples + eval_examples
+    )
+    train_data = Dataset(train_examples, processor, max_length, skip_bad=args.skip_bad_lines)
+    eval_data = Dataset(eval_examples, processor, max_length, skip_bad=args.skip_bad_lines) if eval_examples else None
+
+    trainer = Trainer(pg.config, train_config, DTYPES[args.dtype])
+    checkpointer = TrainCheckpointer(ckpt_dir, args.checkpoint_every, args.keep)
+    if checkpointer.latest_step() is not None:  # only with --resume (checked above)
+        state = checkpointer.restore(trainer.abstract_state(pg.params))
+        print(f"resumed from step {int(state.step)} of {ckpt_dir}", file=sys.stderr)
+    else:
+        state = trainer.init_state(pg.params)
+    pg.params = None  # the state holds the weights now; `evaluate` puts the current ones back
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(train_config), indent=2))
+
+    evaluate = None
+    if eval_data is not None:
+        answered = eval_data.examples[: args.eval_limit]
+
+        def evaluate(state: TrainState) -> str:
+            loss = eval_loss(trainer, state, eval_data, train_config.batch_size)
+            pg.params = trainer.inference_params(state)
+            scores = evaluate_generation(pg, answered, batch_size=train_config.batch_size)
+            pg.params = None
+            return f"eval loss {loss:.4f}; " + "; ".join(f"{task}: {m.summary()}" for task, m in scores.items())
+
+    t0 = time.perf_counter()
+    with checkpointer:
+        state, history = fit(trainer, state, train_data, checkpointer=checkpointer, evaluate=evaluate,
+                             eval_every=args.eval_every, progress=not args.no_progress)
+    if history:
+        print(f"trained steps {history[0]['step']}..{history[-1]['step']} in {time.perf_counter() - t0:.0f} s: "
+              f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}", file=sys.stderr)
+    model_dir = export_model(out / "model", pg.config, trainer.inference_params(state), pg.path, args.export_dtype)
+    print(f"wrote {model_dir}")
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(parse_args(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""The fine-tuning entry point, data loading and training checkpoints (on the tiny PaliGemma 1)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import PIL.Image
+import pytest
+
+from pali_jax.checkpoint import TrainCheckpointer, restore_params
+from pali_jax.data import DataError, Dataset, Example, read_jsonl
+from pali_jax.demo import shapes
+from pali_jax.finetune import main
+from pali_jax.pretrained import PaliGemma
+from pali_jax.processor import PaliGemmaProcessor, PaliGemmaTokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_models, tokenizer_dir, tmp_path_factory) -> Path:
+    """The tiny PaliGemma 1 HF checkpoint with the tiny tokenizer beside it."""
+    out = tmp_path_factory.mktemp("model") / "pg1"
+    shutil.copytree(tiny_models["pg1"].hf_dir, out)
+    shutil.copy(tokenizer_dir / "tokenizer.model", out)
+    return out
+
+
+def write_split(directory: Path, name: str, n_scenes: int, seed: int) -> Path:
+    """A JSONL file of shapes-task examples with its PNG images."""
+    (directory / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, scene in enumerate(shapes.scenes(n_scenes, seed)):
+        image = f"images/{name}-{i}.png"
+        PIL.Image.fromarray(shapes.render(scene)).save(directory / image)
+        lines += [json.dumps({"image": image, "prefix": p, "suffix": s}) for p, s in shapes.prompts(scene)[:2]]
+    path = directory / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    write_split(out, "train", 24, seed=1)
+    write_split(out, "eval", 4, seed=2)
+    return out
+
+
+def run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_train_eval_export_and_exact_resume(model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--model", model_dir, "--train", data_dir / "train.jsonl", "--eval", data_dir / "eval.jsonl",
+            "--out", out, "--steps", 20, "--batch-size", 4, "--lr", 3e-3, "--warmup-steps", 2,
+            "--checkpoint-every", 10, "--keep", 2, "--eval-every", 10, "--eval-limit", 4, "--no-progress"]
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 0, stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["10", "20"]
+    # A baseline at step 0, then every 10 steps: held-out loss and generation scores per task.
+    losses = [float(x) for x in re.findall(r"eval loss ([\d.]+)", stderr)]
+    assert len(losses) == 3 and losses[-1] < 0.7 * losses[0], stderr
+    assert "caption: exact" in stderr and "answer: exact" in stderr
+    # The exported directory is a normal model directory, holding the trained weights.
+    straight = restore_params(out / "model" / "params")
+    pg = PaliGemma.from_pretrained(out / "model")
+    assert pg.tokenizer.vocab_size == PaliGemmaTokenizer(model_dir).vocab_size
+    with TrainCheckpointer(out / "checkpoints", every=10) as ckpt:
+        final = ckpt.restore(None, step=20)
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(final["variables"]["params"])):
+        assert np.array_equal(a, b)
+
+    # As if the run had died after step 10: resuming gives exactly the uninterrupted result.
+    shutil.rmtree(out / "checkpoints" / "20")
+    resume_args = [a for a in args if a not in ("--eval", data_dir / "eval.jsonl")] + ["--resume"]
+    code, _, stderr = run(capsys, *resume_args)
+    assert code == 0, stderr
+    assert "resumed from step 10" in stderr
+    resumed = restore_params(out / "model" / "params")
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+
+    # Starting over in a directory that holds checkpoints needs --resume.
+    code, _, stderr = run(capsys, *args)
+    assert code == 2 and "--resume" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_checkpointer_keeps_the_last_k(tmp_path):
+    state = {"w": np.arange(3.0, dtype=np.float32), "step": np.int32(0)}
+    with TrainCheckpointer(tmp_path, every=2, keep=2) as ckpt:
+        saved = [s for s in range(1, 8) if ckpt.save(s, {**state, "step": np.int32(s)})]
+        assert saved == [2, 4, 6]
+        assert ckpt.save(7, {**state, "step": np.int32(7)}, force=True)
+        assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [6, 7]
+        restored = ckpt.restore(jax.tree.map(np.asarray, state), step=6)
+    assert int(restored["step"]) == 6 and np.array_equal(restored["w"], state["w"])
+
+
+BAD_LINES = [
+    ('{"image": "images/train-0.png", "prefix": "caption en"}', "missing field 'suffix'"),
+    ('{"image": "images/train-0.png", "prefix": 3, "suffix": "x"}', "field 'prefix' must be a string"),
+    ('{"image": "nowhere.png", "prefix": "a", "suffix": "b"}', "image file not found"),
+    ('{"image": "train.jsonl", "prefix": "a", "suffix": "b"}', "cannot read image"),
+    ('["not", "an", "object"]', "expected a JSON object"),
+    ('{"image": ', "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_LINES)
+def test_bad_data_line_is_a_one_line_error(model_dir, data_dir, tmp_path, capsys, line, message):
+    good = (data_dir / "train.jsonl").read_text().splitlines()
+    bad = data_dir / "bad.jsonl"
+    bad.write_text("\n".join(good[:2] + [line] + good[2:]) + "\n")
+    code, _, stderr = run(capsys, "--model", model_dir, "--train", bad, "--out", tmp_path / "run")
+    assert code == 2
+    assert stderr.startswith(f"error: {bad}:3: {message}") and len(stderr.strip().splitlines()) == 1
+
+
+def test_skip_bad_lines_warns_and_goes_on(data_dir):
+    good = (data_dir / "train.jsonl").read_text().splitlines()
+    path = data_dir / "mixed.jsonl"
+    path.write_text("\n".join([good[0], BAD_LINES[0][0], "", good[1], BAD_LINES[-1][0]]) + "\n")
+    warnings = []
+    examples = read_jsonl(path, skip_bad=True, warn=warnings.append)
+    assert [e.source for e in examples] == [f"{path}:1", f"{path}:4"]
+    assert [w.split(": ", 1)[0] for w in warnings] == [f"skipped {path}:2", f"skipped {path}:5"]
+    path.write_text(BAD_LINES[0][0] + "\n")
+    with pytest.raises(DataError, match="holds no usable example"):
+        read_jsonl(path, skip_bad=True, warn=warnings.append)
+
+
+def test_too_long_examples(tokenizer_dir):
+    processor = PaliGemmaProcessor(PaliGemmaTokenizer(tokenizer_dir), 16, 16)
+    examples = [Example(np.zeros((8, 8, 3), np.uint8), "caption en", "a red circle " * n, f"x.jsonl:{n}") for n in (1, 9)]
+    with pytest.raises(DataError, match=r"x.jsonl:9: \d+ tokens \(16 image tokens\) exceed max_length 40"):
+        Dataset(examples, processor, max_length=40)
+    data = Dataset(examples, processor, max_length=40, skip_bad=True, warn=lambda _: None)
+    batch = data.batch([0], rows=3)
+    assert batch["input_ids"].shape == (3, 40) and not batch["loss_mask"][1:].any()
+
+
+def test_training_order_is_a_function_of_key_and_step(tokenizer_dir):
+    processor = PaliGemmaProcessor(PaliGemmaTokenizer(tokenizer_dir), 16, 16)
+    data = Dataset([Example(np.zeros((8, 8, 3), np.uint8), "a", "b") for _ in range(10)], processor)
+    key = np.array([0, 7], np.uint32)
+    steps = np.concatenate([data.train_indices(s, 4, key) for s in range(5)])
+    # Epochs are permutations: 20 draws over 10 examples visit each exactly twice.
+    assert np.array_equal(np.bincount(steps), np.full(10, 2))
+    assert np.array_equal(data.train_indices(3, 4, key), steps[12:16])
+    assert not np.array_equal(data.train_indices(0, 4, np.array([0, 8], np.uint32)), steps[:4])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--trainable", "lora"], "needs lora_rank"),
+    (["--batch-size", "6", "--accum-steps", "4"], "multiple of accum_steps"),
+    (["--steps", "0"], "steps must be positive"),
+    (["--trainable", "bogus"], "invalid choice"),
+])
+def test_bad_arguments_are_one_line_errors(model_dir, data_dir, tmp_path, capsys, extra, message):
+    code, _, stderr = run(capsys, "--model", model_dir, "--train", data_dir / "train.jsonl", "--out", tmp_path, *extra)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_missing_model_is_a_one_line_error(data_dir, tmp_path, capsys):
+    code, _, stderr = run(capsys, "--model", tmp_path / "nothing-here", "--train", data_dir / "train.jsonl",
+                          "--out", tmp_path / "run")
+    assert code == 2 and stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1

@@ -1,0 +1,207 @@
+"""Training: loss and gradients against transformers, freezing, mixed precision, LoRA, accumulation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers import PaliGemmaForConditionalGeneration
+
+import hf_models
+from convert.hf_to_flax import _target
+from pali_jax import lora
+from pali_jax.pretrained import PaliGemma
+from pali_jax.train import Trainer, TrainConfig, TrainConfigError, suffix_nll
+from test_model import make_inputs
+
+
+def relative_error(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def batch_of(pg, batch: int = 2, n_prefix: int = 4, n_suffix: int = 6, seed: int = 3) -> dict[str, np.ndarray]:
+    pixels, ids, types = make_inputs(pg, batch, n_prefix, n_suffix, seed=seed)
+    return dict(pixel_values=pixels, input_ids=ids, token_type_ids=types, attention_mask=np.ones_like(ids),
+                loss_mask=types == 1)
+
+
+def hf_loss_and_grads(model, b) -> tuple[float, dict[str, np.ndarray]]:
+    """transformers' loss (labels -100 on the prefix: token mean) and its gradient per tensor."""
+    model.zero_grad()
+    out = model(
+        pixel_values=torch.tensor(b["pixel_values"]).permute(0, 3, 1, 2),
+        input_ids=torch.tensor(b["input_ids"], dtype=torch.long),
+        token_type_ids=torch.tensor(b["token_type_ids"], dtype=torch.long),
+        attention_mask=torch.tensor(b["attention_mask"], dtype=torch.long),
+        labels=torch.tensor(np.where(b["loss_mask"], b["input_ids"], -100), dtype=torch.long),
+    )
+    out.loss.backward()
+    grads = {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
+    model.zero_grad()
+    return float(out.loss.detach()), grads
+
+
+@pytest.fixture(scope="module")
+def plain_models(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, PaliGemma]]:
+    """The tiny PaliGemma 1 and 2 configs of hf_models with plain random weights.
+
+    The shared fixtures boost the decoder norms (for non-trivial greedy decoding), which makes
+    attention so peaked that float32 rounding alone moves some gradients by 2e-5 (transformers in
+    float32 against itself in float64); with plain weights that noise is about 1e-6.
+    """
+    out = {}
+    for seed, kind in enumerate(("pg1", "pg2")):
+        torch.manual_seed(seed)
+        model = PaliGemmaForConditionalGeneration(hf_models.tiny_config(kind)).eval()
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)  # no zero norms or biases: a dropped term must show
+        out[kind] = model, PaliGemma.from_pretrained(hf_models.save(model, tmp_path_factory.mktemp(kind)))
+    return out
+
+
+@pytest.mark.parametrize("kind, remat", [("pg1", False), ("pg2", True)])
+def test_loss_and_grads_match_transformers(plain_models, kind, remat):
+    hf, pg = plain_models[kind]
+    b = batch_of(pg)
+    b["loss_mask"][1, -2:] = False  # rows with different target counts: the token mean weighs tokens
+    ref_loss, ref_grads = hf_loss_and_grads(hf, b)
+    trainer = Trainer(pg.config, TrainConfig(reduction="token", remat=remat))  # remat: same numbers
+    loss, grads = jax.jit(jax.value_and_grad(trainer.loss))({"params": pg.params}, b)
+    assert relative_error(loss, ref_loss) <= 1e-5
+    # HF gradients in our layout: the converter's re-layouts are linear, so they apply to gradients.
+    expected = jax.tree.map(lambda x: np.full(x.shape, np.nan), grads["params"])
+    for name, grad in ref_grads.items():
+        target = _target(name, pg.config)
+        if target is not None:
+            path, index, transform = target
+            leaf = expected
+            for key in path:
+                leaf = leaf[key]
+            leaf[index] = transform(grad)
+    flat_ours = jax.tree_util.tree_flatten_with_path(grads["params"])[0]
+    flat_ref = jax.tree.leaves(expected)
+    assert len(flat_ours) == len(flat_ref)
+    for (path, ours), ref in zip(flat_ours, flat_ref):
+        name = jax.tree_util.keystr(path)
+        assert not np.isnan(ref).any(), f"no HF gradient for {name}"
+        if "['key']['bias']" in name:
+            # Exactly zero in exact arithmetic (a key bias shifts a whole row of attention logits,
+            # which softmax ignores): both sides hold rounding noise only.
+            assert np.abs(ours).max() <= 1e-6 and np.abs(ref).max() <= 1e-6, name
+            continue
+        err = relative_error(ours, ref)
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+def test_example_reduction_and_label_smoothing():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 7, 11)).astype(np.float32)
+    ids = rng.integers(0, 11, (3, 7))
+    mask = np.zeros((3, 7), bool)
+    mask[0, 3:] = True
+    mask[1, 5:] = True  # row 2 has no target: it must not count
+    logp = jax.nn.log_softmax(jnp.asarray(logits[:, :-1]), axis=-1)
+    nll = -np.take_along_axis(np.asarray(logp), ids[:, 1:, None], axis=-1)[..., 0]
+    m = mask[:, 1:]
+    per_row = [nll[r][m[r]].mean() for r in (0, 1)]
+    assert float(suffix_nll(logits, ids, mask)) == pytest.approx(np.mean(per_row), rel=1e-6)
+    assert float(suffix_nll(logits, ids, mask, "token")) == pytest.approx(nll[m].mean(), rel=1e-6)
+    smoothed = 0.9 * nll - 0.1 * np.asarray(logp).mean(-1)
+    assert float(suffix_nll(logits, ids, mask, "token", 0.1)) == pytest.approx(smoothed[m].mean(), rel=1e-6)
+
+
+def _leaves(tree) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# Google's colab recipe: SGD on the LLM attention weights, the rest frozen in half precision.
+COLAB = TrainConfig(trainable="attn", optimizer="sgd", learning_rate=0.1, frozen_dtype="bfloat16", batch_size=4)
+
+
+def test_attn_preset_freezes_the_rest_in_bfloat16(tiny_models):
+    pg = tiny_models["pg1"].pg
+    trainer = Trainer(pg.config, COLAB)
+    state = trainer.init_state(pg.params)
+    before = _leaves(state.variables)
+    for _ in range(2):
+        state, metrics = trainer.step(state, batch_of(pg, batch=4))
+    assert np.isfinite(float(metrics["loss"]))
+    after = _leaves(state.variables)
+    for name, old in before.items():
+        trained = "['llm']['layers']['attn']" in name
+        assert after[name].dtype == (np.float32 if trained else jnp.bfloat16), name
+        assert np.array_equal(after[name], old) != trained, name
+    # The optimizer keeps nothing for frozen weights (SGD without momentum keeps nothing at all).
+    assert all(x.size <= 1 for x in jax.tree.leaves(state.opt_state))
+
+
+def test_lora_trains_adapters_only_and_merges_exactly(tiny_models):
+    pg = tiny_models["pg2"].pg
+    trainer = Trainer(pg.config, TrainConfig(trainable="lora", lora_rank=4, learning_rate=1e-2, batch_size=2))
+    state = trainer.init_state(pg.params)
+    b = batch_of(pg, seed=5)
+    losses = []
+    for _ in range(3):
+        state, metrics = trainer.step(state, b)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(state.variables["params"]), jax.tree.leaves(pg.params)))
+    assert set(state.variables["lora"]["llm"]["layers"]) == {"attn", "mlp"}
+    forward = jax.jit(trainer.model.apply)
+    inputs = (b["pixel_values"], b["input_ids"], b["token_type_ids"])
+    applied = forward(state.variables, *inputs)
+    merged = forward({"params": trainer.inference_params(state)}, *inputs)
+    assert relative_error(merged, applied) <= 1e-5
+    assert relative_error(forward({"params": pg.params}, *inputs), applied) > 1e-3  # the adapters did something
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_models):
+    pg = tiny_models["pg1"].pg
+    b = batch_of(pg, batch=4, n_suffix=5)
+    b["loss_mask"][1, -2:] = False  # unequal suffix lengths: the example mean must still be exact
+    results = []
+    for config in (COLAB, dataclasses.replace(COLAB, accum_steps=2)):
+        trainer = Trainer(pg.config, config)
+        state, metrics = trainer.step(trainer.init_state(pg.params), b)
+        results.append((state, float(metrics["loss"])))
+    (one, loss_one), (two, loss_two) = results
+    assert loss_two == pytest.approx(loss_one, rel=1e-6)
+    for x, y in zip(jax.tree.leaves(one.variables), jax.tree.leaves(two.variables)):
+        np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=1e-5, atol=1e-7)
+
+
+def test_merge_covers_every_adapted_weight(tiny_models):
+    params = tiny_models["pg1"].pg.params
+    adapters = lora.init(params, 2, jax.random.PRNGKey(0))
+    adapters = jax.tree.map(lambda x: x + 0.01, adapters)  # B = 0 would merge to the same weights
+    merged = lora.merge(params, adapters)
+    original = _leaves(params)
+    changed = {k for k, v in _leaves(merged).items() if not np.array_equal(v, original[k])}
+    assert changed == {f"['llm']['layers']['{m}']['{n}']" for m, names in
+                       {"attn": ("q_einsum", "kv_einsum", "attn_vec_einsum"), "mlp": ("gating_einsum", "linear")}.items()
+                       for n in names}
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(trainable="everything"), "trainable must be one of"),
+    (dict(trainable="lora"), "lora_rank"),
+    (dict(batch_size=6, accum_steps=4), "multiple of accum_steps"),
+    (dict(optimizer="lion"), "optimizer must be one of"),
+    (dict(trainable=("llm/(",)), "not a regular expression"),
+])
+def test_bad_train_configs(bad, message):
+    with pytest.raises(TrainConfigError, match=message):
+        TrainConfig(**bad)
+
+
+def test_pattern_matching_nothing_is_an_error(tiny_models):
+    pg = tiny_models["pg1"].pg
+    with pytest.raises(TrainConfigError, match="matches no parameter"):
+        Trainer(pg.config, TrainConfig(trainable=("vision/",))).init_state(pg.params)
