@@ -26,12 +26,8 @@ would otherwise append one, pushing ``<image>`` one id past the sentencepiece vo
 import random
 from pathlib import Path
 
-import sentencepiece as spm
-
-LOC_TOKENS = [f"<loc{i:04d}>" for i in range(1024)]
-SEG_TOKENS = [f"<seg{i:03d}>" for i in range(128)]
-# Order matters: user-defined symbols get consecutive ids right after the four control pieces.
-USER_DEFINED_SYMBOLS = ["<mask>", *LOC_TOKENS, *SEG_TOKENS, "\n"]
+from pali_jax.demo.tokenizer import train_gemma_style
+from pali_jax.processor import LOC_TOKENS, SEG_TOKENS  # noqa: F401  (the processor tests import them here)
 
 _SUBJECTS = [
     "the cat", "a dog", "two birds", "my neighbour", "the old man", "a young woman", "the robot",
@@ -79,32 +75,4 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 2000, seed: int = 0) -> Pat
     whitespace kept, digits split, byte fallback, whitespace-only pieces allowed). Training takes well
     under a second. Returns the path of the written model.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prefix = out_dir / "tokenizer"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus(seed, n_sentences=600)),
-        model_prefix=str(prefix),
-        model_type="bpe",
-        vocab_size=vocab_size,
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        bos_id=2,
-        unk_id=3,
-        pad_piece="<pad>",
-        eos_piece="<eos>",
-        bos_piece="<bos>",
-        unk_piece="<unk>",
-        user_defined_symbols=USER_DEFINED_SYMBOLS,
-        byte_fallback=True,
-        split_digits=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        normalization_rule_name="identity",
-        num_threads=1,
-        minloglevel=2,
-    )
-    prefix.with_suffix(".vocab").unlink()
-    return prefix.with_suffix(".model")
+    return train_gemma_style(_corpus(seed, n_sentences=600), Path(out_dir) / "tokenizer.model", vocab_size)

@@ -27,6 +27,14 @@ def train_tokenizer(out_file: Path, seed: int = 0) -> Path:
     rng = random.Random(seed)
     corpus = shapes.tokenizer_corpus()
     sentences = [rng.choice(corpus) for _ in range(2000)] + [" ".join(_LETTERS)]
+    # The corpus has few words: stop when they are all pieces rather than at the vocabulary size.
+    return train_gemma_style(sentences, out_file, vocab_size=4096, hard_vocab_limit=False)
+
+
+def train_gemma_style(sentences: list[str], out_file: Path, vocab_size: int, hard_vocab_limit: bool = True) -> Path:
+    """A sentencepiece BPE model laid out like Gemma's `tokenizer.model`: pad 0, eos 1, bos 2, unk 3,
+    `<mask>`, the loc/seg tokens and "\\n" as user-defined pieces, identity normalisation, no dummy
+    prefix, whitespace kept, digits split, byte fallback. Writes it to `out_file`."""
     out_file = Path(out_file)
     with tempfile.TemporaryDirectory() as tmp:
         prefix = Path(tmp) / "tokenizer"
@@ -34,8 +42,8 @@ def train_tokenizer(out_file: Path, seed: int = 0) -> Path:
             sentence_iterator=iter(sentences),
             model_prefix=str(prefix),
             model_type="bpe",
-            vocab_size=4096,
-            hard_vocab_limit=False,  # the corpus has few words: stop when they are all pieces
+            vocab_size=vocab_size,
+            hard_vocab_limit=hard_vocab_limit,
             character_coverage=1.0,
             pad_id=0, eos_id=1, bos_id=2, unk_id=3,
             pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
