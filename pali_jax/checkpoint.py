@@ -36,11 +36,6 @@ def restore_params(path: str | Path, abstract: Any = None) -> Any:
         return ckptr.restore(Path(path).absolute(), abstract)
 
 
-def abstract_like(tree: Any, dtype=None, sharding=None) -> Any:
-    """A tree of `jax.ShapeDtypeStruct` mirroring `tree`, optionally with another dtype / sharding."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=sharding), tree)
-
-
 class CheckpointError(UserError):
     """A training checkpoint that cannot be used for this run."""
 
@@ -73,7 +68,7 @@ class TrainCheckpointer:
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
         """The state saved at `step` (default: the latest), shaped like `abstract_state` (see
-        `abstract_like`, or `Trainer.abstract_state`)."""
+        `Trainer.abstract_state`)."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
