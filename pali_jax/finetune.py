@@ -15,6 +15,10 @@ batches, same updates). With --eval, every --eval-every steps prints the held-ou
 exact-match rate of greedy answers per task (the prompt's first word), and for `detect` prompts
 the share of target boxes found with IoU >= 0.5. Mistakes in the input (paths, data lines,
 settings) print one line on stderr and exit with code 2.
+
+`--mesh data=2,fsdp=4` (see pali_jax.sharding) trains on several devices of one process: the model
+is loaded onto its shards, the train state lives there (`Trainer(mesh=...)`), each batch is split
+over the data and fsdp axes, and checkpoints restore straight to the shards.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
+from pali_jax import sharding
 from pali_jax.checkpoint import TrainCheckpointer, save_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.data import Dataset, Example, read_jsonl
@@ -53,7 +59,8 @@ def export_model(
     dst: str | Path, config: PaliGemmaConfig, params: Any, source: str | Path | None, dtype: str = "float32"
 ) -> Path:
     """Writes a model directory in the converted layout (pali_jax_config.json, params/, and the
-    tokenizer files of `source`), atomically: `dst` is replaced whole or left as it was."""
+    tokenizer files of `source`), atomically: `dst` is replaced whole or left as it was. Parameters
+    on a mesh are gathered and saved as host arrays, so the directory loads on any devices."""
     if dtype not in DTYPES:
         raise UserError(f"unknown export dtype {dtype!r}; use float32 or bfloat16")
     dst = Path(dst)
@@ -167,11 +174,11 @@ def fit(
     bar = tqdm(total=t.steps, initial=start, unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     if evaluate is not None and start == 0:
         bar.write(f"step 0: {evaluate(state)}", file=sys.stderr)
-    batch = data.train_batch(start, t.batch_size, key) if start < t.steps else None
+    batch = trainer.place_batch(data.train_batch(start, t.batch_size, key)) if start < t.steps else None
     for step in range(start + 1, t.steps + 1):
         state, metrics = trainer.step(state, batch)
         if step < t.steps:  # build the next batch while the step runs (dispatch is asynchronous)
-            batch = data.train_batch(step, t.batch_size, key)
+            batch = trainer.place_batch(data.train_batch(step, t.batch_size, key))
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=False)
@@ -227,6 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--export-dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    sharding.add_mesh_arguments(p, multihost=False)
     args = p.parse_args(argv)
     for name in ("max_length", "eval_every", "eval_limit", "checkpoint_every", "keep"):
         value = getattr(args, name)
@@ -246,8 +254,30 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Runs the fine-tuning the arguments describe; returns the exported model directory."""
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What `run` leaves behind: the exported model and this invocation's per-step records
+    (step, loss, grad_norm, learning_rate; after --resume, the resumed steps only)."""
+
+    model_dir: Path
+    history: list[dict[str, float]]
+
+
+def _mesh(args: argparse.Namespace) -> Mesh | None:
+    """--mesh, in this (single) process: checkpoints, data and the export are not coordinated
+    across processes."""
+    mesh = sharding.mesh_from_args(args)  # before anything touches a device
+    if jax.process_count() > 1:
+        raise UserError(
+            f"fine-tuning runs in one process (with any number of its devices); this is one of "
+            f"{jax.process_count()} processes: launch a single one"
+        )
+    return mesh
+
+
+def run(args: argparse.Namespace) -> RunResult:
+    """Runs the fine-tuning the arguments describe."""
+    mesh = _mesh(args)
     train_config = _train_config(args)
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
@@ -256,7 +286,7 @@ def run(args: argparse.Namespace) -> Path:
     train_examples = read_jsonl(args.train, skip_bad=args.skip_bad_lines)
     eval_examples = read_jsonl(args.eval, skip_bad=args.skip_bad_lines) if args.eval else []
 
-    pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype)
+    pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh)
     processor = PaliGemmaProcessor(pg.tokenizer, pg.config.image_size, pg.config.num_image_tokens)
     max_length = args.max_length or max(
         len(pg.tokenizer.encode_example(e.prefix, e.suffix, num_image_tokens=processor.num_image_tokens)[0])
@@ -265,7 +295,7 @@ def run(args: argparse.Namespace) -> Path:
     train_data = Dataset(train_examples, processor, max_length, skip_bad=args.skip_bad_lines)
     eval_data = Dataset(eval_examples, processor, max_length, skip_bad=args.skip_bad_lines) if eval_examples else None
 
-    trainer = Trainer(pg.config, train_config, DTYPES[args.dtype])
+    trainer = Trainer(pg.config, train_config, DTYPES[args.dtype], mesh)
     checkpointer = TrainCheckpointer(ckpt_dir, args.checkpoint_every, args.keep)
     if checkpointer.latest_step() is not None:  # only with --resume (checked above)
         state = checkpointer.restore(trainer.abstract_state(pg.params))
@@ -295,7 +325,7 @@ def run(args: argparse.Namespace) -> Path:
               f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}", file=sys.stderr)
     model_dir = export_model(out / "model", pg.config, trainer.inference_params(state), pg.path, args.export_dtype)
     print(f"wrote {model_dir}")
-    return model_dir
+    return RunResult(model_dir, history)
 
 
 def main(argv: list[str] | None = None) -> int:

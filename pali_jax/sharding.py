@@ -42,7 +42,9 @@ from pali_jax.paligemma import abstract_params
 
 AXES = ("data", "fsdp", "tensor")
 # Tensors with fewer elements stay whole on every device: splitting a norm scale or a bias saves
-# nothing worth a collective. 2**18 elements is 1 MiB in float32.
+# nothing worth a collective. 2**18 elements is 1 MiB in float32. Every `min_elements=None` below
+# reads this when called: assign it to change the threshold for a whole process (the tests do, to
+# split tiny models).
 MIN_SHARDED_ELEMENTS = 1 << 18
 
 AnyMesh = Mesh | AbstractMesh
@@ -148,13 +150,17 @@ def initialize_distributed(force: bool = False) -> bool:
     return True
 
 
-def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
-    """--mesh and --distributed, as run_generate.py and the fine-tuning entry point take them."""
+def add_mesh_arguments(parser: argparse.ArgumentParser, multihost: bool = True) -> None:
+    """--mesh, and with `multihost` --distributed: run_generate.py takes both, the fine-tuning
+    entry point (one process) only --mesh."""
+    default = "one device (all devices, fsdp, in a multi-host run)" if multihost else "one device"
     parser.add_argument(
         "--mesh", metavar="SPEC",
         help='device mesh over the axes data, fsdp, tensor, e.g. "fsdp=-1" (every device), "data=2,fsdp=4" or '
-        '"1,1,8"; default: one device (all devices, fsdp, in a multi-host run)',
+        f'"1,1,8"; default: {default}',
     )
+    if not multihost:
+        return
     parser.add_argument(
         "--distributed", action="store_true",
         help="join a multi-host run with jax.distributed.initialize() (needed on a Cloud TPU VM pod slice; "
@@ -165,7 +171,7 @@ def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
 def mesh_from_args(args: argparse.Namespace) -> Mesh | None:
     """Joins a multi-host run when launched as one, then builds --mesh. Call it before anything
     touches a device (jax.distributed.initialize() must come first)."""
-    initialize_distributed(args.distributed)
+    initialize_distributed(getattr(args, "distributed", False))
     spec = args.mesh or ("fsdp=-1" if jax.process_count() > 1 else None)
     return make_mesh(spec) if spec else None
 
@@ -206,15 +212,15 @@ def _roles(path: str, ndim: int) -> str:
     return "." * (ndim - len(roles)) + roles
 
 
-def partition_spec(path: str, shape: Sequence[int], mesh: AnyMesh, min_elements: int = MIN_SHARDED_ELEMENTS) -> P:
+def partition_spec(path: str, shape: Sequence[int], mesh: AnyMesh, min_elements: int | None = None) -> P:
     """The PartitionSpec of one parameter (`path` joins its tree keys with "/").
 
     Tensor parallelism takes the first "T" dimension that divides the tensor axis; FSDP then takes
     the largest "F" dimension that divides the fsdp axis (else the largest free "T" one). Tensors
-    under `min_elements` and dimensions that divide nothing stay replicated.
+    under `min_elements` (None: MIN_SHARDED_ELEMENTS) and dimensions that divide nothing stay replicated.
     """
     spec: list[str | None] = [None] * len(shape)
-    if math.prod(shape) < min_elements:
+    if math.prod(shape) < (MIN_SHARDED_ELEMENTS if min_elements is None else min_elements):
         return P()
     roles = _roles(path, len(shape))
     sizes = dict(mesh.shape)
@@ -252,7 +258,7 @@ def _path_str(path: tuple) -> str:
     return "/".join(str(p) for p in parts)
 
 
-def param_specs(tree: Any, mesh: AnyMesh, min_elements: int = MIN_SHARDED_ELEMENTS) -> Any:
+def param_specs(tree: Any, mesh: AnyMesh, min_elements: int | None = None) -> Any:
     """A tree of PartitionSpecs for a tree of arrays / ShapeDtypeStructs.
 
     Works for parameters and for anything that mirrors them by path (optimizer states such as
@@ -263,12 +269,12 @@ def param_specs(tree: Any, mesh: AnyMesh, min_elements: int = MIN_SHARDED_ELEMEN
     )
 
 
-def param_shardings(tree: Any, mesh: AnyMesh, min_elements: int = MIN_SHARDED_ELEMENTS) -> Any:
+def param_shardings(tree: Any, mesh: AnyMesh, min_elements: int | None = None) -> Any:
     """`param_specs` as NamedShardings on `mesh`."""
     return _named(param_specs(tree, mesh, min_elements), mesh)
 
 
-def constrain_params(tree: Any, mesh: AnyMesh, min_elements: int = MIN_SHARDED_ELEMENTS) -> Any:
+def constrain_params(tree: Any, mesh: AnyMesh, min_elements: int | None = None) -> Any:
     """Inside jit: pins a parameter-like tree (params, optimizer state, a whole train state) to
     `param_specs`. On a step's output this keeps the layout the step was given: left to itself
     XLA may return a different one (it splits small replicated leaves), and the next call with
@@ -280,7 +286,7 @@ def _named(specs: Any, mesh: AnyMesh) -> Any:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
-def shard_params(params: Any, mesh: Mesh, min_elements: int = MIN_SHARDED_ELEMENTS) -> Any:
+def shard_params(params: Any, mesh: Mesh, min_elements: int | None = None) -> Any:
     """Places a tree that every process holds whole (numpy or jax arrays) onto its shards.
 
     Each process copies only its own devices' slices. For checkpoints too large for one host,
@@ -354,7 +360,7 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 
 # -- loading straight onto shards ------------------------------------------------------------------
 def abstract_sharded_params(
-    cfg: PaliGemmaConfig, mesh: AnyMesh, dtype: Any = jnp.float32, min_elements: int = MIN_SHARDED_ELEMENTS
+    cfg: PaliGemmaConfig, mesh: AnyMesh, dtype: Any = jnp.float32, min_elements: int | None = None
 ) -> Any:
     """The parameter tree as ShapeDtypeStructs with shardings (jax.eval_shape: no memory)."""
     abstract = abstract_params(cfg)
@@ -367,7 +373,7 @@ def restore_sharded(
     cfg: PaliGemmaConfig,
     mesh: Mesh,
     dtype: Any = jnp.float32,
-    min_elements: int = MIN_SHARDED_ELEMENTS,
+    min_elements: int | None = None,
 ) -> Any:
     """Restores a converted orbax checkpoint with every parameter on its shards, cast to `dtype`.
 
@@ -384,7 +390,7 @@ def _update_slice(buffer: jax.Array, value: jax.Array, start: jax.Array) -> jax.
 
 
 def load_hf_sharded(
-    src: str | Path, mesh: Mesh, dtype: str | None = None, min_elements: int = MIN_SHARDED_ELEMENTS
+    src: str | Path, mesh: Mesh, dtype: str | None = None, min_elements: int | None = None
 ) -> tuple[PaliGemmaConfig, Any]:
     """Reads an HF PaliGemma checkpoint straight onto the mesh: (config, sharded params).
 

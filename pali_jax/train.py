@@ -33,8 +33,9 @@ import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, SingleDeviceSharding
 
-from pali_jax import lora
+from pali_jax import lora, sharding
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
 from pali_jax.paligemma import PaliGemmaModel
@@ -186,11 +187,18 @@ class Trainer:
 
     dtype: the activation dtype of the model (float32 or bfloat16); trained weights are float32
     whatever it is. Trainers with equal settings are equal and share their compiled steps.
+
+    mesh (`pali_jax.sharding.make_mesh`): the whole train state (parameters, LoRA adapters,
+    optimizer state) lives on its shards by `sharding.param_specs` (optimizer statistics follow
+    their parameter; scalars and the RNG key are replicated), batches are split over the batch
+    axes (`place_batch`), and every step returns the state in the layout it was given, so one
+    program serves the whole run.
     """
 
     config: PaliGemmaConfig
     train_config: TrainConfig
     dtype: Any = jnp.float32
+    mesh: Mesh | None = None
 
     @functools.cached_property
     def model(self) -> PaliGemmaModel:
@@ -229,7 +237,14 @@ class Trainer:
     def init_state(self, params: Any) -> TrainState:
         """A fresh state from model parameters (any float dtype; `params` is copied, not consumed):
         trained leaves become float32, frozen ones `frozen_dtype`; LoRA adapters are added when
-        `lora_rank > 0`."""
+        `lora_rank > 0`. Under a mesh it is computed straight into its shardings (no device
+        ever holds the whole state)."""
+        if self.mesh is None:
+            return self._fresh_state(params)
+        shapes = jax.eval_shape(self._fresh_state, params)
+        return jax.jit(self._fresh_state, out_shardings=self.state_shardings(shapes))(params)
+
+    def _fresh_state(self, params: Any) -> TrainState:
         t = self.train_config
         rng = jax.random.PRNGKey(t.seed)
         variables: dict[str, Any] = {"params": params}
@@ -246,8 +261,27 @@ class Trainer:
         return TrainState(jnp.zeros((), jnp.int32), variables, self.optimizer.init(variables), rng)
 
     def abstract_state(self, params: Any) -> TrainState:
-        """Shapes and dtypes of `init_state(params)` (no memory): the target of a checkpoint restore."""
-        return jax.eval_shape(self.init_state, params)
+        """Shapes, dtypes and shardings of `init_state(params)` (no memory): the target of a
+        checkpoint restore, which then places every leaf on its shards (under a mesh) or on the
+        first device, whatever the layout it was saved from."""
+        shapes = jax.eval_shape(self._fresh_state, params)
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.state_shardings(shapes)
+        )
+
+    def state_shardings(self, shapes: TrainState) -> TrainState:
+        """Where each leaf of a train state (arrays or ShapeDtypeStructs) lives:
+        `sharding.param_shardings` under a mesh, else the first device."""
+        if self.mesh is None:
+            device = SingleDeviceSharding(jax.local_devices()[0])
+            return jax.tree.map(lambda _: device, shapes)
+        return sharding.param_shardings(shapes, self.mesh)
+
+    def place_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """A host batch (BATCH_KEYS, [rows, ...]) as the steps take it: under a mesh, rows split
+        over the batch axes (`sharding.shard_batch`); else unchanged."""
+        batch = {k: batch[k] for k in BATCH_KEYS}
+        return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh)
 
     def inference_params(self, state: TrainState) -> Any:
         """The parameters to run or export: LoRA adapters merged into their weights."""
@@ -257,7 +291,11 @@ class Trainer:
     # -- loss and steps ------------------------------------------------------------------------
     @functools.partial(jax.jit, static_argnums=0)
     def _eval_terms(self, variables: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        return self._loss_terms(variables, batch)
+        return self._host_readable(self._loss_terms(variables, batch))
+
+    def _host_readable(self, tree: Any) -> Any:
+        """Under a mesh, small outputs the host reads made whole on every device."""
+        return tree if self.mesh is None else sharding.replicate(tree, self.mesh)
 
     def _loss_terms(self, variables: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         logits = self.model.apply(
@@ -298,9 +336,13 @@ class Trainer:
         updates, opt_state = self.optimizer.update(full, state.opt_state, state.variables)
         variables = optax.apply_updates(state.variables, updates)
         metrics = {"loss": total / weight, "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step)}
-        return state.replace(step=state.step + 1, variables=variables, opt_state=opt_state), metrics
+        state = state.replace(step=state.step + 1, variables=variables, opt_state=opt_state)
+        if self.mesh is not None:
+            # Left to itself XLA may return another layout, and the next step would compile again.
+            state = sharding.constrain_params(state, self.mesh)
+        return state, self._host_readable(metrics)
 
     def eval_terms(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[float, float]:
         """(loss sum, weight) of one batch under the current weights; add them up over batches."""
-        total, weight = self._eval_terms(state.variables, {k: batch[k] for k in BATCH_KEYS})
+        total, weight = self._eval_terms(state.variables, self.place_batch(batch))
         return float(total), float(weight)

@@ -10,6 +10,8 @@ side asserts on them, so a failure names the mesh and the size of the difference
 
 The model is a tiny PaliGemma 2 whose widths divide 8 (width 64, 8 heads, MLP 128, vocab 2112), so
 fsdp=8 and tensor=8 really split it; its 2 kv heads and 4 vision heads exercise the fall-backs.
+The fine-tuning check runs `python -m pali_jax.finetune`'s run() in this process, on one device and
+under a mesh, on the same model with the tiny tokenizer and shapes-task data.
 The multi-host part runs 2 processes that join through jax.distributed (gloo collectives on CPU)
 and use one 8-device mesh across them: each places only its own shards (from safetensors and from
 orbax) and they generate together; results are checked against the 8-device process's
@@ -31,8 +33,8 @@ os.environ["XLA_FLAGS"] = " ".join([
 ])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import functools  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -57,11 +59,15 @@ from pali_jax.sampling import SamplingParams  # noqa: E402
 from pali_jax.train import TrainConfig, Trainer  # noqa: E402
 
 # Small enough that the tiny model's matrices are split, large enough that norms and biases stay
-# replicated: the per-device bytes check then has both kinds.
-MIN_ELEMENTS = 2048
+# replicated: the per-device bytes check then has both kinds. Set for the whole process (every
+# loader, the Trainer and the fine-tuning entry point read it).
+sharding.MIN_SHARDED_ELEMENTS = 2048
 # mesh spec -> which loader places the parameters (both paths are covered across the meshes).
 MESHES = {"8,1,1": "hf", "1,8,1": "orbax", "2,2,2": "hf", "1,1,2": "orbax"}
 BATCH, NEW_TOKENS = 8, 8
+# Tokens per training row: also the fine-tuning check's --max-length (its longest example), so that
+# its runs reuse the train steps check_training compiled.
+TRAIN_LENGTH = 42
 # SGD with momentum: its update is linear in the gradient, so equal gradients give equal
 # parameters to rounding. (Adam's g / (|g| + 1e-8) turns gradients that are zero in exact
 # arithmetic, e.g. SigLIP's key bias under a shift-invariant softmax, into +-lr from rounding
@@ -112,8 +118,8 @@ def prompts(cfg: PaliGemmaConfig, rng) -> dict[str, np.ndarray]:
 
 
 def training_batch(cfg: PaliGemmaConfig, rng) -> dict[str, np.ndarray]:
-    """Image tokens, bos, 5 prefix tokens, 6 suffix tokens; the loss is on the suffix."""
-    text = rng.integers(3, cfg.image_token_id, (BATCH, 11))
+    """TRAIN_LENGTH tokens a row: image tokens, bos, prefix tokens, 6 suffix tokens; the loss is on the suffix."""
+    text = rng.integers(3, cfg.image_token_id, (BATCH, TRAIN_LENGTH - cfg.num_image_tokens - 1))
     ids = np.concatenate([np.full((BATCH, cfg.num_image_tokens), cfg.image_token_id), np.full((BATCH, 1), 2), text], 1)
     types = np.zeros_like(ids)
     types[:, -6:] = 1
@@ -175,15 +181,16 @@ def check_generation(ref: PaliGemma, hf_dir: Path, converted: Path, inputs: dict
         start = time.perf_counter()
         mesh = sharding.make_mesh(spec)
         if loader == "hf":
-            cfg, params = sharding.load_hf_sharded(hf_dir, mesh, "float32", MIN_ELEMENTS)
+            cfg, params = sharding.load_hf_sharded(hf_dir, mesh, "float32")
         else:
             cfg = ref.config
-            params = sharding.restore_sharded(converted / "params", cfg, mesh, jnp.float32, MIN_ELEMENTS)
-        state, got = generate_under(PaliGemma(cfg, params, jnp.float32, hf_dir, mesh), inputs)
+            params = sharding.restore_sharded(converted / "params", cfg, mesh)
+        pg = PaliGemma(cfg, params, jnp.float32, hf_dir, mesh)
+        state, got = generate_under(pg, inputs)
         out[spec] = {
             "loader": loader,
             "params_equal": max_diff(params, ref.params) == 0.0,
-            "specs_as_rules": same_layout(params, sharding.param_specs(params, mesh, MIN_ELEMENTS), mesh),
+            "specs_as_rules": same_layout(params, sharding.param_specs(params, mesh), mesh),
             "split_leaves": split_count(params),
             "tokens_equal": bool(np.array_equal(got.tokens, want.tokens) and np.array_equal(got.lengths, want.lengths)),
             "tokens": got.tokens.tolist(),
@@ -208,27 +215,21 @@ def param_bytes(params) -> dict:
 
 
 def check_training(cfg: PaliGemmaConfig, host_params, batches) -> dict:
-    """Two steps of pali_jax.train's Trainer.step on one device, then the same steps on the same
-    state placed by the sharding rules under data=2,fsdp=4 (sharded inputs, the step unchanged)."""
+    """Two steps of pali_jax.train's Trainer.step on one device, then the same steps with
+    Trainer(mesh=data=2,fsdp=4): the state initialised on its shards, sharded batches."""
     mesh = sharding.make_mesh("data=2,fsdp=4")
-    trainer = Trainer(cfg, TRAIN)
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def mesh_step(state, batch):
-        # What a Trainer(mesh=...) adds: pin the new state to the rules' layout (else XLA may
-        # return another, and the next step compiles again).
-        state, metrics = trainer.step(state, batch)
-        return sharding.constrain_params(state, mesh, MIN_ELEMENTS), metrics
-
+    trainer, m_trainer = Trainer(cfg, TRAIN), Trainer(cfg, TRAIN, mesh=mesh)
     state = trainer.init_state(jax.tree.map(jnp.asarray, host_params))
-    state_specs = sharding.param_specs(state, mesh, MIN_ELEMENTS)
-    # From host copies: the single-device steps donate (delete) `state`'s buffers.
-    m_state = jax.device_put(jax.tree.map(np.asarray, state), sharding.param_shardings(state, mesh, MIN_ELEMENTS))
+    m_state = m_trainer.init_state(sharding.shard_params(host_params, mesh))
+    state_specs = sharding.param_specs(m_state, mesh)
+    initial_layout = same_layout(m_state, state_specs, mesh)
     want, got = [], []
     for batch in batches:
-        state, metrics = trainer.step(state, batch)
+        state, metrics = trainer.step(state, trainer.place_batch(batch))
         want.append(float(metrics["loss"]))
-        m_state, metrics = mesh_step(m_state, sharding.shard_batch(batch, mesh))
+    compiled = Trainer.step._cache_size()
+    for batch in batches:
+        m_state, metrics = m_trainer.step(m_state, m_trainer.place_batch(batch))
         got.append(float(metrics["loss"]))
     return {
         "losses": got,
@@ -236,10 +237,60 @@ def check_training(cfg: PaliGemmaConfig, host_params, batches) -> dict:
         "params_diff": max_diff(m_state.variables, state.variables),
         "opt_state_diff": max_diff(m_state.opt_state, state.opt_state),
         "moved": max_diff(m_state.variables["params"], host_params),
-        "state_kept_layout": same_layout(m_state, state_specs, mesh),
-        "mesh_compiles": mesh_step._cache_size(),  # 1 unless step 2 got another layout
-        "batch_spec": str(sharding.shard_batch(batches[0], mesh)["input_ids"].sharding.spec),
+        "state_kept_layout": initial_layout and same_layout(m_state, state_specs, mesh),
+        "mesh_compiles": Trainer.step._cache_size() - compiled,  # 1 unless step 2 got another layout
+        "batch_spec": str(m_trainer.place_batch(batches[0])["input_ids"].sharding.spec),
         "split_leaves": split_count(m_state),
+    }
+
+
+def check_finetune(workdir: Path, hf_dir: Path, ref: PaliGemma) -> dict:
+    """`python -m pali_jax.finetune` (its run(), in this process) with TRAIN's settings on one device
+    and under --mesh data=2,fsdp=4; then the mesh run again, resumed from its step-1 checkpoint."""
+    from test_finetune import write_split
+    from tokenizer_utils import train_tokenizer
+
+    from pali_jax import finetune
+    from pali_jax.checkpoint import TrainCheckpointer
+
+    train_tokenizer(hf_dir)
+    train = write_split(workdir / "data", "train", 8, seed=1)  # 16 examples: 2 batches an epoch
+
+    def run(out: str, *extra: str) -> finetune.RunResult:
+        argv = ["--model", hf_dir, "--train", train, "--out", workdir / out, "--steps", TRAIN.steps,
+                "--batch-size", TRAIN.batch_size, "--optimizer", TRAIN.optimizer, "--momentum", TRAIN.momentum,
+                "--lr", TRAIN.learning_rate, "--schedule", TRAIN.schedule, "--grad-clip", 0,
+                "--max-length", TRAIN_LENGTH, "--checkpoint-every", 1, "--no-progress", *extra]
+        return finetune.run(finetune.parse_args([str(a) for a in argv]))
+
+    start = time.perf_counter()
+    single = run("single")
+    meshed = run("mesh", "--mesh", "data=2,fsdp=4")
+    # The exported directories load on one device whatever mesh trained them.
+    want, got = (PaliGemma.from_pretrained(r.model_dir).params for r in (single, meshed))
+    # The last step again, from the sharded checkpoint before it.
+    shutil.rmtree(workdir / "mesh" / "checkpoints" / str(TRAIN.steps))
+    resumed = run("mesh", "--mesh", "data=2,fsdp=4", "--resume")
+    # That checkpoint restores straight onto the shards, and onto one device as well.
+    mesh = sharding.make_mesh("data=2,fsdp=4")
+    abstract = abstract_params(ref.config)
+    with TrainCheckpointer(workdir / "mesh" / "checkpoints", every=1) as ckpt:
+        restored = ckpt.restore(Trainer(ref.config, TRAIN, mesh=mesh).abstract_state(abstract), step=1)
+        on_one = ckpt.restore(Trainer(ref.config, TRAIN).abstract_state(abstract), step=1)
+    return {
+        "losses": [r["loss"] for r in meshed.history],
+        "want_losses": [r["loss"] for r in single.history],
+        "params_diff": max_diff(got, want),
+        "moved": max_diff(want, ref.params),
+        "resumed_steps": [r["step"] for r in resumed.history],
+        "resumed_loss": resumed.history[-1]["loss"],
+        "resumed_params_diff": max_diff(PaliGemma.from_pretrained(resumed.model_dir).params, got),
+        "restored_as_rules": same_layout(restored, sharding.param_specs(restored, mesh), mesh),
+        "restored_split_leaves": split_count(restored),
+        "restored_on_one_device": max_diff(on_one, restored) == 0.0
+        and {d for x in jax.tree.leaves(on_one) for d in x.devices()} == {jax.devices()[0]},
+        "step_compiles": Trainer.step._cache_size(),  # 2 (one device, the mesh) if check_training's were reused
+        "seconds": round(time.perf_counter() - start, 2),
     }
 
 
@@ -248,7 +299,7 @@ def check_loading(ref: PaliGemma, hf_dir: Path, converted: Path) -> dict:
     mesh = sharding.make_mesh("fsdp=-1")
     from_hf = PaliGemma.from_pretrained(hf_dir, mesh=mesh)
     from_orbax = PaliGemma.from_pretrained(converted, mesh=mesh)
-    bf16 = sharding.restore_sharded(converted / "params", ref.config, mesh, jnp.bfloat16, MIN_ELEMENTS)
+    bf16 = sharding.restore_sharded(converted / "params", ref.config, mesh, jnp.bfloat16)
     want_bf16 = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), ref.params)
     return {
         "from_pretrained_hf_equal": max_diff(from_hf.params, ref.params) == 0.0 and from_hf.generator.mesh is mesh,
@@ -267,7 +318,7 @@ def check_fallbacks() -> dict:
     out = {}
     for spec in ("1,1,8", "2,2,2"):
         mesh = sharding.make_mesh(spec)
-        specs = jax.tree.leaves(sharding.param_specs(abstract, mesh, MIN_ELEMENTS), is_leaf=lambda v: isinstance(v, P))
+        specs = jax.tree.leaves(sharding.param_specs(abstract, mesh), is_leaf=lambda v: isinstance(v, P))
         flat = {
             "/".join(k.key for k in path): (leaf.shape, s)
             for (path, leaf), s in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], specs)
@@ -316,6 +367,7 @@ def main(workdir: Path) -> dict:
     result = {"devices": jax.device_count()}
     result["generation"], want = check_generation(ref, hf_dir, converted, inputs)
     result["training"] = check_training(ref.config, host_params, batches)
+    result["finetune"] = check_finetune(workdir, hf_dir, ref)
     result["loading"] = check_loading(ref, hf_dir, converted)
     result["fallbacks"] = check_fallbacks()
     # Single-device references for the multi-host processes.
@@ -333,8 +385,8 @@ def child(workdir: Path) -> dict:
     ref = dict(np.load(workdir / "reference.npz"))
     hf_dir, converted = workdir / "hf", workdir / "converted"
     mesh = sharding.make_mesh("2,2,2")  # one mesh over both processes' devices
-    cfg, params = sharding.load_hf_sharded(hf_dir, mesh, "float32", MIN_ELEMENTS)
-    restored = sharding.restore_sharded(converted / "params", cfg, mesh, jnp.float32, MIN_ELEMENTS)
+    cfg, params = sharding.load_hf_sharded(hf_dir, mesh, "float32")
+    restored = sharding.restore_sharded(converted / "params", cfg, mesh)
     _, host = load_hf(hf_dir, "float32")  # to check this process's shards (tiny: fine on every host)
     _, got = generate_under(PaliGemma(cfg, params, jnp.float32, hf_dir, mesh), ref)
     return {

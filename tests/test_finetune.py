@@ -162,6 +162,8 @@ def test_training_order_is_a_function_of_key_and_step(tokenizer_dir):
     (["--batch-size", "6", "--accum-steps", "4"], "multiple of accum_steps"),
     (["--steps", "0"], "steps must be positive"),
     (["--trainable", "bogus"], "invalid choice"),
+    (["--mesh", "fsdp=64"], "needs 64 devices"),
+    (["--mesh", "fsdp=2", "--distributed"], "unrecognized arguments: --distributed"),
 ])
 def test_bad_arguments_are_one_line_errors(model_dir, data_dir, tmp_path, capsys, extra, message):
     code, _, stderr = run(capsys, "--model", model_dir, "--train", data_dir / "train.jsonl", "--out", tmp_path, *extra)
