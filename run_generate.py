@@ -63,8 +63,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--greedy conflicts with --temperature / --top-k / --top-p")
     if args.beams > 1 and (args.sample or knobs):
         p.error("--beams is deterministic: it cannot be combined with sampling")
-    if args.mesh and args.beams > 1:
-        p.error("--beams does not run under --mesh yet: use greedy or sampled decoding")
     if args.stream and (args.json or args.beams > 1):
         p.error("--stream prints plain text from greedy or sampled decoding: drop --json / --beams")
     for name in ("max_tokens", "batch_size", "beams"):

@@ -5,6 +5,9 @@ keeps the `beams` best candidates per prompt by length-normalised score, `sum(lo
 (alpha = `length_penalty`), so finished and running hypotheses compete on the same footing. A
 hypothesis that emits a stop token is finished: it then only extends with padding at no cost.
 The cache rows are reordered by a gather along the batch axis after every step.
+
+Under a mesh (`pali_jax.sharding`) the prompts, the cache and its B * beams rows are split over
+the batch axes as in `generate.py`, and the hypotheses the host reads are made whole on every device.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from pali_jax import sharding
 from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, _Statics, prepare_prompts, stop_reasons
 from pali_jax.kv_cache import KVCache
@@ -39,9 +44,20 @@ def _normalised(logprob, lengths, alpha):
 class BeamSearch:
     """Compiled beam search for one model; reuse the instance to reuse its programs."""
 
-    def __init__(self, model: PaliGemmaModel):
+    def __init__(self, model: PaliGemmaModel, mesh: Mesh | None = None):
         self.model = model
+        self.mesh = mesh  # params placed by pali_jax.sharding on this mesh; None: one device
         self._run = jax.jit(self._run_impl, static_argnums=(0, 1))
+
+    def _pinned(self, state: BeamState) -> BeamState:
+        """Under a mesh: the cache in its layout (XLA cannot infer one for the loop's carry, nor
+        after the row gather) and the hypotheses whole on every device, where the host reads them."""
+        if self.mesh is None:
+            return state
+        hypotheses = {k: getattr(state, k) for k in ("tokens", "logprob", "lengths", "done")}
+        return state.replace(
+            cache=sharding.constrain_cache(state.cache, self.mesh), **sharding.replicate(hypotheses, self.mesh)
+        )
 
     def _select(self, state: BeamState, logits, stop_tokens, alpha) -> BeamState:
         """Extends every hypothesis by every token and keeps the best `n` per prompt."""
@@ -64,19 +80,22 @@ class BeamSearch:
         rows = (jnp.arange(b)[:, None] * n + beam).reshape(-1)  # [B*n] cache rows to keep
         c = state.cache
         cache = c.replace(k=c.k[:, rows], v=c.v[:, rows], valid=c.valid[rows], positions=c.positions[rows])
-        return BeamState(
+        return self._pinned(BeamState(
             step=state.step + 1,
             tokens=tokens,
             logprob=jnp.take_along_axis(total.reshape(b, -1), flat, axis=1),
             lengths=take(state.lengths) + (~was_done),
             done=was_done | jnp.isin(token, stop_tokens),
             cache=cache,
-        )
+        ))
 
     def _run_impl(self, statics: _Statics, beams: int, params, pixels, ids, types, mask, max_new_tokens, stop_tokens, alpha):
         cfg = self.model.cfg
         batch = ids.shape[0]
         cache = KVCache.init(cfg.text, batch, statics.cache_length, self.model.dtype)
+        if self.mesh is not None:  # host inputs and the fresh cache carry no sharding: pin them
+            pixels, ids, types, mask = sharding.constrain_batch((pixels, ids, types, mask), self.mesh)
+            cache = sharding.constrain_cache(cache, self.mesh)
         logits, cache = self.model.apply(
             {"params": params}, pixels, ids, types, mask, cache, method=PaliGemmaModel.prefill
         )
@@ -88,14 +107,14 @@ class BeamSearch:
             valid=repeat(cache.valid), positions=repeat(cache.positions),
         )
         start = jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf)
-        state = BeamState(
+        state = self._pinned(BeamState(
             step=jnp.zeros((), jnp.int32),
             tokens=jnp.full((batch, beams, statics.buffer), cfg.pad_token_id, jnp.int32),
             logprob=jnp.broadcast_to(start, (batch, beams)),
             lengths=jnp.zeros((batch, beams), jnp.int32),
             done=jnp.zeros((batch, beams), bool),
             cache=cache,
-        )
+        ))
         state = self._select(state, jnp.repeat(logits, beams, axis=0), stop_tokens, alpha)
 
         def body(s: BeamState) -> BeamState:
@@ -108,7 +127,8 @@ class BeamSearch:
         def running(s: BeamState):
             return (s.step < max_new_tokens) & ~s.done.all() & (s.cache.index < s.cache.length)
 
-        return jax.lax.while_loop(running, body, state)
+        # The loop's carried state takes whatever layout XLA picks: make the result readable again.
+        return self._pinned(jax.lax.while_loop(running, body, state))
 
     def search(
         self,

@@ -82,7 +82,7 @@ class PaliGemma:
     def __post_init__(self):
         self.module = PaliGemmaModel(self.config, self.dtype)
         self.generator = Generator(self.module, self.mesh)
-        self.beam_search = BeamSearch(self.module)
+        self.beam_search = BeamSearch(self.module, self.mesh)
         self._forward = jax.jit(self.module.apply)
 
     @functools.cached_property

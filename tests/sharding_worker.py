@@ -64,7 +64,7 @@ from pali_jax.train import TrainConfig, Trainer  # noqa: E402
 sharding.MIN_SHARDED_ELEMENTS = 2048
 # mesh spec -> which loader places the parameters (both paths are covered across the meshes).
 MESHES = {"8,1,1": "hf", "1,8,1": "orbax", "2,2,2": "hf", "1,1,2": "orbax"}
-BATCH, NEW_TOKENS = 8, 8
+BATCH, NEW_TOKENS, BEAMS = 8, 8, 3
 # Tokens per training row: also the fine-tuning check's --max-length (its longest example), so that
 # its runs reuse the train steps check_training compiled.
 TRAIN_LENGTH = 42
@@ -170,12 +170,20 @@ def generate_under(pg: PaliGemma, inputs: dict):
     return state, pg.generator._output(state, NEW_TOKENS)
 
 
+def beam_search(pg: PaliGemma, inputs: dict):
+    """The batch's best of BEAMS hypotheses per prompt (B * BEAMS cache rows)."""
+    return pg.beam_search.search(
+        pg.params, inputs["pixels"], inputs["ids"], None, inputs["mask"], beams=BEAMS, max_new_tokens=NEW_TOKENS
+    )
+
+
 # -- 8 devices, one process ------------------------------------------------------------------------
 def check_generation(ref: PaliGemma, hf_dir: Path, converted: Path, inputs: dict) -> tuple[dict, object]:
-    """Greedy generation (tokens and per-step logits) under each mesh against one device."""
+    """Greedy generation (tokens and per-step logits) and beam search under each mesh against one device."""
     want = ref.generator.generate(
         ref.params, inputs["pixels"], inputs["ids"], None, inputs["mask"], max_new_tokens=NEW_TOKENS, return_logits=True
     )
+    want_beams = beam_search(ref, inputs)
     out = {}
     for spec, loader in MESHES.items():
         start = time.perf_counter()
@@ -187,6 +195,7 @@ def check_generation(ref: PaliGemma, hf_dir: Path, converted: Path, inputs: dict
             params = sharding.restore_sharded(converted / "params", cfg, mesh)
         pg = PaliGemma(cfg, params, jnp.float32, hf_dir, mesh)
         state, got = generate_under(pg, inputs)
+        beams = beam_search(pg, inputs)
         out[spec] = {
             "loader": loader,
             "params_equal": max_diff(params, ref.params) == 0.0,
@@ -197,6 +206,10 @@ def check_generation(ref: PaliGemma, hf_dir: Path, converted: Path, inputs: dict
             "logits_diff": float(np.abs(got.logits - want.logits).max()),
             "cache_k_spec": str(state.cache.k.sharding.spec),
             "cache_as_rules": same_layout(state.cache, sharding.cache_specs(state.cache, mesh), mesh),
+            "beam_tokens_equal": bool(
+                np.array_equal(beams.tokens, want_beams.tokens) and np.array_equal(beams.lengths, want_beams.lengths)
+            ),
+            "beam_scores_diff": float(np.abs(beams.scores - want_beams.scores).max()),
             "seconds": round(time.perf_counter() - start, 2),
         }
         if spec == "1,8,1":

@@ -1,4 +1,4 @@
-"""Meshes, sharding rules, sharded loading, generation, a train step and the
+"""Meshes, sharding rules, sharded loading, generation, beam search, a train step and the
 fine-tuning entry point under jax.sharding.
 
 The multi-device checks run once, in a subprocess with 8 CPU devices that itself starts a 2-process
@@ -48,6 +48,8 @@ def test_generation_matches_one_device(worker, mesh):
     assert r["params_equal"] and r["specs_as_rules"], r
     assert r["tokens_equal"], r["tokens"]
     assert r["logits_diff"] <= 1e-4, r["logits_diff"]
+    # Beam search (3 beams: 24 cache rows, reordered every step across the batch shards).
+    assert r["beam_tokens_equal"] and r["beam_scores_diff"] <= 1e-5, r
     assert r["cache_as_rules"], r["cache_k_spec"]
     # data=8 is pure data parallelism (parameters whole everywhere); every other mesh splits.
     assert (r["split_leaves"] == 0) if mesh == "8,1,1" else (r["split_leaves"] > 0), r
