@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pali_jax.errors import UserError
+from pali_jax.sharding import same_on_every_process
 
 
 def save_params(path: str | Path, params: Any) -> None:
@@ -19,13 +20,21 @@ def save_params(path: str | Path, params: Any) -> None:
     array before writing (this save finishes before returning, so no copy is needed), compress the
     chunks (float weights hardly compress) and pack them into an OCDBT store, which buffers about
     40% of a 3B model on the way. Plain zarr arrays cost nothing beyond the parameters.
+
+    In a multi-process run only process 0 calls it (orbax writes host arrays from process 0 only),
+    and it writes alone: no barrier waits for the other processes.
     """
+    if jax.process_index() != 0:
+        raise ValueError(f"save_params runs on process 0 only; this is process {jax.process_index()}")
+    alone = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, ocp.type_handlers.ArrayHandler()),
     )
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False, use_ocdbt=False)
-    with ocp.Checkpointer(handler) as ckptr:
+    handler = ocp.PyTreeCheckpointHandler(
+        type_handler_registry=registry, use_compression=False, use_ocdbt=False, multiprocessing_options=alone
+    )
+    with ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
         ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(params))
 
 
@@ -46,6 +55,11 @@ class TrainCheckpointer:
 
     The state is any pytree of arrays (`pali_jax.train.TrainState`: params, optimizer state, step,
     RNG); saves are synchronous, so the caller may donate the state's buffers right after.
+
+    Multi-host: every process constructs it and calls `save`, `latest_step` and `restore` in the
+    same order, on a directory they all share. orbax makes these collective: each process writes
+    and reads only its own devices' shards, process 0 writes the metadata, commits each step
+    (rename after a barrier) and deletes old ones.
     """
 
     def __init__(self, directory: str | Path, every: int, keep: int = 3):
@@ -64,7 +78,12 @@ class TrainCheckpointer:
         return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def latest_step(self) -> int | None:
-        return self._manager.latest_step()
+        """The newest saved step (None: no checkpoint), checked to be the one every process sees."""
+        step = self._manager.latest_step()
+        if not same_on_every_process(-1 if step is None else step):
+            raise CheckpointError(f"the processes see different checkpoints in {self.directory}: "
+                                  "it must be a directory every host shares")
+        return step
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
         """The state saved at `step` (default: the latest), shaped like `abstract_state` (see

@@ -151,6 +151,8 @@ class Dataset:
     def batch(self, indices: Sequence[int], *, rows: int | None = None) -> dict[str, np.ndarray]:
         """The examples at `indices` as model inputs (`PaliGemmaProcessor` fields + `loss_mask`),
         right-padded to `max_length`; `rows` > len(indices) appends empty rows (no loss)."""
+        if not len(indices):  # e.g. a process's share of the last, padded eval batch
+            return {k: np.zeros((rows or 0, *v.shape[1:]), v.dtype) for k, v in self.batch([0]).items()}
         chosen = [self.examples[i] for i in indices]
         batch = self.processor(
             [e.image for e in chosen], [e.prefix for e in chosen], [e.suffix for e in chosen],
@@ -173,11 +175,17 @@ class Dataset:
             out[epochs == epoch] = _epoch_order(seed, int(epoch), n)[positions[epochs == epoch] % n]
         return out
 
-    def train_batch(self, step: int, batch_size: int, key: jax.Array) -> dict[str, np.ndarray]:
-        """Training batch number `step` of a run keyed by `key`."""
-        return self.batch(self.train_indices(step, batch_size, key))
+    def train_batch(
+        self, step: int, batch_size: int, key: jax.Array, rows: Sequence[int] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Training batch number `step` of a run keyed by `key`; only its rows `rows` when given
+        (a process's part of the batch in a multi-host run: `Trainer.process_rows`)."""
+        indices = self.train_indices(step, batch_size, key)
+        return self.batch(indices if rows is None else indices[np.asarray(rows)])
 
-    def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Every example once, in order; the last batch is filled with empty rows."""
+    def eval_batches(self, batch_size: int, rows: Sequence[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Every example once, in order; the last batch is filled with empty rows. With `rows`,
+        only those rows of each batch (as `train_batch`)."""
+        rows = range(batch_size) if rows is None else rows
         for start in range(0, len(self.examples), batch_size):
-            yield self.batch(range(start, min(start + batch_size, len(self.examples))), rows=batch_size)
+            yield self.batch([start + r for r in rows if start + r < len(self.examples)], rows=len(rows))

@@ -16,9 +16,14 @@ exact-match rate of greedy answers per task (the prompt's first word), and for `
 the share of target boxes found with IoU >= 0.5. Mistakes in the input (paths, data lines,
 settings) print one line on stderr and exit with code 2.
 
-`--mesh data=2,fsdp=4` (see pali_jax.sharding) trains on several devices of one process: the model
-is loaded onto its shards, the train state lives there (`Trainer(mesh=...)`), each batch is split
-over the data and fsdp axes, and checkpoints restore straight to the shards.
+`--mesh data=2,fsdp=4` (see pali_jax.sharding) trains on several devices: the model is loaded onto
+its shards, the train state lives there (`Trainer(mesh=...)`), each batch is split over the data and
+fsdp axes, and checkpoints restore straight to the shards. Multi-host: the same command on every host
+(`--distributed` on a Cloud TPU VM pod slice; JAX_COORDINATOR_ADDRESS, Slurm and Open MPI launches
+are detected), one mesh over every device. Every process reads the same JSONL files and builds only
+its own rows of each batch, so the run computes what one process would; checkpoints are written and
+read by all processes together, in a directory they all share (--out); the export is gathered by all
+and written by process 0, which alone prints.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from pali_jax import sharding
 from pali_jax.checkpoint import TrainCheckpointer, save_params
@@ -60,11 +64,24 @@ def export_model(
 ) -> Path:
     """Writes a model directory in the converted layout (pali_jax_config.json, params/, and the
     tokenizer files of `source`), atomically: `dst` is replaced whole or left as it was. Parameters
-    on a mesh are gathered and saved as host arrays, so the directory loads on any devices."""
+    on a mesh are gathered and saved as host arrays, so the directory loads on any devices.
+
+    In a multi-host run every process calls it (the gather is collective), process 0 writes, and
+    no process returns before the directory is complete."""
     if dtype not in DTYPES:
         raise UserError(f"unknown export dtype {dtype!r}; use float32 or bfloat16")
     dst = Path(dst)
-    host = jax.tree.map(lambda x: np.asarray(x.astype(DTYPES[dtype])), params)
+    host = jax.tree.map(lambda x: sharding.to_host(x, DTYPES[dtype]), params)
+    try:
+        if jax.process_index() == 0:
+            _write_model_dir(dst, config, host, source)
+    finally:
+        sharding.wait_for_every_process(f"export {dst}")
+    return dst
+
+
+def _write_model_dir(dst: Path, config: PaliGemmaConfig, host: Any, source: str | Path | None) -> None:
+    """`export_model`'s files, written into a temporary directory renamed to `dst` at the end."""
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -78,7 +95,6 @@ def export_model(
         tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dst
 
 
 # -- evaluation by generation ------------------------------------------------------------------
@@ -141,16 +157,33 @@ def evaluate_generation(
     return metrics
 
 
-def eval_loss(trainer: Trainer, state: TrainState, data: Dataset, batch_size: int) -> float:
-    """The training loss over every example of `data`."""
+def eval_loss(trainer: Trainer, state: TrainState, data: Dataset) -> float:
+    """The training loss over every example of `data`, in batches of the run's batch size (each
+    process builds its own rows of each)."""
     total = weight = 0.0
-    for batch in data.eval_batches(batch_size):
+    for batch in data.eval_batches(trainer.train_config.batch_size, trainer.process_rows()):
         t, w = trainer.eval_terms(state, batch)
         total, weight = total + t, weight + w
     return total / max(weight, 1.0)
 
 
 # -- the loop ----------------------------------------------------------------------------------
+def _speaks() -> bool:
+    """Whether this process prints: every process of a multi-host run runs the same loop, the first speaks."""
+    return jax.process_index() == 0
+
+
+def _say(message: str, *, stdout: bool = False) -> None:
+    """Prints `message` (on stderr, or stdout) from the first process only."""
+    if _speaks():
+        print(message, file=sys.stdout if stdout else sys.stderr)
+
+
+def _warn(message: str) -> None:
+    """A skipped data line, reported once (by the first process)."""
+    _say(f"warning: {message}")
+
+
 def fit(
     trainer: Trainer,
     state: TrainState,
@@ -164,21 +197,30 @@ def fit(
     """Trains from `state.step` to `train_config.steps`. Returns the final state and one record per
     step (step, loss, grad_norm, learning_rate). `evaluate(state)` runs before the first step (a
     baseline), every `eval_every` steps (0: never) and at the end; its line is printed above the
-    progress bar."""
+    progress bar. In a multi-host run every process calls it, each building its own rows of every
+    batch (`Trainer.process_rows`); process 0 alone shows the progress and the evaluations."""
     from tqdm import tqdm
 
     t = trainer.train_config
     start = int(state.step)
-    key = np.asarray(state.rng)
+    key, rows = np.asarray(state.rng), trainer.process_rows()
     history: list[dict[str, float]] = []
-    bar = tqdm(total=t.steps, initial=start, unit="step", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=start, unit="step", disable=not (progress and _speaks()), file=sys.stderr,
+               dynamic_ncols=True)
+
+    def report(step: int, state: TrainState) -> None:
+        """Evaluates `state` and prints the line above the progress bar."""
+        line = f"step {step}: {evaluate(state)}"  # on every process: evaluating is collective
+        if _speaks():
+            bar.write(line, file=sys.stderr)
+
     if evaluate is not None and start == 0:
-        bar.write(f"step 0: {evaluate(state)}", file=sys.stderr)
-    batch = trainer.place_batch(data.train_batch(start, t.batch_size, key)) if start < t.steps else None
+        report(0, state)
+    batch = trainer.place_batch(data.train_batch(start, t.batch_size, key, rows)) if start < t.steps else None
     for step in range(start + 1, t.steps + 1):
         state, metrics = trainer.step(state, batch)
         if step < t.steps:  # build the next batch while the step runs (dispatch is asynchronous)
-            batch = trainer.place_batch(data.train_batch(step, t.batch_size, key))
+            batch = trainer.place_batch(data.train_batch(step, t.batch_size, key, rows))
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=False)
@@ -186,7 +228,7 @@ def fit(
         if checkpointer is not None:
             checkpointer.save(step, state, force=step == t.steps)
         if evaluate is not None and (step == t.steps or (eval_every and step % eval_every == 0)):
-            bar.write(f"step {step}: {evaluate(state)}", file=sys.stderr)
+            report(step, state)
     bar.close()
     return state, history
 
@@ -234,7 +276,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--export-dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
-    sharding.add_mesh_arguments(p, multihost=False)
+    sharding.add_mesh_arguments(p)
     args = p.parse_args(argv)
     for name in ("max_length", "eval_every", "eval_limit", "checkpoint_every", "keep"):
         value = getattr(args, name)
@@ -256,35 +298,36 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What `run` leaves behind: the exported model and this invocation's per-step records
-    (step, loss, grad_norm, learning_rate; after --resume, the resumed steps only)."""
+    """What `run` leaves behind: the exported model, this invocation's per-step records (step,
+    loss, grad_norm, learning_rate; after --resume, the resumed steps only) and, with --eval, the
+    evaluations' lines in order (the same on every process of a multi-host run)."""
 
     model_dir: Path
     history: list[dict[str, float]]
+    evaluations: list[str] = dataclasses.field(default_factory=list)
 
 
-def _mesh(args: argparse.Namespace) -> Mesh | None:
-    """--mesh, in this (single) process: checkpoints, data and the export are not coordinated
-    across processes."""
-    mesh = sharding.mesh_from_args(args)  # before anything touches a device
-    if jax.process_count() > 1:
+def _existing_checkpoints(ckpt_dir: Path) -> bool:
+    """Whether `ckpt_dir` holds anything, as every process sees it (checked to agree)."""
+    found = ckpt_dir.exists() and any(ckpt_dir.iterdir())
+    if not sharding.same_on_every_process(int(found)):
         raise UserError(
-            f"fine-tuning runs in one process (with any number of its devices); this is one of "
-            f"{jax.process_count()} processes: launch a single one"
+            f"the processes see different contents in {ckpt_dir}: --out must be a directory every host shares"
         )
-    return mesh
+    return found
 
 
 def run(args: argparse.Namespace) -> RunResult:
     """Runs the fine-tuning the arguments describe."""
-    mesh = _mesh(args)
+    mesh = sharding.mesh_from_args(args)  # joins a multi-host run first: before anything touches a device
     train_config = _train_config(args)
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
-    if ckpt_dir.exists() and any(ckpt_dir.iterdir()) and not args.resume:
+    if _existing_checkpoints(ckpt_dir) and not args.resume:
         raise UserError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
-    train_examples = read_jsonl(args.train, skip_bad=args.skip_bad_lines)
-    eval_examples = read_jsonl(args.eval, skip_bad=args.skip_bad_lines) if args.eval else []
+    skip = args.skip_bad_lines
+    train_examples = read_jsonl(args.train, skip_bad=skip, warn=_warn)
+    eval_examples = read_jsonl(args.eval, skip_bad=skip, warn=_warn) if args.eval else []
 
     pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh)
     processor = PaliGemmaProcessor(pg.tokenizer, pg.config.image_size, pg.config.num_image_tokens)
@@ -292,40 +335,43 @@ def run(args: argparse.Namespace) -> RunResult:
         len(pg.tokenizer.encode_example(e.prefix, e.suffix, num_image_tokens=processor.num_image_tokens)[0])
         for e in train_examples + eval_examples
     )
-    train_data = Dataset(train_examples, processor, max_length, skip_bad=args.skip_bad_lines)
-    eval_data = Dataset(eval_examples, processor, max_length, skip_bad=args.skip_bad_lines) if eval_examples else None
+    train_data = Dataset(train_examples, processor, max_length, skip_bad=skip, warn=_warn)
+    eval_data = Dataset(eval_examples, processor, max_length, skip_bad=skip, warn=_warn) if eval_examples else None
 
     trainer = Trainer(pg.config, train_config, DTYPES[args.dtype], mesh)
     checkpointer = TrainCheckpointer(ckpt_dir, args.checkpoint_every, args.keep)
     if checkpointer.latest_step() is not None:  # only with --resume (checked above)
         state = checkpointer.restore(trainer.abstract_state(pg.params))
-        print(f"resumed from step {int(state.step)} of {ckpt_dir}", file=sys.stderr)
+        _say(f"resumed from step {int(state.step)} of {ckpt_dir}")
     else:
         state = trainer.init_state(pg.params)
     pg.params = None  # the state holds the weights now; `evaluate` puts the current ones back
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(train_config), indent=2))
+    if _speaks():
+        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(train_config), indent=2))
 
-    evaluate = None
+    evaluate, evaluations = None, []  # evaluations: the lines `evaluate` returned
     if eval_data is not None:
         answered = eval_data.examples[: args.eval_limit]
 
         def evaluate(state: TrainState) -> str:
-            loss = eval_loss(trainer, state, eval_data, train_config.batch_size)
+            loss = eval_loss(trainer, state, eval_data)
             pg.params = trainer.inference_params(state)
             scores = evaluate_generation(pg, answered, batch_size=train_config.batch_size)
             pg.params = None
-            return f"eval loss {loss:.4f}; " + "; ".join(f"{task}: {m.summary()}" for task, m in scores.items())
+            line = f"eval loss {loss:.4f}; " + "; ".join(f"{task}: {m.summary()}" for task, m in scores.items())
+            evaluations.append(line)
+            return line
 
     t0 = time.perf_counter()
     with checkpointer:
         state, history = fit(trainer, state, train_data, checkpointer=checkpointer, evaluate=evaluate,
                              eval_every=args.eval_every, progress=not args.no_progress)
     if history:
-        print(f"trained steps {history[0]['step']}..{history[-1]['step']} in {time.perf_counter() - t0:.0f} s: "
-              f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}", file=sys.stderr)
+        _say(f"trained steps {history[0]['step']}..{history[-1]['step']} in {time.perf_counter() - t0:.0f} s: "
+             f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
     model_dir = export_model(out / "model", pg.config, trainer.inference_params(state), pg.path, args.export_dtype)
-    print(f"wrote {model_dir}")
-    return RunResult(model_dir, history)
+    _say(f"wrote {model_dir}", stdout=True)
+    return RunResult(model_dir, history, evaluations)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -128,8 +129,11 @@ def initialize_distributed(force: bool = False) -> bool:
     Detected launches: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID), Slurm and
     Open MPI with more than one task, GKE TPU slices (TPU_WORKER_HOSTNAMES lists several hosts).
     A Cloud TPU VM pod slice sets none of these: pass force (the CLIs' --distributed); JAX then
-    reads the topology from the TPU metadata server. Returns whether it initialized.
+    reads the topology from the TPU metadata server. Returns whether it initialized: False too
+    when the process has joined already (an earlier call, or the caller's own initialize()).
     """
+    if jax.distributed.is_initialized():
+        return False
     env = os.environ
     explicit = bool(env.get("JAX_COORDINATOR_ADDRESS"))
     launched = (
@@ -150,17 +154,13 @@ def initialize_distributed(force: bool = False) -> bool:
     return True
 
 
-def add_mesh_arguments(parser: argparse.ArgumentParser, multihost: bool = True) -> None:
-    """--mesh, and with `multihost` --distributed: run_generate.py takes both, the fine-tuning
-    entry point (one process) only --mesh."""
-    default = "one device (all devices, fsdp, in a multi-host run)" if multihost else "one device"
+def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
+    """--mesh and --distributed, as run_generate.py and the fine-tuning entry point take them."""
     parser.add_argument(
         "--mesh", metavar="SPEC",
         help='device mesh over the axes data, fsdp, tensor, e.g. "fsdp=-1" (every device), "data=2,fsdp=4" or '
-        f'"1,1,8"; default: {default}',
+        '"1,1,8"; default: one device (all devices, fsdp, in a multi-host run)',
     )
-    if not multihost:
-        return
     parser.add_argument(
         "--distributed", action="store_true",
         help="join a multi-host run with jax.distributed.initialize() (needed on a Cloud TPU VM pod slice; "
@@ -344,18 +344,60 @@ def replicate(tree: Any, mesh: AnyMesh) -> Any:
     return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, P()))
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Host batches -> global arrays, rows over the batch axes. Each process passes its own rows
-    (process-local data, as a data loader yields them); the global batch is their concatenation
-    in process order. On one process this is a plain sharded device_put."""
+def process_rows(rows: int, mesh: Mesh) -> np.ndarray:
+    """Which rows of a global batch of `rows` rows this process's devices hold (`batch_spec`), in
+    order: the rows it passes to `shard_batch`. Every row on one process, or when the batch is
+    replicated (it divides no batch axis)."""
+    placement = NamedSharding(mesh, batch_spec((rows,), mesh))
+    held = {r for index in placement.addressable_devices_indices_map((rows,)).values()
+            for r in range(*index[0].indices(rows))}
+    return np.array(sorted(held), np.int64)
+
+
+def shard_batch(batch: Any, mesh: Mesh, rows: int | None = None) -> Any:
+    """Host batches -> global arrays of `rows` rows, split over the batch axes. Each process
+    passes its own rows, `process_rows(rows, mesh)` of the global batch (process-local data, as a
+    data loader yields them); rows None: this process's rows times the process count, the global
+    batch then being the processes' rows in process order. On one process this is a plain
+    sharded device_put."""
 
     def place(x):
         x = np.asarray(x)
-        rows = x.shape[0] * jax.process_count() if x.ndim else 0
-        spec = batch_spec((rows, *x.shape[1:]), mesh) if x.ndim else P()
-        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x)
+        if not x.ndim:
+            return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), x)
+        shape = (x.shape[0] * jax.process_count() if rows is None else rows, *x.shape[1:])
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, batch_spec(shape, mesh)), x, shape)
 
     return jax.tree.map(place, batch)
+
+
+# -- across processes ------------------------------------------------------------------------------
+def to_host(x: Any, dtype: Any = None) -> np.ndarray:
+    """A whole array as numpy (cast to `dtype` first, on the devices), on every process. An array
+    split across processes is gathered (`multihost_utils.process_allgather`: every process must
+    make the same call, and the array is whole on each device for a moment)."""
+    if not isinstance(x, jax.Array):
+        return np.asarray(x, dtype)
+    x = x if dtype is None else x.astype(dtype)
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return multihost_utils.process_allgather(x, tiled=True)
+
+
+def same_on_every_process(value: int) -> bool:
+    """Whether every process passed the same integer; True in a single-process run. Every process
+    must call it (a collective)."""
+    if jax.process_count() == 1:
+        return True
+    values = multihost_utils.process_allgather(np.int64(value))
+    return bool((values == values[0]).all())
+
+
+def wait_for_every_process(name: str) -> None:
+    """Returns once every process has called it with the same `name` (a barrier); at once in a
+    single-process run."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 # -- loading straight onto shards ------------------------------------------------------------------

@@ -32,6 +32,7 @@ import flax.struct
 import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, SingleDeviceSharding
 
@@ -192,7 +193,8 @@ class Trainer:
     optimizer state) lives on its shards by `sharding.param_specs` (optimizer statistics follow
     their parameter; scalars and the RNG key are replicated), batches are split over the batch
     axes (`place_batch`), and every step returns the state in the layout it was given, so one
-    program serves the whole run.
+    program serves the whole run. On a mesh spanning several processes each process builds and
+    places only its own rows of every batch (`process_rows`).
     """
 
     config: PaliGemmaConfig
@@ -277,11 +279,19 @@ class Trainer:
             return jax.tree.map(lambda _: device, shapes)
         return sharding.param_shardings(shapes, self.mesh)
 
+    def process_rows(self) -> np.ndarray:
+        """Which rows of each `batch_size`-row batch this process builds and passes to `place_batch`:
+        all of them without a mesh or on one process; in a multi-host run, the rows its devices
+        hold (`sharding.process_rows`)."""
+        rows = self.train_config.batch_size
+        return np.arange(rows) if self.mesh is None else sharding.process_rows(rows, self.mesh)
+
     def place_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """A host batch (BATCH_KEYS, [rows, ...]) as the steps take it: under a mesh, rows split
-        over the batch axes (`sharding.shard_batch`); else unchanged."""
+        """A host batch (BATCH_KEYS, [rows, ...]) as the steps take it. Under a mesh the batch is
+        this process's rows (`process_rows`: on one process, all `batch_size`) of one global batch,
+        split over the batch axes (`sharding.shard_batch`); without a mesh it is used as it is."""
         batch = {k: batch[k] for k in BATCH_KEYS}
-        return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh)
+        return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh, self.train_config.batch_size)
 
     def inference_params(self, state: TrainState) -> Any:
         """The parameters to run or export: LoRA adapters merged into their weights."""
@@ -343,6 +353,7 @@ class Trainer:
         return state, self._host_readable(metrics)
 
     def eval_terms(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[float, float]:
-        """(loss sum, weight) of one batch under the current weights; add them up over batches."""
+        """(loss sum, weight) of one batch (as `place_batch` takes it) under the current weights,
+        the same on every process; add them up over batches."""
         total, weight = self._eval_terms(state.variables, self.place_batch(batch))
         return float(total), float(weight)

@@ -14,8 +14,10 @@ The fine-tuning check runs `python -m pali_jax.finetune`'s run() in this process
 under a mesh, on the same model with the tiny tokenizer and shapes-task data.
 The multi-host part runs 2 processes that join through jax.distributed (gloo collectives on CPU)
 and use one 8-device mesh across them: each places only its own shards (from safetensors and from
-orbax) and they generate together; results are checked against the 8-device process's
-single-device run.
+orbax) and they generate together; then they run the fine-tuning entry point together (each
+building its own rows of every batch, checkpoints written and restored by both, the export
+written by process 0) and resume it. Results are checked against the 8-device process's
+single-device runs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ os.environ["XLA_FLAGS"] = " ".join([
 ])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
@@ -51,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from convert.hf_to_flax import convert, load_hf  # noqa: E402
 from pali_jax.paligemma import abstract_params  # noqa: E402
-from pali_jax import sharding  # noqa: E402
+from pali_jax import finetune, sharding  # noqa: E402
 from pali_jax.config import PaliGemmaConfig  # noqa: E402
 from pali_jax.generate import prepare_prompts  # noqa: E402
 from pali_jax.pretrained import PaliGemma  # noqa: E402
@@ -65,6 +69,7 @@ sharding.MIN_SHARDED_ELEMENTS = 2048
 # mesh spec -> which loader places the parameters (both paths are covered across the meshes).
 MESHES = {"8,1,1": "hf", "1,8,1": "orbax", "2,2,2": "hf", "1,1,2": "orbax"}
 BATCH, NEW_TOKENS, BEAMS = 8, 8, 3
+MULTIHOST_RUN = "multihost-run"  # the 2-process fine-tuning run's --out, under the work directory
 # Tokens per training row: also the fine-tuning check's --max-length (its longest example), so that
 # its runs reuse the train steps check_training compiled.
 TRAIN_LENGTH = 42
@@ -257,33 +262,39 @@ def check_training(cfg: PaliGemmaConfig, host_params, batches) -> dict:
     }
 
 
+def finetune_run(workdir: Path, out: str, *extra: str) -> finetune.RunResult:
+    """`python -m pali_jax.finetune` (its run(), in this process) with TRAIN's settings, on the model
+    (WORKDIR/hf) and data (WORKDIR/data) main and check_finetune prepare."""
+    argv = ["--model", workdir / "hf", "--train", workdir / "data" / "train.jsonl", "--out", workdir / out,
+            "--steps", TRAIN.steps, "--batch-size", TRAIN.batch_size, "--optimizer", TRAIN.optimizer,
+            "--momentum", TRAIN.momentum, "--lr", TRAIN.learning_rate, "--schedule", TRAIN.schedule,
+            "--grad-clip", 0, "--max-length", TRAIN_LENGTH, "--checkpoint-every", 1, "--no-progress", *extra]
+    return finetune.run(finetune.parse_args([str(a) for a in argv]))
+
+
 def check_finetune(workdir: Path, hf_dir: Path, ref: PaliGemma) -> dict:
-    """`python -m pali_jax.finetune` (its run(), in this process) with TRAIN's settings on one device
-    and under --mesh data=2,fsdp=4; then the mesh run again, resumed from its step-1 checkpoint."""
+    """`python -m pali_jax.finetune` with TRAIN's settings on one device (with --eval: the multi-host
+    run's reference) and under --mesh data=2,fsdp=4; then the mesh run again, resumed from its
+    step-1 checkpoint."""
     from test_finetune import write_split
     from tokenizer_utils import train_tokenizer
 
-    from pali_jax import finetune
     from pali_jax.checkpoint import TrainCheckpointer
 
     train_tokenizer(hf_dir)
     train = write_split(workdir / "data", "train", 8, seed=1)  # 16 examples: 2 batches an epoch
-
-    def run(out: str, *extra: str) -> finetune.RunResult:
-        argv = ["--model", hf_dir, "--train", train, "--out", workdir / out, "--steps", TRAIN.steps,
-                "--batch-size", TRAIN.batch_size, "--optimizer", TRAIN.optimizer, "--momentum", TRAIN.momentum,
-                "--lr", TRAIN.learning_rate, "--schedule", TRAIN.schedule, "--grad-clip", 0,
-                "--max-length", TRAIN_LENGTH, "--checkpoint-every", 1, "--no-progress", *extra]
-        return finetune.run(finetune.parse_args([str(a) for a in argv]))
+    # 3 held-out examples: one eval batch of 8 rows, 5 of them empty (in a 2-process run, one
+    # process's whole share).
+    (workdir / "data" / "eval.jsonl").write_text("".join(train.read_text().splitlines(keepends=True)[:3]))
 
     start = time.perf_counter()
-    single = run("single")
-    meshed = run("mesh", "--mesh", "data=2,fsdp=4")
+    single = finetune_run(workdir, "single", "--eval", workdir / "data" / "eval.jsonl")
+    meshed = finetune_run(workdir, "mesh", "--mesh", "data=2,fsdp=4")
     # The exported directories load on one device whatever mesh trained them.
     want, got = (PaliGemma.from_pretrained(r.model_dir).params for r in (single, meshed))
     # The last step again, from the sharded checkpoint before it.
     shutil.rmtree(workdir / "mesh" / "checkpoints" / str(TRAIN.steps))
-    resumed = run("mesh", "--mesh", "data=2,fsdp=4", "--resume")
+    resumed = finetune_run(workdir, "mesh", "--mesh", "data=2,fsdp=4", "--resume")
     # That checkpoint restores straight onto the shards, and onto one device as well.
     mesh = sharding.make_mesh("data=2,fsdp=4")
     abstract = abstract_params(ref.config)
@@ -293,6 +304,7 @@ def check_finetune(workdir: Path, hf_dir: Path, ref: PaliGemma) -> dict:
     return {
         "losses": [r["loss"] for r in meshed.history],
         "want_losses": [r["loss"] for r in single.history],
+        "want_evaluations": single.evaluations,
         "params_diff": max_diff(got, want),
         "moved": max_diff(want, ref.params),
         "resumed_steps": [r["step"] for r in resumed.history],
@@ -305,6 +317,14 @@ def check_finetune(workdir: Path, hf_dir: Path, ref: PaliGemma) -> dict:
         "step_compiles": Trainer.step._cache_size(),  # 2 (one device, the mesh) if check_training's were reused
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def check_multihost_finetune(workdir: Path) -> dict:
+    """The 2-process fine-tuning runs' exports (written by process 0) against the single-device run's."""
+    want = PaliGemma.from_pretrained(workdir / "single" / "model").params
+    first = PaliGemma.from_pretrained(workdir / MULTIHOST_RUN / "model-first").params
+    resumed = PaliGemma.from_pretrained(workdir / MULTIHOST_RUN / "model").params
+    return {"params_diff": max_diff(first, want), "resumed_params_diff": max_diff(resumed, first)}
 
 
 def check_loading(ref: PaliGemma, hf_dir: Path, converted: Path) -> dict:
@@ -386,13 +406,14 @@ def main(workdir: Path) -> dict:
     # Single-device references for the multi-host processes.
     np.savez(workdir / "reference.npz", **inputs, tokens=want.tokens, lengths=want.lengths, logits=want.logits)
     result["multihost"] = run_multihost(workdir)
+    result["multihost_finetune"] = check_multihost_finetune(workdir)
     result["seconds"] = round(time.perf_counter() - start, 2)
     return result
 
 
 # -- 2 processes x 4 devices ----------------------------------------------------------------------
 def child(workdir: Path) -> dict:
-    """One of the multi-host processes: load and generate on a mesh spanning both."""
+    """One of the multi-host processes: load and generate on a mesh spanning both, then fine-tune."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
     joined = sharding.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID
     ref = dict(np.load(workdir / "reference.npz"))
@@ -411,6 +432,31 @@ def child(workdir: Path) -> dict:
         "orbax_shards_diff": shards_diff(restored, host),
         "tokens_equal": bool(np.array_equal(got.tokens, ref["tokens"]) and np.array_equal(got.lengths, ref["lengths"])),
         "logits_diff": float(np.abs(got.logits - ref["logits"]).max()),
+        "finetune": child_finetune(workdir),
+    }
+
+
+def child_finetune(workdir: Path) -> dict:
+    """check_finetune's single-device run (with --eval) under --mesh data=2,fsdp=4 across both
+    processes; then, its last checkpoint removed, resumed from step 1. The exports are compared by
+    the parent (check_multihost_finetune)."""
+    mesh_args = ("--mesh", "data=2,fsdp=4")
+    printed = io.StringIO()  # what this process prints: process 0 alone speaks
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        first = finetune_run(workdir, MULTIHOST_RUN, *mesh_args, "--eval", workdir / "data" / "eval.jsonl")
+        if jax.process_index() == 0:  # export_model returned on every process: the directory is complete
+            out = workdir / MULTIHOST_RUN
+            shutil.rmtree(out / "checkpoints" / str(TRAIN.steps))
+            (out / "model").rename(out / "model-first")
+        sharding.wait_for_every_process("resume")
+        resumed = finetune_run(workdir, MULTIHOST_RUN, *mesh_args, "--resume")
+    return {
+        "rows": sharding.process_rows(TRAIN.batch_size, sharding.make_mesh("data=2,fsdp=4")).tolist(),
+        "losses": [r["loss"] for r in first.history],
+        "evaluations": first.evaluations,
+        "resumed_steps": [r["step"] for r in resumed.history],
+        "resumed_loss": resumed.history[-1]["loss"],
+        "printed": printed.getvalue(),
     }
 
 

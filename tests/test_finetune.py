@@ -157,13 +157,33 @@ def test_training_order_is_a_function_of_key_and_step(tokenizer_dir):
     assert not np.array_equal(data.train_indices(0, 4, np.array([0, 8], np.uint32)), steps[:4])
 
 
+def test_process_rows_make_up_the_whole_batch(tokenizer_dir):
+    """A multi-host run's processes each build some rows of every batch (Trainer.process_rows);
+    together they are the single-process batch, also where a share of the last eval batch is empty."""
+    processor = PaliGemmaProcessor(PaliGemmaTokenizer(tokenizer_dir), 16, 16)
+    images = [np.full((8, 8, 3), 40 * i, np.uint8) for i in range(5)]
+    data = Dataset([Example(image, "caption en", f"shape {i}") for i, image in enumerate(images)], processor)
+    shares = ([0, 1], [2, 3])
+    key = np.array([0, 7], np.uint32)
+    whole = data.train_batch(3, 4, key)
+    parts = [data.train_batch(3, 4, key, rows) for rows in shares]
+    for name, value in whole.items():
+        assert np.array_equal(np.concatenate([p[name] for p in parts]), value), name
+    whole = list(data.eval_batches(4))  # 5 examples: the second batch holds one, and 3 empty rows
+    parts = [list(data.eval_batches(4, rows)) for rows in shares]
+    for batch, (first, second) in zip(whole, zip(*parts)):
+        for name, value in batch.items():
+            assert np.array_equal(np.concatenate([first[name], second[name]]), value), name
+    assert not parts[1][1]["loss_mask"].any()  # the second share of the last batch: no example at all
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--trainable", "lora"], "needs lora_rank"),
     (["--batch-size", "6", "--accum-steps", "4"], "multiple of accum_steps"),
     (["--steps", "0"], "steps must be positive"),
     (["--trainable", "bogus"], "invalid choice"),
     (["--mesh", "fsdp=64"], "needs 64 devices"),
-    (["--mesh", "fsdp=2", "--distributed"], "unrecognized arguments: --distributed"),
+    (["--mesh", "fsdp=x"], "'x' is not an integer"),
 ])
 def test_bad_arguments_are_one_line_errors(model_dir, data_dir, tmp_path, capsys, extra, message):
     code, _, stderr = run(capsys, "--model", model_dir, "--train", data_dir / "train.jsonl", "--out", tmp_path, *extra)

@@ -114,6 +114,30 @@ def test_multihost_loading_and_generation(worker):
         assert r["tokens_equal"] and r["logits_diff"] <= 1e-4, r
 
 
+def test_multihost_finetune(worker):
+    """python -m pali_jax.finetune --mesh data=2,fsdp=4 across 2 processes x 4 devices (2 SGD steps,
+    --eval) against the same run on one device: each process builds only its rows of every batch,
+    and together they train the same model. Float32 bar as in test_finetune_entry_point_under_a_mesh
+    (the gradients' sums are reduced in another order). Then the resume from the step-1
+    checkpoint, which both processes restore their shards of: the same program on the same bits."""
+    f, want = worker["multihost_finetune"], worker["finetune"]
+    assert f["params_diff"] <= 1e-5 and f["resumed_params_diff"] == 0.0, f
+    assert [r["finetune"]["rows"] for r in worker["multihost"]] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    for r in worker["multihost"]:
+        t = r["finetune"]
+        assert t["losses"] == pytest.approx(want["want_losses"], rel=1e-6, abs=1e-6), t
+        assert t["resumed_steps"] == [2] and t["resumed_loss"] == t["losses"][-1], t
+        # Eval loss (to the 4 decimals printed) and the generation scores, at steps 0 and 2. The one
+        # eval batch holds 3 examples in 8 rows: process 1's share (rows 4..7) is all padding.
+        assert len(t["evaluations"]) == len(want["want_evaluations"]) == 2, t
+        for got, expected in zip(t["evaluations"], want["want_evaluations"]):
+            (loss, rest), (want_loss, want_rest) = (line.removeprefix("eval loss ").split(";", 1)
+                                                    for line in (got, expected))
+            assert float(loss) == pytest.approx(float(want_loss), abs=1.5e-4) and rest == want_rest, (got, expected)
+    first, second = (r["finetune"]["printed"] for r in worker["multihost"])
+    assert "step 2: eval loss" in first and "wrote" in first and second == "", (first, second)
+
+
 def test_indivisible_dimensions_stay_whole(worker):
     """tests/hf_models.py's pg1 (1 kv head, 4 heads) cannot split its heads 8 ways."""
     f = worker["fallbacks"]
