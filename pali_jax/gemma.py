@@ -57,7 +57,18 @@ class Embedder(nn.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V]."""
-        return jnp.einsum("btd,vd->btv", x, self.input_embedding.astype(self.dtype))
+        table = self.input_embedding.astype(self.dtype)
+        if self.dtype != jnp.bfloat16:
+            return jnp.einsum("btd,vd->btv", x, table)
+        # XLA:CPU multiplies bf16 only through YNNPACK, which takes [M, K] @ [K, N] with both operands
+        # row-major and M, N >= 2; any other bf16 product is computed on a float32 copy of its
+        # operands: here the whole table, every step. So the table is the left operand and x^T is
+        # made a real [D, B*T + 1] array: the zero column stops XLA from folding the transpose into
+        # the dot (which YNNPACK rejects) and makes N >= 2 when decoding one sequence.
+        b, t, d = x.shape
+        cols = jnp.concatenate([x.reshape(b * t, d).T, jnp.zeros((d, 1), x.dtype)], axis=1)
+        logits = jnp.dot(table, cols, preferred_element_type=jnp.float32)[:, :-1].astype(self.dtype)  # [V, B*T]
+        return logits.T.reshape(b, t, -1)
 
 
 def _project(x: jax.Array, w: jax.Array, in_axes: int) -> jax.Array:
@@ -68,7 +79,9 @@ def _project(x: jax.Array, w: jax.Array, in_axes: int) -> jax.Array:
     """
     n_in = math.prod(w.shape[:in_axes])
     lead = x.shape[: x.ndim - in_axes]
-    y = x.reshape(-1, n_in) @ w.reshape(n_in, -1)
+    # bf16 x bf16 -> f32 is the product XLA:CPU has a bf16 kernel for (YNNPACK's, for >= 2 rows);
+    # a single bf16 row is computed in float32 on that layer's weights, converted as they are sliced.
+    y = jnp.dot(x.reshape(-1, n_in), w.reshape(n_in, -1), preferred_element_type=jnp.float32).astype(x.dtype)
     return y.reshape(*lead, *w.shape[in_axes:])
 
 

@@ -26,7 +26,7 @@ from pali_jax.checkpoint import restore_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
-from pali_jax.generate import GenerateOutput, Generator
+from pali_jax.generate import GenerateOutput, Generator, compiler_options
 from pali_jax.paligemma import PaliGemmaModel, abstract_params
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
 from pali_jax.sampling import SamplingParams
@@ -83,7 +83,7 @@ class PaliGemma:
         self.module = PaliGemmaModel(self.config, self.dtype)
         self.generator = Generator(self.module, self.mesh)
         self.beam_search = BeamSearch(self.module, self.mesh)
-        self._forward = jax.jit(self.module.apply)
+        self._forward = jax.jit(self.module.apply, compiler_options=compiler_options())
 
     @functools.cached_property
     def tokenizer(self) -> PaliGemmaTokenizer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import hf_models
 import jax
 import numpy as np
@@ -9,7 +11,8 @@ import pytest
 import torch
 
 from pali_jax.beam_search import BeamSearch
-from pali_jax.generate import MIN_TEXT_BUCKET, Generator, StopReason, bucket
+from pali_jax.generate import MIN_TEXT_BUCKET, Generator, StopReason, bucket, prepare_prompts
+from pali_jax.pretrained import PaliGemma
 from pali_jax.sampling import SamplingParams
 from test_model import make_inputs
 
@@ -166,6 +169,35 @@ def test_beam_search(tiny_models):
     start = ids.shape[1] - 1
     total = sum(float(logp[start + i, t]) for i, t in enumerate(seq))
     assert four.scores[0] == pytest.approx(total / len(seq), abs=1e-4)
+
+
+def _materialised_f32_shapes(hlo: str) -> set[str]:
+    """Shapes of the float32 buffers a compiled program writes: results of instructions outside
+    fused computations (an instruction inside a fusion lives in registers)."""
+    fused = set(re.findall(r" fusion\(.*?calls=(%[\w.-]+)", hlo))
+    shapes, inside_fusion = set(), False
+    for line in hlo.splitlines():
+        if header := re.match(r"(?:ENTRY )?(%[\w.-]+) \(", line):
+            inside_fusion = header.group(1) in fused
+        elif not inside_fusion and (result := re.match(r"\s*(?:ROOT )?%\S+ = f32\[([\d,]*)\]", line)):
+            shapes.add(result.group(1))
+    return shapes
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bfloat16_generation_never_copies_weights_to_float32(tiny_models, batch):
+    """XLA:CPU computes bf16 ops in float32 (see `generate.compiler_options`): neither the decode
+    loop nor the prefill may hold a float32 copy of the stacked layer weights or of the embedding
+    table (one layer's weights at a time, as they are sliced, are allowed)."""
+    pg = PaliGemma.from_pretrained(tiny_models["pg1"].hf_dir, dtype="bfloat16")
+    pixels, ids = prompt(pg, 5, 3)
+    pixels, ids = np.repeat(pixels, batch, 0), np.repeat(ids, batch, 0)
+    statics, ids, types, mask, stops = prepare_prompts(pg.config, ids, None, None, 8, (), None, False)
+    hlo = pg.generator._generate.lower(
+        statics, pg.params, pixels, ids, types, mask, 8, SamplingParams.greedy(), jax.random.PRNGKey(0), stops
+    ).compile().as_text()
+    weights = {",".join(map(str, w.shape)) for w in jax.tree.leaves(pg.params["llm"]) if w.ndim >= 2}
+    assert not weights & _materialised_f32_shapes(hlo), weights & _materialised_f32_shapes(hlo)
 
 
 def test_bad_generate_arguments(tiny_models):

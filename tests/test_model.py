@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -101,6 +102,21 @@ def test_suffix_loss(tiny):
     assert abs(ours - ref) / abs(ref) <= 1e-5
     # Equal suffix lengths: big_vision's per-example reduction gives the same number.
     assert float(suffix_nll(logits, jnp.asarray(ids), jnp.asarray(types == 1))) == pytest.approx(ours, rel=1e-6)
+
+
+def test_bfloat16_as_close_as_transformers_bfloat16(tiny):
+    """bf16 logits: our error against the float32 reference is within 2x of transformers' own bf16 error."""
+    pixels, ids, types = make_inputs(tiny.pg, 2, 5, 4, seed=6)
+    ref = hf_forward(tiny.hf, pixels, ids, types).logits.numpy()
+    hf16 = copy.deepcopy(tiny.hf).to(torch.bfloat16)
+    with torch.no_grad():
+        theirs = hf16(
+            pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2).to(torch.bfloat16),
+            input_ids=torch.tensor(ids, dtype=torch.long), token_type_ids=torch.tensor(types, dtype=torch.long),
+        ).logits.float().numpy()
+    ours = np.asarray(PaliGemma.from_pretrained(tiny.hf_dir, dtype="bfloat16").forward(pixels, ids, types))
+    error = lambda x: np.linalg.norm(x - ref) / np.linalg.norm(ref)  # noqa: E731
+    assert 0 < error(ours) <= 2 * error(theirs), (error(ours), error(theirs))
 
 
 def test_sliding_window_off_is_full_attention(tiny_models):
