@@ -8,9 +8,11 @@ Parameter names follow big_vision / google-deepmind/gemma (`embedder/input_embed
 `attn/q_einsum`, `attn/kv_einsum`, `attn/attn_vec_einsum`, `mlp/gating_einsum`, `mlp/linear`,
 `pre_attention_norm`, ...). Layouts put the contracted axes first and keep the rest contiguous
 (q [D, N, H], kv [D, 2, K, H], out [N, H, D], gating [D, 2, F], linear [F, D]; big_vision has
-[N, D, H], [2, K, D, H], [2, D, F]), so that every projection is ONE 2-D matmul (`_project`). Layers run under `nn.scan`, so every layer parameter carries a leading
-[L] axis. Numerics follow transformers' Gemma/Gemma2 (see shared facts): norms, attention logits and
-softmax in float32, everything else in the activation dtype.
+[N, D, H], [2, K, D, H], [2, D, F]), so that every projection is ONE 2-D matmul (`_project`).
+Layers run under `nn.scan` (every layer parameter carries a leading [L] axis) or, for inference,
+one by one on their own weights (`Gemma.scan_layers`). Numerics follow transformers'
+Gemma/Gemma2 (see shared facts): norms, attention logits and softmax in float32, everything else
+in the activation dtype.
 """
 
 from __future__ import annotations
@@ -79,10 +81,15 @@ def _project(x: jax.Array, w: jax.Array, in_axes: int) -> jax.Array:
     """
     n_in = math.prod(w.shape[:in_axes])
     lead = x.shape[: x.ndim - in_axes]
-    # bf16 x bf16 -> f32 is the product XLA:CPU has a bf16 kernel for (YNNPACK's, for >= 2 rows);
-    # a single bf16 row is computed in float32 on that layer's weights, converted as they are sliced.
-    y = jnp.dot(x.reshape(-1, n_in), w.reshape(n_in, -1), preferred_element_type=jnp.float32).astype(x.dtype)
-    return y.reshape(*lead, *w.shape[in_axes:])
+    rows = x.reshape(-1, n_in)
+    # XLA:CPU has a bf16 matmul only in YNNPACK (bf16 x bf16 -> f32, >= 2 rows); any other bf16
+    # product runs in float32 on a converted copy of the weight. One row (decoding one sequence) is
+    # padded to two: the weight is still read once.
+    single = rows.dtype == jnp.bfloat16 and rows.shape[0] == 1
+    if single:
+        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
+    y = jnp.dot(rows, w.reshape(n_in, -1), preferred_element_type=jnp.float32).astype(x.dtype)
+    return y[: len(y) - single].reshape(*lead, *w.shape[in_axes:])
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -178,26 +185,35 @@ class Block(nn.Module):
 
 
 class Gemma(nn.Module):
-    """The decoder stack: embedder, L scanned blocks, final norm, tied logits.
+    """The decoder stack: embedder, L blocks, final norm, tied logits.
 
+    `scan_layers` (the checkpoint layout) runs the blocks under `nn.scan` on stacked weights
+    (`layers/...` [L, ...]); False gives each block its own weights (`layers_0/...`, ...; see
+    `paligemma.split_layers`). XLA:CPU copies a layer's slice out of a stacked weight before a
+    matmul can read it, so decoding on stacked weights moves each layer's bytes three times instead
+    of once (PaliGemma 1 widths, 6 layers, float32: 2.4x the memory-bandwidth floor against 1.5x).
     `remat` recomputes each layer's activations in the backward pass (training memory).
     """
 
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = True
 
     def setup(self):
         c = self.cfg
         block = nn.remat(Block, prevent_cse=False) if self.remat else Block
         self.embedder = Embedder(c.vocab_size, c.width, self.dtype)
-        self.layers = nn.scan(
-            block,
-            variable_axes={"params": 0, "lora": 0},  # LoRA adapters (lora.py) are stacked like the weights
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
-            length=c.depth,
-        )(c, self.dtype)
+        if self.scan_layers:
+            self.layers = nn.scan(
+                block,
+                variable_axes={"params": 0, "lora": 0},  # LoRA adapters (lora.py) are stacked like the weights
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+                length=c.depth,
+            )(c, self.dtype)
+        else:
+            self.layers = [block(c, self.dtype) for _ in range(c.depth)]  # named layers_0, layers_1, ...
         self.final_norm = RMSNorm(c.rms_norm_eps)
 
     def embed(self, ids: jax.Array) -> jax.Array:
@@ -207,8 +223,20 @@ class Gemma(nn.Module):
         """x [B, T, D] embedded inputs; masks: (full, sliding) [B, T, S]; kv: (k, v) [L, B, S, K, H]
         or None. Returns (final-normed hidden states [B, T, D], updated kv or None)."""
         is_sliding = jnp.asarray(self.cfg.layer_is_sliding, bool)  # [L]
-        x, kv = self.layers(x, positions, masks, is_sliding, kv, write_index)
+        if self.scan_layers:
+            x, kv = self.layers(x, positions, masks, is_sliding, kv, write_index)
+        else:
+            x, kv = self._layer_by_layer(x, positions, masks, is_sliding, kv, write_index)
         return self.final_norm(x), kv
+
+    def _layer_by_layer(self, x, positions, masks, is_sliding, kv, write_index):
+        """The unscanned stack; the cache stays stacked [L, ...], as nn.scan returns it."""
+        updated = []
+        for i, layer in enumerate(self.layers):
+            x, layer_kv = layer(x, positions, masks, is_sliding[i], None if kv is None else (kv[0][i], kv[1][i]),
+                                write_index)
+            updated.append(layer_kv)
+        return x, None if kv is None else tuple(jnp.stack(parts) for parts in zip(*updated))
 
     def logits(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V] float32, with Gemma 2's final soft cap where configured."""

@@ -25,13 +25,16 @@ _FIRST_POSITION = 1
 
 
 class PaliGemmaModel(nn.Module):
+    """scan_layers=False: the decoder layers' weights one subtree each (see `Gemma`, `split_layers`)."""
+
     cfg: PaliGemmaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = True
 
     def setup(self):
         self.img = SigLIP(self.cfg.vision, self.cfg.text.width, self.dtype, self.remat)
-        self.llm = Gemma(self.cfg.text, self.dtype, self.remat)
+        self.llm = Gemma(self.cfg.text, self.dtype, self.remat, self.scan_layers)
 
     def embed_image(self, pixel_values: jax.Array) -> jax.Array:
         """[B, H, W, 3] in [-1, 1] -> image tokens [B, P, D] (projected, not scaled)."""
@@ -111,3 +114,27 @@ def abstract_params(cfg: PaliGemmaConfig, dtype: jnp.dtype = jnp.float32):
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     shapes = jax.eval_shape(PaliGemmaModel(cfg).init, jax.random.PRNGKey(0), pixels, ids)["params"]
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
+
+
+def split_layers(params: dict) -> dict:
+    """Stacked decoder weights (`llm/layers/...`, [L, ...]) -> one subtree per layer (`llm/layers_0/...`,
+    ...): the parameters of `PaliGemmaModel(scan_layers=False)`.
+
+    Works in place on `params`, dropping each stacked array once it is split, so memory peaks at
+    the model plus its largest stacked array.
+    """
+    llm = params["llm"]
+    leaves, treedef = jax.tree.flatten(llm.pop("layers"))
+    per_layer = []
+    for j in range(len(leaves)):
+        stacked, leaves[j] = leaves[j], None
+        per_layer.append(_unstack(stacked))
+        del stacked
+    for i, layer in enumerate(zip(*per_layer)):
+        llm[f"layers_{i}"] = jax.tree.unflatten(treedef, layer)
+    return params
+
+
+@jax.jit
+def _unstack(x: jax.Array) -> list[jax.Array]:
+    return list(x)  # one compiled program per stacked shape, not one per layer and shape

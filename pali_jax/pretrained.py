@@ -27,7 +27,7 @@ from pali_jax.config import PaliGemmaConfig
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, Generator, compiler_options
-from pali_jax.paligemma import PaliGemmaModel, abstract_params
+from pali_jax.paligemma import PaliGemmaModel, abstract_params, split_layers
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
 from pali_jax.sampling import SamplingParams
 
@@ -78,9 +78,10 @@ class PaliGemma:
     dtype: Any = jnp.float32
     path: Path | None = None  # where it was loaded from (tokenizer files live there)
     mesh: Mesh | None = None  # the mesh `params` are sharded over (pali_jax.sharding); None: one device
+    scan_layers: bool = True  # False: `params` holds each decoder layer apart (`paligemma.split_layers`)
 
     def __post_init__(self):
-        self.module = PaliGemmaModel(self.config, self.dtype)
+        self.module = PaliGemmaModel(self.config, self.dtype, scan_layers=self.scan_layers)
         self.generator = Generator(self.module, self.mesh)
         self.beam_search = BeamSearch(self.module, self.mesh)
         self._forward = jax.jit(self.module.apply, compiler_options=compiler_options())
@@ -102,15 +103,20 @@ class PaliGemma:
         *,
         sliding_window: bool = True,
         mesh: Mesh | None = None,
+        scan_layers: bool = True,
     ) -> "PaliGemma":
         """Loads a converted directory, an HF checkpoint directory (converted in memory) or a hub id.
 
         dtype: "float32" or "bfloat16" (parameters and activations). sliding_window=False turns
         Gemma 2's sliding window off on every layer (big_vision's behaviour; see README).
         mesh (`pali_jax.sharding.make_mesh`): every parameter is loaded straight onto its shards.
+        scan_layers=False keeps each decoder layer's weights apart (`llm/layers_0/...`) instead of
+        stacked: faster decoding on CPU, longer compiles, and not the layout training uses (README).
         """
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+        if not scan_layers and mesh is not None:
+            raise UserError("scan_layers=False is for one device: the mesh's partition rules expect stacked layers")
         path = Path(path_or_hub_id).expanduser()
         if not path.exists():
             path = _download(str(path_or_hub_id))
@@ -131,7 +137,9 @@ class PaliGemma:
             raise UserError(f"{path} is neither a pali-jax directory ({CONFIG_FILE}) nor an HF checkpoint (config.json)")
         if not sliding_window:
             config = config.without_sliding_window()
-        return cls(config, params, DTYPES[dtype], path, mesh)
+        if not scan_layers:
+            params = split_layers(params)
+        return cls(config, params, DTYPES[dtype], path, mesh, scan_layers)
 
     # -- model calls ---------------------------------------------------------------------------
     def _check(self, pixel_values, input_ids) -> tuple[np.ndarray, np.ndarray]:

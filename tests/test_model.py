@@ -104,6 +104,14 @@ def test_suffix_loss(tiny):
     assert float(suffix_nll(logits, jnp.asarray(ids), jnp.asarray(types == 1))) == pytest.approx(ours, rel=1e-6)
 
 
+def test_unscanned_layers_equal_scanned(tiny):
+    split = PaliGemma.from_pretrained(tiny.hf_dir, scan_layers=False)
+    depth = tiny.pg.config.text.depth
+    assert "layers" not in split.params["llm"] and f"layers_{depth - 1}" in split.params["llm"]
+    pixels, ids, types = make_inputs(tiny.pg, 2, 5, 9, seed=1)
+    assert_close(split.forward(pixels, ids, types), tiny.pg.forward(pixels, ids, types), rel=1e-6, abs_=1e-5)
+
+
 def test_bfloat16_as_close_as_transformers_bfloat16(tiny):
     """bf16 logits: our error against the float32 reference is within 2x of transformers' own bf16 error."""
     pixels, ids, types = make_inputs(tiny.pg, 2, 5, 4, seed=6)
