@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
 import jax
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -43,6 +46,63 @@ def restore_params(path: str | Path, abstract: Any = None) -> Any:
     wanted) sets each leaf's dtype and placement. None restores as saved."""
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(Path(path).absolute(), abstract)
+
+
+def read_params(path: str | Path, abstract: Any) -> Any:
+    """`restore_params` onto the default device, for checkpoints `save_params` wrote from host arrays.
+
+    Those hold each array as one raw zarr chunk (no compression, no OCDBT). Each chunk is read
+    straight into a 64-byte-aligned host buffer, which becomes the device array without a copy on
+    CPU: loading costs the file reads and memory peaks at the parameters' size. orbax's restore
+    reads through a second buffer (about 2x the parameters at its peak) and returns numpy arrays,
+    which every jitted call would copy again. Any other layout goes through orbax.
+    """
+    path = Path(path)
+    keyed, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    files = [_single_chunk(path, keys, leaf) for keys, leaf in keyed]
+    if None in files or json.loads((path / "_METADATA").read_text()).get("use_zarr3"):
+        return jax.tree.map(jax.device_put, restore_params(path, abstract))
+    return jax.tree.unflatten(treedef, [_read_chunk(*f, leaf) for f, (_, leaf) in zip(files, keyed)])
+
+
+def _single_chunk(path: Path, keys, leaf) -> tuple[Path, np.dtype] | None:
+    """(chunk file, stored dtype) of a leaf saved as one uncompressed C-order zarr v2 chunk; else None."""
+    array_dir = path / ".".join(str(k.key) for k in keys)
+    try:
+        meta = json.loads((array_dir / ".zarray").read_text())
+        dtype = np.dtype(ml_dtypes.bfloat16 if meta["dtype"] == "bfloat16" else meta["dtype"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    plain = meta.get("compressor") is None and not meta.get("filters") and meta.get("order") == "C"
+    if not plain or meta.get("zarr_format") != 2 or tuple(meta.get("shape", ())) != tuple(leaf.shape):
+        return None
+    if meta.get("chunks") != meta["shape"] or not dtype.isnative:
+        return None
+    chunk = array_dir / meta.get("dimension_separator", ".").join(["0"] * max(len(leaf.shape), 1))
+    return (chunk, dtype) if chunk.is_file() and chunk.stat().st_size == leaf.size * dtype.itemsize else None
+
+
+def _read_chunk(chunk: Path, stored: np.dtype, leaf) -> jax.Array:
+    """The array in `chunk` (stored dtype), as a device array of the leaf's dtype."""
+    host = _aligned_empty(leaf.shape, stored)
+    with open(chunk, "rb", buffering=0) as f:
+        view = memoryview(host.reshape(-1).view(np.uint8))
+        while view:  # readinto may return short counts on large reads
+            view = view[f.readinto(view):]
+    if stored != np.dtype(leaf.dtype):
+        cast = _aligned_empty(leaf.shape, leaf.dtype)
+        np.copyto(cast, host, casting="unsafe")
+        host = cast
+    return jax.device_put(host)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.ndarray:
+    """An uninitialised array whose data starts on an `alignment`-byte boundary (what XLA:CPU
+    needs to use host memory in place)."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(math.prod(shape) * dtype.itemsize + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    return raw[start : start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
 
 class CheckpointError(UserError):

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from pali_jax import sharding
 from pali_jax.beam_search import BeamSearch
-from pali_jax.checkpoint import restore_params
+from pali_jax.checkpoint import read_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
@@ -125,7 +125,7 @@ class PaliGemma:
             if mesh is not None:
                 params = sharding.restore_sharded(path / PARAMS_DIR, config, mesh, DTYPES[dtype])
             else:
-                params = restore_params(path / PARAMS_DIR, abstract_params(config, DTYPES[dtype]))
+                params = read_params(path / PARAMS_DIR, abstract_params(config, DTYPES[dtype]))
         elif (path / "config.json").exists() and mesh is not None:
             config, params = sharding.load_hf_sharded(path, mesh, dtype)
         elif (path / "config.json").exists():

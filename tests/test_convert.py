@@ -11,12 +11,15 @@ import hf_models
 import jax
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 from transformers import PaliGemmaForConditionalGeneration
 
 from convert.hf_to_flax import load_hf, main
+from pali_jax.checkpoint import read_params, restore_params
+from pali_jax.paligemma import abstract_params
 from pali_jax.pretrained import PaliGemma
 from test_model import assert_close, hf_forward, make_inputs
 
@@ -90,6 +93,20 @@ def test_bfloat16_checkpoint(tmp_path, capsys):
     assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(bf16.params))
     logits = np.asarray(bf16.forward(pixels, ids, types))
     assert logits.dtype == np.float32 and np.isfinite(logits).all()
+
+
+def test_read_params_equals_orbax_restore(tiny_models, tmp_path, capsys):
+    """Converted checkpoints load through read_params' direct reads (cast on the way); any other
+    layout (here orbax's defaults: OCDBT, compressed) through orbax. Both give device arrays."""
+    tiny = tiny_models["pg1"]
+    assert convert_cli(capsys, tiny.hf_dir, tmp_path / "converted")[0] == 0
+    abstract = abstract_params(tiny.pg.config, jax.numpy.bfloat16)
+    want = restore_params(tmp_path / "converted" / "params", abstract)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "ocdbt", tiny.pg.params)
+    for path in (tmp_path / "converted" / "params", tmp_path / "ocdbt"):
+        got = read_params(path, abstract)
+        assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(got)) and tree_equal(got, want)
 
 
 def _truncate(d):
