@@ -1,19 +1,37 @@
-"""Side-by-side generation timings: pali-jax against transformers, same random weights.
+"""Side-by-side generation benchmark: pali-jax against transformers, same random weights.
 
-    python -m benchmarks.generation                       # PaliGemma 1 3B widths, 2+2 layers, float32, batch 1 and 8
+    python -m benchmarks.generation                   # the full table (about an hour on 2 CPU cores)
+    python -m benchmarks.generation --presets paligemma-3b-224 --dtypes float32 --batch 1 8 --runs 2
 
-Per batch size: time to first token (prefill incl. SigLIP, compile excluded), decode ms per token,
-decode tokens/s, and pali-jax's first-call compile time; medians of --runs runs after a warm-up.
-Both decode the same prompts greedily and the tokens are compared. The floor beside decode is the
-bytes of weights a decode step must read (decoder layers + the tied embedding for the logits)
-divided by a read bandwidth measured in the same run.
+Configurations: the real widths and full vocabulary (257216) of each preset (default PaliGemma 1 3B
+and PaliGemma 2 3B at 224 px) at reduced depth (--vision-layers / --text-layers, default 2 + 2), in
+float32 and bfloat16. Each gets one random transformers model, saved once and converted once;
+pali-jax loads the conversion the way run_generate.py does (`scan_layers=False`), transformers the
+checkpoint (eager attention). Every implementation, preset and dtype runs in its own process, which
+reports its peak RSS (VmHWM: weights, runtime and scratch memory together).
+
+Per batch size, medians of --runs runs after a warm-up: time to first token (SigLIP + prefill + one
+token, compile excluded), decode ms per token ((time for N tokens - TTFT) / (N - 1)), captions/s
+(batch / time for N greedy tokens; random weights never emit EOS), and the first call's extra time
+(pali-jax: tracing and compiling that batch's program). Both decode the same prompts greedily and
+the first rows' tokens are compared.
+
+Beside each figure, its floor, measured on this machine in the same run: a decode step must read
+every decoder weight and the tied embedding (bytes / read bandwidth of a 1 GiB reduction) and do
+2 FLOPs per weight per row; prefill must do the matmul FLOPs of SigLIP, the projector and the decoder
+over the prompt, and its attention (FLOPs / the faster of JAX's and PyTorch's rates on a
+[512, 2048] x [2048, 8192] matmul in that dtype).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,13 +39,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
-from benchmarks.hf_reference import build, hf_config
-from pali_jax.config import preset
+from pali_jax.config import PaliGemmaConfig
 from pali_jax.pretrained import PaliGemma
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+IMPLS = ("pali_jax", "transformers")
+DTYPES = ("float32", "bfloat16")
 
 
 def median_time(fn, runs: int) -> float:
@@ -39,7 +56,8 @@ def median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def read_bandwidth(runs: int = 5, nbytes: int = 1 << 30) -> float:
+# -- the machine ---------------------------------------------------------------------------------
+def read_bandwidth(runs: int = 7, nbytes: int = 1 << 30) -> float:
     """Bytes/s of a jitted full read (sum) of a 1 GiB float32 array: what a decode step can hope for."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
@@ -47,13 +65,58 @@ def read_bandwidth(runs: int = 5, nbytes: int = 1 << 30) -> float:
     return nbytes / median_time(lambda: total(x).block_until_ready(), runs)
 
 
+def matmul_rate(dtype: str, runs: int = 5, m: int = 512, k: int = 2048, n: int = 8192) -> float:
+    """FLOP/s of an [m, k] @ [k, n] matmul in `dtype`, the faster of JAX (XLA) and PyTorch."""
+    import torch
+
+    flops = 2 * m * k * n
+    a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    dot(a, b).block_until_ready()
+    jax_s = median_time(lambda: dot(a, b).block_until_ready(), runs)
+    ta, tb = torch.ones((m, k), dtype=getattr(torch, dtype)), torch.ones((k, n), dtype=getattr(torch, dtype))
+    torch.mm(ta, tb)
+    torch_s = median_time(lambda: torch.mm(ta, tb), runs)
+    return flops / min(jax_s, torch_s)
+
+
+# -- floors --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Work:
+    """What one row costs at least: weight bytes a decode step reads, and matmul FLOPs."""
+
+    decode_bytes: int
+    decode_flops: int  # per row and step
+    prefill_flops: int  # per row: SigLIP, projector, the decoder over the prompt, last logits
+
+    @classmethod
+    def of(cls, cfg: PaliGemmaConfig, itemsize: int, prompt_length: int) -> "Work":
+        v, t = cfg.vision, cfg.text
+        layer = t.width * (t.num_heads + 2 * t.num_kv_heads) * t.head_dim + t.num_heads * t.head_dim * t.width
+        layer += 3 * t.width * t.mlp_dim  # gating (gate and up) and linear
+        decoder = t.depth * layer + t.vocab_size * t.width  # the tied embedding makes the logits
+        p = cfg.num_image_tokens
+        vision = p * 2 * (v.patch_size**2 * 3 * v.width + v.depth * (4 * v.width**2 + 2 * v.width * v.mlp_dim))
+        vision += v.depth * 4 * p * p * v.width + p * 2 * v.width * t.width  # attention, projector
+        text = prompt_length * 2 * t.depth * layer + t.depth * 4 * prompt_length**2 * t.num_heads * t.head_dim
+        return cls(itemsize * decoder, 2 * decoder, vision + text + 2 * t.width * t.vocab_size)
+
+    def floors(self, batch: int, new_tokens: int, bandwidth: float, rate: float) -> dict:
+        """Seconds: TTFT, one decode step, and the captions/s they allow."""
+        ttft = max(batch * self.prefill_flops / rate, self.decode_bytes / bandwidth)
+        step = max(self.decode_bytes / bandwidth, batch * self.decode_flops / rate)
+        return {"ttft_s": ttft, "decode_s": step, "captions_per_s": batch / (ttft + (new_tokens - 1) * step)}
+
+
 def decode_bytes(pg: PaliGemma) -> int:
     """Weight bytes one decode step reads: every decoder layer and the embedding (for the logits)."""
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pg.params["llm"]))
 
 
-def inputs(pg: PaliGemma, batch: int, prompt_tokens: int, seed: int = 0):
-    cfg = pg.config
+# -- one implementation, in its own process --------------------------------------------------------
+def inputs(pg_or_cfg, batch: int, prompt_tokens: int, seed: int = 0):
+    """Random pixels and `<image>` x P, `<bos>`, random text, `"\\n"` (prompt_tokens after the image)."""
+    cfg = getattr(pg_or_cfg, "config", pg_or_cfg)
     rng = np.random.default_rng(seed)
     pixels = rng.uniform(-1, 1, (batch, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
     text = rng.integers(3, 256000, (batch, prompt_tokens - 2))
@@ -64,99 +127,152 @@ def inputs(pg: PaliGemma, batch: int, prompt_tokens: int, seed: int = 0):
     return pixels, ids
 
 
-def bench_jax(pg: PaliGemma, pixels, ids, new_tokens: int, runs: int) -> dict:
-    def gen(n):
-        return pg.generate_ids(pixels.astype(pg.dtype), ids, max_new_tokens=n)  # returns host arrays
-
+def measure(gen, cfg: PaliGemmaConfig, batch: int, prompt_tokens: int, new_tokens: int, runs: int) -> dict:
+    """gen(pixels, ids, n) -> tokens [B, n]: first-call extra time, TTFT, decode, captions/s, tokens."""
+    pixels, ids = inputs(cfg, batch, prompt_tokens)
     t0 = time.perf_counter()
-    gen(1)
-    first_call = time.perf_counter() - t0
-    steady_first = median_time(lambda: gen(1), runs)
-    full = median_time(lambda: gen(new_tokens), runs)
-    tokens = gen(new_tokens).tokens
+    gen(pixels, ids, 1)
+    first = time.perf_counter() - t0
+    gen(pixels, ids, new_tokens)  # warm-up of the long call too
+    ttft = median_time(lambda: gen(pixels, ids, 1), runs)
+    full = median_time(lambda: gen(pixels, ids, new_tokens), runs)
     return {
-        "compile_s": first_call - steady_first, "ttft_s": steady_first,
-        "decode_ms_per_token": (full - steady_first) / (new_tokens - 1) * 1e3, "tokens": tokens,
+        "batch": batch, "first_call_extra_s": first - ttft, "ttft_s": ttft,
+        "decode_ms_per_token": (full - ttft) / (new_tokens - 1) * 1e3, "captions_per_s": batch / full,
+        "tokens": np.asarray(gen(pixels[:1], ids[:1], new_tokens))[0].tolist() if batch == 1 else None,
     }
 
 
-def bench_torch(model, pixels, ids, new_tokens: int, runs: int) -> dict:
-    pv = torch.tensor(pixels).permute(0, 3, 1, 2).to(model.dtype)
-    ids_t = torch.tensor(ids, dtype=torch.long)
+def pali_jax_generator(model_dir: str, dtype: str):
+    pg = PaliGemma.from_pretrained(model_dir, dtype=dtype, scan_layers=False)
+    return pg.config, lambda pixels, ids, n: pg.generate_ids(pixels, ids, max_new_tokens=n).tokens
 
-    def gen(n):
+
+def transformers_generator(model_dir: str, dtype: str):
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration
+
+    model = PaliGemmaForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model.set_attn_implementation("eager")
+    cfg = PaliGemmaConfig.from_hf(Path(model_dir) / "config.json")
+
+    def gen(pixels, ids, n):
+        ids_t = torch.tensor(ids, dtype=torch.long)
         with torch.no_grad():
-            return model.generate(pixel_values=pv, input_ids=ids_t, token_type_ids=torch.zeros_like(ids_t),
-                                  attention_mask=torch.ones_like(ids_t), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False)
+            out = model.generate(pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2).to(model.dtype), input_ids=ids_t,
+                                 token_type_ids=torch.zeros_like(ids_t), attention_mask=torch.ones_like(ids_t),
+                                 max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[:, ids.shape[1]:].numpy()
 
-    gen(2)
-    first = median_time(lambda: gen(1), runs)
-    full = median_time(lambda: gen(new_tokens), runs)
-    return {
-        "ttft_s": first, "decode_ms_per_token": (full - first) / (new_tokens - 1) * 1e3,
-        "tokens": gen(new_tokens)[:, ids.shape[1]:].numpy(),
-    }
+    return cfg, gen
+
+
+def child(spec: dict) -> dict:
+    from benchmarks.peak_rss import peak_rss_bytes
+
+    make = pali_jax_generator if spec["impl"] == "pali_jax" else transformers_generator
+    t0 = time.perf_counter()
+    cfg, gen = make(spec["model_dir"], spec["dtype"])
+    load_s = time.perf_counter() - t0
+    rows = [measure(gen, cfg, b, spec["prompt_tokens"], spec["new_tokens"], spec["runs"]) for b in spec["batch"]]
+    return {"load_s": load_s, "rows": rows, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def run_child(spec: dict, tmp: Path) -> dict:
+    out = tmp / "child.json"
+    cmd = [sys.executable, "-m", "benchmarks.generation", "--child", json.dumps(spec), str(out)]
+    subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())
+
+
+# -- the matrix ------------------------------------------------------------------------------------
+def prepare(preset_name: str, vision_layers: int, text_layers: int, dtypes, root: Path) -> dict[str, Path]:
+    """One random HF checkpoint (float32) and its pali-jax conversion per dtype; returns the paths."""
+    import torch
+
+    from benchmarks.hf_reference import build, hf_config
+    from convert.hf_to_flax import convert
+    from pali_jax.config import preset
+
+    hf_dir = root / preset_name / "hf"
+    build(hf_config(preset(preset_name), vision_layers, text_layers), torch.float32).save_pretrained(hf_dir)
+    gc.collect()
+    paths = {"hf": hf_dir}
+    for dtype in dtypes:
+        paths[dtype] = convert(hf_dir, root / preset_name / dtype, dtype)
+    return paths
+
+
+def print_table(result: dict) -> None:
+    a = result["args"]
+    print(f"\nText layers {a['text_layers']}, vision layers {a['vision_layers']} (real widths, vocab 257216); "
+          f"{a['prompt_tokens']} prompt tokens after the image, {a['new_tokens']} new tokens; medians of {a['runs']}. "
+          f"Read bandwidth {result['read_bandwidth'] / 1e9:.1f} GB/s; matmul "
+          + ", ".join(f"{d} {r / 1e9:.0f} GFLOP/s" for d, r in result["matmul_rate"].items()) + ".")
+    print(f"{'preset':<18} {'dtype':<9} {'batch':>5} {'impl':<13} {'TTFT ms':>8} {'floor':>6} {'decode ms/tok':>13} "
+          f"{'floor':>6} {'captions/s':>10} {'ceiling':>7} {'1st call s':>10} {'peak RSS GB':>11}")
+    for run in result["runs"]:
+        impls = {name: run[name] for name in IMPLS if name in run}
+        for i, batch in enumerate(a["batch"]):
+            floor = run["floors"][i]
+            for name, r in impls.items():
+                row = r["rows"][i]
+                print(f"{run['preset']:<18} {run['dtype']:<9} {batch:>5} {name:<13} {row['ttft_s'] * 1e3:>8.0f} "
+                      f"{floor['ttft_s'] * 1e3:>6.0f} {row['decode_ms_per_token']:>13.1f} {floor['decode_s'] * 1e3:>6.1f} "
+                      f"{row['captions_per_s']:>10.2f} {floor['captions_per_s']:>7.2f} {row['first_call_extra_s']:>10.1f} "
+                      f"{r['peak_rss_bytes'] / 1e9:>11.2f}")
+            if len(impls) == 2:
+                ours, theirs = impls["pali_jax"]["rows"][i], impls["transformers"]["rows"][i]
+                print(f"{'':<18} {'':<9} {'':>5} {'tf / pali-jax':<13} {theirs['ttft_s'] / ours['ttft_s']:>7.2f}x {'':>6} "
+                      f"{theirs['decode_ms_per_token'] / ours['decode_ms_per_token']:>12.2f}x {'':>6} "
+                      f"{ours['captions_per_s'] / theirs['captions_per_s']:>9.2f}x (pali-jax / tf)")
+        if "same_tokens" in run:
+            print(f"{'':<18} {run['dtype']:<9} greedy tokens at batch 1 equal: {run['same_tokens']}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="paligemma-3b-224")
+    p.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--presets", nargs="+", default=["paligemma-3b-224", "paligemma2-3b-224"])
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--text-layers", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=sorted(TORCH_DTYPES))
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-tokens", type=int, default=16, help="text tokens after the image tokens")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--no-torch", action="store_true", help="pali-jax only")
-    p.add_argument("--json", type=Path)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--json", type=Path, default=Path("generation_benchmark.json"))
     args = p.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if args.child:
+        Path(args.child[1]).write_text(json.dumps(child(json.loads(args.child[0]))))
+        return
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model = build(hf_config(preset(args.preset), args.vision_layers, args.text_layers), torch.float32)
-        model.save_pretrained(tmp)
-        pg = PaliGemma.from_pretrained(tmp, dtype=args.dtype)
-    model = model.to(TORCH_DTYPES[args.dtype])
     bandwidth = read_bandwidth()
-    floor_ms = decode_bytes(pg) / bandwidth * 1e3
-    rows = []
-    for batch in args.batch:
-        pixels, ids = inputs(pg, batch, args.prompt_tokens)
-        ours = bench_jax(pg, pixels, ids, args.new_tokens, args.runs)
-        row = {"batch": batch, "pali_jax": ours, "floor_decode_ms_per_token": floor_ms}
-        if not args.no_torch:
-            ref = bench_torch(model, pixels, ids, args.new_tokens, args.runs)
-            row["transformers"] = ref
-            row["same_tokens"] = bool(np.array_equal(ours["tokens"], ref["tokens"]))
-        rows.append(row)
-
-    print(f"{args.preset} widths, {args.vision_layers} vision + {args.text_layers} text layers, {args.dtype}, "
-          f"{args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, median of {args.runs}; "
-          f"read bandwidth {bandwidth / 1e9:.1f} GB/s, decode reads {decode_bytes(pg) / 1e9:.2f} GB/step")
-    header = f"{'batch':>5} {'impl':>12} {'TTFT ms':>9} {'decode ms/tok':>14} {'tok/s':>8} {'floor ms':>9} {'compile s':>10}"
-    print(header)
-    for row in rows:
-        for name in ("pali_jax", "transformers"):
-            if name not in row:
-                continue
-            r = row[name]
-            tps = row["batch"] * 1e3 / r["decode_ms_per_token"]
-            compile_s = f"{r['compile_s']:.1f}" if "compile_s" in r else "-"
-            print(f"{row['batch']:>5} {name:>12} {r['ttft_s'] * 1e3:>9.1f} {r['decode_ms_per_token']:>14.1f} "
-                  f"{tps:>8.1f} {floor_ms:>9.1f} {compile_s:>10}")
-        if "transformers" in row:
-            ratio = row["transformers"]["decode_ms_per_token"] / row["pali_jax"]["decode_ms_per_token"]
-            print(f"{'':>5} {'ratio':>12} {row['transformers']['ttft_s'] / row['pali_jax']['ttft_s']:>9.2f}x "
-                  f"{ratio:>13.2f}x  (transformers / pali-jax; tokens equal: {row['same_tokens']})")
-    if args.json:
-        for row in rows:
-            for name in ("pali_jax", "transformers"):
-                if name in row:
-                    row[name]["tokens"] = row[name]["tokens"].tolist()
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "read_bandwidth": bandwidth,
-                                         "rows": rows}, indent=2))
+    rates = {dtype: matmul_rate(dtype) for dtype in args.dtypes}
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.presets:
+            paths = prepare(name, args.vision_layers, args.text_layers, args.dtypes, Path(tmp))
+            for dtype in args.dtypes:
+                cfg = PaliGemmaConfig.from_dict(json.loads((paths[dtype] / "pali_jax_config.json").read_text()))
+                work = Work.of(cfg, jnp.dtype(dtype).itemsize, cfg.num_image_tokens + args.prompt_tokens)
+                run = {"preset": name, "dtype": dtype, "work": dataclasses.asdict(work),
+                       "floors": [work.floors(b, args.new_tokens, bandwidth, rates[dtype]) for b in args.batch]}
+                for impl in args.impls:
+                    spec = {"impl": impl, "model_dir": str(paths[dtype] if impl == "pali_jax" else paths["hf"]),
+                            "dtype": dtype, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
+                            "new_tokens": args.new_tokens, "runs": args.runs}
+                    run[impl] = run_child(spec, Path(tmp))
+                if 1 in args.batch and len(args.impls) == 2:
+                    i = args.batch.index(1)
+                    run["same_tokens"] = run["pali_jax"]["rows"][i]["tokens"] == run["transformers"]["rows"][i]["tokens"]
+                runs.append(run)
+    result = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "read_bandwidth": bandwidth, "matmul_rate": rates, "runs": runs}
+    print_table(result)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"\nwritten: {args.json}")
 
 
 if __name__ == "__main__":
