@@ -4,10 +4,14 @@ Each image yields PaliGemma-style examples (prompt -> answer):
 
     caption en                          -> a red circle and a blue square    (shapes left to right)
     answer en what color is the circle? -> red
-    detect circle                       -> <loc0208><loc0160><loc0592><loc0544> circle
+    detect circle                       -> <loc0256><loc0512><loc0512><loc0768> circle
 
-Two shapes in one image are always of different kinds, so every question has one answer. Boxes
-are whole pixels of the 64 px image, written in PaliGemma's 1024 bins (`bin = pixel * 1024 / size`).
+Two shapes in one image are always of different kinds, in different columns and not touching, so
+every question has one answer and "left to right" is clear. Each shape fills one cell of a 4 x 4
+grid, the demo model's 16-pixel SigLIP patches: one image token then holds one whole shape, its
+colour and kind together, which a model trained from scratch for minutes on a CPU can learn to read
+(shapes at arbitrary pixels, spread over several patches, needed far more steps than that budget to
+bind colours to kinds). Boxes are written in PaliGemma's 1024 bins (`bin = pixel * 1024 / size`).
 Everything is a pure function of a seed.
 """
 
@@ -31,10 +35,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 # Drawn at this multiple of the image size, then downsampled: smooth edges, sub-pixel-free boxes.
 _SUPERSAMPLE = 4
-_MIN_SIZE, _MAX_SIZE = 14, 30  # shape side in pixels
-_GAP = 2  # pixels between two shapes' boxes
-_GRID = 1  # box corners and sizes are multiples of this many pixels
-_MIN_DX = 4  # pixels between two shapes' centres along x, so that "left to right" is clear
+_CELL = 16  # shape side, and the grid their boxes sit on, in pixels
+_GAP = 2  # pixels between two shapes' boxes: never in touching cells
+_MIN_DX = 4  # pixels between two shapes' centres along x: never in one column
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +59,15 @@ class Scene:
 
 
 def random_scene(rng: np.random.Generator, num_shapes: int | None = None) -> Scene:
-    """One or two shapes (of different kinds) at random sizes and places, without overlap."""
+    """One or two shapes (of different kinds) in random cells, apart."""
     n = int(rng.integers(1, 3)) if num_shapes is None else num_shapes
     kinds = rng.choice(len(SHAPES), n, replace=False)
     colors = list(COLORS)
     while True:  # rejection sampling: a couple of tries on average
         shapes = []
         for k in kinds:
-            size = _GRID * int(rng.integers(_MIN_SIZE // _GRID, _MAX_SIZE // _GRID + 1))
-            y, x = (_GRID * int(v) for v in rng.integers(0, (IMAGE_SIZE - size) // _GRID + 1, 2))
-            shapes.append(Shape(SHAPES[k], colors[rng.integers(len(colors))], (y, x, y + size, x + size)))
+            y, x = (_CELL * int(v) for v in rng.integers(0, IMAGE_SIZE // _CELL, 2))
+            shapes.append(Shape(SHAPES[k], colors[rng.integers(len(colors))], (y, x, y + _CELL, x + _CELL)))
         if n == 1 or _apart(*shapes):
             break
     shapes.sort(key=lambda s: s.center_x)
@@ -91,12 +93,6 @@ def render(scene: Scene) -> np.ndarray:
             draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
         elif s.kind == "square":
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        elif s.kind == "ring":
-            draw.ellipse((x0, y0, x1 - 1, y1 - 1), outline=fill, width=(x1 - x0) // 4)
-        elif s.kind == "cross":
-            t = (x1 - x0) // 3
-            draw.rectangle((x0 + t, y0, x1 - 1 - t, y1 - 1), fill=fill)
-            draw.rectangle((x0, y0 + t, x1 - 1, y1 - 1 - t), fill=fill)
         else:
             draw.polygon(((x0, y1 - 1), (x1 - 1, y1 - 1), ((x0 + x1 - 1) / 2, y0)), fill=fill)
     image = np.asarray(canvas.resize((IMAGE_SIZE, IMAGE_SIZE), PIL.Image.BOX), np.float32)
