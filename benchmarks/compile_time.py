@@ -1,10 +1,13 @@
 """Compile time: process start to first token, without and with JAX's persistent compilation cache,
 and how many programs 20 different prompt lengths compile.
 
-    python -m benchmarks.compile_time        # PaliGemma 1 3B widths, 2 + 2 layers, float32
+    python -m benchmarks.compile_time            # PaliGemma 1 3B widths, 2 + 2 layers, float32
+    python -m benchmarks.compile_time --stacked  # the decoder layers stacked (fine-tuning's layout)
 
-Converts a random model once, then starts `python -m benchmarks.compile_time --child` three times
-with one fresh cache directory: the first process fills the cache, the next two read it.
+Converts a random model once, then starts `python -m benchmarks.compile_time --child` four times:
+without a cache, then with one fresh cache directory (the first process fills it, the next two
+read it). Each child loads the model as run_generate.py does (each decoder layer on its own
+weights, `scan_layers=False`) unless --stacked.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ from pathlib import Path
 import numpy as np
 
 
-def child(model_dir: str, cache: str | None) -> None:
+def child(model_dir: str, cache: str | None, stacked: bool) -> None:
     """Runs in a fresh process: load, generate one token, report seconds since the parent launched it."""
     t_launch = float(os.environ["BENCH_T0"])
     from pali_jax import PaliGemma, enable_compilation_cache
 
     if cache:
         enable_compilation_cache(cache)
-    pg = PaliGemma.from_pretrained(model_dir)
+    pg = PaliGemma.from_pretrained(model_dir, scan_layers=stacked)
     t_loaded = time.time()
     cfg = pg.config
     ids = np.concatenate([np.full((1, cfg.num_image_tokens), cfg.image_token_id), [[2, 1000, 2000, 108]]], 1)
@@ -58,10 +61,11 @@ def main() -> None:
     p.add_argument("--preset", default="paligemma-3b-224")
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--stacked", action="store_true", help="load with stacked decoder layers (scan_layers=True)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.child:
-        child(args.child[0], None if args.child[1] == "-" else args.child[1])
+        child(args.child[0], None if args.child[1] == "-" else args.child[1], args.stacked)
         return
 
     import torch
@@ -78,8 +82,8 @@ def main() -> None:
         for name, cache in [("no_cache", "-"), ("cold_cache", f"{tmp}/xla"), ("warm_cache", f"{tmp}/xla"),
                             ("warm_cache_again", f"{tmp}/xla")]:
             env = {**os.environ, "BENCH_T0": repr(time.time())}
-            out = subprocess.run([sys.executable, "-m", "benchmarks.compile_time", "--child", f"{tmp}/flax", cache],
-                                 capture_output=True, text=True, env=env, check=True)
+            cmd = [sys.executable, "-m", "benchmarks.compile_time", "--child", f"{tmp}/flax", cache]
+            out = subprocess.run(cmd + ["--stacked"] * args.stacked, capture_output=True, text=True, env=env, check=True)
             runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
         result = {"runs": runs, "warm_over_cold": runs["warm_cache"]["to_first_token_s"] / runs["cold_cache"]["to_first_token_s"],
                   **count_programs(f"{tmp}/flax")}

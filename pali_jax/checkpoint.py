@@ -49,19 +49,24 @@ def restore_params(path: str | Path, abstract: Any = None) -> Any:
 
 
 def read_params(path: str | Path, abstract: Any) -> Any:
-    """`restore_params` onto the default device, for checkpoints `save_params` wrote from host arrays.
+    """`restore_params` as host arrays that `jax.device_put` makes device arrays without a copy on CPU,
+    for checkpoints `save_params` wrote from host arrays.
 
-    Those hold each array as one raw zarr chunk (no compression, no OCDBT). Each chunk is read
-    straight into a 64-byte-aligned host buffer, which becomes the device array without a copy on
-    CPU: loading costs the file reads and memory peaks at the parameters' size. orbax's restore
-    reads through a second buffer (about 2x the parameters at its peak) and returns numpy arrays,
-    which every jitted call would copy again. Any other layout goes through orbax.
+    Those hold each array as one raw zarr chunk (no compression, no OCDBT). An array kept in its
+    stored dtype is the file itself, memory-mapped read-only (pages come from the page cache as
+    they are first used, and slices along the leading axis are views); one cast to another dtype
+    is read into a 64-byte-aligned buffer (what XLA:CPU needs to use host memory in place). So
+    loading copies nothing it need not, and memory peaks at the parameters' size; orbax's restore
+    reads through a second buffer (about 2x the parameters at its peak), and its numpy arrays are
+    unaligned, so every jitted call would copy them again. Any other layout goes through orbax.
+    The files must not be rewritten in place while mapped (the converter replaces a directory
+    whole, which is safe).
     """
     path = Path(path)
     keyed, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     files = [_single_chunk(path, keys, leaf) for keys, leaf in keyed]
     if None in files or json.loads((path / "_METADATA").read_text()).get("use_zarr3"):
-        return jax.tree.map(jax.device_put, restore_params(path, abstract))
+        return restore_params(path, abstract)
     return jax.tree.unflatten(treedef, [_read_chunk(*f, leaf) for f, (_, leaf) in zip(files, keyed)])
 
 
@@ -82,18 +87,14 @@ def _single_chunk(path: Path, keys, leaf) -> tuple[Path, np.dtype] | None:
     return (chunk, dtype) if chunk.is_file() and chunk.stat().st_size == leaf.size * dtype.itemsize else None
 
 
-def _read_chunk(chunk: Path, stored: np.dtype, leaf) -> jax.Array:
-    """The array in `chunk` (stored dtype), as a device array of the leaf's dtype."""
-    host = _aligned_empty(leaf.shape, stored)
-    with open(chunk, "rb", buffering=0) as f:
-        view = memoryview(host.reshape(-1).view(np.uint8))
-        while view:  # readinto may return short counts on large reads
-            view = view[f.readinto(view):]
-    if stored != np.dtype(leaf.dtype):
-        cast = _aligned_empty(leaf.shape, leaf.dtype)
-        np.copyto(cast, host, casting="unsafe")
-        host = cast
-    return jax.device_put(host)
+def _read_chunk(chunk: Path, stored: np.dtype, leaf) -> np.ndarray:
+    """The array in `chunk` (stored dtype) in the leaf's dtype: the mapped file, or a cast copy."""
+    mapped = np.memmap(chunk, dtype=stored, mode="r", shape=leaf.shape)  # page-aligned
+    if stored == np.dtype(leaf.dtype):
+        return mapped
+    cast = _aligned_empty(leaf.shape, leaf.dtype)
+    np.copyto(cast, mapped, casting="unsafe")
+    return cast
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.ndarray:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.gemma import Gemma
@@ -120,15 +121,15 @@ def split_layers(params: dict) -> dict:
     """Stacked decoder weights (`llm/layers/...`, [L, ...]) -> one subtree per layer (`llm/layers_0/...`,
     ...): the parameters of `PaliGemmaModel(scan_layers=False)`.
 
-    Works in place on `params`, dropping each stacked array once it is split, so memory peaks at
-    the model plus its largest stacked array.
+    Works in place on `params`: host (numpy) arrays are split into views; device arrays are copied,
+    each stacked one dropped once split, so memory peaks at the model plus its largest stacked array.
     """
     llm = params["llm"]
     leaves, treedef = jax.tree.flatten(llm.pop("layers"))
     per_layer = []
     for j in range(len(leaves)):
         stacked, leaves[j] = leaves[j], None
-        per_layer.append(_unstack(stacked))
+        per_layer.append(list(stacked) if isinstance(stacked, np.ndarray) else _unstack(stacked))
         del stacked
     for i, layer in enumerate(zip(*per_layer)):
         llm[f"layers_{i}"] = jax.tree.unflatten(treedef, layer)

@@ -124,7 +124,7 @@ class PaliGemma:
             config = PaliGemmaConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
             if mesh is not None:
                 params = sharding.restore_sharded(path / PARAMS_DIR, config, mesh, DTYPES[dtype])
-            else:
+            else:  # host arrays: split below as views, then made device arrays (in place on CPU)
                 params = read_params(path / PARAMS_DIR, abstract_params(config, DTYPES[dtype]))
         elif (path / "config.json").exists() and mesh is not None:
             config, params = sharding.load_hf_sharded(path, mesh, dtype)
@@ -139,6 +139,8 @@ class PaliGemma:
             config = config.without_sliding_window()
         if not scan_layers:
             params = split_layers(params)
+        if mesh is None:
+            params = jax.device_put(params)
         return cls(config, params, DTYPES[dtype], path, mesh, scan_layers)
 
     # -- model calls ---------------------------------------------------------------------------
