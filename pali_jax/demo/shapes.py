@@ -2,12 +2,12 @@
 
 Each image yields PaliGemma-style examples (prompt -> answer):
 
-    caption en                          -> a red circle and a blue square    (shapes left to right)
+    caption en                          -> a red circle and a blue square    (kinds in a fixed order)
     answer en what color is the circle? -> red
     detect circle                       -> <loc0256><loc0512><loc0512><loc0768> circle
 
 Two shapes in one image are always of different kinds, in different columns and not touching, so
-every question has one answer and "left to right" is clear. Each shape fills one cell of a 4 x 4
+every question has one answer. Each shape fills one cell of a 4 x 4
 grid, the demo model's 16-pixel SigLIP patches: one image token then holds one whole shape, its
 colour and kind together, which a model trained from scratch for minutes on a CPU can learn to read
 (shapes at arbitrary pixels, spread over several patches, needed far more steps than that budget to
@@ -105,8 +105,14 @@ def _article(word: str) -> str:
 
 
 def caption(scene: Scene) -> str:
-    """`a red circle` or `a red circle and an orange square` (left to right)."""
-    return " and ".join(f"{_article(s.color)} {s.color} {s.kind}" for s in scene.shapes)
+    """`a red circle` or `a red circle and an orange square`: shapes in the order of `SHAPES`.
+
+    A fixed order of kinds, not left to right: the demo model, trained for minutes, learnt which
+    colour goes with which kind (100% of answers) long before it learnt to compare two shapes'
+    places (captions left to right: 84.5% exact after 7000 steps; 30 of the 31 misses reversed).
+    """
+    ordered = sorted(scene.shapes, key=lambda s: SHAPES.index(s.kind))
+    return " and ".join(f"{_article(s.color)} {s.color} {s.kind}" for s in ordered)
 
 
 def loc_tokens(box: tuple[int, int, int, int], size: int = IMAGE_SIZE) -> str:
