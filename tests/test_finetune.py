@@ -59,7 +59,7 @@ def run(capsys, *args) -> tuple[int, str, str]:
 def test_train_eval_export_and_exact_resume(model_dir, data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--model", model_dir, "--train", data_dir / "train.jsonl", "--eval", data_dir / "eval.jsonl",
-            "--out", out, "--steps", 20, "--batch-size", 4, "--lr", 3e-3, "--warmup-steps", 2,
+            "--out", out, "--steps", 20, "--batch-size", 4, "--lr", 5e-3, "--warmup-steps", 2,
             "--checkpoint-every", 10, "--keep", 2, "--eval-every", 10, "--eval-limit", 4, "--no-progress"]
     code, stdout, stderr = run(capsys, *args)
     assert code == 0, stderr
