@@ -60,7 +60,7 @@ class Embedder(nn.Module):
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V]."""
         table = self.input_embedding.astype(self.dtype)
-        if self.dtype != jnp.bfloat16:
+        if not _cpu_bfloat16(self.dtype):
             return jnp.einsum("btd,vd->btv", x, table)
         # XLA:CPU multiplies bf16 only through YNNPACK, which takes [M, K] @ [K, N] with both operands
         # row-major and M, N >= 2; any other bf16 product is computed on a float32 copy of its
@@ -71,6 +71,12 @@ class Embedder(nn.Module):
         cols = jnp.concatenate([x.reshape(b * t, d).T, jnp.zeros((d, 1), x.dtype)], axis=1)
         logits = jnp.dot(table, cols, preferred_element_type=jnp.float32)[:, :-1].astype(self.dtype)  # [V, B*T]
         return logits.T.reshape(b, t, -1)
+
+
+def _cpu_bfloat16(dtype) -> bool:
+    """Whether XLA:CPU's bf16 matmul rules apply (see `Embedder.decode`, `_project`): bf16 on the CPU
+    backend. Other backends multiply bf16 natively and take the plain forms."""
+    return dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
 
 
 def _project(x: jax.Array, w: jax.Array, in_axes: int) -> jax.Array:
@@ -85,7 +91,7 @@ def _project(x: jax.Array, w: jax.Array, in_axes: int) -> jax.Array:
     # XLA:CPU has a bf16 matmul only in YNNPACK (bf16 x bf16 -> f32, >= 2 rows); any other bf16
     # product runs in float32 on a converted copy of the weight. One row (decoding one sequence) is
     # padded to two: the weight is still read once.
-    single = rows.dtype == jnp.bfloat16 and rows.shape[0] == 1
+    single = _cpu_bfloat16(rows.dtype) and rows.shape[0] == 1
     if single:
         rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
     y = jnp.dot(rows, w.reshape(n_in, -1), preferred_element_type=jnp.float32).astype(x.dtype)

@@ -23,7 +23,7 @@ import dataclasses
 import enum
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import flax.struct
 import jax
@@ -63,8 +63,9 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def compiler_options() -> dict[str, str] | None:
-    """XLA options for the model's programs: on CPU, no while-loop invariant code motion.
+def jit_model_program(fun: Callable, **jit_kwargs: Any) -> Callable:
+    """`jax.jit` for every program that runs the model for inference (generation, beam search,
+    forward): on CPU, compiled without while-loop invariant code motion.
 
     XLA:CPU computes every bf16 op except YNNPACK's matmuls in float32, converting operands as it
     goes (its `float-normalization-bf16` pass); invariant code motion then hoists the conversion of
@@ -73,9 +74,9 @@ def compiler_options() -> dict[str, str] | None:
     bf16 parameters, PaliGemma 1 widths with 2 + 2 layers). Left in the loop, each conversion is
     fused with the slice of its layer. float32 programs compile to the same code either way.
     """
-    if jax.default_backend() != "cpu":
-        return None
-    return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+    on_cpu = jax.default_backend() == "cpu"
+    options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if on_cpu else None
+    return jax.jit(fun, compiler_options=options, **jit_kwargs)
 
 
 @flax.struct.dataclass
@@ -145,10 +146,9 @@ class Generator:
         self.model = model
         self.mesh = mesh  # params placed by pali_jax.sharding on this mesh; None: one device
         self.traces = 0  # how many programs were traced (each trace is a compile)
-        options = compiler_options()
-        self._generate = jax.jit(self._generate_impl, static_argnums=0, compiler_options=options)
-        self._prefill = jax.jit(self._prefill_impl, static_argnums=0, compiler_options=options)
-        self._step = jax.jit(self._step_impl, donate_argnums=1, compiler_options=options)
+        self._generate = jit_model_program(self._generate_impl, static_argnums=0)
+        self._prefill = jit_model_program(self._prefill_impl, static_argnums=0)
+        self._step = jit_model_program(self._step_impl, donate_argnums=1)
 
     # -- traced pieces -------------------------------------------------------------------------
     def _emit(self, state: DecodeState, token, logits, stop_tokens) -> DecodeState:

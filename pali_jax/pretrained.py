@@ -26,7 +26,7 @@ from pali_jax.checkpoint import read_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
-from pali_jax.generate import GenerateOutput, Generator, compiler_options
+from pali_jax.generate import GenerateOutput, Generator, jit_model_program
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, split_layers
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
 from pali_jax.sampling import SamplingParams
@@ -84,7 +84,7 @@ class PaliGemma:
         self.module = PaliGemmaModel(self.config, self.dtype, scan_layers=self.scan_layers)
         self.generator = Generator(self.module, self.mesh)
         self.beam_search = BeamSearch(self.module, self.mesh)
-        self._forward = jax.jit(self.module.apply, compiler_options=compiler_options())
+        self._forward = jit_model_program(self.module.apply)
 
     @functools.cached_property
     def tokenizer(self) -> PaliGemmaTokenizer:

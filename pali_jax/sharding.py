@@ -171,7 +171,7 @@ def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
 def mesh_from_args(args: argparse.Namespace) -> Mesh | None:
     """Joins a multi-host run when launched as one, then builds --mesh. Call it before anything
     touches a device (jax.distributed.initialize() must come first)."""
-    initialize_distributed(getattr(args, "distributed", False))
+    initialize_distributed(args.distributed)
     spec = args.mesh or ("fsdp=-1" if jax.process_count() > 1 else None)
     return make_mesh(spec) if spec else None
 

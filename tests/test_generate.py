@@ -196,7 +196,7 @@ def _temporary_bytes(hf_dir, dtype: str, scan_layers: bool, batch: int) -> int:
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_bfloat16_generation_holds_no_float32_weights(tiny_models, batch, scan_layers):
-    """XLA:CPU computes bf16 ops in float32 (see `generate.compiler_options`). A program that
+    """XLA:CPU computes bf16 ops in float32 (see `generate.jit_model_program`). A program that
     converted the weights wholesale (out of the decode loop) would hold a float32 copy of them and
     need 3-7x float32's scratch memory; converted per use, bf16 needs less than float32."""
     hf_dir = tiny_models["pg1"].hf_dir

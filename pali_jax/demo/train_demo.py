@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -49,9 +50,10 @@ WARMUP_CAPTIONS = 400  # first steps: captions of one-shape images only (see `Cu
 def demo_config(tokenizer: PaliGemmaTokenizer) -> PaliGemmaConfig:
     """The demo architecture: PaliGemma 1's layout (a Gemma 1 decoder) at toy size.
 
-    Eight small heads, each with its own keys and values (no multi-query sharing): with four
-    heads over one shared key/value head the model had not learned, after 2000 steps, which
-    colour belongs to which shape in two-shape images; with eight it had begun to.
+    Eight small heads, each with its own keys and values (no multi-query sharing). Probes on this
+    task: with four heads over one shared key/value head (no caption warm-up, init gain 2) colour
+    answers stayed at 72% after 2000 steps, a coin flip on two-shape images; with these eight heads
+    (warm-up, gain 1) they were at 80% after 2000 steps and 92% after 2500.
 
     `<image>` takes the id after the sentencepiece vocabulary; the embedding is padded to a
     multiple of 64 rows as in the real checkpoints.
@@ -92,8 +94,9 @@ def init_params(cfg: PaliGemmaConfig, seed: int) -> dict:
     - Vision position embeddings start as 2-D sin-cos (big_vision's `posemb="sincos2d"`): a random
       0.02-scale embedding carries almost no position at first, and boxes need it.
     - Decoder projections are drawn with std 1 / sqrt(fan_in) instead of 0.02: at this width
-      the 0.02 init leaves attention uniform and the image's signal at the text positions faint,
-      and the model then learns colours but not shapes for thousands of steps.
+      the 0.02 init leaves attention uniform and the image's signal at the text positions faint
+      (an earlier probe, with gain 2: the kinds of single shapes 78% right after 400 steps,
+      against 40% with 0.02).
     """
     size = cfg.image_size
     params = PaliGemmaModel(cfg).init(
@@ -112,8 +115,8 @@ def init_params(cfg: PaliGemmaConfig, seed: int) -> dict:
 def examples(n_images: int, seed: int, *, training: bool = False) -> list[Example]:
     """Every prompt of `n_images` random scenes (one image array shared by a scene's prompts).
 
-    `training` doubles the captions and detections: they are learnt last (a colour answer first,
-    then captions, then boxes), and their extra copies are cheaper than extra steps.
+    `training` doubles the captions and detections: they are learnt last (in the probes, colour
+    answers first, then captions, then boxes).
     """
     out = []
     for scene in shapes.scenes(n_images, seed):
@@ -140,7 +143,9 @@ class Curriculum:
     def __len__(self) -> int:
         return len(self.rest)
 
-    def train_batch(self, step: int, batch_size: int, key: jax.Array, rows=None) -> dict[str, np.ndarray]:
+    def train_batch(
+        self, step: int, batch_size: int, key: jax.Array, rows: Sequence[int] | None = None
+    ) -> dict[str, np.ndarray]:
         data = self.first if step < self.switch else self.rest
         return data.train_batch(step, batch_size, key, rows)
 
