@@ -10,7 +10,8 @@ Parameter names follow big_vision / google-deepmind/gemma (`embedder/input_embed
 (q [D, N, H], kv [D, 2, K, H], out [N, H, D], gating [D, 2, F], linear [F, D]; big_vision has
 [N, D, H], [2, K, D, H], [2, D, F]), so that every projection is ONE 2-D matmul (`_project`).
 Layers run under `nn.scan` (every layer parameter carries a leading [L] axis) or, for inference,
-one by one on their own weights (`Gemma.scan_layers`). Numerics follow transformers'
+one by one on their own weights (`Gemma.scan_layers`), which may then hold the projections output
+axes first (`Gemma.out_first`, for bfloat16 on CPU; see `weights_out_first`). Numerics follow transformers'
 Gemma/Gemma2 (see shared facts): norms, attention logits and softmax in float32, everything else
 in the activation dtype.
 """
@@ -27,6 +28,10 @@ from pali_jax import kv_cache, lora
 from pali_jax.config import GemmaConfig
 
 _init = nn.initializers.normal(stddev=0.02)
+
+# How many leading axes of each layer projection weight are its inputs, in the checkpoint layout
+# [*in, *out]; `Gemma.out_first` layers hold the same weights as [*out, *in].
+PROJECTION_IN_AXES = {"q_einsum": 1, "kv_einsum": 1, "attn_vec_einsum": 2, "gating_einsum": 1, "linear": 1}
 
 
 class RMSNorm(nn.Module):
@@ -58,44 +63,58 @@ class Embedder(nn.Module):
         return x * jnp.asarray(math.sqrt(self.width), self.dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
-        """[B, T, D] -> [B, T, V]."""
-        table = self.input_embedding.astype(self.dtype)
-        if not _cpu_bfloat16(self.dtype):
-            return jnp.einsum("btd,vd->btv", x, table)
-        # XLA:CPU multiplies bf16 only through YNNPACK, which takes [M, K] @ [K, N] with both operands
-        # row-major and M, N >= 2; any other bf16 product is computed on a float32 copy of its
-        # operands: here the whole table, every step. So the table is the left operand and x^T is
-        # made a real [D, B*T + 1] array: the zero column stops XLA from folding the transpose into
-        # the dot (which YNNPACK rejects) and makes N >= 2 when decoding one sequence.
-        b, t, d = x.shape
-        cols = jnp.concatenate([x.reshape(b * t, d).T, jnp.zeros((d, 1), x.dtype)], axis=1)
-        logits = jnp.dot(table, cols, preferred_element_type=jnp.float32)[:, :-1].astype(self.dtype)  # [V, B*T]
-        return logits.T.reshape(b, t, -1)
+        """[B, T, D] -> [B, T, V]: the table [V, D] is an output-first weight."""
+        return _project(x, self.input_embedding.astype(self.dtype), 1, out_first=True)
 
 
 def _cpu_bfloat16(dtype) -> bool:
-    """Whether XLA:CPU's bf16 matmul rules apply (see `Embedder.decode`, `_project`): bf16 on the CPU
-    backend. Other backends multiply bf16 natively and take the plain forms."""
+    """Whether XLA:CPU's bf16 matmul rules apply (see `_project`): bf16 on the CPU backend. Other
+    backends multiply bf16 natively and take the plain forms."""
     return dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
 
 
-def _project(x: jax.Array, w: jax.Array, in_axes: int) -> jax.Array:
-    """x [..., *in] @ w [*in, *out] -> [..., *out], as one 2-D matmul.
+def weights_out_first(dtype) -> bool:
+    """Whether inference layers in `dtype` run faster on projection weights stored [*out, *in] (see
+    `_project`): only bf16 on CPU. In float32, XLA:CPU is faster on [*in, *out] for 2-64 rows."""
+    return _cpu_bfloat16(dtype)
+
+
+_FEW_ROWS = 16  # bf16 rows below which `_project` streams an output-first weight as the left operand
+
+
+def _project(x: jax.Array, w: jax.Array, in_axes: int, out_first: bool = False) -> jax.Array:
+    """x [..., *in] @ w -> [..., *out] as one 2-D matmul; w is [*in, *out], or [*out, *in] if out_first.
 
     XLA:CPU runs einsums whose weight keeps several free axes (or whose contracted axis sits in the
     middle) through a generic loop that is 10x slower than its GEMM, which dominates decoding.
+    XLA:CPU multiplies bf16 only through YNNPACK ([M, K] @ [K, N], both operands row-major, M and
+    N >= 2, f32 out); any other bf16 product runs in float32 on a converted copy of its operands,
+    and a weight on the right is repacked on every call. So a few bf16 rows (decoding) are
+    multiplied as w [*out, *in] @ [rows^T | 0]: the weight is streamed once as it lies, the zero
+    column stops XLA from folding the transpose into the dot (which YNNPACK rejects) and makes
+    N >= 2 for one row (PaliGemma 1 3B, one layer, one row: 9.0 ms against 15.6 with w on the right).
+    A weight stored [*in, *out] takes one bf16 row padded to two.
     """
-    n_in = math.prod(w.shape[:in_axes])
+    n_in = math.prod(w.shape[w.ndim - in_axes :] if out_first else w.shape[:in_axes])
+    out_shape = w.shape[: w.ndim - in_axes] if out_first else w.shape[in_axes:]
     lead = x.shape[: x.ndim - in_axes]
-    rows = x.reshape(-1, n_in)
-    # XLA:CPU has a bf16 matmul only in YNNPACK (bf16 x bf16 -> f32, >= 2 rows); any other bf16
-    # product runs in float32 on a converted copy of the weight. One row (decoding one sequence) is
-    # padded to two: the weight is still read once.
-    single = _cpu_bfloat16(rows.dtype) and rows.shape[0] == 1
-    if single:
-        rows = jnp.concatenate([rows, jnp.zeros_like(rows)])
-    y = jnp.dot(rows, w.reshape(n_in, -1), preferred_element_type=jnp.float32).astype(x.dtype)
-    return y[: len(y) - single].reshape(*lead, *w.shape[in_axes:])
+    rows = x.reshape(-1, n_in)  # [M, n_in]
+    m = rows.shape[0]
+    if out_first and _cpu_bfloat16(rows.dtype) and m < _FEW_ROWS:
+        cols = jnp.concatenate([rows.T, jnp.zeros((n_in, 1), rows.dtype)], axis=1)
+        y = jnp.dot(w.reshape(-1, n_in), cols, preferred_element_type=jnp.float32)[:, :m].T
+    elif out_first:
+        y = jax.lax.dot_general(rows, w.reshape(-1, n_in), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    else:
+        single = _cpu_bfloat16(rows.dtype) and m == 1
+        rows = jnp.concatenate([rows, jnp.zeros_like(rows)]) if single else rows
+        y = jnp.dot(rows, w.reshape(n_in, -1), preferred_element_type=jnp.float32)[:m]
+    return y.astype(x.dtype).reshape(*lead, *out_shape)
+
+
+def _weight(module: nn.Module, name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], out_first: bool):
+    """Declares a layer projection weight: [*in, *out], or [*out, *in] if out_first."""
+    return module.param(name, _init, (*out_shape, *in_shape) if out_first else (*in_shape, *out_shape))
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -114,6 +133,7 @@ class Attention(nn.Module):
 
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
+    out_first: bool = False
 
     @nn.compact
     def __call__(self, x, positions, mask, layer_kv, write_index):
@@ -122,12 +142,13 @@ class Attention(nn.Module):
         Returns ([B, T, D], the updated (k, v) or None).
         """
         c = self.cfg
-        w_q = self.param("q_einsum", _init, (c.width, c.num_heads, c.head_dim))  # [D, N, H]
-        w_kv = self.param("kv_einsum", _init, (c.width, 2, c.num_kv_heads, c.head_dim))  # [D, 2, K, H]
-        w_o = self.param("attn_vec_einsum", _init, (c.num_heads, c.head_dim, c.width))  # [N, H, D]
+        heads, kv_heads, f = (c.num_heads, c.head_dim), (2, c.num_kv_heads, c.head_dim), self.out_first
+        w_q = _weight(self, "q_einsum", (c.width,), heads, f)  # [D, N, H]
+        w_kv = _weight(self, "kv_einsum", (c.width,), kv_heads, f)  # [D, 2, K, H]
+        w_o = _weight(self, "attn_vec_einsum", heads, (c.width,), f)  # [N, H, D]
 
-        q = _project(x, w_q.astype(self.dtype), 1) + lora.delta(self, "q_einsum", x)  # [B, T, N, H]
-        kv = jnp.moveaxis(_project(x, w_kv.astype(self.dtype), 1), 2, 0)  # [2, B, T, K, H]
+        q = _project(x, w_q.astype(self.dtype), 1, f) + lora.delta(self, "q_einsum", x)  # [B, T, N, H]
+        kv = jnp.moveaxis(_project(x, w_kv.astype(self.dtype), 1, f), 2, 0)  # [2, B, T, K, H]
         k, v = kv + lora.delta(self, "kv_einsum", x)
         q = apply_rope(q, positions, c.rope_base)
         k = apply_rope(k, positions, c.rope_base)
@@ -146,7 +167,7 @@ class Attention(nn.Module):
         logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(self.dtype)).reshape(b, t, c.num_heads, c.head_dim)
-        y = _project(out, w_o.astype(self.dtype), 2) + lora.delta(self, "attn_vec_einsum", out)
+        y = _project(out, w_o.astype(self.dtype), 2, f) + lora.delta(self, "attn_vec_einsum", out)
         return y, layer_kv
 
 
@@ -155,16 +176,17 @@ class FeedForward(nn.Module):
 
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
+    out_first: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.cfg
-        w_gating = self.param("gating_einsum", _init, (c.width, 2, c.mlp_dim))  # [D, 2, F]
-        w_linear = self.param("linear", _init, (c.mlp_dim, c.width))  # [F, D]
-        gating = jnp.moveaxis(_project(x, w_gating.astype(self.dtype), 1), 2, 0)  # [2, B, T, F]
+        c, f = self.cfg, self.out_first
+        w_gating = _weight(self, "gating_einsum", (c.width,), (2, c.mlp_dim), f)  # [D, 2, F]
+        w_linear = _weight(self, "linear", (c.mlp_dim,), (c.width,), f)  # [F, D]
+        gating = jnp.moveaxis(_project(x, w_gating.astype(self.dtype), 1, f), 2, 0)  # [2, B, T, F]
         gate, up = gating + lora.delta(self, "gating_einsum", x)
         hidden = nn.gelu(gate, approximate=self.cfg.gelu_approximate) * up
-        return _project(hidden, w_linear.astype(self.dtype), 1) + lora.delta(self, "linear", hidden)
+        return _project(hidden, w_linear.astype(self.dtype), 1, f) + lora.delta(self, "linear", hidden)
 
 
 class Block(nn.Module):
@@ -172,6 +194,7 @@ class Block(nn.Module):
 
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
+    out_first: bool = False
 
     @nn.compact
     def __call__(self, x, positions, masks, is_sliding, layer_kv, write_index):
@@ -179,12 +202,12 @@ class Block(nn.Module):
         c = self.cfg
         mask = jnp.where(is_sliding, masks[1], masks[0])
         h = RMSNorm(c.rms_norm_eps, name="pre_attention_norm")(x)
-        h, layer_kv = Attention(c, self.dtype, name="attn")(h, positions, mask, layer_kv, write_index)
+        h, layer_kv = Attention(c, self.dtype, self.out_first, name="attn")(h, positions, mask, layer_kv, write_index)
         if c.post_norms:
             h = RMSNorm(c.rms_norm_eps, name="post_attention_norm")(h)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, name="pre_ffw_norm")(x)
-        h = FeedForward(c, self.dtype, name="mlp")(h)
+        h = FeedForward(c, self.dtype, self.out_first, name="mlp")(h)
         if c.post_norms:
             h = RMSNorm(c.rms_norm_eps, name="post_ffw_norm")(h)
         return x + h, layer_kv
@@ -199,12 +222,15 @@ class Gemma(nn.Module):
     matmul can read it, so decoding on stacked weights moves each layer's bytes three times instead
     of once (PaliGemma 1 widths, 6 layers, float32: 2.4x the memory-bandwidth floor against 1.5x).
     `remat` recomputes each layer's activations in the backward pass (training memory).
+    `out_first`: the layers' projection weights are stored [*out, *in] (`PROJECTION_IN_AXES`,
+    `paligemma.split_layers`), which bf16 decoding on CPU reads faster (`weights_out_first`).
     """
 
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     scan_layers: bool = True
+    out_first: bool = False
 
     def setup(self):
         c = self.cfg
@@ -217,9 +243,9 @@ class Gemma(nn.Module):
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
                 length=c.depth,
-            )(c, self.dtype)
+            )(c, self.dtype, self.out_first)
         else:
-            self.layers = [block(c, self.dtype) for _ in range(c.depth)]  # named layers_0, layers_1, ...
+            self.layers = [block(c, self.dtype, self.out_first) for _ in range(c.depth)]  # named layers_0, layers_1, ...
         self.final_norm = RMSNorm(c.rms_norm_eps)
 
     def embed(self, ids: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ from pali_jax.checkpoint import read_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
+from pali_jax.gemma import weights_out_first
 from pali_jax.generate import GenerateOutput, Generator, jit_model_program
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, split_layers
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
@@ -79,9 +80,10 @@ class PaliGemma:
     path: Path | None = None  # where it was loaded from (tokenizer files live there)
     mesh: Mesh | None = None  # the mesh `params` are sharded over (pali_jax.sharding); None: one device
     scan_layers: bool = True  # False: `params` holds each decoder layer apart (`paligemma.split_layers`)
+    out_first: bool = False  # the layers' projection weights are stored [*out, *in] (`paligemma.split_layers`)
 
     def __post_init__(self):
-        self.module = PaliGemmaModel(self.config, self.dtype, scan_layers=self.scan_layers)
+        self.module = PaliGemmaModel(self.config, self.dtype, scan_layers=self.scan_layers, out_first=self.out_first)
         self.generator = Generator(self.module, self.mesh)
         self.beam_search = BeamSearch(self.module, self.mesh)
         self._forward = jit_model_program(self.module.apply)
@@ -112,6 +114,8 @@ class PaliGemma:
         mesh (`pali_jax.sharding.make_mesh`): every parameter is loaded straight onto its shards.
         scan_layers=False keeps each decoder layer's weights apart (`llm/layers_0/...`) instead of
         stacked: faster decoding on CPU, longer compiles, and not the layout training uses (README).
+        In bfloat16 on CPU those layers also hold their projections output axes first
+        (`gemma.weights_out_first`), transposed once here.
         """
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
@@ -137,11 +141,12 @@ class PaliGemma:
             raise UserError(f"{path} is neither a pali-jax directory ({CONFIG_FILE}) nor an HF checkpoint (config.json)")
         if not sliding_window:
             config = config.without_sliding_window()
+        out_first = not scan_layers and weights_out_first(DTYPES[dtype])
         if not scan_layers:
-            params = split_layers(params)
+            params = split_layers(params, out_first)
         if mesh is None:
             params = jax.device_put(params)
-        return cls(config, params, DTYPES[dtype], path, mesh, scan_layers)
+        return cls(config, params, DTYPES[dtype], path, mesh, scan_layers, out_first)
 
     # -- model calls ---------------------------------------------------------------------------
     def _check(self, pixel_values, input_ids) -> tuple[np.ndarray, np.ndarray]:

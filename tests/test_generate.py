@@ -93,6 +93,22 @@ def test_unscanned_layers_generate_the_same(tiny_models):
     np.testing.assert_array_equal(np.stack(list(streamed), axis=1), want.tokens)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bfloat16_unscanned_layers_generate_like_scanned(tiny_models, batch):
+    """bf16 on CPU: unscanned layers hold their projections output-first and multiply by other
+    routes (`gemma._project`); same tokens, logits within bf16 rounding of the stacked model's."""
+    hf_dir = tiny_models["pg1"].hf_dir
+    stacked = PaliGemma.from_pretrained(hf_dir, dtype="bfloat16")
+    split = PaliGemma.from_pretrained(hf_dir, dtype="bfloat16", scan_layers=False)
+    assert split.out_first == (jax.default_backend() == "cpu")
+    pixels, ids = prompt(stacked, 6, 5)
+    pixels, ids = np.repeat(pixels, batch, 0), np.repeat(ids, batch, 0)
+    want = stacked.generator.generate(stacked.params, pixels, ids, max_new_tokens=8, return_logits=True)
+    got = split.generator.generate(split.params, pixels, ids, max_new_tokens=8, return_logits=True)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert np.abs(got.logits - want.logits).max() <= 0.02 * np.abs(want.logits).max()
+
+
 def test_stop_token_inside_a_batch(tiny_models):
     pg = tiny_models["pg1"].pg
     (p0, ids0), (p1, ids1) = prompt(pg, 4, 30), prompt(pg, 4, 31)

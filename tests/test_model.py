@@ -15,7 +15,7 @@ import torch
 from transformers import PaliGemmaConfig as HFPaliGemmaConfig
 
 from pali_jax import config as cfglib
-from pali_jax.paligemma import abstract_params
+from pali_jax.paligemma import abstract_params, split_layers
 from pali_jax.pretrained import PaliGemma
 from pali_jax.train import suffix_nll
 
@@ -108,6 +108,16 @@ def test_unscanned_layers_equal_scanned(tiny):
     split = PaliGemma.from_pretrained(tiny.hf_dir, scan_layers=False)
     depth = tiny.pg.config.text.depth
     assert "layers" not in split.params["llm"] and f"layers_{depth - 1}" in split.params["llm"]
+    pixels, ids, types = make_inputs(tiny.pg, 2, 5, 9, seed=1)
+    assert_close(split.forward(pixels, ids, types), tiny.pg.forward(pixels, ids, types), rel=1e-6, abs_=1e-5)
+
+
+def test_output_first_layers_equal_scanned(tiny):
+    """The layout bf16 decoding on CPU loads (`gemma.weights_out_first`), checked in float32."""
+    params = jax.tree.map(np.asarray, tiny.pg.params)  # a host copy: split_layers works in place
+    split = PaliGemma(tiny.pg.config, split_layers(params, out_first=True), scan_layers=False, out_first=True)
+    _, d, n, h = tiny.pg.params["llm"]["layers"]["attn"]["q_einsum"].shape  # [L, D, N, H]
+    assert split.params["llm"]["layers_0"]["attn"]["q_einsum"].shape == (n, h, d)
     pixels, ids, types = make_inputs(tiny.pg, 2, 5, 9, seed=1)
     assert_close(split.forward(pixels, ids, types), tiny.pg.forward(pixels, ids, types), rel=1e-6, abs_=1e-5)
 
