@@ -16,6 +16,15 @@ import jax.numpy as jnp
 from pali_jax.config import SiglipConfig
 
 
+def _accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """The Dense layers' product, accumulated in float32 and rounded to the input dtype (as
+    transformers' bf16 matmuls do). XLA:CPU multiplies bf16 only as bf16 x bf16 -> f32 (YNNPACK);
+    a product with a bf16 result runs in float32 on converted operands, at half the rate."""
+    del preferred_element_type
+    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32)
+    return out.astype(lhs.dtype)
+
+
 class Attention(nn.Module):
     cfg: SiglipConfig
     dtype: jnp.dtype = jnp.float32
@@ -23,12 +32,12 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.cfg
-        proj = lambda name: nn.DenseGeneral((c.num_heads, c.head_dim), dtype=self.dtype, name=name)  # noqa: E731
+        proj = lambda name: nn.DenseGeneral((c.num_heads, c.head_dim), dtype=self.dtype, dot_general=_accumulate_f32, name=name)  # noqa: E731
         q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # [B, T, N, H]
         logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * c.head_dim**-0.5
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bnts,bsnh->btnh", probs, v)
-        return nn.DenseGeneral(c.width, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+        return nn.DenseGeneral(c.width, axis=(-2, -1), dtype=self.dtype, dot_general=_accumulate_f32, name="out")(out)
 
 
 class EncoderBlock(nn.Module):
@@ -41,9 +50,9 @@ class EncoderBlock(nn.Module):
         h = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
         x = x + Attention(c, self.dtype, name="MultiHeadDotProductAttention_0")(h)
         h = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="LayerNorm_1")(x)
-        h = nn.Dense(c.mlp_dim, dtype=self.dtype, name="Dense_0")(h)
+        h = nn.Dense(c.mlp_dim, dtype=self.dtype, dot_general=_accumulate_f32, name="Dense_0")(h)
         h = nn.gelu(h, approximate=c.gelu_approximate)
-        return x + nn.Dense(c.width, dtype=self.dtype, name="Dense_1")(h), None
+        return x + nn.Dense(c.width, dtype=self.dtype, dot_general=_accumulate_f32, name="Dense_1")(h), None
 
 
 class Encoder(nn.Module):
@@ -75,7 +84,7 @@ class SigLIP(nn.Module):
         )
         self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02), (1, c.num_patches, c.width))
         self.Transformer = Encoder(c, self.dtype, self.remat)
-        self.head = nn.Dense(self.out_width, dtype=self.dtype)
+        self.head = nn.Dense(self.out_width, dtype=self.dtype, dot_general=_accumulate_f32)
 
     def encode(self, pixels: jax.Array) -> jax.Array:
         """[B, H, W, 3] -> [B, P, width]: the vision tower's last hidden state (after its final norm)."""
