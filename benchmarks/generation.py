@@ -17,7 +17,8 @@ token, compile excluded), decode ms per token ((time for N tokens - TTFT) / (N -
 the first rows' tokens are compared.
 
 Beside each figure, its floor, measured on this machine in the same run: a decode step must read
-every decoder weight and the tied embedding (bytes / read bandwidth of a 1 GiB reduction) and do
+every decoder weight and the tied embedding (bytes / the faster read of 1 GiB by a reduction or a
+matrix-vector product) and do
 2 FLOPs per weight per row; prefill must do the matmul FLOPs of SigLIP, the projector and the decoder
 over the prompt, and its attention (FLOPs / the faster of JAX's and PyTorch's rates on a
 [512, 2048] x [2048, 8192] matmul in that dtype).
@@ -58,11 +59,16 @@ def median_time(fn, runs: int) -> float:
 
 # -- the machine ---------------------------------------------------------------------------------
 def read_bandwidth(runs: int = 7, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a jitted full read (sum) of a 1 GiB float32 array: what a decode step can hope for."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    return nbytes / median_time(lambda: total(x).block_until_ready(), runs)
+    """Bytes/s of reading 1 GiB of float32 once, the faster of a jitted reduction and a jitted
+    matrix-vector product (what a decode step does): the best a decode step can hope for. Either
+    one alone reads 35-70 GB/s on this machine from one run to the next."""
+    x = jnp.ones((nbytes // 4 // 2048, 2048), jnp.float32)
+    v = jnp.ones((2048,), jnp.float32)
+    rates = []
+    for fn, args in ((jax.jit(jnp.sum), (x,)), (jax.jit(jnp.dot), (x, v))):
+        fn(*args).block_until_ready()
+        rates.append(nbytes / median_time(lambda: fn(*args).block_until_ready(), runs))  # noqa: B023
+    return max(rates)
 
 
 def matmul_rate(dtype: str, runs: int = 5, m: int = 512, k: int = 2048, n: int = 8192) -> float:
