@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from pali_jax import sharding
 from pali_jax.errors import UserError
-from pali_jax.generate import GenerateOutput, _Statics, jit_model_program, prepare_prompts, stop_reasons
+from pali_jax.generate import GenerateOutput, _Statics, jit_model_program, prefill, prepare_prompts, stop_reasons
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import PaliGemmaModel
 
@@ -92,13 +92,7 @@ class BeamSearch:
     def _run_impl(self, statics: _Statics, beams: int, params, pixels, ids, types, mask, max_new_tokens, stop_tokens, alpha):
         cfg = self.model.cfg
         batch = ids.shape[0]
-        cache = KVCache.init(cfg.text, batch, statics.cache_length, self.model.dtype)
-        if self.mesh is not None:  # host inputs and the fresh cache carry no sharding: pin them
-            pixels, ids, types, mask = sharding.constrain_batch((pixels, ids, types, mask), self.mesh)
-            cache = sharding.constrain_cache(cache, self.mesh)
-        logits, cache = self.model.apply(
-            {"params": params}, pixels, ids, types, mask, cache, method=PaliGemmaModel.prefill
-        )
+        logits, cache = prefill(self.model, self.mesh, statics.cache_length, params, pixels, ids, types, mask)
         # Every beam starts from the same prompt: copy the cache, and let only beam 0 compete at
         # the first step so that the n beams do not start as n copies of one hypothesis.
         repeat = functools.partial(jnp.repeat, repeats=beams, axis=0)

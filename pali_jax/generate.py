@@ -108,6 +108,15 @@ def stop_reasons(done, lengths, max_new_tokens: int) -> list[StopReason]:
     ]
 
 
+def prefill(model: PaliGemmaModel, mesh: Mesh | None, cache_length: int, params, pixels, ids, types, mask):
+    """Traced: image + prompts into a fresh cache of `cache_length` slots; (last logits [B, V], cache)."""
+    cache = KVCache.init(model.cfg.text, ids.shape[0], cache_length, model.dtype)
+    if mesh is not None:  # host inputs and the fresh cache carry no sharding: pin them
+        pixels, ids, types, mask = sharding.constrain_batch((pixels, ids, types, mask), mesh)
+        cache = sharding.constrain_cache(cache, mesh)
+    return model.apply({"params": params}, pixels, ids, types, mask, cache, method=PaliGemmaModel.prefill)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Statics:
     buffer: int  # N
@@ -174,13 +183,7 @@ class Generator:
         self.traces += 1
         cfg = self.model.cfg
         batch = ids.shape[0]
-        cache = KVCache.init(cfg.text, batch, statics.cache_length, self.model.dtype)
-        if self.mesh is not None:  # host inputs and the fresh cache carry no sharding: pin them
-            pixels, ids, types, mask = sharding.constrain_batch((pixels, ids, types, mask), self.mesh)
-            cache = sharding.constrain_cache(cache, self.mesh)
-        logits, cache = self.model.apply(
-            {"params": params}, pixels, ids, types, mask, cache, method=PaliGemmaModel.prefill
-        )
+        logits, cache = prefill(self.model, self.mesh, statics.cache_length, params, pixels, ids, types, mask)
         state = DecodeState(
             step=jnp.zeros((), jnp.int32),
             tokens=jnp.full((batch, statics.buffer), cfg.pad_token_id, jnp.int32),
