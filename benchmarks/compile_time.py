@@ -6,7 +6,8 @@ and how many programs 20 different prompt lengths compile.
 
 Converts a random model once, then starts `python -m benchmarks.compile_time --child` four times:
 without a cache, then with one fresh cache directory (the first process fills it, the next two
-read it). Each child loads the model as run_generate.py does (each decoder layer on its own
+read it); --repeats rounds of that (start-up times on a shared machine move by tens of percent
+from one process to the next), reporting medians. Each child loads the model as run_generate.py does (each decoder layer on its own
 weights, `scan_layers=False`) unless --stacked.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,9 @@ def child(model_dir: str, cache: str | None, stacked: bool) -> None:
     print(json.dumps({"to_first_token_s": done - t_launch, "load_s": t_loaded - t_launch, "first_call_s": done - t_loaded}))
 
 
+RUNS = ("no_cache", "cold_cache", "warm_cache", "warm_cache_again")
+
+
 def count_programs(model_dir: str) -> dict:
     """Programs traced for 20 prompt lengths between 1 and 200 text tokens."""
     from pali_jax import PaliGemma
@@ -62,6 +67,7 @@ def main() -> None:
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--text-layers", type=int, default=2)
     p.add_argument("--stacked", action="store_true", help="load with stacked decoder layers (scan_layers=True)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds of the four processes; medians are reported")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.child:
@@ -78,20 +84,24 @@ def main() -> None:
         build(hf_config(preset(args.preset), args.vision_layers, args.text_layers), torch.float32).save_pretrained(
             Path(tmp) / "hf")
         convert(Path(tmp) / "hf", Path(tmp) / "flax")
-        runs = {}
-        for name, cache in [("no_cache", "-"), ("cold_cache", f"{tmp}/xla"), ("warm_cache", f"{tmp}/xla"),
-                            ("warm_cache_again", f"{tmp}/xla")]:
-            env = {**os.environ, "BENCH_T0": repr(time.time())}
-            cmd = [sys.executable, "-m", "benchmarks.compile_time", "--child", f"{tmp}/flax", cache]
-            out = subprocess.run(cmd + ["--stacked"] * args.stacked, capture_output=True, text=True, env=env, check=True)
-            runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        result = {"runs": runs, "warm_over_cold": runs["warm_cache"]["to_first_token_s"] / runs["cold_cache"]["to_first_token_s"],
-                  **count_programs(f"{tmp}/flax")}
+        samples: dict[str, list[dict]] = {name: [] for name in RUNS}
+        for repeat in range(args.repeats):  # each repeat starts from an empty cache directory
+            for name in RUNS:
+                cache = "-" if name == "no_cache" else f"{tmp}/xla{repeat}"
+                env = {**os.environ, "BENCH_T0": repr(time.time())}
+                cmd = [sys.executable, "-m", "benchmarks.compile_time", "--child", f"{tmp}/flax", cache]
+                out = subprocess.run(cmd + ["--stacked"] * args.stacked, capture_output=True, text=True, env=env, check=True)
+                samples[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        runs = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in samples.items()}
+        ratios = [w["to_first_token_s"] / c["to_first_token_s"] for w, c in zip(samples["warm_cache"], samples["cold_cache"])]
+        result = {"runs": runs, "samples": samples, "warm_over_cold": runs["warm_cache"]["to_first_token_s"] / runs["cold_cache"]["to_first_token_s"],
+                  "warm_over_cold_each": ratios, **count_programs(f"{tmp}/flax")}
+    print(f"medians of {args.repeats} runs each:")
     for name, r in runs.items():
         print(f"{name:>17}: first token {r['to_first_token_s']:6.2f} s after launch "
               f"(load {r['load_s']:.2f} s, first call {r['first_call_s']:.2f} s)")
-    print(f"warm / cold cache: {result['warm_over_cold']:.2f}; programs for 20 prompt lengths "
-          f"(1..200 text tokens): {result['programs_compiled']}")
+    print(f"warm / cold cache: {result['warm_over_cold']:.2f} (each repeat: {', '.join(f'{x:.2f}' for x in ratios)}); "
+          f"programs for 20 prompt lengths (1..200 text tokens): {result['programs_compiled']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 
