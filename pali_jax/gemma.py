@@ -79,7 +79,9 @@ def weights_out_first(dtype) -> bool:
     return _cpu_bfloat16(dtype)
 
 
-_FEW_ROWS = 16  # bf16 rows below which `_project` streams an output-first weight as the left operand
+# bf16 rows below which `_project` streams an output-first weight as the left operand (one PaliGemma
+# 1 layer: 8 rows 9.7 ms as left operand vs 11.2 as dot_general; 16 rows 14.1 vs 11.6).
+_FEW_ROWS = 16
 
 
 def _project(x: jax.Array, w: jax.Array, in_axes: int, out_first: bool = False) -> jax.Array:
