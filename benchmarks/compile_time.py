@@ -6,9 +6,9 @@ and how many programs 20 different prompt lengths compile.
 
 Converts a random model once, then starts `python -m benchmarks.compile_time --child` four times:
 without a cache, then with one fresh cache directory (the first process fills it, the next two
-read it); --repeats rounds of that (start-up times on a shared machine move by tens of percent
-from one process to the next), reporting medians. Each child loads the model as run_generate.py does (each decoder layer on its own
-weights, `scan_layers=False`) unless --stacked.
+read it); --repeats rounds of that, reporting medians (single rounds moved between 0.36 and 0.71
+warm / cold on this machine). Each child loads the model as run_generate.py does (each decoder
+layer on its own weights, `scan_layers=False`) unless --stacked.
 """
 
 from __future__ import annotations

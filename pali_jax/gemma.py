@@ -75,7 +75,8 @@ def _cpu_bfloat16(dtype) -> bool:
 
 def weights_out_first(dtype) -> bool:
     """Whether inference layers in `dtype` run faster on projection weights stored [*out, *in] (see
-    `_project`): only bf16 on CPU. In float32, XLA:CPU is faster on [*in, *out] for 2-64 rows."""
+    `_project`): only bf16 on CPU. In float32 that layout gains nothing worth a transpose at load
+    (one PaliGemma 1 layer: 1 row 9.5 ms against 10.5; 8 rows 17.7 against 15.1; 64 rows 56.8 against 44.9)."""
     return _cpu_bfloat16(dtype)
 
 
