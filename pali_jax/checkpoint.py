@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from pali_jax.errors import UserError
-from pali_jax.sharding import same_on_every_process
+from pali_jax.distributed import same_on_every_process
 
 
 def save_params(path: str | Path, params: Any) -> None:

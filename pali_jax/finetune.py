@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -42,19 +40,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from pali_jax import sharding
-from pali_jax.checkpoint import TrainCheckpointer, save_params
+from pali_jax import distributed, sharding
+from pali_jax.checkpoint import TrainCheckpointer
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.data import Dataset, Example, read_jsonl
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
-from pali_jax.pretrained import CONFIG_FILE, DTYPES, PARAMS_DIR, PaliGemma
+from pali_jax.model_dir import write_model_dir
+from pali_jax.pretrained import DTYPES, PaliGemma
 from pali_jax.processor import PaliGemmaProcessor
 from pali_jax.train import OPTIMIZERS, SCHEDULES, TRAINABLE_PRESETS, Trainer, TrainConfig, TrainState
 
-# Besides the weights, what an exported model directory carries over from the source model.
-SIDE_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "added_tokens.json", "preprocessor_config.json", "processor_config.json", "generation_config.json")
 _IOU_THRESHOLD = 0.5
 
 
@@ -71,30 +67,13 @@ def export_model(
     if dtype not in DTYPES:
         raise UserError(f"unknown export dtype {dtype!r}; use float32 or bfloat16")
     dst = Path(dst)
-    host = jax.tree.map(lambda x: sharding.to_host(x, DTYPES[dtype]), params)
+    host = jax.tree.map(lambda x: distributed.to_host(x, DTYPES[dtype]), params)
     try:
         if jax.process_index() == 0:
-            _write_model_dir(dst, config, host, source)
+            write_model_dir(dst, config, host, source)
     finally:
-        sharding.wait_for_every_process(f"export {dst}")
+        distributed.wait_for_every_process(f"export {dst}")
     return dst
-
-
-def _write_model_dir(dst: Path, config: PaliGemmaConfig, host: Any, source: str | Path | None) -> None:
-    """`export_model`'s files, written into a temporary directory renamed to `dst` at the end."""
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        save_params(tmp / PARAMS_DIR, host)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-        for name in SIDE_FILES if source is not None else ():
-            if (Path(source) / name).exists():
-                shutil.copy2(Path(source) / name, tmp / name)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- evaluation by generation ------------------------------------------------------------------
@@ -310,7 +289,7 @@ class RunResult:
 def _existing_checkpoints(ckpt_dir: Path) -> bool:
     """Whether `ckpt_dir` holds anything, as every process sees it (checked to agree)."""
     found = ckpt_dir.exists() and any(ckpt_dir.iterdir())
-    if not sharding.same_on_every_process(int(found)):
+    if not distributed.same_on_every_process(int(found)):
         raise UserError(
             f"the processes see different contents in {ckpt_dir}: --out must be a directory every host shares"
         )

@@ -20,20 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pali_jax import sharding
+from pali_jax import hf_weights, sharding
 from pali_jax.beam_search import BeamSearch
 from pali_jax.checkpoint import read_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.gemma import weights_out_first
+from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR
 from pali_jax.generate import GenerateOutput, Generator, jit_model_program
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, split_layers
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
 from pali_jax.sampling import SamplingParams
 
-CONFIG_FILE = "pali_jax_config.json"  # marks a converted directory (see convert/hf_to_flax.py)
-PARAMS_DIR = "params"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What a hub download fetches: weights, configs, tokenizer; never the PyTorch .bin duplicates.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
@@ -133,9 +132,7 @@ class PaliGemma:
         elif (path / "config.json").exists() and mesh is not None:
             config, params = sharding.load_hf_sharded(path, mesh, dtype)
         elif (path / "config.json").exists():
-            from convert.hf_to_flax import load_hf
-
-            config, host = load_hf(path, dtype)
+            config, host = hf_weights.load_hf(path, dtype)
             params = jax.tree.map(jnp.asarray, host)
         else:
             raise UserError(f"{path} is neither a pali-jax directory ({CONFIG_FILE}) nor an HF checkpoint (config.json)")

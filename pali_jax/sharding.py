@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,11 +31,13 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pali_jax import hf_weights
+from pali_jax.checkpoint import restore_params
 from pali_jax.config import PaliGemmaConfig
+from pali_jax.distributed import initialize_distributed
 from pali_jax.errors import UserError
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import abstract_params
@@ -120,38 +121,6 @@ def abstract_mesh(spec: str | Mapping[str, int] | Sequence[int]) -> AbstractMesh
     if -1 in sizes.values():
         raise MeshError("an abstract mesh needs every size given (no -1)")
     return AbstractMesh(tuple(sizes.values()), AXES, axis_types=(AxisType.Auto,) * len(AXES))
-
-
-def initialize_distributed(force: bool = False) -> bool:
-    """Joins a multi-process run: calls `jax.distributed.initialize()` when this process was
-    launched as one of several (or when `force`), before anything touches a device.
-
-    Detected launches: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID), Slurm and
-    Open MPI with more than one task, GKE TPU slices (TPU_WORKER_HOSTNAMES lists several hosts).
-    A Cloud TPU VM pod slice sets none of these: pass force (the CLIs' --distributed); JAX then
-    reads the topology from the TPU metadata server. Returns whether it initialized: False too
-    when the process has joined already (an earlier call, or the caller's own initialize()).
-    """
-    if jax.distributed.is_initialized():
-        return False
-    env = os.environ
-    explicit = bool(env.get("JAX_COORDINATOR_ADDRESS"))
-    launched = (
-        explicit
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-    )
-    if not (launched or force):
-        return False
-    kwargs: dict[str, Any] = {}
-    if explicit:
-        # jax reads JAX_COORDINATOR_ADDRESS itself but not the process count and id.
-        for key, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
-            if key in env:
-                kwargs[arg] = int(env[key])
-    jax.distributed.initialize(**kwargs)
-    return True
 
 
 def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
@@ -371,35 +340,6 @@ def shard_batch(batch: Any, mesh: Mesh, rows: int | None = None) -> Any:
     return jax.tree.map(place, batch)
 
 
-# -- across processes ------------------------------------------------------------------------------
-def to_host(x: Any, dtype: Any = None) -> np.ndarray:
-    """A whole array as numpy (cast to `dtype` first, on the devices), on every process. An array
-    split across processes is gathered (`multihost_utils.process_allgather`: every process must
-    make the same call, and the array is whole on each device for a moment)."""
-    if not isinstance(x, jax.Array):
-        return np.asarray(x, dtype)
-    x = x if dtype is None else x.astype(dtype)
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    return multihost_utils.process_allgather(x, tiled=True)
-
-
-def same_on_every_process(value: int) -> bool:
-    """Whether every process passed the same integer; True in a single-process run. Every process
-    must call it (a collective)."""
-    if jax.process_count() == 1:
-        return True
-    values = multihost_utils.process_allgather(np.int64(value))
-    return bool((values == values[0]).all())
-
-
-def wait_for_every_process(name: str) -> None:
-    """Returns once every process has called it with the same `name` (a barrier); at once in a
-    single-process run."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
-
-
 # -- loading straight onto shards ------------------------------------------------------------------
 def abstract_sharded_params(
     cfg: PaliGemmaConfig, mesh: AnyMesh, dtype: Any = jnp.float32, min_elements: int | None = None
@@ -421,8 +361,6 @@ def restore_sharded(
 
     Each process reads only the stored chunks that overlap its own devices' shards (orbax stores a
     leaf as one chunk up to 2 GiB, larger leaves in chunks of at most 2 GiB), never the model."""
-    from pali_jax.checkpoint import restore_params
-
     return restore_params(path, abstract_sharded_params(cfg, mesh, dtype, min_elements))
 
 
@@ -436,16 +374,14 @@ def load_hf_sharded(
 ) -> tuple[PaliGemmaConfig, Any]:
     """Reads an HF PaliGemma checkpoint straight onto the mesh: (config, sharded params).
 
-    Safetensors tensors are read one at a time (after `convert.hf_to_flax.plan` checked them all).
+    Safetensors tensors are read one at a time (after `hf_weights.plan` checked them all).
     A whole-leaf tensor (embedding, projector) is placed shard by shard; a per-layer tensor is placed
     likewise and written into its stacked [L, ...] leaf, which lives only on the devices (zeros,
     sharded, updated in place). So no host ever holds more than one checkpoint tensor (plus its
     converted copy), and each process copies only its own devices' slices of it. dtype as in
-    `convert.hf_to_flax.load_hf`.
+    `hf_weights.load_hf`.
     """
-    from convert.hf_to_flax import nest, plan
-
-    p = plan(src, dtype)
+    p = hf_weights.plan(src, dtype)
     specs = {path: partition_spec("/".join(path), leaf.shape, mesh, min_elements) for path, leaf in p.leaves.items()}
     arrays: dict[tuple[str, ...], jax.Array] = {}
     writers: dict[tuple[str, ...], Any] = {}
@@ -470,7 +406,7 @@ def load_hf_sharded(
             writers[path] = jax.jit(_update_slice, donate_argnums=0, out_shardings=sharding)
         start = np.array([i if isinstance(i, int) else 0 for i in index] + [0] * (len(leaf.shape) - len(index)), np.int32)
         arrays[path] = writers[path](arrays[path], placed, start)
-    return p.config, nest(arrays)
+    return p.config, hf_weights.nest(arrays)
 
 
 # -- memory accounting -----------------------------------------------------------------------------

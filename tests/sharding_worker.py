@@ -53,9 +53,10 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert.hf_to_flax import convert, load_hf  # noqa: E402
+from convert.hf_to_flax import convert  # noqa: E402
+from pali_jax.hf_weights import load_hf  # noqa: E402
 from pali_jax.paligemma import abstract_params  # noqa: E402
-from pali_jax import finetune, sharding  # noqa: E402
+from pali_jax import distributed, finetune, sharding  # noqa: E402
 from pali_jax.config import PaliGemmaConfig  # noqa: E402
 from pali_jax.generate import prepare_prompts  # noqa: E402
 from pali_jax.pretrained import PaliGemma  # noqa: E402
@@ -415,7 +416,7 @@ def main(workdir: Path) -> dict:
 def child(workdir: Path) -> dict:
     """One of the multi-host processes: load and generate on a mesh spanning both, then fine-tune."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
-    joined = sharding.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID
+    joined = distributed.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID
     ref = dict(np.load(workdir / "reference.npz"))
     hf_dir, converted = workdir / "hf", workdir / "converted"
     mesh = sharding.make_mesh("2,2,2")  # one mesh over both processes' devices
@@ -448,7 +449,7 @@ def child_finetune(workdir: Path) -> dict:
             out = workdir / MULTIHOST_RUN
             shutil.rmtree(out / "checkpoints" / str(TRAIN.steps))
             (out / "model").rename(out / "model-first")
-        sharding.wait_for_every_process("resume")
+        distributed.wait_for_every_process("resume")
         resumed = finetune_run(workdir, MULTIHOST_RUN, *mesh_args, "--resume")
     return {
         "rows": sharding.process_rows(TRAIN.batch_size, sharding.make_mesh("data=2,fsdp=4")).tolist(),

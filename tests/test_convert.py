@@ -17,7 +17,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import PaliGemmaForConditionalGeneration
 
-from convert.hf_to_flax import load_hf, main
+from convert.hf_to_flax import main
+from pali_jax.hf_weights import load_hf
 from pali_jax.checkpoint import read_params, restore_params
 from pali_jax.paligemma import abstract_params
 from pali_jax.pretrained import PaliGemma

@@ -21,7 +21,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from pali_jax import sharding
+from pali_jax import distributed, sharding
 from pali_jax.config import preset
 from pali_jax.kv_cache import KVCache
 
@@ -180,7 +180,7 @@ def test_make_mesh_on_this_process():
 def test_initialize_distributed_only_when_launched(monkeypatch):
     for key in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
         monkeypatch.delenv(key, raising=False)
-    assert sharding.initialize_distributed() is False
+    assert distributed.initialize_distributed() is False
 
 
 def _specs(name: str, mesh: str) -> dict[str, P]:

@@ -12,7 +12,7 @@ import torch
 from transformers import PaliGemmaForConditionalGeneration
 
 import hf_models
-from convert.hf_to_flax import _target
+from pali_jax.hf_weights import _target
 from pali_jax import lora
 from pali_jax.pretrained import PaliGemma
 from pali_jax.train import Trainer, TrainConfig, TrainConfigError, suffix_nll
