@@ -12,7 +12,6 @@ the batch axes as in `generate.py`, and the hypotheses the host reads are made w
 
 from __future__ import annotations
 
-import functools
 
 import flax.struct
 import jax
@@ -79,7 +78,7 @@ class BeamSearch:
         tokens = jax.lax.dynamic_update_slice(tokens, token[..., None].astype(jnp.int32), (0, 0, state.step))
         rows = (jnp.arange(b)[:, None] * n + beam).reshape(-1)  # [B*n] cache rows to keep
         c = state.cache
-        cache = c.replace(k=c.k[:, rows], v=c.v[:, rows], valid=c.valid[rows], positions=c.positions[rows])
+        cache = c.map_rows(lambda x, axis: jnp.take(x, rows, axis=axis))
         return self._pinned(BeamState(
             step=state.step + 1,
             tokens=tokens,
@@ -95,11 +94,7 @@ class BeamSearch:
         logits, cache = prefill(self.model, self.mesh, statics.cache_length, params, pixels, ids, types, mask)
         # Every beam starts from the same prompt: copy the cache, and let only beam 0 compete at
         # the first step so that the n beams do not start as n copies of one hypothesis.
-        repeat = functools.partial(jnp.repeat, repeats=beams, axis=0)
-        cache = cache.replace(
-            k=jnp.repeat(cache.k, beams, axis=1), v=jnp.repeat(cache.v, beams, axis=1),
-            valid=repeat(cache.valid), positions=repeat(cache.positions),
-        )
+        cache = cache.map_rows(lambda x, axis: jnp.repeat(x, beams, axis=axis))
         start = jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf)
         state = self._pinned(BeamState(
             step=jnp.zeros((), jnp.int32),

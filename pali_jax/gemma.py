@@ -1,19 +1,14 @@
 """The Gemma decoder (Gemma 1 and Gemma 2) in Flax linen.
 
-Einsum axis letters, used throughout the package:
-  B batch, T query length, S key length (cache slots), D width, N query heads, K kv heads,
-  G query heads per kv head (N = K * G), H head dim, F MLP width, V vocab, L layers.
+Axis letters are those of `layers.py`. Parameter names follow big_vision / google-deepmind/gemma
+(`embedder/input_embedding`, `attn/q_einsum` [D, N, H], `attn/kv_einsum` [D, 2, K, H],
+`attn/attn_vec_einsum` [N, H, D], `mlp/gating_einsum` [D, 2, F], `mlp/linear` [F, D],
+`pre_attention_norm`, ...): every projection contracts its weight's leading axes, so that it is one
+2-D matmul. How the weights are stored (stacked under `nn.scan` or one subtree per layer; input or
+output axes first) is the `layout`'s business (`backend.Layout`); the math is the same.
 
-Parameter names follow big_vision / google-deepmind/gemma (`embedder/input_embedding`,
-`attn/q_einsum`, `attn/kv_einsum`, `attn/attn_vec_einsum`, `mlp/gating_einsum`, `mlp/linear`,
-`pre_attention_norm`, ...). Layouts put the contracted axes first and keep the rest contiguous
-(q [D, N, H], kv [D, 2, K, H], out [N, H, D], gating [D, 2, F], linear [F, D]; big_vision has
-[N, D, H], [2, K, D, H], [2, D, F]), so that every projection is ONE 2-D matmul (`_project`).
-Layers run under `nn.scan` (every layer parameter carries a leading [L] axis) or, for inference,
-one by one on their own weights (`Gemma.scan_layers`), which may then hold the projections output
-axes first (`Gemma.out_first`, for bfloat16 on CPU; see `weights_out_first`). Numerics follow transformers'
-Gemma/Gemma2 (see shared facts): norms, attention logits and softmax in float32, everything else
-in the activation dtype.
+Numerics follow transformers' Gemma / Gemma2: norms, attention logits and softmax in float32,
+everything else in the activation dtype.
 """
 
 from __future__ import annotations
@@ -24,38 +19,40 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pali_jax import kv_cache, lora
+from pali_jax import attention
+from pali_jax.backend import AttentionKernel, Layout, project
 from pali_jax.config import GemmaConfig
+from pali_jax.layers import Einsum, default_init, shared_scope
+from pali_jax.masks import NO_WINDOW, PrefixLM
 
-_init = nn.initializers.normal(stddev=0.02)
-
-# How many leading axes of each layer projection weight are its inputs, in the checkpoint layout
-# [*in, *out]; `Gemma.out_first` layers hold the same weights as [*out, *in].
-PROJECTION_IN_AXES = {"q_einsum": 1, "kv_einsum": 1, "attn_vec_einsum": 2, "gating_einsum": 1, "linear": 1}
+LayerKV = tuple[jax.Array, jax.Array]  # one layer's cache (k, v) [B, S, K, H]
 
 
 class RMSNorm(nn.Module):
     """`x * rsqrt(mean(x^2) + eps) * (1 + scale)` in float32; the stored scale is zero-centred."""
 
     eps: float
+    axis: str = "embed"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.zeros_init(), (x.shape[-1],))
+        init = nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.axis,))
+        scale = self.param("scale", init, (x.shape[-1],))
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
 class Embedder(nn.Module):
-    """The tied token embedding: ids -> scaled vectors, and vectors -> vocabulary logits."""
+    """The tied token embedding [V, D]: ids -> scaled vectors, and vectors -> vocabulary logits."""
 
     vocab_size: int
     width: int
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        self.input_embedding = self.param("input_embedding", _init, (self.vocab_size, self.width))
+        init = nn.with_logical_partitioning(default_init, ("vocab", "embed"))
+        self.input_embedding = self.param("input_embedding", init, (self.vocab_size, self.width))
 
     def encode(self, ids: jax.Array) -> jax.Array:
         """[B, T] -> [B, T, D], scaled by sqrt(D) rounded to the activation dtype as HF does."""
@@ -63,61 +60,8 @@ class Embedder(nn.Module):
         return x * jnp.asarray(math.sqrt(self.width), self.dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
-        """[B, T, D] -> [B, T, V]: the table [V, D] is an output-first weight."""
-        return _project(x, self.input_embedding.astype(self.dtype), 1, out_first=True)
-
-
-def _cpu_bfloat16(dtype) -> bool:
-    """Whether XLA:CPU's bf16 matmul rules apply (see `_project`): bf16 on the CPU backend. Other
-    backends multiply bf16 natively and take the plain forms."""
-    return dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
-
-
-def weights_out_first(dtype) -> bool:
-    """Whether inference layers in `dtype` run faster on projection weights stored [*out, *in] (see
-    `_project`): only bf16 on CPU. In float32 that layout gains nothing worth a transpose at load
-    (one PaliGemma 1 layer: 1 row 9.5 ms against 10.5; 8 rows 17.7 against 15.1; 64 rows 56.8 against 44.9)."""
-    return _cpu_bfloat16(dtype)
-
-
-# bf16 rows below which `_project` streams an output-first weight as the left operand (one PaliGemma
-# 1 layer: 8 rows 9.7 ms as left operand vs 11.2 as dot_general; 16 rows 14.1 vs 11.6).
-_FEW_ROWS = 16
-
-
-def _project(x: jax.Array, w: jax.Array, in_axes: int, out_first: bool = False) -> jax.Array:
-    """x [..., *in] @ w -> [..., *out] as one 2-D matmul; w is [*in, *out], or [*out, *in] if out_first.
-
-    XLA:CPU runs einsums whose weight keeps several free axes (or whose contracted axis sits in the
-    middle) through a generic loop that is 10x slower than its GEMM, which dominates decoding.
-    XLA:CPU multiplies bf16 only through YNNPACK ([M, K] @ [K, N], both operands row-major, M and
-    N >= 2, f32 out); any other bf16 product runs in float32 on a converted copy of its operands,
-    and a weight on the right is repacked on every call. So a few bf16 rows (decoding) are
-    multiplied as w [*out, *in] @ [rows^T | 0]: the weight is streamed once as it lies, the zero
-    column stops XLA from folding the transpose into the dot (which YNNPACK rejects) and makes
-    N >= 2 for one row (PaliGemma 1 3B, one layer, one row: 9.0 ms against 15.6 with w on the right).
-    A weight stored [*in, *out] takes one bf16 row padded to two.
-    """
-    n_in = math.prod(w.shape[w.ndim - in_axes :] if out_first else w.shape[:in_axes])
-    out_shape = w.shape[: w.ndim - in_axes] if out_first else w.shape[in_axes:]
-    lead = x.shape[: x.ndim - in_axes]
-    rows = x.reshape(-1, n_in)  # [M, n_in]
-    m = rows.shape[0]
-    if out_first and _cpu_bfloat16(rows.dtype) and m < _FEW_ROWS:
-        cols = jnp.concatenate([rows.T, jnp.zeros((n_in, 1), rows.dtype)], axis=1)
-        y = jnp.dot(w.reshape(-1, n_in), cols, preferred_element_type=jnp.float32)[:, :m].T
-    elif out_first:
-        y = jax.lax.dot_general(rows, w.reshape(-1, n_in), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    else:
-        single = _cpu_bfloat16(rows.dtype) and m == 1
-        rows = jnp.concatenate([rows, jnp.zeros_like(rows)]) if single else rows
-        y = jnp.dot(rows, w.reshape(n_in, -1), preferred_element_type=jnp.float32)[:m]
-    return y.astype(x.dtype).reshape(*lead, *out_shape)
-
-
-def _weight(module: nn.Module, name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], out_first: bool):
-    """Declares a layer projection weight: [*in, *out], or [*out, *in] if out_first."""
-    return module.param(name, _init, (*out_shape, *in_shape) if out_first else (*in_shape, *out_shape))
+        """[B, T, D] -> [B, T, V]: the table is [V, D], an output-first weight in every layout."""
+        return project(x, self.input_embedding.astype(self.dtype), 1, out_first=True)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -131,47 +75,46 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
+def write(layer_cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """Writes `new` [B, T, K, H] into one layer's cache [B, S, K, H] at slot `index`."""
+    return jax.lax.dynamic_update_slice(layer_cache, new.astype(layer_cache.dtype), (0, index, 0, 0))
+
+
 class Attention(nn.Module):
     """Multi-query / grouped-query attention with RoPE, soft-capping and an optional cache."""
 
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
-    out_first: bool = False
+    layout: Layout = Layout()
+    kernel: AttentionKernel = "einsum"
 
-    @nn.compact
-    def __call__(self, x, positions, mask, layer_kv, write_index):
-        """x [B, T, D], positions [B, T], mask [B, T, S] bool; layer_kv: (k, v) [B, S, K, H] or None.
+    def setup(self):
+        c, dt, lay = self.cfg, self.dtype, self.layout
+        d, n, k, h = c.width, c.num_heads, c.num_kv_heads, c.head_dim
+        shared_scope(
+            self,
+            q_proj=Einsum("q_einsum", "BTD,DNH->BTNH", (d, n, h), ("embed", "q_heads", "head_dim"), lay, dt),
+            kv_proj=Einsum("kv_einsum", "BTD,DCKH->BTCKH", (d, 2, k, h), ("embed", "pair", "kv_heads", "head_dim"), lay, dt),
+            out_proj=Einsum("attn_vec_einsum", "BTNH,NHD->BTD", (n, h, d), ("q_heads", "head_dim", "embed"), lay, dt),
+        )
+
+    def __call__(self, x, positions, rule: PrefixLM, window, layer_kv: LayerKV | None, write_index):
+        """x [B, T, D], positions [B, T]; rule and window: the mask; layer_kv: this layer's cache or None.
 
         Returns ([B, T, D], the updated (k, v) or None).
         """
         c = self.cfg
-        heads, kv_heads, f = (c.num_heads, c.head_dim), (2, c.num_kv_heads, c.head_dim), self.out_first
-        w_q = _weight(self, "q_einsum", (c.width,), heads, f)  # [D, N, H]
-        w_kv = _weight(self, "kv_einsum", (c.width,), kv_heads, f)  # [D, 2, K, H]
-        w_o = _weight(self, "attn_vec_einsum", heads, (c.width,), f)  # [N, H, D]
-
-        q = _project(x, w_q.astype(self.dtype), 1, f) + lora.delta(self, "q_einsum", x)  # [B, T, N, H]
-        kv = jnp.moveaxis(_project(x, w_kv.astype(self.dtype), 1, f), 2, 0)  # [2, B, T, K, H]
-        k, v = kv + lora.delta(self, "kv_einsum", x)
-        q = apply_rope(q, positions, c.rope_base)
-        k = apply_rope(k, positions, c.rope_base)
+        q = apply_rope(self.q_proj(x), positions, c.rope_base)  # [B, T, N, H]
+        kv = self.kv_proj(x)  # [B, T, 2, K, H]
+        k, v = apply_rope(kv[:, :, 0], positions, c.rope_base), kv[:, :, 1]
+        used = None
         if layer_kv is not None:
-            k = kv_cache.write(layer_kv[0], k, write_index)
-            v = kv_cache.write(layer_kv[1], v, write_index)
-            layer_kv = (k, v)
-
-        b, t = q.shape[:2]
-        groups = c.num_heads // c.num_kv_heads
-        q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-        logits = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(self.dtype), preferred_element_type=jnp.float32)
-        logits = logits * c.query_scale
-        if c.attn_logit_softcap is not None:
-            logits = jnp.tanh(logits / c.attn_logit_softcap) * c.attn_logit_softcap
-        logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(self.dtype)).reshape(b, t, c.num_heads, c.head_dim)
-        y = _project(out, w_o.astype(self.dtype), 2, f) + lora.delta(self, "attn_vec_einsum", out)
-        return y, layer_kv
+            k, v = write(layer_kv[0], k, write_index), write(layer_kv[1], v, write_index)
+            layer_kv, used = (k, v), write_index + x.shape[1]
+        out = attention.attend(
+            q, k, v, rule, window, scale=c.query_scale, softcap=c.attn_logit_softcap, kernel=self.kernel, used=used
+        )
+        return self.out_proj(out), layer_kv
 
 
 class FeedForward(nn.Module):
@@ -179,17 +122,20 @@ class FeedForward(nn.Module):
 
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
-    out_first: bool = False
+    layout: Layout = Layout()
 
-    @nn.compact
+    def setup(self):
+        c, dt, lay = self.cfg, self.dtype, self.layout
+        shared_scope(
+            self,
+            gating=Einsum("gating_einsum", "BTD,DCF->BTCF", (c.width, 2, c.mlp_dim), ("embed", "pair", "mlp"), lay, dt),
+            down=Einsum("linear", "BTF,FD->BTD", (c.mlp_dim, c.width), ("mlp", "embed"), lay, dt),
+        )
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        c, f = self.cfg, self.out_first
-        w_gating = _weight(self, "gating_einsum", (c.width,), (2, c.mlp_dim), f)  # [D, 2, F]
-        w_linear = _weight(self, "linear", (c.mlp_dim,), (c.width,), f)  # [F, D]
-        gating = jnp.moveaxis(_project(x, w_gating.astype(self.dtype), 1, f), 2, 0)  # [2, B, T, F]
-        gate, up = gating + lora.delta(self, "gating_einsum", x)
-        hidden = nn.gelu(gate, approximate=self.cfg.gelu_approximate) * up
-        return _project(hidden, w_linear.astype(self.dtype), 1, f) + lora.delta(self, "linear", hidden)
+        gating = self.gating(x)  # [B, T, 2, F]
+        hidden = nn.gelu(gating[:, :, 0], approximate=self.cfg.gelu_approximate) * gating[:, :, 1]
+        return self.down(hidden)
 
 
 class Block(nn.Module):
@@ -197,20 +143,22 @@ class Block(nn.Module):
 
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
-    out_first: bool = False
+    layout: Layout = Layout()
+    kernel: AttentionKernel = "einsum"
 
     @nn.compact
-    def __call__(self, x, positions, masks, is_sliding, layer_kv, write_index):
-        """Scanned over layers: x is the carry; is_sliding [] and layer_kv are this layer's slices."""
+    def __call__(self, x, positions, rule: PrefixLM, is_sliding, layer_kv, write_index):
+        """Under nn.scan, x is the carry and is_sliding [] / layer_kv are this layer's slices."""
         c = self.cfg
-        mask = jnp.where(is_sliding, masks[1], masks[0])
+        window = NO_WINDOW if c.sliding_window is None else jnp.where(is_sliding, c.sliding_window, NO_WINDOW)
         h = RMSNorm(c.rms_norm_eps, name="pre_attention_norm")(x)
-        h, layer_kv = Attention(c, self.dtype, self.out_first, name="attn")(h, positions, mask, layer_kv, write_index)
+        attn = Attention(c, self.dtype, self.layout, self.kernel, name="attn")
+        h, layer_kv = attn(h, positions, rule, window, layer_kv, write_index)
         if c.post_norms:
             h = RMSNorm(c.rms_norm_eps, name="post_attention_norm")(h)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, name="pre_ffw_norm")(x)
-        h = FeedForward(c, self.dtype, self.out_first, name="mlp")(h)
+        h = FeedForward(c, self.dtype, self.layout, name="mlp")(h)
         if c.post_norms:
             h = RMSNorm(c.rms_norm_eps, name="post_ffw_norm")(h)
         return x + h, layer_kv
@@ -219,59 +167,53 @@ class Block(nn.Module):
 class Gemma(nn.Module):
     """The decoder stack: embedder, L blocks, final norm, tied logits.
 
-    `scan_layers` (the checkpoint layout) runs the blocks under `nn.scan` on stacked weights
-    (`layers/...` [L, ...]); False gives each block its own weights (`layers_0/...`, ...; see
-    `paligemma.split_layers`). XLA:CPU copies a layer's slice out of a stacked weight before a
-    matmul can read it, so decoding on stacked weights moves each layer's bytes three times instead
-    of once (PaliGemma 1 widths, 6 layers, float32: 2.4x the memory-bandwidth floor against 1.5x).
-    `remat` recomputes each layer's activations in the backward pass (training memory).
-    `out_first`: the layers' projection weights are stored [*out, *in] (`PROJECTION_IN_AXES`,
-    `paligemma.split_layers`), which bf16 decoding on CPU reads faster (`weights_out_first`).
+    With a stacked layout the blocks run under `nn.scan` (`layers/...`, every parameter [L, ...]);
+    otherwise each block has its own weights (`layers_0/...`, ...). The cache follows: (k, v)
+    [L, B, S, K, H] when stacked, else a tuple of L arrays [B, S, K, H] each, so that a decode step
+    writes every layer's cache in place. `remat` recomputes each layer's activations in the
+    backward pass (training memory).
     """
 
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
-    scan_layers: bool = True
-    out_first: bool = False
+    layout: Layout = Layout()
+    kernel: AttentionKernel = "einsum"
 
     def setup(self):
         c = self.cfg
         block = nn.remat(Block, prevent_cse=False) if self.remat else Block
         self.embedder = Embedder(c.vocab_size, c.width, self.dtype)
-        if self.scan_layers:
+        if self.layout.stacked:
             self.layers = nn.scan(
                 block,
                 variable_axes={"params": 0, "lora": 0},  # LoRA adapters (lora.py) are stacked like the weights
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
                 length=c.depth,
-            )(c, self.dtype, self.out_first)
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, self.dtype, self.layout, self.kernel)
         else:
-            self.layers = [block(c, self.dtype, self.out_first) for _ in range(c.depth)]  # named layers_0, layers_1, ...
+            self.layers = [block(c, self.dtype, self.layout, self.kernel) for _ in range(c.depth)]  # layers_0, ...
         self.final_norm = RMSNorm(c.rms_norm_eps)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.embedder.encode(ids)
 
-    def __call__(self, x, positions, masks, kv, write_index=0):
-        """x [B, T, D] embedded inputs; masks: (full, sliding) [B, T, S]; kv: (k, v) [L, B, S, K, H]
-        or None. Returns (final-normed hidden states [B, T, D], updated kv or None)."""
+    def __call__(self, x, positions, rule: PrefixLM, kv, write_index=0):
+        """x [B, T, D] embedded inputs; rule: the attention mask's inputs; kv: the cache's (k, v)
+        (see class docstring) or None. Returns (final-normed hidden states [B, T, D], updated kv)."""
         is_sliding = jnp.asarray(self.cfg.layer_is_sliding, bool)  # [L]
-        if self.scan_layers:
-            x, kv = self.layers(x, positions, masks, is_sliding, kv, write_index)
+        if self.layout.stacked:
+            x, kv = self.layers(x, positions, rule, is_sliding, kv, write_index)
         else:
-            x, kv = self._layer_by_layer(x, positions, masks, is_sliding, kv, write_index)
+            updated = []
+            for i, layer in enumerate(self.layers):
+                x, layer_kv = layer(x, positions, rule, is_sliding[i], None if kv is None else (kv[0][i], kv[1][i]),
+                                    write_index)
+                updated.append(layer_kv)
+            kv = None if kv is None else tuple(zip(*updated))
         return self.final_norm(x), kv
-
-    def _layer_by_layer(self, x, positions, masks, is_sliding, kv, write_index):
-        """The unscanned stack; the cache stays stacked [L, ...], as nn.scan returns it."""
-        updated = []
-        for i, layer in enumerate(self.layers):
-            x, layer_kv = layer(x, positions, masks, is_sliding[i], None if kv is None else (kv[0][i], kv[1][i]),
-                                write_index)
-            updated.append(layer_kv)
-        return x, None if kv is None else tuple(jnp.stack(parts) for parts in zip(*updated))
 
     def logits(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V] float32, with Gemma 2's final soft cap where configured."""

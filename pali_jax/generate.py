@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pali_jax import sharding
+from pali_jax import backend, sharding
 from pali_jax.errors import UserError
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import PaliGemmaModel
@@ -65,18 +65,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
 
 def jit_model_program(fun: Callable, **jit_kwargs: Any) -> Callable:
     """`jax.jit` for every program that runs the model for inference (generation, beam search,
-    forward): on CPU, compiled without while-loop invariant code motion.
-
-    XLA:CPU computes every bf16 op except YNNPACK's matmuls in float32, converting operands as it
-    goes (its `float-normalization-bf16` pass); invariant code motion then hoists the conversion of
-    each stacked layer weight, and of the embedding table, out of the decode loop and the layer scan,
-    so a bf16 model ran on a float32 copy of all its weights (7.3 GB of temporaries for 1.6 GB of
-    bf16 parameters, PaliGemma 1 widths with 2 + 2 layers). Left in the loop, each conversion is
-    fused with the slice of its layer. float32 programs compile to the same code either way.
-    """
-    on_cpu = jax.default_backend() == "cpu"
-    options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if on_cpu else None
-    return jax.jit(fun, compiler_options=options, **jit_kwargs)
+    forward), with the backend's compiler options (`backend.compiler_options`)."""
+    return jax.jit(fun, compiler_options=backend.compiler_options(), **jit_kwargs)
 
 
 @flax.struct.dataclass
@@ -110,7 +100,7 @@ def stop_reasons(done, lengths, max_new_tokens: int) -> list[StopReason]:
 
 def prefill(model: PaliGemmaModel, mesh: Mesh | None, cache_length: int, params, pixels, ids, types, mask):
     """Traced: image + prompts into a fresh cache of `cache_length` slots; (last logits [B, V], cache)."""
-    cache = KVCache.init(model.cfg.text, ids.shape[0], cache_length, model.dtype)
+    cache = KVCache.init(model.cfg.text, ids.shape[0], cache_length, model.dtype, model.layout.stacked)
     if mesh is not None:  # host inputs and the fresh cache carry no sharding: pin them
         pixels, ids, types, mask = sharding.constrain_batch((pixels, ids, types, mask), mesh)
         cache = sharding.constrain_cache(cache, mesh)

@@ -9,7 +9,10 @@ in big_vision. Three entry points share one decoder pass (`_decode`):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import re
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -17,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pali_jax.config import PaliGemmaConfig
-from pali_jax.gemma import PROJECTION_IN_AXES, Gemma
+from pali_jax.backend import CHECKPOINT_LAYOUT, AttentionKernel, Layout
+from pali_jax.gemma import Gemma
 from pali_jax.kv_cache import KVCache
-from pali_jax.masks import prefix_lm_masks
+from pali_jax.masks import PrefixLM
 from pali_jax.siglip import SigLIP
 
 # HF counts RoPE positions from 1 (big_vision from 0): the same under RoPE up to rounding, and HF
@@ -28,18 +32,18 @@ _FIRST_POSITION = 1
 
 
 class PaliGemmaModel(nn.Module):
-    """scan_layers=False: the decoder layers' weights one subtree each; out_first: their projections
-    stored output axes first (see `Gemma`, `split_layers`)."""
+    """layout: how the decoder's weights are stored (`backend.Layout`); kernel: which attention
+    implementation runs (`backend.attention_kernel`). Neither changes the numbers."""
 
     cfg: PaliGemmaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
-    scan_layers: bool = True
-    out_first: bool = False
+    layout: Layout = Layout()
+    kernel: AttentionKernel = "einsum"
 
     def setup(self):
         self.img = SigLIP(self.cfg.vision, self.cfg.text.width, self.dtype, self.remat)
-        self.llm = Gemma(self.cfg.text, self.dtype, self.remat, self.scan_layers, self.out_first)
+        self.llm = Gemma(self.cfg.text, self.dtype, self.remat, self.layout, self.kernel)
 
     def embed_image(self, pixel_values: jax.Array) -> jax.Array:
         """[B, H, W, 3] in [-1, 1] -> image tokens [B, P, D] (projected, not scaled)."""
@@ -56,7 +60,6 @@ class PaliGemmaModel(nn.Module):
 
     def _decode(self, x, prefix, valid, cache: KVCache | None):
         """The decoder over x [B, T, D] with token types and padding; returns (hidden, cache)."""
-        c = self.cfg.text
         seen = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1  # [B, T]: real tokens before each
         if cache is None:
             slots = jnp.arange(x.shape[1])
@@ -69,8 +72,7 @@ class PaliGemmaModel(nn.Module):
             kv_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, start))
             kv, first = (cache.k, cache.v), cache.positions[:, None]
         positions = _FIRST_POSITION + first + seen
-        masks = prefix_lm_masks(slots, prefix, kv_prefix, kv_valid, c.sliding_window)
-        h, kv = self.llm(x, positions, masks, kv, start)
+        h, kv = self.llm(x, positions, PrefixLM(slots, prefix, kv_prefix, kv_valid), kv, start)
         if cache is not None:
             cache = cache.advance(kv[0], kv[1], valid)
         return h, cache
@@ -112,38 +114,117 @@ def _types_and_mask(input_ids, token_type_ids, attention_mask):
     return prefix, valid
 
 
-def abstract_params(cfg: PaliGemmaConfig, dtype: jnp.dtype = jnp.float32):
-    """The model's parameters as `jax.ShapeDtypeStruct`s, from `jax.eval_shape` of its init (no memory)."""
+def _model_init_shapes(cfg: PaliGemmaConfig, layout: Layout):
+    """`jax.eval_shape` of the model's init: boxed (logically partitioned) parameter shapes."""
     size = cfg.image_size
     pixels = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    shapes = jax.eval_shape(PaliGemmaModel(cfg).init, jax.random.PRNGKey(0), pixels, ids)["params"]
+    return jax.eval_shape(PaliGemmaModel(cfg, layout=layout).init, jax.random.PRNGKey(0), pixels, ids)["params"]
+
+
+def abstract_params(cfg: PaliGemmaConfig, dtype: jnp.dtype = jnp.float32, layout: Layout = CHECKPOINT_LAYOUT):
+    """The model's parameters as `jax.ShapeDtypeStruct`s (no memory), in `layout`."""
+    shapes = nn.meta.unbox(_model_init_shapes(cfg, layout))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
 
 
-def split_layers(params: dict, out_first: bool = False) -> dict:
-    """Stacked decoder weights (`llm/layers/...`, [L, ...]) -> one subtree per layer (`llm/layers_0/...`,
-    ...): the parameters of `PaliGemmaModel(scan_layers=False, out_first=out_first)`.
+Axes = tuple  # one logical axis name (or None) per dimension
 
-    Works in place on `params`: host (numpy) arrays are split into views; device arrays, and every
-    projection weight when `out_first` (moved to [*out, *in] by XLA, see `gemma.PROJECTION_IN_AXES`),
-    are copied, each stacked one dropped once split, so memory peaks at the model plus its largest
-    stacked array.
-    """
+
+def path_key(path: tuple) -> str:
+    """A parameter path as "/"-joined keys, per-layer indices generalised (`layers_3` -> `layers_*`)."""
+    parts = (str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return re.sub(r"(^|/)layers_\d+(/|$)", r"\1layers_*\2", "/".join(parts))
+
+
+@functools.cache
+def axes_table(layout: Layout) -> dict[str, Axes]:
+    """{path_key: logical axes} of every parameter the model declares in `layout`, whatever the
+    sizes (read from a tiny Gemma 2 PaliGemma, whose tree holds every kind of parameter)."""
+    from pali_jax.config import preset
+
+    big = preset("paligemma2-3b-224")
+    text = dataclasses.replace(big.text, vocab_size=8, width=8, depth=2, mlp_dim=8, num_heads=2, num_kv_heads=1,
+                               head_dim=4, sliding_layers=(True, False))
+    vision = dataclasses.replace(big.vision, width=8, depth=1, mlp_dim=8, num_heads=2, patch_size=4, image_size=8)
+    cfg = dataclasses.replace(big, text=text, vision=vision, image_token_id=7)
+    specs = nn.get_partition_spec(_model_init_shapes(cfg, layout))
+    flat = jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
+    return {path_key(p): tuple(spec) for p, spec in flat}
+
+
+def _decoder_leaves(params: dict, stacked: bool) -> dict[str, Any]:
+    """{sub-path within a layer: [L arrays] (stacked: one [L, ...] array)} of the decoder layers."""
     llm = params["llm"]
-    keyed, treedef = jax.tree_util.tree_flatten_with_path(llm.pop("layers"))
-    per_layer = []
-    for j, (keys, _) in enumerate(keyed):
-        stacked, keyed[j] = keyed[j][1], None
-        in_axes = PROJECTION_IN_AXES.get(keys[-1].key) if out_first else None
-        if in_axes is not None:  # one layer per call: twice as fast as all layers in one program
-            per_layer.append([_to_out_first(layer, in_axes) for layer in stacked])
+    if stacked:
+        return {path_key(p): x for p, x in jax.tree_util.tree_flatten_with_path(llm.pop("layers"))[0]}
+    layers = [llm.pop(f"layers_{i}") for i in range(len([k for k in llm if k.startswith("layers_")]))]
+    flat = [dict((path_key(p), x) for p, x in jax.tree_util.tree_flatten_with_path(layer)[0]) for layer in layers]
+    return {key: [f[key] for f in flat] for key in flat[0]}
+
+
+def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
+    """The same parameters in another decoder layout (see `backend.Layout`).
+
+    Works in place on `params` (its decoder subtrees are replaced). From stacked to per-layer, host
+    (numpy) arrays are split into views and device arrays one program per stacked shape; a weight
+    whose axes move (output-first) is transposed one layer at a time; each stacked array is dropped
+    once split, so memory peaks at the model plus its largest stacked array.
+    """
+    if src == dst:
+        return params
+    src_axes, dst_axes = axes_table(src), axes_table(dst)
+    src_prefix = "llm/layers/" if src.stacked else "llm/layers_*/"
+    dst_prefix = "llm/layers/" if dst.stacked else "llm/layers_*/"
+    leaves = _decoder_leaves(params, src.stacked)
+    out: dict[str, Any] = {}
+    for sub in list(leaves):
+        value, leaves[sub] = leaves[sub], None
+        names = src_axes[src_prefix + sub][1:] if src.stacked else src_axes[src_prefix + sub]
+        want = dst_axes[dst_prefix + sub][1:] if dst.stacked else dst_axes[dst_prefix + sub]
+        perm = tuple(names.index(a) for a in want)
+        identity = perm == tuple(range(len(perm)))
+        if src.stacked and identity:
+            layers = list(value) if isinstance(value, np.ndarray) else _unstack(value)
+        elif src.stacked:
+            layers = [_transpose(layer, perm) for layer in value]  # one layer per call: twice as fast as all at once
         else:
-            per_layer.append(list(stacked) if isinstance(stacked, np.ndarray) else _unstack(stacked))
-        del stacked
-    for i, layer in enumerate(zip(*per_layer)):
-        llm[f"layers_{i}"] = jax.tree.unflatten(treedef, layer)
+            layers = value if identity else [_transpose(layer, perm) for layer in value]
+        del value
+        out[sub] = jnp.stack(layers) if dst.stacked else layers
+    llm = params["llm"]
+    if dst.stacked:
+        llm["layers"] = _nest(out)
+    else:
+        depth = len(next(iter(out.values())))
+        for i in range(depth):
+            llm[f"layers_{i}"] = _nest({sub: layers[i] for sub, layers in out.items()})
     return params
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, last = path.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
+
+
+def detect_layout(params: dict, cfg: PaliGemmaConfig) -> Layout:
+    """The decoder layout a parameter tree is in, from its keys and its projection shapes."""
+    stacked = "layers" in params["llm"]
+    for out_first in (False, True):
+        layout = Layout(stacked, out_first)
+        want = abstract_params(cfg, layout=layout)
+        if jax.tree.map(lambda x: tuple(x.shape), want) == jax.tree.map(lambda x: tuple(np.shape(x)), params):
+            other = abstract_params(cfg, layout=Layout(stacked, not out_first))
+            if jax.tree.map(lambda x: x.shape, other) == jax.tree.map(lambda x: x.shape, want):
+                raise ValueError("the parameters' shapes fit both projection layouts: pass the layout explicitly")
+            return layout
+    raise ValueError("the parameter tree fits no layout of this config's model")
 
 
 @jax.jit
@@ -152,6 +233,5 @@ def _unstack(x: jax.Array) -> list[jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnums=1)
-def _to_out_first(w: jax.Array, in_axes: int) -> jax.Array:
-    """[*in, *out] -> [*out, *in]."""
-    return jnp.moveaxis(w, tuple(range(in_axes)), tuple(range(-in_axes, 0)))
+def _transpose(w: jax.Array, perm: tuple[int, ...]) -> jax.Array:
+    return jnp.transpose(w, perm)

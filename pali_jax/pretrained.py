@@ -20,16 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pali_jax import hf_weights, sharding
+from pali_jax import backend, hf_weights, sharding
+from pali_jax.backend import CHECKPOINT_LAYOUT, Layout
 from pali_jax.beam_search import BeamSearch
 from pali_jax.checkpoint import read_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
-from pali_jax.gemma import weights_out_first
 from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR
 from pali_jax.generate import GenerateOutput, Generator, jit_model_program
-from pali_jax.paligemma import PaliGemmaModel, abstract_params, split_layers
+from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
 from pali_jax.sampling import SamplingParams
 
@@ -78,11 +78,11 @@ class PaliGemma:
     dtype: Any = jnp.float32
     path: Path | None = None  # where it was loaded from (tokenizer files live there)
     mesh: Mesh | None = None  # the mesh `params` are sharded over (pali_jax.sharding); None: one device
-    scan_layers: bool = True  # False: `params` holds each decoder layer apart (`paligemma.split_layers`)
-    out_first: bool = False  # the layers' projection weights are stored [*out, *in] (`paligemma.split_layers`)
+    layout: Layout = CHECKPOINT_LAYOUT  # how `params` holds the decoder's weights (`backend.Layout`)
 
     def __post_init__(self):
-        self.module = PaliGemmaModel(self.config, self.dtype, scan_layers=self.scan_layers, out_first=self.out_first)
+        kernel = backend.attention_kernel(self.dtype, self.config.text.attn_logit_softcap)
+        self.module = PaliGemmaModel(self.config, self.dtype, layout=self.layout, kernel=kernel)
         self.generator = Generator(self.module, self.mesh)
         self.beam_search = BeamSearch(self.module, self.mesh)
         self._forward = jit_model_program(self.module.apply)
@@ -104,22 +104,20 @@ class PaliGemma:
         *,
         sliding_window: bool = True,
         mesh: Mesh | None = None,
-        scan_layers: bool = True,
+        layout: Layout | None = None,
     ) -> "PaliGemma":
         """Loads a converted directory, an HF checkpoint directory (converted in memory) or a hub id.
 
         dtype: "float32" or "bfloat16" (parameters and activations). sliding_window=False turns
         Gemma 2's sliding window off on every layer (big_vision's behaviour; see README).
         mesh (`pali_jax.sharding.make_mesh`): every parameter is loaded straight onto its shards.
-        scan_layers=False keeps each decoder layer's weights apart (`llm/layers_0/...`) instead of
-        stacked: faster decoding on CPU, longer compiles, and not the layout training uses (README).
-        In bfloat16 on CPU those layers also hold their projections output axes first
-        (`gemma.weights_out_first`), transposed once here.
+        layout: how to hold the decoder's weights; None (the default) picks the fastest for
+        inference on this backend and dtype (`backend.inference_layout`: on every backend one
+        subtree per layer; on CPU in bfloat16 projections output axes first), converted once here.
+        Pass `backend.CHECKPOINT_LAYOUT` to keep the stacked checkpoint layout (what training uses).
         """
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
-        if not scan_layers and mesh is not None:
-            raise UserError("scan_layers=False is for one device: the mesh's partition rules expect stacked layers")
         path = Path(path_or_hub_id).expanduser()
         if not path.exists():
             path = _download(str(path_or_hub_id))
@@ -138,12 +136,20 @@ class PaliGemma:
             raise UserError(f"{path} is neither a pali-jax directory ({CONFIG_FILE}) nor an HF checkpoint (config.json)")
         if not sliding_window:
             config = config.without_sliding_window()
-        out_first = not scan_layers and weights_out_first(DTYPES[dtype])
-        if not scan_layers:
-            params = split_layers(params, out_first)
+        layout = backend.inference_layout(DTYPES[dtype]) if layout is None else layout
+        params = to_layout(params, CHECKPOINT_LAYOUT, layout)
         if mesh is None:
             params = jax.device_put(params)
-        return cls(config, params, DTYPES[dtype], path, mesh, scan_layers, out_first)
+        else:  # the layout change keeps each slice's split: pin it to the rules of the new layout
+            params = jax.device_put(params, sharding.param_shardings(params, mesh, out_first=layout.out_first))
+        return cls(config, params, DTYPES[dtype], path, mesh, layout)
+
+    def checkpoint_params(self) -> Any:
+        """`params` in the checkpoint layout (stacked layers, input axes first): what training,
+        export and the converters use. A new tree; `params` is left as it is."""
+        if self.layout == CHECKPOINT_LAYOUT:
+            return self.params
+        return to_layout(jax.tree.map(lambda x: x, self.params), self.layout, CHECKPOINT_LAYOUT)
 
     # -- model calls ---------------------------------------------------------------------------
     def _check(self, pixel_values, input_ids) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import re
 from pathlib import Path
@@ -40,7 +41,8 @@ from pali_jax.config import PaliGemmaConfig
 from pali_jax.distributed import initialize_distributed
 from pali_jax.errors import UserError
 from pali_jax.kv_cache import KVCache
-from pali_jax.paligemma import abstract_params
+from pali_jax.backend import Layout
+from pali_jax.paligemma import abstract_params, axes_table, path_key
 
 AXES = ("data", "fsdp", "tensor")
 # Tensors with fewer elements stay whole on every device: splitting a norm scale or a bias saves
@@ -146,42 +148,48 @@ def mesh_from_args(args: argparse.Namespace) -> Mesh | None:
 
 
 # -- parameter rules ---------------------------------------------------------------------------
-# Per trailing dimension of a parameter: "T" may be split over `tensor` (heads, MLP width, vocab),
-# "F" may be split over `fsdp`, "." is never split. A "T" dimension the tensor axis does not take
-# goes to fsdp when no "F" dimension divides it. Leading dimensions beyond the pattern (the [L] axis that nn.scan
-# stacks) are never split: the scan slices one layer per step, and a split layer axis would make
-# every step gather whole layers across devices. The "." of kv_einsum / gating_einsum is the
-# [2] k-v / gate-up axis: two slices of one matrix, not a dimension worth splitting.
-_RULES: tuple[tuple[re.Pattern, str], ...] = tuple(
-    (re.compile(pattern), roles)
-    for pattern, roles in (
-        (r"(^|/)embedder/input_embedding$", "TF"),  # [V, D]: vocab-parallel embedding and logits
-        (r"(^|/)attn/q_einsum$", "FTF"),  # [D, N, H]
-        (r"(^|/)attn/kv_einsum$", "F.TF"),  # [D, 2, K, H]
-        (r"(^|/)attn/attn_vec_einsum$", "TFF"),  # [N, H, D]
-        (r"(^|/)mlp/gating_einsum$", "F.T"),  # [D, 2, F]
-        (r"(^|/)mlp/linear$", "TF"),  # [F, D]
-        (r"(^|/)MultiHeadDotProductAttention_0/(query|key|value)/kernel$", "FTF"),  # [W, N, H]
-        (r"(^|/)MultiHeadDotProductAttention_0/out/kernel$", "TFF"),  # [N, H, W]
-        (r"(^|/)Dense_0/kernel$", "FT"),  # [W, F]
-        (r"(^|/)Dense_1/kernel$", "TF"),  # [F, W]
-    )
-)
+# The one table: which mesh axis each logical axis of a weight (`layers.Einsum`, the modules'
+# `nn.with_logical_partitioning`) may be split over. "tensor" axes (heads, MLP width, vocabulary)
+# are what tensor parallelism splits; "fsdp" axes (widths, head dims) are what FSDP splits; a
+# "tensor" axis the tensor axis does not take goes to fsdp when no "fsdp" axis divides it. None:
+# never split: the [L] axis of stacked layers (the scan slices one layer per step, and a split
+# layer axis would make every step gather whole layers across devices) and the k-v / gate-up pair.
+RULES: dict[str | None, str | None] = {
+    "vocab": "tensor", "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
+    "vision_heads": "tensor", "vision_mlp": "tensor",
+    "embed": "fsdp", "head_dim": "fsdp", "vision_embed": "fsdp", "vision_head_dim": "fsdp", "patches": "fsdp",
+    "layers": None, "pair": None, None: None,
+}
+_ROLE = {"tensor": "T", "fsdp": "F", None: "."}
 _STACKED = re.compile(r"(^|/)(layers|encoderblock)/")  # nn.scan'd parameters: a leading [L] axis
 
 
-def _roles(path: str, ndim: int) -> str:
-    """One role letter per dimension of the parameter at `path` (see _RULES)."""
+@functools.cache
+def _axes_by_path(out_first: bool) -> dict[str, tuple]:
+    """{path key: logical axes} of every model parameter, stacked and per-layer."""
+    return axes_table(Layout(True, out_first)) | axes_table(Layout(False, out_first))
+
+
+def _roles(path: str, ndim: int, out_first: bool = False) -> str:
+    """One role letter per dimension of the parameter at `path` ("T" tensor, "F" fsdp, "." whole).
+
+    A tree that mirrors the parameters by path (optimizer statistics, a train state) finds each
+    leaf's axes at the longest suffix of its path that names a parameter of the same rank.
+    """
+    table = _axes_by_path(out_first)
+    parts = path_key(tuple(path.split("/"))).split("/")
+    for i in range(len(parts)):
+        axes = table.get("/".join(parts[i:]))
+        if axes is not None and len(axes) == ndim:
+            return "".join(_ROLE[RULES[a]] for a in axes)
+    # Anything else (LoRA factors, other trees): every non-layer dimension is an fsdp candidate.
     stacked = 1 if _STACKED.search(path) else 0
-    roles = next((r for pattern, r in _RULES if pattern.search(path)), None)
-    if roles is None or len(roles) + stacked != ndim:
-        # Anything else (convolution, position embedding, projector, LoRA factors, optimizer
-        # statistics of another shape): every non-layer dimension is an fsdp candidate.
-        roles = "F" * max(ndim - stacked, 0)
-    return "." * (ndim - len(roles)) + roles
+    return "." * min(stacked, ndim) + "F" * max(ndim - stacked, 0)
 
 
-def partition_spec(path: str, shape: Sequence[int], mesh: AnyMesh, min_elements: int | None = None) -> P:
+def partition_spec(
+    path: str, shape: Sequence[int], mesh: AnyMesh, min_elements: int | None = None, out_first: bool = False
+) -> P:
     """The PartitionSpec of one parameter (`path` joins its tree keys with "/").
 
     Tensor parallelism takes the first "T" dimension that divides the tensor axis; FSDP then takes
@@ -191,7 +199,7 @@ def partition_spec(path: str, shape: Sequence[int], mesh: AnyMesh, min_elements:
     spec: list[str | None] = [None] * len(shape)
     if math.prod(shape) < (MIN_SHARDED_ELEMENTS if min_elements is None else min_elements):
         return P()
-    roles = _roles(path, len(shape))
+    roles = _roles(path, len(shape), out_first)
     sizes = dict(mesh.shape)
     if sizes["tensor"] > 1:
         for i, role in enumerate(roles):
@@ -227,20 +235,20 @@ def _path_str(path: tuple) -> str:
     return "/".join(str(p) for p in parts)
 
 
-def param_specs(tree: Any, mesh: AnyMesh, min_elements: int | None = None) -> Any:
+def param_specs(tree: Any, mesh: AnyMesh, min_elements: int | None = None, out_first: bool = False) -> Any:
     """A tree of PartitionSpecs for a tree of arrays / ShapeDtypeStructs.
 
     Works for parameters and for anything that mirrors them by path (optimizer states such as
     adam's mu / nu: their paths end with the parameter's path; scalars are replicated).
     """
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: partition_spec(_path_str(path), x.shape, mesh, min_elements), tree
+        lambda path, x: partition_spec(_path_str(path), x.shape, mesh, min_elements, out_first), tree
     )
 
 
-def param_shardings(tree: Any, mesh: AnyMesh, min_elements: int | None = None) -> Any:
-    """`param_specs` as NamedShardings on `mesh`."""
-    return _named(param_specs(tree, mesh, min_elements), mesh)
+def param_shardings(tree: Any, mesh: AnyMesh, min_elements: int | None = None, out_first: bool = False) -> Any:
+    """`param_specs` as NamedShardings on `mesh` (out_first: the tree holds output-first projections)."""
+    return _named(param_specs(tree, mesh, min_elements, out_first), mesh)
 
 
 def constrain_params(tree: Any, mesh: AnyMesh, min_elements: int | None = None) -> Any:
@@ -294,10 +302,14 @@ def constrain_batch(tree: Any, mesh: AnyMesh) -> Any:
 def cache_specs(cache: KVCache, mesh: AnyMesh) -> KVCache:
     """The KV cache's PartitionSpecs: rows over the batch axes, kv heads over `tensor` where
     they divide it (with MQA / few kv heads the cache is replicated across `tensor`)."""
-    batch, heads = cache.k.shape[1], cache.k.shape[3]
+    batch, heads = cache.valid.shape[0], cache.v[0].shape[-2]
     rows = batch_axes(batch, mesh)
     tensor = dict(mesh.shape)["tensor"]
-    kv = _canonical([None, rows, None, "tensor" if tensor > 1 and heads % tensor == 0 else None])
+    layer = [rows, None, "tensor" if tensor > 1 and heads % tensor == 0 else None]
+    if cache.stacked:
+        kv = _canonical([None, *layer])
+    else:
+        kv = tuple(_canonical(layer) for _ in cache.k)
     return KVCache(k=kv, v=kv, valid=_canonical([rows]), index=P(), positions=_canonical([rows]))
 
 

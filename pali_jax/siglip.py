@@ -25,6 +25,28 @@ def _accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     return out.astype(lhs.dtype)
 
 
+def _axes(init, *names):
+    return nn.with_logical_partitioning(init, names)
+
+
+_KERNEL, _BIAS = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
+
+
+def _dense(features, axes: tuple[str, ...], dtype, name: str | None = None, axis=-1) -> nn.DenseGeneral:
+    """A biased projection whose kernel has logical `axes` (inputs then outputs)."""
+    n_out = 1 if isinstance(features, int) else len(features)
+    return nn.DenseGeneral(
+        features, axis=axis, dtype=dtype, dot_general=_accumulate_f32, name=name,
+        kernel_init=_axes(_KERNEL, *axes), bias_init=_axes(_BIAS, *axes[len(axes) - n_out :]),
+    )
+
+
+def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
+    ones = nn.initializers.ones_init()
+    return nn.LayerNorm(eps, dtype=dtype, name=name, scale_init=_axes(ones, "vision_embed"),
+                        bias_init=_axes(_BIAS, "vision_embed"))
+
+
 class Attention(nn.Module):
     cfg: SiglipConfig
     dtype: jnp.dtype = jnp.float32
@@ -32,12 +54,13 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.cfg
-        proj = lambda name: nn.DenseGeneral((c.num_heads, c.head_dim), dtype=self.dtype, dot_general=_accumulate_f32, name=name)  # noqa: E731
-        q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # [B, T, N, H]
+        heads = (c.num_heads, c.head_dim)
+        axes = ("vision_embed", "vision_heads", "vision_head_dim")
+        q, k, v = (_dense(heads, axes, self.dtype, name)(x) for name in ("query", "key", "value"))  # [B, T, N, H]
         logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * c.head_dim**-0.5
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bnts,bsnh->btnh", probs, v)
-        return nn.DenseGeneral(c.width, axis=(-2, -1), dtype=self.dtype, dot_general=_accumulate_f32, name="out")(out)
+        return _dense(c.width, ("vision_heads", "vision_head_dim", "vision_embed"), self.dtype, "out", axis=(-2, -1))(out)
 
 
 class EncoderBlock(nn.Module):
@@ -47,12 +70,12 @@ class EncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, None]:
         c = self.cfg
-        h = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="LayerNorm_0")(x)
+        h = _layer_norm(c.layer_norm_eps, self.dtype, "LayerNorm_0")(x)
         x = x + Attention(c, self.dtype, name="MultiHeadDotProductAttention_0")(h)
-        h = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, name="LayerNorm_1")(x)
-        h = nn.Dense(c.mlp_dim, dtype=self.dtype, dot_general=_accumulate_f32, name="Dense_0")(h)
+        h = _layer_norm(c.layer_norm_eps, self.dtype, "LayerNorm_1")(x)
+        h = _dense(c.mlp_dim, ("vision_embed", "vision_mlp"), self.dtype, "Dense_0")(h)
         h = nn.gelu(h, approximate=c.gelu_approximate)
-        return x + nn.Dense(c.width, dtype=self.dtype, dot_general=_accumulate_f32, name="Dense_1")(h), None
+        return x + _dense(c.width, ("vision_mlp", "vision_embed"), self.dtype, "Dense_1")(h), None
 
 
 class Encoder(nn.Module):
@@ -64,9 +87,10 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         block = nn.remat(EncoderBlock, prevent_cse=False) if self.remat else EncoderBlock
         x, _ = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.cfg.depth
+            block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.cfg.depth,
+            metadata_params={nn.PARTITION_NAME: "layers"},
         )(self.cfg, self.dtype, name="encoderblock")(x, None)
-        return nn.LayerNorm(self.cfg.layer_norm_eps, dtype=self.dtype, name="encoder_norm")(x)
+        return _layer_norm(self.cfg.layer_norm_eps, self.dtype, "encoder_norm")(x)
 
 
 class SigLIP(nn.Module):
@@ -80,11 +104,13 @@ class SigLIP(nn.Module):
     def setup(self):
         c = self.cfg
         self.embedding = nn.Conv(
-            c.width, (c.patch_size, c.patch_size), strides=c.patch_size, padding="VALID", dtype=self.dtype
+            c.width, (c.patch_size, c.patch_size), strides=c.patch_size, padding="VALID", dtype=self.dtype,
+            kernel_init=_axes(_KERNEL, None, None, None, "vision_embed"), bias_init=_axes(_BIAS, "vision_embed"),
         )
-        self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02), (1, c.num_patches, c.width))
+        pos_init = _axes(nn.initializers.normal(0.02), None, "patches", "vision_embed")
+        self.pos_embedding = self.param("pos_embedding", pos_init, (1, c.num_patches, c.width))
         self.Transformer = Encoder(c, self.dtype, self.remat)
-        self.head = nn.Dense(self.out_width, dtype=self.dtype, dot_general=_accumulate_f32)
+        self.head = _dense(self.out_width, ("vision_embed", "embed"), self.dtype)
 
     def encode(self, pixels: jax.Array) -> jax.Array:
         """[B, H, W, 3] -> [B, P, width]: the vision tower's last hidden state (after its final norm)."""

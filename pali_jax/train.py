@@ -36,10 +36,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from pali_jax import lora, sharding
+from pali_jax import backend, lora, sharding
+from pali_jax.backend import Layout
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
-from pali_jax.paligemma import PaliGemmaModel
+from pali_jax.paligemma import PaliGemmaModel, detect_layout, to_layout
 
 Reduction = Literal["example", "token"]
 TRAINABLE_PRESETS: dict[str, tuple[str, ...]] = {
@@ -204,7 +205,17 @@ class Trainer:
 
     @functools.cached_property
     def model(self) -> PaliGemmaModel:
-        return PaliGemmaModel(self.config, self.dtype, remat=self.train_config.remat)
+        return PaliGemmaModel(self.config, self.dtype, remat=self.train_config.remat, layout=self.layout)
+
+    @functools.cached_property
+    def layout(self) -> Layout:
+        return backend.training_layout(self.dtype)
+
+    def _in_training_layout(self, params: Any) -> Any:
+        """`params` (any decoder layout, e.g. `PaliGemma.params` as loaded for inference) in the
+        layout the train step runs; the caller's tree is left as it is."""
+        src = detect_layout(params, self.config)
+        return params if src == self.layout else to_layout(jax.tree.map(lambda x: x, params), src, self.layout)
 
     @functools.cached_property
     def schedule(self) -> optax.Schedule:
@@ -241,6 +252,7 @@ class Trainer:
         trained leaves become float32, frozen ones `frozen_dtype`; LoRA adapters are added when
         `lora_rank > 0`. Under a mesh it is computed straight into its shardings (no device
         ever holds the whole state)."""
+        params = self._in_training_layout(params)
         if self.mesh is None:
             return self._fresh_state(params)
         shapes = jax.eval_shape(self._fresh_state, params)
@@ -251,7 +263,7 @@ class Trainer:
         rng = jax.random.PRNGKey(t.seed)
         variables: dict[str, Any] = {"params": params}
         if t.lora_rank:
-            variables["lora"] = lora.init(params, t.lora_rank, jax.random.fold_in(rng, 1))
+            variables["lora"] = lora.init(self.model, params, t.lora_rank, jax.random.fold_in(rng, 1))
         labels = self.labels(variables)
         if "train" not in jax.tree.leaves(labels):
             raise TrainConfigError(f"trainable {t.trainable!r} matches no parameter: nothing would train")
@@ -266,7 +278,7 @@ class Trainer:
         """Shapes, dtypes and shardings of `init_state(params)` (no memory): the target of a
         checkpoint restore, which then places every leaf on its shards (under a mesh) or on the
         first device, whatever the layout it was saved from."""
-        shapes = jax.eval_shape(self._fresh_state, params)
+        shapes = jax.eval_shape(self._fresh_state, self._in_training_layout(params))
         return jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.state_shardings(shapes)
         )
@@ -296,7 +308,7 @@ class Trainer:
     def inference_params(self, state: TrainState) -> Any:
         """The parameters to run or export: LoRA adapters merged into their weights."""
         params = state.variables["params"]
-        return lora.merge(params, state.variables["lora"]) if "lora" in state.variables else params
+        return lora.merge(self.model, params, state.variables["lora"]) if "lora" in state.variables else params
 
     # -- loss and steps ------------------------------------------------------------------------
     @functools.partial(jax.jit, static_argnums=0)

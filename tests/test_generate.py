@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pali_jax.backend import CHECKPOINT_LAYOUT
 from pali_jax.beam_search import BeamSearch
 from pali_jax.generate import MIN_TEXT_BUCKET, Generator, StopReason, bucket, prepare_prompts
 from pali_jax.pretrained import PaliGemma
@@ -81,9 +82,10 @@ def test_decode_logits_equal_full_forward(tiny):
     assert np.abs(predicting - out.logits[0, : len(generated)]).max() <= 1e-4
 
 
-def test_unscanned_layers_generate_the_same(tiny_models):
-    pg = tiny_models["pg2"].pg
-    split = PaliGemma.from_pretrained(tiny_models["pg2"].hf_dir, scan_layers=False)
+def test_stacked_and_per_layer_layouts_generate_the_same(tiny_models):
+    pg = PaliGemma.from_pretrained(tiny_models["pg2"].hf_dir, layout=CHECKPOINT_LAYOUT)
+    split = tiny_models["pg2"].pg  # the default: per-layer weights and cache
+    assert not split.layout.stacked
     pixels, ids = prompt(pg, 6, 5)
     want = pg.generator.generate(pg.params, pixels, ids, max_new_tokens=12, return_logits=True)
     got = split.generator.generate(split.params, pixels, ids, max_new_tokens=12, return_logits=True)
@@ -94,13 +96,13 @@ def test_unscanned_layers_generate_the_same(tiny_models):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_bfloat16_unscanned_layers_generate_like_scanned(tiny_models, batch):
-    """bf16 on CPU: unscanned layers hold their projections output-first and multiply by other
-    routes (`gemma._project`); same tokens, logits within bf16 rounding of the stacked model's."""
+def test_bfloat16_default_layout_generates_like_the_checkpoint_layout(tiny_models, batch):
+    """bf16 on CPU: the default layout holds projections output-first and multiplies by other
+    routes (`backend.project`); same tokens, logits within bf16 rounding of the stacked model's."""
     hf_dir = tiny_models["pg1"].hf_dir
-    stacked = PaliGemma.from_pretrained(hf_dir, dtype="bfloat16")
-    split = PaliGemma.from_pretrained(hf_dir, dtype="bfloat16", scan_layers=False)
-    assert split.out_first == (jax.default_backend() == "cpu")
+    stacked = PaliGemma.from_pretrained(hf_dir, dtype="bfloat16", layout=CHECKPOINT_LAYOUT)
+    split = PaliGemma.from_pretrained(hf_dir, dtype="bfloat16")
+    assert split.layout.out_first == (jax.default_backend() == "cpu")
     pixels, ids = prompt(stacked, 6, 5)
     pixels, ids = np.repeat(pixels, batch, 0), np.repeat(ids, batch, 0)
     want = stacked.generator.generate(stacked.params, pixels, ids, max_new_tokens=8, return_logits=True)
@@ -197,9 +199,9 @@ def test_beam_search(tiny_models):
     assert four.scores[0] == pytest.approx(total / len(seq), abs=1e-4)
 
 
-def _temporary_bytes(hf_dir, dtype: str, scan_layers: bool, batch: int) -> int:
+def _temporary_bytes(hf_dir, dtype: str, stacked: bool, batch: int) -> int:
     """Scratch memory of the compiled generate program (weights and inputs excluded)."""
-    pg = PaliGemma.from_pretrained(hf_dir, dtype=dtype, scan_layers=scan_layers)
+    pg = PaliGemma.from_pretrained(hf_dir, dtype=dtype, layout=CHECKPOINT_LAYOUT if stacked else None)
     pixels, ids = prompt(pg, 5, 3)
     pixels, ids = np.repeat(pixels, batch, 0), np.repeat(ids, batch, 0)
     statics, ids, types, mask, stops = prepare_prompts(pg.config, ids, None, None, 8, (), None, False)
@@ -210,13 +212,13 @@ def _temporary_bytes(hf_dir, dtype: str, scan_layers: bool, batch: int) -> int:
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_bfloat16_generation_holds_no_float32_weights(tiny_models, batch, scan_layers):
-    """XLA:CPU computes bf16 ops in float32 (see `generate.jit_model_program`). A program that
+@pytest.mark.parametrize("stacked", [True, False])
+def test_bfloat16_generation_holds_no_float32_weights(tiny_models, batch, stacked):
+    """XLA:CPU computes bf16 ops in float32 (see `backend.compiler_options`). A program that
     converted the weights wholesale (out of the decode loop) would hold a float32 copy of them and
     need 3-7x float32's scratch memory; converted per use, bf16 needs less than float32."""
     hf_dir = tiny_models["pg1"].hf_dir
-    assert _temporary_bytes(hf_dir, "bfloat16", scan_layers, batch) <= _temporary_bytes(hf_dir, "float32", scan_layers, batch)
+    assert _temporary_bytes(hf_dir, "bfloat16", stacked, batch) <= _temporary_bytes(hf_dir, "float32", stacked, batch)
 
 
 def test_bad_generate_arguments(tiny_models):

@@ -15,7 +15,9 @@ import torch
 from transformers import PaliGemmaConfig as HFPaliGemmaConfig
 
 from pali_jax import config as cfglib
-from pali_jax.paligemma import abstract_params, split_layers
+from pali_jax import backend
+from pali_jax.backend import CHECKPOINT_LAYOUT, Layout
+from pali_jax.paligemma import abstract_params
 from pali_jax.pretrained import PaliGemma
 from pali_jax.train import suffix_nll
 
@@ -104,22 +106,25 @@ def test_suffix_loss(tiny):
     assert float(suffix_nll(logits, jnp.asarray(ids), jnp.asarray(types == 1))) == pytest.approx(ours, rel=1e-6)
 
 
-def test_unscanned_layers_equal_scanned(tiny):
-    split = PaliGemma.from_pretrained(tiny.hf_dir, scan_layers=False)
+@pytest.mark.parametrize("layout", [Layout(True, False), Layout(True, True), Layout(False, False), Layout(False, True)])
+def test_every_layout_gives_the_same_logits(tiny, layout):
+    """Stacked or per-layer decoder weights, input or output axes first: the same model."""
+    other = PaliGemma.from_pretrained(tiny.hf_dir, layout=layout)
     depth = tiny.pg.config.text.depth
-    assert "layers" not in split.params["llm"] and f"layers_{depth - 1}" in split.params["llm"]
+    llm = other.params["llm"]
+    assert ("layers" in llm) == layout.stacked and (f"layers_{depth - 1}" in llm) == (not layout.stacked)
+    d, n, h = tiny.pg.config.text.width, tiny.pg.config.text.num_heads, tiny.pg.config.text.head_dim
+    q = llm["layers"]["attn"]["q_einsum"][0] if layout.stacked else llm["layers_0"]["attn"]["q_einsum"]
+    assert q.shape == ((n, h, d) if layout.out_first else (d, n, h))
     pixels, ids, types = make_inputs(tiny.pg, 2, 5, 9, seed=1)
-    assert_close(split.forward(pixels, ids, types), tiny.pg.forward(pixels, ids, types), rel=1e-6, abs_=1e-5)
+    assert_close(other.forward(pixels, ids, types), tiny.pg.forward(pixels, ids, types), rel=1e-6, abs_=1e-5)
 
 
-def test_output_first_layers_equal_scanned(tiny):
-    """The layout bf16 decoding on CPU loads (`gemma.weights_out_first`), checked in float32."""
-    params = jax.tree.map(np.asarray, tiny.pg.params)  # a host copy: split_layers works in place
-    split = PaliGemma(tiny.pg.config, split_layers(params, out_first=True), scan_layers=False, out_first=True)
-    _, d, n, h = tiny.pg.params["llm"]["layers"]["attn"]["q_einsum"].shape  # [L, D, N, H]
-    assert split.params["llm"]["layers_0"]["attn"]["q_einsum"].shape == (n, h, d)
-    pixels, ids, types = make_inputs(tiny.pg, 2, 5, 9, seed=1)
-    assert_close(split.forward(pixels, ids, types), tiny.pg.forward(pixels, ids, types), rel=1e-6, abs_=1e-5)
+def test_default_layout_is_the_backends_choice(tiny):
+    assert tiny.pg.layout == backend.inference_layout(tiny.pg.dtype)
+    back = tiny.pg.checkpoint_params()
+    want = PaliGemma.from_pretrained(tiny.hf_dir, layout=CHECKPOINT_LAYOUT).params
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), back, want))
 
 
 def test_bfloat16_as_close_as_transformers_bfloat16(tiny):

@@ -1,0 +1,131 @@
+"""The projection primitive: a weight declared with its einsum equation, logical axes and LoRA.
+
+    self.q_einsum = Einsum("q_einsum", "BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"), layout)
+    q = self.q_einsum(x)                       # [B, T, D] -> [B, T, N, H]
+
+Axis letters (the same everywhere in the package): B batch, T query length, S key length (cache
+slots), D width, N query heads, K kv heads, G query heads per kv head (N = K * G), H head dim,
+C a pair of matrices stored as one weight (k and v, gate and up), F MLP width, V vocabulary,
+L layers.
+
+The equation is written in the checkpoint layout: the weight's contracted letters come first
+([*in, *out]). The weight's `axes` name each of its dimensions for sharding (`sharding.RULES`
+maps them to mesh axes). How the weight is stored and multiplied is the layout's and the
+backend's business (`backend.py`): with `layout.out_first` it is stored [*out, *in]. Whatever the
+layout, the parameter sits in the parent module's scope under `name` (big_vision's tree:
+`attn/q_einsum`, not `attn/q_einsum/w`).
+
+LoRA: when a `"lora"` variable named like the weight is present (`lora.py` creates them), the
+projection adds `(x A) B`; A is [C?, *in, r] and B [C?, r, *out without C], a pair weight getting
+one adapter per matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pali_jax import backend
+from pali_jax.backend import Layout
+
+PAIR = "C"
+RANK = "r"
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+def parse(equation: str) -> tuple[str, str, str]:
+    """"BTD,DNH->BTNH" -> ("BTD", "DNH", "BTNH"), checked: the weight's contracted letters lead
+    it and end x, in the same order, and the output is x's other letters then the weight's."""
+    try:
+        inputs, out = equation.replace(" ", "").split("->")
+        x, w = inputs.split(",")
+    except ValueError:
+        raise ValueError(f"einsum equation {equation!r} is not of the form 'x,w->y'") from None
+    contracted = "".join(c for c in w if c in x and c not in out)
+    lead = x[: len(x) - len(contracted)]
+    if not (w.startswith(contracted) and x.endswith(contracted) and out == lead + w[len(contracted) :]):
+        raise ValueError(f"einsum {equation!r}: a projection contracts x's last axes with the weight's first ones")
+    return x, w, out
+
+
+def in_axes(equation: str) -> int:
+    """How many leading weight axes the projection contracts."""
+    x, w, _ = parse(equation)
+    return sum(c in x for c in w)
+
+
+def stored(shape: tuple[int, ...], n_in: int, out_first: bool) -> tuple[int, ...]:
+    """The stored shape (or axes) of a weight of checkpoint shape [*in, *out]."""
+    return (*shape[n_in:], *shape[:n_in]) if out_first else tuple(shape)
+
+
+class Einsum(nn.Module):
+    """A projection weight and its product; see the module docstring."""
+
+    weight: str  # the parameter's name in the parent scope
+    equation: str
+    shape: tuple[int, ...]  # checkpoint layout, [*in, *out]
+    axes: tuple[str, ...]  # one logical axis name per dimension of `shape`
+    layout: Layout = Layout()
+    dtype: Any = jnp.float32
+    init: Callable = default_init
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = in_axes(self.equation)
+        init = nn.with_logical_partitioning(self.init, stored(self.axes, n_in, self.layout.out_first))
+        w = self.param(self.weight, init, stored(self.shape, n_in, self.layout.out_first))
+        y = backend.project(x.astype(self.dtype), w.astype(self.dtype), n_in, self.layout.out_first)
+        if self.has_variable("lora", self.weight):
+            factors = self.get_variable("lora", self.weight)
+            y = y + lora_delta(self.equation, x.astype(self.dtype), factors["a"].astype(self.dtype), factors["b"].astype(self.dtype))
+        return y
+
+
+def shared_scope(parent: nn.Module, **einsums: Einsum) -> None:
+    """Binds each Einsum as `parent.<attr>` in `parent`'s own scope (call in `setup`)."""
+    for attr, einsum in einsums.items():
+        setattr(parent, attr, einsum)
+        nn.share_scope(parent, getattr(parent, attr))
+
+
+# -- LoRA factors, from the equation -------------------------------------------------------------
+def _lora_letters(equation: str) -> tuple[str, str, str, str]:
+    """(x, A, B, update) letters: A [C?, *in, r], B [C?, r, *out without C], update in W's layout."""
+    x, w, out = parse(equation)
+    n_in = in_axes(equation)
+    ins, outs = w[:n_in], w[n_in:]
+    pair = PAIR if PAIR in outs else ""
+    a = pair + ins + RANK
+    b = pair + RANK + outs.replace(PAIR, "")
+    return x, a, b, w
+
+
+def lora_shapes(equation: str, shape: tuple[int, ...], rank: int) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(A's shape, B's shape, fan-in of A) for a weight of checkpoint shape `shape`."""
+    _, a, b, w = _lora_letters(equation)
+    sizes = dict(zip(w, shape), **{RANK: rank})
+    fan_in = 1
+    for c in w[: in_axes(equation)]:
+        fan_in *= sizes[c]
+    return tuple(sizes[c] for c in a), tuple(sizes[c] for c in b), fan_in
+
+
+def lora_delta(equation: str, x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`(x A) B` in the projection's output layout."""
+    xs, a_letters, b_letters, w = _lora_letters(equation)
+    _, _, out = parse(equation)
+    lead = out[: len(out) - (len(w) - in_axes(equation))]
+    hidden = lead + (PAIR if PAIR in a_letters else "") + RANK
+    down = jnp.einsum(f"{xs},{a_letters}->{hidden}", x, a)
+    return jnp.einsum(f"{hidden},{b_letters}->{out}", down, b)
+
+
+def lora_update(equation: str, a: jax.Array, b: jax.Array, stacked: bool) -> jax.Array:
+    """A B in the weight's checkpoint layout (with a leading [L] axis when `stacked`)."""
+    _, a_letters, b_letters, w = _lora_letters(equation)
+    layer = "L" if stacked else ""
+    return jnp.einsum(f"{layer}{a_letters},{layer}{b_letters}->{layer}{w}", a, b)
