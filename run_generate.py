@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("no image given and no bundled sample image found: pass --image")
     t0 = time.perf_counter()
     # Inference only, so on one device each decoder layer keeps its own weights: faster decoding.
-    pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh, scan_layers=mesh is not None)
+    pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh)
     load_s = time.perf_counter() - t0
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     options = dict(max_new_tokens=args.max_tokens, seed=args.seed, **sampling)

@@ -8,7 +8,7 @@ Converts a random model once, then starts `python -m benchmarks.compile_time --c
 without a cache, then with one fresh cache directory (the first process fills it, the next two
 read it); --repeats rounds of that, reporting medians (single rounds moved between 0.36 and 0.71
 warm / cold on this machine). Each child loads the model as run_generate.py does (each decoder
-layer on its own weights, `scan_layers=False`) unless --stacked.
+layer on its own weights, the default layout) unless --stacked.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ def child(model_dir: str, cache: str | None, stacked: bool) -> None:
     """Runs in a fresh process: load, generate one token, report seconds since the parent launched it."""
     t_launch = float(os.environ["BENCH_T0"])
     from pali_jax import PaliGemma, enable_compilation_cache
+    from pali_jax.backend import CHECKPOINT_LAYOUT
 
     if cache:
         enable_compilation_cache(cache)
-    pg = PaliGemma.from_pretrained(model_dir, scan_layers=stacked)
+    pg = PaliGemma.from_pretrained(model_dir, layout=CHECKPOINT_LAYOUT if stacked else None)
     t_loaded = time.time()
     cfg = pg.config
     ids = np.concatenate([np.full((1, cfg.num_image_tokens), cfg.image_token_id), [[2, 1000, 2000, 108]]], 1)
@@ -66,7 +67,7 @@ def main() -> None:
     p.add_argument("--preset", default="paligemma-3b-224")
     p.add_argument("--vision-layers", type=int, default=2)
     p.add_argument("--text-layers", type=int, default=2)
-    p.add_argument("--stacked", action="store_true", help="load with stacked decoder layers (scan_layers=True)")
+    p.add_argument("--stacked", action="store_true", help="load with stacked decoder layers (backend.CHECKPOINT_LAYOUT)")
     p.add_argument("--repeats", type=int, default=5, help="rounds of the four processes; medians are reported")
     p.add_argument("--json", type=Path)
     args = p.parse_args()

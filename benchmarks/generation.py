@@ -2,11 +2,13 @@
 
     python -m benchmarks.generation                   # the full table (about an hour on 2 CPU cores)
     python -m benchmarks.generation --presets paligemma-3b-224 --dtypes float32 --batch 1 8 --runs 2
+    python -m benchmarks.generation --presets paligemma-3b-224 --dtypes bfloat16 --vision-layers 27 \
+        --text-layers 18 --batch 1 8 --runs 2 --new-tokens 32     # full depth (peaks ~13 GB while building)
 
 Configurations: the real widths and full vocabulary (257216) of each preset (default PaliGemma 1 3B
 and PaliGemma 2 3B at 224 px) at reduced depth (--vision-layers / --text-layers, default 2 + 2), in
 float32 and bfloat16. Each gets one random transformers model, saved once and converted once;
-pali-jax loads the conversion the way run_generate.py does (`scan_layers=False`), transformers the
+pali-jax loads the conversion with the default API (`PaliGemma.from_pretrained`), transformers the
 checkpoint (eager attention). Every implementation, preset and dtype runs in its own process, which
 reports its peak RSS (VmHWM: weights, runtime and scratch memory together).
 
@@ -150,7 +152,7 @@ def measure(gen, cfg: PaliGemmaConfig, batch: int, prompt_tokens: int, new_token
 
 
 def pali_jax_generator(model_dir: str, dtype: str):
-    pg = PaliGemma.from_pretrained(model_dir, dtype=dtype, scan_layers=False)
+    pg = PaliGemma.from_pretrained(model_dir, dtype=dtype)
     return pg.config, lambda pixels, ids, n: pg.generate_ids(pixels, ids, max_new_tokens=n).tokens
 
 

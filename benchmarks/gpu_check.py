@@ -15,13 +15,15 @@ import json
 import time
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.generation import decode_bytes, inputs, median_time
+from pali_jax import backend
 from pali_jax.config import preset
-from pali_jax.paligemma import PaliGemmaModel
+from pali_jax.paligemma import PaliGemmaModel, to_layout
 from pali_jax.pretrained import PaliGemma
 
 
@@ -38,8 +40,10 @@ def random_model(name: str) -> PaliGemma:
     model = PaliGemmaModel(cfg, jnp.bfloat16)
     pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.bfloat16)
     ids = jnp.zeros((1, cfg.num_image_tokens + 1), jnp.int32)
-    init = jax.jit(lambda key: jax.tree.map(lambda x: x.astype(jnp.bfloat16), model.init(key, pixels, ids)["params"]))
-    return PaliGemma(cfg, init(jax.random.PRNGKey(0)), jnp.bfloat16)
+    init = jax.jit(lambda key: jax.tree.map(lambda x: x.astype(jnp.bfloat16), nn.meta.unbox(model.init(key, pixels, ids)["params"])))
+    layout = backend.inference_layout(jnp.bfloat16)
+    params = to_layout(init(jax.random.PRNGKey(0)), backend.CHECKPOINT_LAYOUT, layout)
+    return PaliGemma(cfg, params, jnp.bfloat16, layout=layout)
 
 
 def bench_pali_jax(pg: PaliGemma, runs: int) -> dict:

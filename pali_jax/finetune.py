@@ -41,6 +41,7 @@ import jax
 import numpy as np
 
 from pali_jax import distributed, sharding
+from pali_jax.backend import training_layout
 from pali_jax.checkpoint import TrainCheckpointer
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.data import Dataset, Example, read_jsonl
@@ -308,7 +309,8 @@ def run(args: argparse.Namespace) -> RunResult:
     train_examples = read_jsonl(args.train, skip_bad=skip, warn=_warn)
     eval_examples = read_jsonl(args.eval, skip_bad=skip, warn=_warn) if args.eval else []
 
-    pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh)
+    # The training layout, so that evaluation can run the trained weights as they are.
+    pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, layout=training_layout(DTYPES[args.dtype]))
     processor = PaliGemmaProcessor(pg.tokenizer, pg.config.image_size, pg.config.num_image_tokens)
     max_length = args.max_length or max(
         len(pg.tokenizer.encode_example(e.prefix, e.suffix, num_image_tokens=processor.num_image_tokens)[0])

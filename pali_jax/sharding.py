@@ -302,7 +302,7 @@ def constrain_batch(tree: Any, mesh: AnyMesh) -> Any:
 def cache_specs(cache: KVCache, mesh: AnyMesh) -> KVCache:
     """The KV cache's PartitionSpecs: rows over the batch axes, kv heads over `tensor` where
     they divide it (with MQA / few kv heads the cache is replicated across `tensor`)."""
-    batch, heads = cache.valid.shape[0], cache.v[0].shape[-2]
+    batch, heads = cache.valid.shape[0], jax.tree.leaves(cache.v)[0].shape[-2]
     rows = batch_axes(batch, mesh)
     tensor = dict(mesh.shape)["tensor"]
     layer = [rows, None, "tensor" if tensor > 1 and heads % tensor == 0 else None]

@@ -204,7 +204,7 @@ def check_generation(ref: PaliGemma, hf_dir: Path, converted: Path, inputs: dict
         beams = beam_search(pg, inputs)
         out[spec] = {
             "loader": loader,
-            "params_equal": max_diff(params, ref.params) == 0.0,
+            "params_equal": max_diff(params, ref.checkpoint_params()) == 0.0,
             "specs_as_rules": same_layout(params, sharding.param_specs(params, mesh), mesh),
             "split_leaves": split_count(params),
             "tokens_equal": bool(np.array_equal(got.tokens, want.tokens) and np.array_equal(got.lengths, want.lengths)),
@@ -328,18 +328,23 @@ def check_multihost_finetune(workdir: Path) -> dict:
     return {"params_diff": max_diff(first, want), "resumed_params_diff": max_diff(resumed, first)}
 
 
-def check_loading(ref: PaliGemma, hf_dir: Path, converted: Path) -> dict:
-    """from_pretrained(mesh=...) on both kinds of directory, and a bfloat16 sharded restore."""
+def check_loading(ref: PaliGemma, hf_dir: Path, converted: Path, inputs: dict) -> dict:
+    """from_pretrained(mesh=...) on both kinds of directory, in the default (per-layer) layout, and
+    its generation; and a bfloat16 sharded restore."""
     mesh = sharding.make_mesh("fsdp=-1")
     from_hf = PaliGemma.from_pretrained(hf_dir, mesh=mesh)
     from_orbax = PaliGemma.from_pretrained(converted, mesh=mesh)
     bf16 = sharding.restore_sharded(converted / "params", ref.config, mesh, jnp.bfloat16)
-    want_bf16 = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), ref.params)
+    want_bf16 = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), ref.checkpoint_params())
     return {
         "from_pretrained_hf_equal": max_diff(from_hf.params, ref.params) == 0.0 and from_hf.generator.mesh is mesh,
         "from_pretrained_orbax_equal": max_diff(from_orbax.params, ref.params) == 0.0,
         "bf16_equal": max_diff(bf16, want_bf16) == 0.0 and all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16)),
         "bf16_split_leaves": split_count(bf16),
+        "default_layout": str(from_orbax.layout),
+        "default_layout_split_leaves": split_count(from_orbax.params),
+        "default_layout_tokens_equal": bool(np.array_equal(generate_under(from_orbax, inputs)[1].tokens,
+                                                           generate_under(ref, inputs)[1].tokens)),
     }
 
 
@@ -397,12 +402,12 @@ def main(workdir: Path) -> dict:
     rng = np.random.default_rng(0)
     inputs = prompts(ref.config, rng)
     batches = [training_batch(ref.config, rng) for _ in range(2)]
-    host_params = jax.tree.map(np.asarray, ref.params)
+    host_params = jax.tree.map(np.asarray, ref.checkpoint_params())
     result = {"devices": jax.device_count()}
     result["generation"], want = check_generation(ref, hf_dir, converted, inputs)
     result["training"] = check_training(ref.config, host_params, batches)
     result["finetune"] = check_finetune(workdir, hf_dir, ref)
-    result["loading"] = check_loading(ref, hf_dir, converted)
+    result["loading"] = check_loading(ref, hf_dir, converted, inputs)
     result["fallbacks"] = check_fallbacks()
     # Single-device references for the multi-host processes.
     np.savez(workdir / "reference.npz", **inputs, tokens=want.tokens, lengths=want.lengths, logits=want.logits)

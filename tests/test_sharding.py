@@ -101,6 +101,9 @@ def test_sharded_loading(worker):
     r = worker["loading"]
     assert r["from_pretrained_hf_equal"] and r["from_pretrained_orbax_equal"], r
     assert r["bf16_equal"] and r["bf16_split_leaves"] > 0, r
+    # The fast (per-layer) layout under a mesh: its weights split too, and the same tokens.
+    assert "stacked=False" in r["default_layout"] and r["default_layout_split_leaves"] > 0, r
+    assert r["default_layout_tokens_equal"], r
 
 
 def test_multihost_loading_and_generation(worker):

@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,9 +100,9 @@ def init_params(cfg: PaliGemmaConfig, seed: int) -> dict:
       against 40% with 0.02).
     """
     size = cfg.image_size
-    params = PaliGemmaModel(cfg).init(
+    params = nn.meta.unbox(PaliGemmaModel(cfg).init(
         jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3)), jnp.zeros((1, 1), jnp.int32)
-    )["params"]
+    )["params"])
     params["img"]["pos_embedding"] = jnp.asarray(sincos_positions(size // cfg.vision.patch_size, cfg.vision.width))
     layers = params["llm"]["layers"]
     keys = iter(jax.random.split(jax.random.PRNGKey(seed + 1), len(_FAN_IN)))
