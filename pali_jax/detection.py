@@ -3,13 +3,14 @@
 PaliGemma answers ``detect cat ; dog`` with ``<locY0><locX0><locY1><locX1> label`` entries joined by
 ``" ; "``. Coordinates are bins 0..1023 of the (square) model input, so they scale to any image size
 as ``y = bin / 1024 * height`` and ``x = bin / 1024 * width``. ``segment`` answers add 16
-``<segNNN>`` codes after the four locations; turning them into a mask needs big_vision's VQ-VAE
-decoder, so they are returned as plain integers.
+``<segNNN>`` codes after the four locations, returned as plain integers; `Detection.mask` holds
+the decoded mask when a mask decoder is given (`pali_jax.segmentation`, `PaliGemma.generate(...,
+mask_decoder=...)`).
 """
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
@@ -25,7 +26,11 @@ _NUM_SEG_CODES = 16
 
 @dataclass(frozen=True)
 class Detection:
-    """One box in pixels of the original image, with its label and, for segmentation, 16 codes."""
+    """One box in pixels of the original image, with its label and, for segmentation, 16 codes.
+
+    `locs` are the four `<loc>` bins as generated (y1, x1, y2, x2); `mask` is the decoded mask,
+    bool [H, W] of the original image, when a mask decoder was given (else None).
+    """
 
     xmin: float
     ymin: float
@@ -33,6 +38,8 @@ class Detection:
     ymax: float
     label: str
     seg_codes: tuple[int, ...] | None = None
+    locs: tuple[int, int, int, int] | None = field(default=None, compare=False)
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def parse_detections(text: str, image_width: int, image_height: int) -> list[Detection]:
@@ -59,6 +66,7 @@ def parse_detections(text: str, image_width: int, image_height: int) -> list[Det
                 ymax=ys[1],
                 label=match.group("label").strip(),
                 seg_codes=codes if valid_codes else None,
+                locs=(y0, x0, y1, x1),
             )
         )
     return detections
