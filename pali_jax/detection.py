@@ -22,6 +22,9 @@ _LOC = r"<loc(\d{4})>"
 _DETECTION_RE = re.compile(_LOC * 4 + r"(?P<seg>(?:<seg\d{3}>)*)(?P<label>[^;<]*)")
 _SEG_RE = re.compile(r"<seg(\d{3})>")
 _NUM_SEG_CODES = 16
+# Mask overlay colours, one per detection in turn, and how much of the image shows through.
+_MASK_COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
+_MASK_ALPHA = 0.5
 
 
 @dataclass(frozen=True)
@@ -78,11 +81,25 @@ def draw_detections(
     color: str | tuple[int, int, int] = "red",
     line_width: int = 2,
 ) -> PIL.Image.Image:
-    """A copy of ``image`` (PIL, or uint8 ``[H, W, 3]`` array) with boxes and labels drawn on it."""
+    """A copy of ``image`` (PIL, or uint8 ``[H, W, 3]`` array) with boxes and labels drawn on it.
+
+    Detections with a ``mask`` (of the image's size) get it overlaid in a translucent colour of
+    their own, their box and label drawn in that colour."""
     canvas = (PIL.Image.fromarray(image) if isinstance(image, np.ndarray) else image).convert("RGB")
+    detections = list(detections)
+    colors = []
+    pixels = None
+    for k, det in enumerate(detections):
+        colors.append(color)
+        if det.mask is not None and det.mask.shape == (canvas.height, canvas.width):
+            colors[-1] = _MASK_COLORS[k % len(_MASK_COLORS)]
+            pixels = np.asarray(canvas, np.float32) if pixels is None else pixels
+            pixels[det.mask] = (1 - _MASK_ALPHA) * pixels[det.mask] + _MASK_ALPHA * np.float32(colors[-1])
+    if pixels is not None:
+        canvas = PIL.Image.fromarray(pixels.round().astype(np.uint8))
     draw = PIL.ImageDraw.Draw(canvas)
     font = PIL.ImageFont.load_default()
-    for det in detections:
+    for det, color in zip(detections, colors):
         draw.rectangle((det.xmin, det.ymin, det.xmax, det.ymax), outline=color, width=line_width)
         if det.label:
             left, top, right, bottom = draw.textbbox((0, 0), det.label, font=font)

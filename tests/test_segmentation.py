@@ -264,3 +264,90 @@ def test_rle_decodes_with_pycocotools(seed):
         own = seg._rle_string(seg._run_lengths(m))
         assert own == rle["counts"]
         np.testing.assert_array_equal(seg.rle_decode({"size": list(m.shape), "counts": own}), m)
+
+
+# -- wired through: PaliGemma.generate and run_generate.py ----------------------------------------
+LOCS = (100, 200, 800, 900)
+CODES = tuple(range(3, 115, 7))
+
+
+def _fake_segment_answer(monkeypatch, label: str = "circle"):
+    """Makes every generation answer `<loc>x4 <seg>x16 label` (the model's part is tested elsewhere;
+    this checks what is done with the answer)."""
+    from pali_jax.generate import GenerateOutput, Generator, StopReason
+
+    def fake(self, params, pixels, *args, **kwargs):
+        tok = fake.tokenizer
+        ids = [tok.sp.piece_to_id(f"<loc{v:04d}>") for v in LOCS] + [tok.sp.piece_to_id(f"<seg{c:03d}>") for c in CODES]
+        ids += tok.encode(" " + label) + [tok.eos_id]
+        n = len(pixels)
+        return GenerateOutput(np.array([ids] * n), np.full(n, len(ids)), [StopReason.STOP_TOKEN] * n)
+
+    from pali_jax.processor import PaliGemmaTokenizer
+
+    fake.tokenizer = PaliGemmaTokenizer(run_generate_module().DEMO_DIR / "model")
+    monkeypatch.setattr(Generator, "generate", fake)
+
+
+def run_generate_module():
+    import run_generate
+
+    return run_generate
+
+
+def test_generate_fills_masks(vae, monkeypatch, capsys):
+    from pali_jax import PaliGemma, pretrained
+
+    _fake_segment_answer(monkeypatch)
+    monkeypatch.setattr(pretrained, "_warned_no_masks", False)
+    image = sorted((run_generate_module().DEMO_DIR / "images").glob("*.png"))[0]
+    w, h = PIL.Image.open(image).size
+    pg = PaliGemma.from_pretrained(run_generate_module().DEMO_DIR / "model")
+    [plain] = pg.generate(image, "segment circle")
+    assert plain.boxes[0].seg_codes == CODES and plain.boxes[0].mask is None
+    [again] = pg.generate([image, image], "segment circle")[:1]
+    assert capsys.readouterr().err.count("--seg-vae") == 1  # said once
+    [res] = pg.generate(image, "segment circle", mask_decoder=vae["model"])
+    expected = seg.paste_mask(vae["model"].decode([CODES])[0], LOCS, h, w)
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(res.boxes[0].mask, expected)
+    assert res.boxes[0].label == "circle"
+
+
+def test_cli_segment_masks(vae, tmp_path, monkeypatch, capsys):
+    _fake_segment_answer(monkeypatch)
+    rg = run_generate_module()
+    image = tmp_path / "shapes.png"  # larger than the demo's 64 px, so the label covers little of the box
+    PIL.Image.open(sorted((rg.DEMO_DIR / "images").glob("*.png"))[0]).resize((320, 240)).save(image)
+    w, h = 320, 240
+    monkeypatch.setenv(seg.ENV_VAR, str(vae["path"]))  # --seg-vae's default
+    out_png, masks_dir = tmp_path / "overlay.png", tmp_path / "masks"
+    rc = rg.main(["--image", str(image), "--prompt", "segment circle", "--json", "--draw", str(out_png),
+                  "--masks-dir", str(masks_dir), "--no-compilation-cache"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    import json
+
+    [line] = [json.loads(x) for x in captured.out.splitlines()]
+    [box] = line["boxes"]
+    expected = seg.paste_mask(vae["model"].decode([CODES])[0], LOCS, h, w)
+    assert box["label"] == "circle" and box["seg_codes"] == list(CODES)
+    assert box["mask_box"] == list(seg.mask_box(LOCS, h, w)) and box["mask"]["size"] == [h, w]
+    decoded = coco_mask.decode({"size": box["mask"]["size"], "counts": box["mask"]["counts"].encode()})
+    np.testing.assert_array_equal(decoded.astype(bool), expected)
+    [png] = sorted(masks_dir.iterdir())
+    assert png.name == f"{image.stem}_0_circle.png"
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(png)) > 0, expected)
+    original = np.asarray(PIL.Image.open(image).convert("RGB")).astype(int)
+    overlay = np.asarray(PIL.Image.open(out_png)).astype(int)
+    assert overlay.shape == original.shape
+    x1, y1, x2, y2 = seg.mask_box(LOCS, h, w)
+    inner = np.zeros((h, w), bool)
+    inner[y1 + 16 : y2 - 3, x1 + 3 : x2 - 3] = True  # away from the drawn box outline and its label tab
+    changed = (overlay != original).any(-1)
+    assert changed[expected & inner].mean() > 0.95 and not changed[~expected & inner].any()
+    # Without a decoder: codes, no masks, a warning; --masks-dir then needs --seg-vae.
+    monkeypatch.delenv(seg.ENV_VAR)
+    with pytest.raises(SystemExit):
+        rg.main(["--image", str(image), "--prompt", "segment circle", "--masks-dir", str(masks_dir)])
+    assert "--seg-vae" in capsys.readouterr().err
