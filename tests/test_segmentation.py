@@ -351,3 +351,38 @@ def test_cli_segment_masks(vae, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         rg.main(["--image", str(image), "--prompt", "segment circle", "--masks-dir", str(masks_dir)])
     assert "--seg-vae" in capsys.readouterr().err
+
+
+def test_jsonl_mask_lines(vae, tmp_path):
+    import json
+
+    from pali_jax.data import DataError, read_jsonl
+
+    h, w = 120, 160
+    PIL.Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(tmp_path / "img.png")
+    mask = np.zeros((h, w), bool)
+    mask[30:90, 20:121] = True
+    PIL.Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "cat_mask.png")
+    PIL.Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "small.png")
+    lines = [
+        {"image": "img.png", "prefix": "segment cat", "mask": "cat_mask.png"},
+        {"image": "img.png", "prefix": "segment cat", "mask": "cat_mask.png", "box": [10, 20, 130, 100]},
+        {"image": "img.png", "prefix": "the cat on the left", "mask": "cat_mask.png", "label": ""},
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    examples = read_jsonl(tmp_path / "train.jsonl", masks=vae["model"])
+    assert examples[0].suffix == vae["model"].mask_suffix(mask, label="cat")
+    assert examples[0].suffix.startswith(f"<loc{round(30 / h * 1023):04d}><loc{round(20 / w * 1023):04d}>")
+    assert examples[1].suffix == vae["model"].mask_suffix(mask, (10, 20, 130, 100), "cat")
+    assert examples[1].suffix != examples[0].suffix and examples[2].suffix == examples[0].suffix[: -len(" cat")]
+    with pytest.raises(DataError, match=r"train.jsonl:1: .*--seg-vae"):
+        read_jsonl(tmp_path / "train.jsonl")
+    for bad, why in [
+        ({"image": "img.png", "prefix": "segment cat", "mask": "small.png"}, "10x10, the image 160x120"),
+        ({"image": "img.png", "prefix": "segment cat", "mask": "absent.png"}, "mask file not found"),
+        ({"image": "img.png", "prefix": "segment cat", "mask": "cat_mask.png", "box": [1, 2]}, "field 'box'"),
+        ({"image": "img.png", "prefix": "segment cat", "mask": "cat_mask.png", "suffix": "x"}, "not both"),
+    ]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=why):
+            read_jsonl(tmp_path / "bad.jsonl", masks=vae["model"])
