@@ -161,11 +161,15 @@ def test_npz_logits_match_hf_path(models, kind, dtype, per_layer, prefix):
     want = np.asarray(ref.forward(pixels, ids, types))[..., :ROWS]
     assert got.shape == want.shape
     assert _rel_l2(got, want) <= 1e-5, _rel_l2(got, want)
-    # The library path reads the npz in place as well (PaliGemma.from_pretrained("x.npz")).
-    config, host = bvw.load_big_vision(npz, "float32", hf_cfg)
+    # The library reads the npz in place as well: PaliGemma.from_pretrained("x.npz") (Gemma 1: no preset needed).
+    if kind == "pg1":
+        direct = PaliGemma.from_pretrained(npz)
+        config, host = direct.config, direct.params
+    else:
+        config, host = bvw.load_big_vision(npz, "float32", hf_cfg)
     assert config == ours.config
     for (keys, a), b in zip(jax.tree_util.tree_flatten_with_path(host)[0], jax.tree.leaves(ours.params)):
-        np.testing.assert_array_equal(a, np.asarray(b), err_msg=str(keys))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(keys))
 
 
 def test_round_trip_is_exact(models, tmp_path):
