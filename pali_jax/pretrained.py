@@ -95,12 +95,15 @@ class PaliGemma:
 
     @functools.cached_property
     def tokenizer(self) -> PaliGemmaTokenizer:
-        """The checkpoint's sentencepiece tokenizer (`tokenizer.model` beside the weights)."""
-        if self.path is None or not (self.path / "tokenizer.model").exists():
+        """The checkpoint's sentencepiece tokenizer (`tokenizer.model` beside the weights; beside a
+        big_vision .npz also its own name, `paligemma_tokenizer.model`)."""
+        names = ("tokenizer.model", "paligemma_tokenizer.model")
+        found = [self.path / n for n in names if self.path is not None and (self.path / n).exists()]
+        if not found:
             raise UserError(
                 f"no tokenizer.model in {self.path}: text prompts need one (or use generate_ids with token ids)"
             )
-        return PaliGemmaTokenizer(self.path, image_token_id=self.config.image_token_id)
+        return PaliGemmaTokenizer(found[0], image_token_id=self.config.image_token_id)
 
     @classmethod
     def from_pretrained(

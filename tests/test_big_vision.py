@@ -281,6 +281,13 @@ def test_bad_files(models, tmp_path, capsys):
     twice = dict(tree, **{"llm/layers/0/mlp/linear": tree["llm/layers/mlp/linear"][0]})
     with pytest.raises(bvw.BigVisionError, match="twice"):
         bvw.plan(save_like_big_vision(tmp_path / "twice.npz", twice), preset=hf_cfg)
+    # The way back: a directory that is not pali-jax's, an existing output.
+    assert cli_to_bv.main([str(tmp_path / "nothing"), str(tmp_path / "out.npz")]) == 2
+    assert "not a pali-jax directory" in _error(capsys)
+    (tmp_path / "taken.npz").write_bytes(b"keep")
+    converted = cli_from_bv.convert(good, tmp_path / "converted")
+    assert cli_to_bv.main([str(converted), str(tmp_path / "taken.npz")]) == 2
+    assert "already exists" in _error(capsys) and (tmp_path / "taken.npz").read_bytes() == b"keep"
     # An existing DST is kept.
     (tmp_path / "exists").mkdir()
     assert cli_from_bv.main([str(good), str(tmp_path / "exists")]) == 2
