@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from pathlib import Path
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import jax
