@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Caption, answer or detect with PaliGemma from the command line.
+"""Caption, answer, detect or segment with PaliGemma from the command line.
 
     python run_generate.py                                   # bundled demo model + sample image
     python run_generate.py --model google/paligemma2-3b-mix-224 --image cat.jpg --prompt "caption en"
     python run_generate.py --model ./converted --image photos/ --prompt "detect cat ; dog" --json --draw out.png
+    python run_generate.py --model ./converted --image cat.jpg --prompt "segment cat" --seg-vae vae-oid.npz \
+        --json --draw out.png --masks-dir masks/
 
 Decoding is greedy unless --sample (or a sampling knob) is given. Errors print one line to stderr
 and exit with code 2.
@@ -49,7 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="one JSON object per image, one per line")
-    p.add_argument("--draw", metavar="OUT.png", help="draw detected boxes (one file per image if several)")
+    p.add_argument("--draw", metavar="OUT.png", help="draw detected boxes and masks (one file per image if several)")
+    p.add_argument("--seg-vae", metavar="PATH", help="big_vision's vae-oid.npz: decode `segment` answers into masks "
+                                                    "(default: $PALI_JAX_SEG_VAE)")
+    p.add_argument("--masks-dir", metavar="DIR", help="write each decoded mask as a PNG (needs --seg-vae)")
     p.add_argument("--stream", action="store_true", help="print text as it is decoded")
     p.add_argument("--compilation-cache", metavar="DIR", help="persistent XLA cache (default ~/.cache/pali_jax/xla)")
     p.add_argument("--no-compilation-cache", action="store_true")
@@ -69,6 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.sample and args.temperature is None:
         args.temperature = 1.0
+    from pali_jax.segmentation import resolve_vae_path
+
+    args.seg_vae = resolve_vae_path(args.seg_vae)
+    if args.masks_dir and not args.seg_vae:
+        p.error("--masks-dir needs a mask decoder: --seg-vae PATH (or PALI_JAX_SEG_VAE)")
     return args
 
 
@@ -95,6 +105,29 @@ def draw_path(out: str, image: Path, many: bool) -> Path:
     return out_path.with_name(f"{out_path.stem}_{image.stem}{out_path.suffix or '.png'}") if many else out_path
 
 
+def box_record(det) -> dict:
+    """A detection as JSON: its box, label and codes, and a decoded mask as COCO RLE with its pixel box."""
+    from pali_jax.segmentation import mask_box, rle_encode
+
+    record = {"xmin": det.xmin, "ymin": det.ymin, "xmax": det.xmax, "ymax": det.ymax, "label": det.label,
+              "seg_codes": det.seg_codes}
+    if det.mask is not None:
+        record["mask"] = rle_encode(det.mask)
+        record["mask_box"] = list(mask_box(det.locs, *det.mask.shape))  # x1, y1, x2, y2 (pixels)
+    return record
+
+
+def write_masks(directory: str, image: Path, boxes) -> None:
+    """One PNG (0 / 255) per decoded mask: DIR/<image stem>_<k>_<label>.png."""
+    import PIL.Image
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, det in enumerate(b for b in boxes if b.mask is not None):
+        label = "".join(c if c.isalnum() or c in "-_" else "_" for c in det.label)[:40] or "mask"
+        PIL.Image.fromarray(det.mask.astype("uint8") * 255).save(out / f"{image.stem}_{k}_{label}.png")
+
+
 def run(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
@@ -119,7 +152,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("no image given and no bundled sample image found: pass --image")
     t0 = time.perf_counter()
     # Inference only, so on one device each decoder layer keeps its own weights: faster decoding.
-    pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh)
+    pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae)
     load_s = time.perf_counter() - t0
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     options = dict(max_new_tokens=args.max_tokens, seed=args.seed, **sampling)
@@ -141,11 +174,13 @@ def run(args: argparse.Namespace) -> None:
         for path, result in zip(batch, results):
             if args.draw and result.boxes:
                 draw_detections(load_image(path), result.boxes).save(draw_path(args.draw, path, len(images) > 1))
+            if args.masks_dir:
+                write_masks(args.masks_dir, path, result.boxes)
             if args.json:
                 print(json.dumps({
                     "image": str(path), "prompt": args.prompt, "text": result.text,
                     "token_ids": result.token_ids, "stop_reason": result.stop_reason,
-                    "boxes": [vars(b) for b in result.boxes],
+                    "boxes": [box_record(b) for b in result.boxes],
                     "timings": {"load_s": round(load_s, 4), "batch_s": round(batch_s, 4), "batch_size": len(batch)},
                 }), flush=True)
             else:

@@ -4,6 +4,15 @@ One example per line, the format of Google's PaliGemma fine-tuning colab:
 
     {"image": "images/0001.jpg", "prefix": "caption en", "suffix": "a red circle"}
 
+Segmentation lines may give a mask instead of the suffix (an image file of the image's size,
+nonzero = inside; optionally its "box" [xmin, ymin, xmax, ymax] in pixels, default the mask's tight
+box; optionally a "label", default what follows "segment " in the prefix):
+
+    {"image": "images/0001.jpg", "prefix": "segment cat", "mask": "masks/0001_cat.png"}
+
+and the suffix becomes `<locY1><locX1><locY2><locX2>` + 16 `<segNNN>` + " label", encoded by
+big_vision's mask VQ-VAE (`pali_jax.segmentation.MaskDecoder.mask_suffix`, passed as `masks`).
+
 Relative image paths are resolved against the JSONL file's directory. A bad line (not JSON, a
 missing or non-string field, an image file that is missing or unreadable, too many tokens) stops
 loading with `file:line: what is wrong`, or is reported on stderr and skipped when asked.
@@ -22,7 +31,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import numpy as np
@@ -30,6 +39,9 @@ import PIL.Image
 
 from pali_jax.errors import UserError
 from pali_jax.processor import ImageInput, PaliGemmaProcessor
+
+if TYPE_CHECKING:
+    from pali_jax.segmentation import MaskDecoder
 
 FIELDS = ("image", "prefix", "suffix")
 
@@ -57,7 +69,7 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _parse_line(line: str, base: Path) -> Example | str:
+def _parse_line(line: str, base: Path, masks: "MaskDecoder | None" = None) -> Example | str:
     """The example of one JSONL line, or what is wrong with it."""
     try:
         record = json.loads(line)
@@ -65,26 +77,66 @@ def _parse_line(line: str, base: Path) -> Example | str:
         return f"not valid JSON ({e.msg} at column {e.colno})"
     if not isinstance(record, dict):
         return f"expected a JSON object with {', '.join(FIELDS)}, got {type(record).__name__}"
-    missing = [f for f in FIELDS if f not in record]
+    fields = FIELDS if "mask" not in record else ("image", "prefix", "mask")
+    if "mask" in record and "suffix" in record:
+        return "give either a suffix or a mask, not both"
+    missing = [f for f in fields if f not in record]
     if missing:
         return f"missing field {missing[0]!r}"
-    wrong = [f for f in FIELDS if not isinstance(record[f], str)]
+    wrong = [f for f in fields if not isinstance(record[f], str)]
     if wrong:
         return f"field {wrong[0]!r} must be a string, got {type(record[wrong[0]]).__name__}"
     image = base / record["image"]
     try:
-        with PIL.Image.open(image):  # reads the header only: cheap, and catches most bad files
-            pass
+        with PIL.Image.open(image) as img:  # reads the header only: cheap, and catches most bad files
+            size = img.size
     except FileNotFoundError:
         return f"image file not found: {image}"
     except (OSError, SyntaxError, ValueError) as e:
         return f"cannot read image {image}: {' '.join(str(e).split())}"
+    if "mask" in record:
+        suffix = _mask_suffix(record, base, size, masks)
+        if suffix.startswith("!"):
+            return suffix[1:]
+        return Example(str(image), record["prefix"], suffix)
     return Example(str(image), record["prefix"], record["suffix"])
 
 
-def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False, warn: Callable[[str], None] = _warn) -> list[Example]:
+def _mask_suffix(record: dict, base: Path, size: tuple[int, int], masks: "MaskDecoder | None") -> str:
+    """The `<loc>` + `<seg>` suffix of a line with a mask, or "!" + what is wrong with it."""
+    from pali_jax.segmentation import load_mask
+
+    if masks is None:
+        return "!the line gives a mask: masks need big_vision's VQ-VAE to encode them (--seg-vae vae-oid.npz)"
+    box = record.get("box")
+    if box is not None and not (isinstance(box, list) and len(box) == 4
+                                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        return "!field 'box' must be [xmin, ymin, xmax, ymax] in pixels of the image"
+    label = record.get("label")
+    if label is None:
+        prefix = record["prefix"].strip()
+        label = prefix[len("segment "):].strip() if prefix.startswith("segment ") else ""
+    if not isinstance(label, str):
+        return f"!field 'label' must be a string, got {type(label).__name__}"
+    try:
+        mask = load_mask(base / record["mask"])
+        if (mask.shape[1], mask.shape[0]) != size:
+            return f"!mask {base / record['mask']} is {mask.shape[1]}x{mask.shape[0]}, the image {size[0]}x{size[1]}"
+        return masks.mask_suffix(mask, box, label)
+    except UserError as e:
+        return f"!{e}"
+
+
+def read_jsonl(
+    path: str | os.PathLike,
+    *,
+    skip_bad: bool = False,
+    warn: Callable[[str], None] = _warn,
+    masks: "MaskDecoder | None" = None,
+) -> list[Example]:
     """Examples of a JSONL file. Blank lines are ignored. A bad line raises `DataError`
-    ("file:line: problem"), or with `skip_bad` is passed to `warn` and skipped."""
+    ("file:line: problem"), or with `skip_bad` is passed to `warn` and skipped. `masks` (the
+    segmentation VQ-VAE) turns lines with a "mask" into `<loc>` + `<seg>` suffixes."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -96,7 +148,7 @@ def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False, warn: Callabl
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        parsed = _parse_line(line, path.parent)
+        parsed = _parse_line(line, path.parent, masks)
         if isinstance(parsed, str):
             message = f"{path}:{number}: {parsed}"
             if not skip_bad:

@@ -3,13 +3,14 @@
 PaliGemma answers ``detect cat ; dog`` with ``<locY0><locX0><locY1><locX1> label`` entries joined by
 ``" ; "``. Coordinates are bins 0..1023 of the (square) model input, so they scale to any image size
 as ``y = bin / 1024 * height`` and ``x = bin / 1024 * width``. ``segment`` answers add 16
-``<segNNN>`` codes after the four locations; turning them into a mask needs big_vision's VQ-VAE
-decoder, so they are returned as plain integers.
+``<segNNN>`` codes after the four locations, returned as plain integers; `Detection.mask` holds
+the decoded mask when a mask decoder is given (`pali_jax.segmentation`, `PaliGemma.generate(...,
+mask_decoder=...)`).
 """
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
@@ -21,11 +22,18 @@ _LOC = r"<loc(\d{4})>"
 _DETECTION_RE = re.compile(_LOC * 4 + r"(?P<seg>(?:<seg\d{3}>)*)(?P<label>[^;<]*)")
 _SEG_RE = re.compile(r"<seg(\d{3})>")
 _NUM_SEG_CODES = 16
+# Mask overlay colours, one per detection in turn, and how much of the image shows through.
+_MASK_COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
+_MASK_ALPHA = 0.5
 
 
 @dataclass(frozen=True)
 class Detection:
-    """One box in pixels of the original image, with its label and, for segmentation, 16 codes."""
+    """One box in pixels of the original image, with its label and, for segmentation, 16 codes.
+
+    `locs` are the four `<loc>` bins as generated (y1, x1, y2, x2); `mask` is the decoded mask,
+    bool [H, W] of the original image, when a mask decoder was given (else None).
+    """
 
     xmin: float
     ymin: float
@@ -33,6 +41,8 @@ class Detection:
     ymax: float
     label: str
     seg_codes: tuple[int, ...] | None = None
+    locs: tuple[int, int, int, int] | None = field(default=None, compare=False)
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def parse_detections(text: str, image_width: int, image_height: int) -> list[Detection]:
@@ -59,6 +69,7 @@ def parse_detections(text: str, image_width: int, image_height: int) -> list[Det
                 ymax=ys[1],
                 label=match.group("label").strip(),
                 seg_codes=codes if valid_codes else None,
+                locs=(y0, x0, y1, x1),
             )
         )
     return detections
@@ -70,11 +81,25 @@ def draw_detections(
     color: str | tuple[int, int, int] = "red",
     line_width: int = 2,
 ) -> PIL.Image.Image:
-    """A copy of ``image`` (PIL, or uint8 ``[H, W, 3]`` array) with boxes and labels drawn on it."""
+    """A copy of ``image`` (PIL, or uint8 ``[H, W, 3]`` array) with boxes and labels drawn on it.
+
+    Detections with a ``mask`` (of the image's size) get it overlaid in a translucent colour of
+    their own, their box and label drawn in that colour."""
     canvas = (PIL.Image.fromarray(image) if isinstance(image, np.ndarray) else image).convert("RGB")
+    detections = list(detections)
+    colors = []
+    pixels = None
+    for k, det in enumerate(detections):
+        colors.append(color)
+        if det.mask is not None and det.mask.shape == (canvas.height, canvas.width):
+            colors[-1] = _MASK_COLORS[k % len(_MASK_COLORS)]
+            pixels = np.asarray(canvas, np.float32) if pixels is None else pixels
+            pixels[det.mask] = (1 - _MASK_ALPHA) * pixels[det.mask] + _MASK_ALPHA * np.float32(colors[-1])
+    if pixels is not None:
+        canvas = PIL.Image.fromarray(pixels.round().astype(np.uint8))
     draw = PIL.ImageDraw.Draw(canvas)
     font = PIL.ImageFont.load_default()
-    for det in detections:
+    for det, color in zip(detections, colors):
         draw.rectangle((det.xmin, det.ymin, det.xmax, det.ymax), outline=color, width=line_width)
         if det.label:
             left, top, right, bottom = draw.textbbox((0, 0), det.label, font=font)

@@ -3,7 +3,9 @@
     python -m pali_jax.finetune --model MODEL --train train.jsonl [--eval eval.jsonl] --out RUN [options]
 
 MODEL is anything `PaliGemma.from_pretrained` loads (a converted directory, an HF checkpoint
-directory, a hub id). Data lines are {"image": ..., "prefix": ..., "suffix": ...} (see data.py).
+directory, a big_vision .npz, a hub id). Data lines are {"image": ..., "prefix": ..., "suffix": ...},
+or for segmentation {"image": ..., "prefix": "segment cat", "mask": "cat.png"} with --seg-vae
+(see data.py).
 The run directory gets:
 
     RUN/checkpoints/<step>/   full training states (orbax), every --checkpoint-every steps, the last --keep
@@ -50,6 +52,7 @@ from pali_jax.errors import UserError
 from pali_jax.model_dir import write_model_dir
 from pali_jax.pretrained import DTYPES, PaliGemma
 from pali_jax.processor import PaliGemmaProcessor
+from pali_jax.segmentation import resolve_vae_path
 from pali_jax.train import OPTIMIZERS, SCHEDULES, TRAINABLE_PRESETS, Trainer, TrainConfig, TrainState
 
 _IOU_THRESHOLD = 0.5
@@ -248,6 +251,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--remat", action="store_true", help="recompute layer activations in the backward pass")
     p.add_argument("--max-length", type=int, help="tokens per example, image tokens included (default: longest)")
     p.add_argument("--skip-bad-lines", action="store_true", help="warn about bad data lines and skip them")
+    p.add_argument("--seg-vae", metavar="PATH", help="big_vision's vae-oid.npz, to encode the masks of data lines "
+                                                    "{..., \"mask\": \"m.png\"} into <loc>/<seg> suffixes "
+                                                    "(default: $PALI_JAX_SEG_VAE)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -306,8 +312,13 @@ def run(args: argparse.Namespace) -> RunResult:
     if _existing_checkpoints(ckpt_dir) and not args.resume:
         raise UserError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
     skip = args.skip_bad_lines
-    train_examples = read_jsonl(args.train, skip_bad=skip, warn=_warn)
-    eval_examples = read_jsonl(args.eval, skip_bad=skip, warn=_warn) if args.eval else []
+    masks = None
+    if vae := resolve_vae_path(args.seg_vae):
+        from pali_jax.segmentation import MaskDecoder
+
+        masks = MaskDecoder.from_npz(vae)
+    train_examples = read_jsonl(args.train, skip_bad=skip, warn=_warn, masks=masks)
+    eval_examples = read_jsonl(args.eval, skip_bad=skip, warn=_warn, masks=masks) if args.eval else []
 
     # The training layout, so that evaluation can run the trained weights as they are.
     pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, layout=training_layout(DTYPES[args.dtype]))

@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pali_jax.checkpoint import save_params
 from pali_jax.config import PaliGemmaConfig
@@ -28,9 +28,15 @@ def is_model_dir(path: Path) -> bool:
     return (path / CONFIG_FILE).exists()
 
 
-def write_model_dir(dst: str | Path, config: PaliGemmaConfig, host_params: Any, source: str | Path | None) -> Path:
+def write_model_dir(
+    dst: str | Path,
+    config: PaliGemmaConfig,
+    host_params: Any,
+    source: str | Path | None,
+    extra: Mapping[str, Path] | None = None,
+) -> Path:
     """Writes `dst` (replacing it whole if it exists): params in the checkpoint layout as host
-    arrays, the config, and the side files found in `source`."""
+    arrays, the config, the side files found in `source`, and `extra` files ({name in dst: file})."""
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
@@ -42,6 +48,8 @@ def write_model_dir(dst: str | Path, config: PaliGemmaConfig, host_params: Any, 
         for name in SIDE_FILES if source is not None else ():
             if (Path(source) / name).exists():
                 shutil.copy2(Path(source) / name, tmp / name)
+        for name, file in (extra or {}).items():
+            shutil.copy2(file, tmp / name)
         shutil.rmtree(dst, ignore_errors=True)
         tmp.rename(dst)
     finally:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,14 @@ from pali_jax.checkpoint import read_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
-from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR
 from pali_jax.generate import GenerateOutput, Generator, jit_model_program
+from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
 from pali_jax.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from pali_jax.segmentation import MaskDecoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What a hub download fetches: weights, configs, tokenizer; never the PyTorch .bin duplicates.
@@ -79,6 +83,7 @@ class PaliGemma:
     path: Path | None = None  # where it was loaded from (tokenizer files live there)
     mesh: Mesh | None = None  # the mesh `params` are sharded over (pali_jax.sharding); None: one device
     layout: Layout = CHECKPOINT_LAYOUT  # how `params` holds the decoder's weights (`backend.Layout`)
+    mask_decoder: "MaskDecoder | None" = None  # decodes `segment` answers' codes into `Detection.mask`
 
     def __post_init__(self):
         kernel = backend.attention_kernel(self.dtype, self.config.text.attn_logit_softcap)
@@ -89,12 +94,15 @@ class PaliGemma:
 
     @functools.cached_property
     def tokenizer(self) -> PaliGemmaTokenizer:
-        """The checkpoint's sentencepiece tokenizer (`tokenizer.model` beside the weights)."""
-        if self.path is None or not (self.path / "tokenizer.model").exists():
+        """The checkpoint's sentencepiece tokenizer (`tokenizer.model` beside the weights; beside a
+        big_vision .npz also its own name, `paligemma_tokenizer.model`)."""
+        names = ("tokenizer.model", "paligemma_tokenizer.model")
+        found = [self.path / n for n in names if self.path is not None and (self.path / n).exists()]
+        if not found:
             raise UserError(
                 f"no tokenizer.model in {self.path}: text prompts need one (or use generate_ids with token ids)"
             )
-        return PaliGemmaTokenizer(self.path, image_token_id=self.config.image_token_id)
+        return PaliGemmaTokenizer(found[0], image_token_id=self.config.image_token_id)
 
     @classmethod
     def from_pretrained(
@@ -105,8 +113,11 @@ class PaliGemma:
         sliding_window: bool = True,
         mesh: Mesh | None = None,
         layout: Layout | None = None,
+        mask_decoder: "str | Path | MaskDecoder | None" = None,
     ) -> "PaliGemma":
-        """Loads a converted directory, an HF checkpoint directory (converted in memory) or a hub id.
+        """Loads a converted directory, an HF checkpoint directory (converted in memory), a
+        big_vision `.npz` (read in memory, `pali_jax.big_vision_weights`; its tokenizer.model is
+        looked for beside it) or a hub id.
 
         dtype: "float32" or "bfloat16" (parameters and activations). sliding_window=False turns
         Gemma 2's sliding window off on every layer (big_vision's behaviour; see README).
@@ -115,13 +126,27 @@ class PaliGemma:
         inference on this backend and dtype (`backend.inference_layout`: on every backend one
         subtree per layer; on CPU in bfloat16 projections output axes first), converted once here.
         Pass `backend.CHECKPOINT_LAYOUT` to keep the stacked checkpoint layout (what training uses).
+        mask_decoder: big_vision's `vae-oid.npz` (a path, or a loaded `segmentation.MaskDecoder`):
+        `generate` then fills `Detection.mask` of `segment` answers.
         """
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+        if isinstance(mask_decoder, (str, Path)):
+            from pali_jax.segmentation import MaskDecoder
+
+            mask_decoder = MaskDecoder.from_npz(mask_decoder)
         path = Path(path_or_hub_id).expanduser()
         if not path.exists():
             path = _download(str(path_or_hub_id))
-        if (path / CONFIG_FILE).exists():
+        if path.is_file() and path.suffix == ".npz":
+            if mesh is not None:
+                raise UserError("a big_vision .npz loads on one device: convert it first (python -m convert.big_vision)")
+            from pali_jax.big_vision_weights import load_big_vision
+
+            config, host = load_big_vision(path, dtype)
+            params = jax.tree.map(jnp.asarray, host)
+            path = path.parent  # where its tokenizer.model is looked for
+        elif (path / CONFIG_FILE).exists():
             config = PaliGemmaConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
             if mesh is not None:
                 params = sharding.restore_sharded(path / PARAMS_DIR, config, mesh, DTYPES[dtype])
@@ -142,7 +167,7 @@ class PaliGemma:
             params = jax.device_put(params)
         else:  # the layout change keeps each slice's split: pin it to the rules of the new layout
             params = jax.device_put(params, sharding.param_shardings(params, mesh, out_first=layout.out_first))
-        return cls(config, params, DTYPES[dtype], path, mesh, layout)
+        return cls(config, params, DTYPES[dtype], path, mesh, layout, mask_decoder)
 
     def checkpoint_params(self) -> Any:
         """`params` in the checkpoint layout (stacked layers, input axes first): what training,
@@ -166,7 +191,9 @@ class PaliGemma:
                 f"every row needs {self.config.num_image_tokens} <image> tokens (id {self.config.image_token_id}); "
                 f"got {counts.tolist()}"
             )
-        if ids.max() >= self.config.vocab_size or ids.min() < 0:
+        # The <image> id may lie past the table (big_vision checkpoints): its positions take image features.
+        text_ids = np.where(ids == self.config.image_token_id, 0, ids)
+        if text_ids.max() >= self.config.vocab_size or ids.min() < 0:
             raise UserError(f"input_ids must lie in [0, {self.config.vocab_size})")
         return pixels.astype(self.dtype), ids
 
@@ -225,13 +252,16 @@ class PaliGemma:
         seed: int = 0,
         batch_size: int | None = None,
         stop_tokens: tuple[int, ...] = (),
+        mask_decoder: "MaskDecoder | None" = None,
     ) -> list[Result]:
         """Answers each (image, prompt) pair: paths, PIL images or arrays, and prompt strings such as
         "caption en", "answer en what is on the table?" or "detect cat ; dog".
 
         Greedy unless a sampling option (temperature, top_k, top_p) is given; `beams` > 1 runs beam
         search. A single image or prompt is paired with every one of the others. `batch_size`
-        splits the work into batches (default: all at once).
+        splits the work into batches (default: all at once). `mask_decoder` (default: the one
+        given to `from_pretrained`) decodes the `<seg>` codes of `segment` answers into
+        `Detection.mask`, all of a batch in one call.
         """
         images, prompts = _pair(images, prompts)
         sampling = sampling_params(temperature, top_k, top_p)
@@ -259,6 +289,7 @@ class PaliGemma:
                 ids = out.tokens[row, : out.lengths[row]].tolist()
                 text = self.tokenizer.decode(ids)
                 results.append(Result(text, ids, parse_detections(text, *image.size), out.stop_reason[row].name.lower()))
+            _add_masks(results[start:], chunk, mask_decoder or self.mask_decoder, prompts[start : start + step])
         return results
 
     def stream(
@@ -290,6 +321,32 @@ class PaliGemma:
                 shown = text
         if ids and (text := self.tokenizer.decode(ids)).startswith(shown) and len(text) > len(shown):
             yield text[len(shown) :]
+
+
+_warned_no_masks = False
+
+
+def _add_masks(results: list[Result], images: list, decoder: "MaskDecoder | None", prompts: list[str]) -> None:
+    """Fills `Detection.mask` of the results' segmentation boxes (one decoder call for all), or,
+    without a decoder, says once per process how to get masks."""
+    global _warned_no_masks
+    wanted = [(r, i) for r, res in enumerate(results) for i, d in enumerate(res.boxes) if d.seg_codes is not None]
+    if decoder is None:
+        if not _warned_no_masks and (wanted or any(p.lstrip().startswith("segment") for p in prompts)):
+            _warned_no_masks = True
+            print("warning: segment answers carry 16 <seg> codes per box, not masks: pass mask_decoder= (CLI: "
+                  "--seg-vae PATH or PALI_JAX_SEG_VAE) with big_vision's vae-oid.npz to decode them (see README)",
+                  file=sys.stderr)
+        return
+    if not wanted:
+        return
+    from pali_jax.segmentation import paste_mask
+
+    logits = decoder.decode([results[r].boxes[i].seg_codes for r, i in wanted])
+    for (r, i), m in zip(wanted, logits):
+        det = results[r].boxes[i]
+        width, height = images[r].size
+        results[r].boxes[i] = dataclasses.replace(det, mask=paste_mask(m, det.locs, height, width))
 
 
 def _download(hub_id: str) -> Path:

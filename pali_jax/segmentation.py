@@ -1,0 +1,457 @@
+"""Segmentation masks: big_vision's VQ-VAE for PaliGemma's 16 `<segNNN>` codes, both ways.
+
+PaliGemma answers ``segment cat`` with ``<locY1><locX1><locY2><locX2>`` then 16 ``<segNNN>`` codes
+(0..127). The codes index the codebook of a small VQ-VAE (Ning et al. 2023, arXiv:2301.02229)
+trained on Open Images; big_vision publishes it as ``vae-oid.npz`` (PyTorch tensor names and
+layouts). Decoding: 16 codebook rows -> a 4x4x512 latent -> 1x1 conv, two residual blocks, four
+stride-2 transposed convolutions -> 64x64 mask logits in about [-1, 1]. Encoding (training data):
+a mask cropped to its box and resized to 64x64 -> four stride-2 convolutions, two residual blocks,
+a 1x1 conv -> 4x4 vectors of 512 -> the nearest codebook row of each.
+
+The numerics follow big_vision: the decoder of `evaluators/proj/paligemma/transfers/segmentation.py`
+(Flax `ConvTranspose(padding=2, transpose_kernel=True)`, i.e. PyTorch's `ConvTranspose2d(4, 2, 1)`),
+the encoder of `pp/proj/paligemma/segmentation.py` (TF "SAME" padding, input 2 * (m - 0.5),
+squared-L2 nearest neighbour), and its evaluator's paste-back (`paste_mask`).
+
+    vae = MaskDecoder.from_npz("vae-oid.npz")
+    logits = vae.decode(codes)                          # [B, 16] ints -> [B, 64, 64] float32
+    mask = paste_mask(logits[0], locs, height, width)   # -> bool [H, W]
+    suffix = vae.mask_suffix(mask, label="cat")         # bool [H, W] -> "<loc..>x4<seg..>x16 cat"
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import PIL.Image
+
+from pali_jax.errors import UserError
+
+NUM_CODES = 16  # <segNNN> tokens per mask: a 4x4 latent grid
+CODEBOOK_SIZE = 128
+MASK_SIZE = 64  # the decoder's output, and the encoder's input, is 64x64
+LOC_BINS = 1024
+CODEBOOK = "_vq_vae._embedding"
+DEFAULT_URL = "https://storage.googleapis.com/big_vision/paligemma/vae-oid.npz"  # gs://big_vision/paligemma/vae-oid.npz
+ENV_VAR = "PALI_JAX_SEG_VAE"
+
+# PyTorch module indices of the two nn.Sequential stacks in the file (odd indices are the ReLUs).
+_DECODER_CONVS = ("decoder.0",)
+_DECODER_RES = ("decoder.2.net", "decoder.3.net")
+_DECODER_UP = ("decoder.4", "decoder.6", "decoder.8", "decoder.10")
+_DECODER_OUT = "decoder.12"
+_ENCODER_DOWN = ("encoder.0", "encoder.2", "encoder.4", "encoder.6")
+_ENCODER_RES = ("encoder.8.net", "encoder.9.net")
+_ENCODER_OUT = "encoder.10"
+_RES_CONVS = (".0", ".2", ".4")  # 3x3, ReLU, 3x3, ReLU, 1x1
+
+
+class SegmentationError(UserError):
+    """A VQ-VAE file, codes or mask that cannot be used (one line: what and where)."""
+
+
+# -- the networks ------------------------------------------------------------------------------
+def _hwio(weight: np.ndarray) -> np.ndarray:
+    """PyTorch conv weight [out, in, kh, kw] (transposed conv: [in, out, kh, kw]) -> [kh, kw, ., .]."""
+    return np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)), np.float32)
+
+
+class _ResBlock(nn.Module):
+    """x + conv1x1(relu(conv3x3(relu(conv3x3(x))))), each conv biased; the width is kept."""
+
+    padding: str | int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        h = nn.relu(nn.Conv(width, (3, 3), padding=self.padding, name="Conv_0")(x))
+        h = nn.relu(nn.Conv(width, (3, 3), padding=self.padding, name="Conv_1")(h))
+        return x + nn.Conv(width, (1, 1), padding=0, name="Conv_2")(h)
+
+
+class _Decoder(nn.Module):
+    """4x4 latent [B, 4, 4, 512] -> mask logits [B, 64, 64, 1]. Feature counts come from the kernels."""
+
+    features: tuple[int, ...]  # of the 1x1 conv, then of each transposed conv
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.relu(nn.Conv(self.features[0], (1, 1), padding=0, name="Conv_0")(x))
+        for i in range(len(_DECODER_RES)):
+            x = _ResBlock(padding=1, name=f"ResBlock_{i}")(x)
+        for i, width in enumerate(self.features[1:]):
+            # lax.conv_transpose padding 2 on a 4x4 kernel = PyTorch ConvTranspose2d padding 4 - 1 - 2 = 1:
+            # each stage doubles the grid exactly (4 -> 8 -> 16 -> 32 -> 64).
+            x = nn.ConvTranspose(width, (4, 4), strides=(2, 2), padding=2, transpose_kernel=True,
+                                 name=f"ConvTranspose_{i}")(x)
+            x = nn.relu(x)
+        return nn.Conv(1, (1, 1), padding=0, name="Conv_1")(x)
+
+
+class _Encoder(nn.Module):
+    """Mask [B, 64, 64, 1] in [-1, 1] -> latent [B, 4, 4, 512]."""
+
+    features: tuple[int, ...]  # of each stride-2 conv, then of the output 1x1 conv
+    kernels: tuple[int, ...]  # kernel size of each stride-2 conv
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, (width, k) in enumerate(zip(self.features[:-1], self.kernels)):
+            # "SAME" is TensorFlow's rule (more padding after than before when odd), as big_vision's tf.nn.conv2d.
+            x = nn.relu(nn.Conv(width, (k, k), strides=(2, 2), padding="SAME", name=f"Conv_{i}")(x))
+        for i in range(len(_ENCODER_RES)):
+            x = _ResBlock(padding="SAME", name=f"ResBlock_{i}")(x)
+        return nn.Conv(self.features[-1], (1, 1), padding="SAME", name=f"Conv_{len(self.kernels)}")(x)
+
+
+def _conv(weights: Mapping[str, np.ndarray], name: str) -> dict[str, np.ndarray]:
+    return {"kernel": _hwio(weights[name + ".weight"]), "bias": np.asarray(weights[name + ".bias"], np.float32)}
+
+
+def _resblock(weights: Mapping[str, np.ndarray], name: str) -> dict[str, dict[str, np.ndarray]]:
+    return {f"Conv_{i}": _conv(weights, name + suffix) for i, suffix in enumerate(_RES_CONVS)}
+
+
+def _decoder_names() -> list[str]:
+    names = [*_DECODER_CONVS, *_DECODER_UP, _DECODER_OUT]
+    names += [res + s for res in _DECODER_RES for s in _RES_CONVS]
+    return names
+
+
+def _encoder_names() -> list[str]:
+    return [*_ENCODER_DOWN, _ENCODER_OUT, *(res + s for res in _ENCODER_RES for s in _RES_CONVS)]
+
+
+def _bucket(n: int) -> int:
+    """Batch sizes are padded to a power of two, so a stream of odd batch sizes compiles few programs."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# -- the model ---------------------------------------------------------------------------------
+class MaskDecoder:
+    """big_vision's segmentation VQ-VAE (`vae-oid.npz`): `decode` codes -> 64x64 logits, and
+    `encode` 64x64 masks -> codes when the file holds the encoder too.
+
+    `weights` maps the file's own names (`_vq_vae._embedding`, `decoder.0.weight`, ...) to arrays in
+    PyTorch layout; use `from_npz` for a file. Every tensor the decoder needs must be there with a
+    consistent shape; encoder tensors are optional (`has_encoder`). Other members are ignored.
+    """
+
+    def __init__(self, weights: Mapping[str, np.ndarray], source: str = "weights"):
+        self.source = source
+        get = functools.partial(_member, weights, source)
+        codebook = np.asarray(get(CODEBOOK), np.float32)
+        if codebook.ndim != 2 or codebook.shape[0] != CODEBOOK_SIZE:
+            raise SegmentationError(f"{source}: {CODEBOOK} has shape {codebook.shape}, expected [{CODEBOOK_SIZE}, dim]")
+        for name in _decoder_names():
+            get(name + ".weight"), get(name + ".bias")
+        dim = codebook.shape[1]
+        features = (weights[_DECODER_CONVS[0] + ".weight"].shape[0],
+                    *(weights[n + ".weight"].shape[1] for n in _DECODER_UP))
+        self.codebook = codebook
+        self._decoder_params = {
+            "Conv_0": _conv(weights, _DECODER_CONVS[0]),
+            **{f"ResBlock_{i}": _resblock(weights, n) for i, n in enumerate(_DECODER_RES)},
+            **{f"ConvTranspose_{i}": _conv(weights, n) for i, n in enumerate(_DECODER_UP)},
+            "Conv_1": _conv(weights, _DECODER_OUT),
+        }
+        self._decoder = _Decoder(features)
+        _check_shapes(self._decoder, self._decoder_params, (1, 4, 4, dim), source)
+        self._decode = jax.jit(self._decode_impl)
+
+        self.has_encoder = all(n + ".weight" in weights and n + ".bias" in weights for n in _encoder_names())
+        if self.has_encoder:
+            enc_features = (*(weights[n + ".weight"].shape[0] for n in _ENCODER_DOWN),
+                            weights[_ENCODER_OUT + ".weight"].shape[0])
+            kernels = tuple(weights[n + ".weight"].shape[-1] for n in _ENCODER_DOWN)
+            self._encoder_params = {
+                **{f"Conv_{i}": _conv(weights, n) for i, n in enumerate(_ENCODER_DOWN)},
+                **{f"ResBlock_{i}": _resblock(weights, n) for i, n in enumerate(_ENCODER_RES)},
+                f"Conv_{len(_ENCODER_DOWN)}": _conv(weights, _ENCODER_OUT),
+            }
+            self._encoder = _Encoder(enc_features, kernels)
+            _check_shapes(self._encoder, self._encoder_params, (1, MASK_SIZE, MASK_SIZE, 1), source)
+            latent = jax.eval_shape(self._encoder.apply, {"params": self._encoder_params},
+                                    jax.ShapeDtypeStruct((1, MASK_SIZE, MASK_SIZE, 1), jnp.float32))
+            if latent.shape != (1, 4, 4, dim):
+                raise SegmentationError(f"{source}: the encoder gives latents {latent.shape}, expected (1, 4, 4, {dim})")
+            self._encode = jax.jit(self._encode_impl)
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike) -> "MaskDecoder":
+        """Reads big_vision's `vae-oid.npz` (or a file with the same member names)."""
+        path = Path(path).expanduser()
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                weights = {name: npz[name] for name in npz.files}
+        except FileNotFoundError:
+            raise SegmentationError(f"mask VAE file not found: {path} (download it from {DEFAULT_URL})") from None
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise SegmentationError(f"cannot read mask VAE {path}: {' '.join(str(e).split())[:200]}") from None
+        return cls(weights, str(path))
+
+    # -- decoding ------------------------------------------------------------------------------
+    def _decode_impl(self, params, codebook, codes):
+        latent = jnp.take(codebook, codes.reshape(-1), axis=0).reshape(codes.shape[0], 4, 4, codebook.shape[1])
+        return self._decoder.apply({"params": params}, latent)[..., 0]
+
+    def decode(self, codes: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+        """Codes [B, 16] (ints in [0, 128), row-major over the 4x4 grid) -> mask logits [B, 64, 64]
+        float32, about [-1, 1]; > 0 is inside. One jitted call for the whole batch."""
+        codes = _check_codes(codes)
+        if codes.shape[0] == 0:
+            return np.zeros((0, MASK_SIZE, MASK_SIZE), np.float32)
+        n = codes.shape[0]
+        padded = np.zeros((_bucket(n), NUM_CODES), np.int32)
+        padded[:n] = codes
+        return np.asarray(self._decode(self._decoder_params, self.codebook, padded))[:n]
+
+    # -- encoding ------------------------------------------------------------------------------
+    def _encode_impl(self, params, codebook, masks):
+        z = self._encoder.apply({"params": params}, 2.0 * (masks[..., None] - 0.5))
+        flat = z.reshape(-1, codebook.shape[1])
+        distances = (jnp.sum(flat**2, axis=1, keepdims=True) + jnp.sum(codebook**2, axis=1)
+                     - 2.0 * flat @ codebook.T)
+        return jnp.argmin(distances, axis=1).reshape(masks.shape[0], NUM_CODES).astype(jnp.int32)
+
+    def encode(self, masks: np.ndarray) -> np.ndarray:
+        """64x64 masks [B, 64, 64] in [0, 1] (already cropped to their boxes and resized, see
+        `mask_tokens`) -> codes [B, 16] int32."""
+        if not self.has_encoder:
+            raise SegmentationError(f"{self.source} holds no encoder weights (encoder.0 ... encoder.10): "
+                                    "it can decode masks but not encode them")
+        masks = np.asarray(masks, np.float32)
+        if masks.ndim != 3 or masks.shape[1:] != (MASK_SIZE, MASK_SIZE):
+            raise SegmentationError(f"masks must be [B, {MASK_SIZE}, {MASK_SIZE}], got {list(masks.shape)}")
+        n = masks.shape[0]
+        padded = np.zeros((_bucket(max(n, 1)), MASK_SIZE, MASK_SIZE), np.float32)
+        padded[:n] = masks
+        return np.asarray(self._encode(self._encoder_params, self.codebook, padded))[:n]
+
+    def mask_tokens(self, mask: np.ndarray, box: Sequence[float] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """A mask of an image -> (4 `<loc>` bins y1, x1, y2, x2; 16 codes), as big_vision's
+        `refcoco_mask2str` makes training targets.
+
+        mask: [H, W], bool or numbers (> 0.5 of the maximum 1, or 255 for uint8, is inside: it is
+        scaled to [0, 1]). box: (xmin, ymin, xmax, ymax) in pixels of the image; default the
+        tight box of the mask's nonzero pixels. As big_vision: the box as fractions of the image,
+        loc bins = round(fraction * 1023), the crop = rows round(H * y1) .. round(H * y2) (same for
+        columns), resized to 64x64 with an antialiased bilinear filter (`resize_antialiased`:
+        tf.image.resize(method="bilinear", antialias=True), big_vision's, as jax.image.resize has it).
+        """
+        m = _unit_mask(mask)
+        h, w = m.shape
+        if box is None:
+            rows, cols = np.nonzero(m > 0)
+            if rows.size == 0:
+                raise SegmentationError("the mask is empty: no box to encode (give a box, or a mask with pixels)")
+            box = (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise SegmentationError(f"box {list(box)} is not a non-empty box inside the {w}x{h} image")
+        frac = np.array([y0 / h, x0 / w, y1 / h, x1 / w])
+        locs = tuple(int(v) for v in np.clip(np.round(frac * (LOC_BINS - 1)), 0, LOC_BINS - 1))
+        r0, c0, r1, c1 = (int(v) for v in np.round(frac * np.array([h, w, h, w])))
+        crop = m[r0:r1, c0:c1]
+        if crop.size == 0:
+            raise SegmentationError(f"box {list(box)} covers no whole pixel of the {w}x{h} mask")
+        small = resize_antialiased(crop, MASK_SIZE, MASK_SIZE)
+        return locs, tuple(int(c) for c in self.encode(small[None])[0])
+
+    def mask_suffix(self, mask: np.ndarray, box: Sequence[float] | None = None, label: str = "") -> str:
+        """A training suffix `<locY1><locX1><locY2><locX2><segNNN>x16 label` (see `mask_tokens`)."""
+        locs, codes = self.mask_tokens(mask, box)
+        text = "".join(f"<loc{v:04d}>" for v in locs) + "".join(f"<seg{c:03d}>" for c in codes)
+        return f"{text} {label}" if label else text
+
+
+def _member(weights: Mapping[str, np.ndarray], source: str, name: str) -> np.ndarray:
+    try:
+        return weights[name]
+    except KeyError:
+        raise SegmentationError(f"{source} has no tensor {name!r}: not big_vision's mask VAE (vae-oid.npz)?") from None
+
+
+def _check_shapes(module: nn.Module, params: dict, input_shape: tuple[int, ...], source: str) -> None:
+    """The file's tensors against what the network, built from their own feature counts, expects."""
+    try:
+        expected = jax.eval_shape(module.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct(input_shape, jnp.float32))
+    except Exception as e:  # a kernel whose input width does not match the previous layer's output
+        raise SegmentationError(f"{source}: the mask VAE's tensors do not fit together ({type(e).__name__})") from None
+    want = jax.tree_util.tree_flatten_with_path(expected["params"])[0]
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path, leaf in want:
+        if path not in got or tuple(got[path].shape) != tuple(leaf.shape):
+            where = "/".join(str(k.key) for k in path)
+            shape = None if path not in got else tuple(got[path].shape)
+            raise SegmentationError(f"{source}: {where} has shape {shape}, expected {tuple(leaf.shape)}")
+
+
+def _check_codes(codes) -> np.ndarray:
+    try:
+        arr = np.asarray(codes)
+    except ValueError:
+        raise SegmentationError("codes must be a [B, 16] array of ints (rows of unequal length?)") from None
+    if arr.ndim != 2 or arr.shape[1] != NUM_CODES or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise SegmentationError(f"codes must be [B, {NUM_CODES}] integers, got shape {list(arr.shape)} of {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= CODEBOOK_SIZE):
+        raise SegmentationError(f"codes must lie in [0, {CODEBOOK_SIZE}), got {arr.min()}..{arr.max()}")
+    return arr.astype(np.int32)
+
+
+def _unit_mask(mask) -> np.ndarray:
+    """A mask as float32 [H, W] in [0, 1]."""
+    m = np.asarray(mask)
+    if m.ndim == 3 and m.shape[-1] in (1, 3, 4):
+        m = m[..., 0]
+    if m.ndim != 2 or m.size == 0:
+        raise SegmentationError(f"a mask must be [H, W], got shape {list(np.shape(mask))}")
+    if m.dtype == bool:
+        return m.astype(np.float32)
+    if m.dtype == np.uint8:
+        return m.astype(np.float32) / 255.0 if m.max() > 1 else m.astype(np.float32)
+    return np.clip(m.astype(np.float32), 0.0, 1.0)
+
+
+def _triangle_weights(size_in: int, size_out: int) -> np.ndarray:
+    """[size_out, size_in] rows of the antialiased bilinear filter: a triangle widened by the
+    downscaling factor (never narrowed), centred on each output pixel's centre, normalized."""
+    scale = size_in / size_out
+    centres = (np.arange(size_out) + 0.5) * scale - 0.5
+    x = np.abs(centres[:, None] - np.arange(size_in)[None, :]) / max(scale, 1.0)
+    weights = np.maximum(0.0, 1.0 - x)
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def resize_antialiased(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[h, w] float -> [height, width] float32 by an antialiased bilinear filter, separably: what
+    tf.image.resize(method="bilinear", antialias=True) and jax.image.resize(..., antialias=True)
+    compute, in numpy (no compile per crop size)."""
+    a = np.asarray(image, np.float64)
+    out = _triangle_weights(a.shape[0], height) @ a @ _triangle_weights(a.shape[1], width).T
+    return out.astype(np.float32)
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask image file (PNG, ...) as bool [H, W]: nonzero pixels of its first channel (or of L)."""
+    try:
+        with PIL.Image.open(path) as img:
+            arr = np.asarray(img.convert("L") if img.mode not in ("1", "L", "I", "I;16", "F") else img)
+    except FileNotFoundError:
+        raise SegmentationError(f"mask file not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SegmentationError(f"cannot read mask {path}: {' '.join(str(e).split())}") from None
+    return arr > 0
+
+
+# -- paste-back --------------------------------------------------------------------------------
+def mask_box(locs: Sequence[int], height: int, width: int) -> tuple[int, int, int, int]:
+    """The pixel box (x1, y1, x2, y2) a mask is pasted into: big_vision's evaluator rule.
+
+    `<loc>` bins y1, x1, y2, x2 are divided by 1023 (not 1024: big_vision's segmentation evaluator
+    and its data pipeline, which made the masks' training targets with round(fraction * 1023)),
+    times the image height / width, truncated by int(). `Detection`'s box fields keep the
+    detection convention (/ 1024), so a mask's box can differ from its detection box by a pixel.
+    """
+    y1, x1, y2, x2 = (v / (LOC_BINS - 1) for v in locs)
+    return int(x1 * width), int(y1 * height), int(x2 * width), int(y2 * height)
+
+
+def paste_mask(logits: np.ndarray, locs: Sequence[int], height: int, width: int) -> np.ndarray:
+    """A 64x64 mask (logits) -> bool [height, width] mask of the whole image.
+
+    As big_vision's evaluator: the box from `mask_box`, the 64x64 logits resized to the box's size
+    with PIL's bilinear filter (on float32, mode "F"), inside where > 0. A box that is empty after
+    int() (x2 <= x1 or y2 <= y1, e.g. swapped corners) gives an empty mask, as big_vision counts
+    it invalid. Parts of a box outside the image are cut off.
+    """
+    out = np.zeros((height, width), bool)
+    x1, y1, x2, y2 = mask_box(locs, height, width)
+    if x2 <= x1 or y2 <= y1:
+        return out
+    m = np.asarray(logits, np.float32)
+    if m.shape != (MASK_SIZE, MASK_SIZE):
+        raise SegmentationError(f"mask logits must be [{MASK_SIZE}, {MASK_SIZE}], got {list(m.shape)}")
+    inside = np.asarray(PIL.Image.fromarray(m).resize((x2 - x1, y2 - y1), resample=PIL.Image.BILINEAR)) > 0.0
+    ys, xs = slice(max(y1, 0), min(y2, height)), slice(max(x1, 0), min(x2, width))
+    out[ys, xs] = inside[ys.start - y1 : ys.stop - y1, xs.start - x1 : xs.stop - x1]
+    return out
+
+
+def resolve_vae_path(path: str | os.PathLike | None) -> str | None:
+    """`path`, else the `PALI_JAX_SEG_VAE` environment variable, else None."""
+    return str(path) if path else (os.environ.get(ENV_VAR) or None)
+
+
+# -- COCO run-length encoding ------------------------------------------------------------------
+def rle_encode(mask: np.ndarray) -> dict[str, object]:
+    """COCO's compressed RLE of a bool [H, W] mask: {"size": [H, W], "counts": str}.
+
+    pycocotools' `mask.encode` when it is installed (the `seg` extra); otherwise the same format
+    written here: run lengths over the column-major pixels starting with a run of zeros, each
+    from the third on stored as the difference to the one two before, in 5-bit groups + 48.
+    """
+    m = np.asarray(mask, bool)
+    if m.ndim != 2:
+        raise SegmentationError(f"a mask must be [H, W], got shape {list(m.shape)}")
+    try:
+        from pycocotools import mask as coco_mask
+    except ImportError:
+        return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": _rle_string(_run_lengths(m))}
+    rle = coco_mask.encode(np.asfortranarray(m.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _run_lengths(m: np.ndarray) -> list[int]:
+    flat = m.ravel(order="F").astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], edges, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return ([0] + runs) if flat.size and flat[0] else runs
+
+
+def _rle_string(counts: list[int]) -> str:
+    out = []
+    for i, count in enumerate(counts):
+        x = count - counts[i - 2] if i > 2 else count
+        more = True
+        while more:
+            c = x & 0x1F
+            x >>= 5  # arithmetic shift: negative differences end at -1
+            more = (x != -1) if c & 0x10 else (x != 0)
+            out.append(chr(c + 48 + (0x20 if more else 0)))
+    return "".join(out)
+
+
+def rle_decode(rle: Mapping[str, object]) -> np.ndarray:
+    """A compressed COCO RLE ({"size", "counts": str}) -> bool [H, W] (the inverse of `rle_encode`)."""
+    h, w = (int(v) for v in rle["size"])
+    s = str(rle["counts"])
+    counts, p = [], 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            c = ord(s[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    flat = np.zeros(h * w, bool)
+    pos = 0
+    for i, n in enumerate(counts):
+        if i % 2:
+            flat[pos : pos + n] = True
+        pos += n
+    return flat.reshape((w, h)).T
