@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 import os
 from pathlib import Path
@@ -33,6 +34,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pali_jax import sharding
+from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
 from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory
 from pali_jax.kv_cache import KVCache
@@ -126,7 +128,8 @@ class _Statics:
     keep_logits: bool
 
 
-def decode_bytes(cfg, rows: int, cache_length: int, buffer: int, dtype, keep_logits: bool) -> int:
+@functools.lru_cache(maxsize=64)  # eval_shape traces the cache's init: once per shape, not per call
+def decode_bytes(cfg: PaliGemmaConfig, rows: int, cache_length: int, buffer: int, dtype, keep_logits: bool) -> int:
     """Bytes of a decode's KV cache and output buffers for `rows` rows, from their shapes alone
     (`jax.eval_shape`: nothing is allocated). A lower bound: temporaries are not counted."""
     cache = jax.eval_shape(lambda: KVCache.init(cfg.text, rows, cache_length, dtype))
@@ -138,7 +141,8 @@ def decode_bytes(cfg, rows: int, cache_length: int, buffer: int, dtype, keep_log
 
 
 def prepare_prompts(
-    cfg, ids, types, mask, generation: GenerationConfig, *, dtype=jnp.float32, mesh: Mesh | None = None
+    cfg: PaliGemmaConfig, ids, types, mask, generation: GenerationConfig, *, dtype=jnp.float32,
+    mesh: Mesh | None = None,
 ) -> tuple[_Statics, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Host-side checks and bucketing, all before anything is allocated or compiled: checks the
     options against the model (positions, vocabulary) and the machine (cache and buffers against

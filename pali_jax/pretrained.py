@@ -60,14 +60,19 @@ def _concatenate(outputs: list[GenerateOutput], pad: int) -> GenerateOutput:
     if len(outputs) == 1:
         return outputs[0]
     n = max(out.tokens.shape[1] for out in outputs)
-    widen = lambda x, value: np.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=value)  # noqa: E731
-    joined = lambda name: None if getattr(outputs[0], name) is None else np.concatenate([getattr(o, name) for o in outputs])  # noqa: E731
+
+    def join(arrays: list[np.ndarray | None], value) -> np.ndarray | None:
+        if arrays[0] is None:
+            return None
+        widths = lambda x: [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
+        return np.concatenate([np.pad(x, widths(x), constant_values=value) if x.ndim > 1 else x for x in arrays])
+
     return GenerateOutput(
-        np.concatenate([widen(out.tokens, pad) for out in outputs]),
-        np.concatenate([out.lengths for out in outputs]),
+        join([out.tokens for out in outputs], pad),
+        join([out.lengths for out in outputs], 0),
         [reason for out in outputs for reason in out.stop_reason],
-        None if outputs[0].logits is None else np.concatenate([widen(out.logits, 0.0) for out in outputs]),
-        joined("scores"),
+        join([out.logits for out in outputs], 0.0),
+        join([out.scores for out in outputs], 0.0),
     )
 
 

@@ -156,7 +156,9 @@ def test_the_default_rule(options, temperature):
     assert float(config.sampling_params().temperature) == pytest.approx(temperature)
 
 
-@pytest.mark.parametrize("options", [{"beams": 2, "top_k": 5}, {"beams": 2, "temperature": 1.0}, {"beams": 2, "top_p": 0.5}])
+@pytest.mark.parametrize("options", [
+    {"beams": 2, "top_k": 5}, {"beams": 2, "temperature": 1.0}, {"beams": 2, "top_p": 0.5},
+])
 def test_beam_search_refuses_sampling(options):
     with pytest.raises(UserError, match="deterministic"):
         GenerationConfig(**options)
