@@ -17,6 +17,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the script imports pali_jax inside its functions
+    from pali_jax.generation_config import GenerationConfig
 
 DEMO_DIR = Path(__file__).resolve().parent / "pali_jax" / "assets" / "demo"
 DEMO_NOTE = (
@@ -72,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def generation_config(args: argparse.Namespace):
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
     """The flags' GenerationConfig: validated here, before the model loads."""
     from pali_jax.generation_config import GenerationConfig
 

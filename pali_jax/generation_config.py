@@ -163,6 +163,7 @@ class GenerationConfig:
 
     @property
     def do_sample(self) -> bool:
+        """Whether decoding samples (derived: there is no separate switch to contradict the options)."""
         return self.effective_temperature > 0
 
     def sampling_params(self) -> SamplingParams:
