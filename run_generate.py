@@ -19,6 +19,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the script imports pali_jax inside its functions
+    from pali_jax.generation_config import GenerationConfig
 
 DEMO_DIR = Path(__file__).resolve().parent / "pali_jax" / "assets" / "demo"
 DEMO_NOTE = (
@@ -26,6 +30,11 @@ DEMO_NOTE = (
     "minutes on synthetic images of coloured shapes; it knows only that task. Pass --model for a real checkpoint."
 )
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# GenerationConfig's fields as this script's flags, so that a refused value is named as typed.
+FLAGS = {
+    "max_new_tokens": "--max-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+    "beams": "--beams", "seed": "--seed", "batch_size": "--batch-size",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -65,13 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     knobs = args.temperature is not None or args.top_k is not None or args.top_p is not None
     if args.greedy and knobs:
         p.error("--greedy conflicts with --temperature / --top-k / --top-p")
-    if args.beams > 1 and (args.sample or knobs):
-        p.error("--beams is deterministic: it cannot be combined with sampling")
     if args.stream and (args.json or args.beams > 1):
         p.error("--stream prints plain text from greedy or sampled decoding: drop --json / --beams")
-    for name in ("max_tokens", "batch_size", "beams"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.sample and args.temperature is None:
         args.temperature = 1.0
     from pali_jax.segmentation import resolve_vae_path
@@ -80,6 +84,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.masks_dir and not args.seg_vae:
         p.error("--masks-dir needs a mask decoder: --seg-vae PATH (or PALI_JAX_SEG_VAE)")
     return args
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The flags' GenerationConfig: validated here, before the model loads."""
+    from pali_jax.generation_config import GenerationConfig
+
+    return GenerationConfig(
+        max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        beams=args.beams, seed=args.seed, batch_size=args.batch_size,
+    )
+
+
+def error_line(error: Exception) -> str:
+    """The one line printed for a UserError; an option's error names the flag instead."""
+    message = str(error)
+    parameter = getattr(error, "parameter", None)
+    if parameter in FLAGS and message.startswith(parameter):
+        message = FLAGS[parameter] + message[len(parameter) :]
+    return f"error: {message}"
 
 
 def collect_images(paths: list[str]) -> list[Path]:
@@ -136,6 +159,7 @@ def run(args: argparse.Namespace) -> None:
     from pali_jax import PaliGemma, UserError, draw_detections, enable_compilation_cache, load_image
     from pali_jax.sharding import mesh_from_args
 
+    generation = generation_config(args)
     mesh = mesh_from_args(args)  # joins a multi-host run first: before anything touches a device
     if jax.process_index() != 0:  # every process computes; the first one speaks
         sys.stdout = open(os.devnull, "w")
@@ -154,22 +178,19 @@ def run(args: argparse.Namespace) -> None:
     # Inference only, so on one device each decoder layer keeps its own weights: faster decoding.
     pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae)
     load_s = time.perf_counter() - t0
-    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    options = dict(max_new_tokens=args.max_tokens, seed=args.seed, **sampling)
-
     if args.stream:
         for path in images:
             if len(images) > 1:
                 print(f"{path}: ", end="", flush=True)
-            for piece in pg.stream(path, args.prompt, **options):
+            for piece in pg.stream(path, args.prompt, generation_config=generation):
                 print(piece, end="", flush=True)
             print()
         return
 
-    batches = [images[i : i + args.batch_size] for i in range(0, len(images), args.batch_size)]
+    batches = [images[i : i + generation.batch_size] for i in range(0, len(images), generation.batch_size)]
     for batch in tqdm(batches, desc="images", unit="batch", disable=len(batches) == 1, file=sys.stderr):
         t1 = time.perf_counter()
-        results = pg.generate(batch, args.prompt, beams=args.beams, **options)
+        results = pg.generate(batch, args.prompt, generation_config=generation)
         batch_s = time.perf_counter() - t1
         for path, result in zip(batch, results):
             if args.draw and result.boxes:
@@ -194,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

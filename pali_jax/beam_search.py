@@ -12,6 +12,7 @@ the batch axes as in `generate.py`, and the hypotheses the host reads are made w
 
 from __future__ import annotations
 
+from typing import Any
 
 import flax.struct
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pali_jax import sharding
-from pali_jax.errors import UserError
+from pali_jax.generation_config import GenerationConfig, GenerationError
 from pali_jax.generate import GenerateOutput, _Statics, jit_model_program, prefill, prepare_prompts, stop_reasons
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import PaliGemmaModel
@@ -127,28 +128,33 @@ class BeamSearch:
         token_type_ids=None,
         attention_mask=None,
         *,
-        beams: int = 4,
-        max_new_tokens: int = 32,
-        length_penalty: float = 1.0,
-        stop_tokens: tuple[int, ...] = (),
-        cache_length: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        **options: Any,
     ) -> GenerateOutput:
-        """The best hypothesis per prompt; `GenerateOutput.scores` holds its normalised log-probability."""
-        if beams < 1:
-            raise UserError(f"beams must be >= 1, got {beams}")
+        """The best of `beams` hypotheses per prompt; `GenerateOutput.scores` holds its normalised
+        log-probability. `options` are `GenerationConfig` fields overriding `generation_config`'s
+        (beams, max_new_tokens, length_penalty, stop_tokens, cache_length; sampling is refused)."""
+        generation = GenerationConfig.resolve(generation_config, options)
+        if generation.do_sample:
+            raise GenerationError("temperature", "beam search is deterministic: drop temperature / top_k / top_p")
+        if generation.return_logits:
+            raise GenerationError("return_logits", "return_logits is for greedy or sampled decoding, not beam search")
         statics, ids, types, mask, stops = prepare_prompts(
-            self.model.cfg, input_ids, token_type_ids, attention_mask, max_new_tokens, stop_tokens, cache_length, False
+            self.model.cfg, input_ids, token_type_ids, attention_mask, generation, dtype=self.model.dtype,
+            mesh=self.mesh,
         )
+        alpha = generation.length_penalty
         state = self._run(
-            statics, beams, params, pixel_values, ids, types, mask, jnp.int32(max_new_tokens), stops,
-            jnp.float32(length_penalty),
+            statics, generation.beams, params, pixel_values, ids, types, mask, jnp.int32(generation.max_new_tokens),
+            stops, jnp.float32(alpha),
         )
-        score = np.asarray(_normalised(state.logprob, state.lengths, length_penalty))
+        score = np.asarray(_normalised(state.logprob, state.lengths, alpha))
         best = score.argmax(axis=1)
         rows = np.arange(len(best))
         lengths = np.asarray(state.lengths)[rows, best]
         done = np.asarray(state.done)[rows, best]
         n = int(lengths.max())
         tokens = np.asarray(state.tokens)[rows, best, :n]
-        return GenerateOutput(tokens, lengths, stop_reasons(done, lengths, max_new_tokens), scores=score[rows, best])
-
+        return GenerateOutput(
+            tokens, lengths, stop_reasons(done, lengths, generation.max_new_tokens), scores=score[rows, best]
+        )

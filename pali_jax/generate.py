@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,10 +34,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pali_jax import backend, sharding
+from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
+from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import PaliGemmaModel
-from pali_jax.sampling import SamplingParams, sample
+from pali_jax.sampling import sample
 
 MIN_TEXT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 32
@@ -114,26 +118,53 @@ class _Statics:
     keep_logits: bool
 
 
-def prepare_prompts(cfg, ids, types, mask, max_new_tokens, stop_tokens, cache_length, keep_logits):
-    """Host-side checks and bucketing: left-pads prompts to their bucket, sizes buffer and cache,
-    and packs the stop tokens into a fixed-size array (fixed shape: no recompile)."""
+@functools.lru_cache(maxsize=64)  # eval_shape traces the cache's init: once per shape, not per call
+def decode_bytes(cfg: PaliGemmaConfig, rows: int, cache_length: int, buffer: int, dtype, keep_logits: bool) -> int:
+    """Bytes of a decode's KV cache and output buffers for `rows` rows, from their shapes alone
+    (`jax.eval_shape`: nothing is allocated). A lower bound: temporaries are not counted."""
+    cache = jax.eval_shape(lambda: KVCache.init(cfg.text, rows, cache_length, dtype))
+    total = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    total += rows * buffer * 4  # int32 tokens
+    if keep_logits:
+        total += rows * buffer * cfg.vocab_size * 4
+    return total
+
+
+def prepare_prompts(
+    cfg: PaliGemmaConfig, ids, types, mask, generation: GenerationConfig, *, dtype=jnp.float32,
+    mesh: Mesh | None = None,
+) -> tuple[_Statics, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Host-side checks and bucketing, all before anything is allocated or compiled: checks the
+    options against the model (positions, vocabulary) and the machine (cache and buffers against
+    free memory), left-pads prompts to their bucket, sizes buffer and cache, and packs the stop
+    tokens into a fixed-size array (fixed shape: no recompile)."""
+    generation.check_model(cfg)
     ids = np.asarray(ids, np.int32)
     length = ids.shape[1]
     types = np.zeros_like(ids) if types is None else np.asarray(types, np.int32)
     mask = np.ones_like(ids) if mask is None else np.asarray(mask, np.int32)
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not mask[:, -1].all():
         raise UserError("prompts must be left-padded: the last position of every row must be a real token")
+    generation.check_prompt_length(cfg, int(mask.sum(axis=1).max()))
     padded = cfg.num_image_tokens + bucket(max(length - cfg.num_image_tokens, 1), MIN_TEXT_BUCKET)
     extra = padded - length
     ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=cfg.pad_token_id)
     types, mask = np.pad(types, ((0, 0), (extra, 0))), np.pad(mask, ((0, 0), (extra, 0)))
-    buffer = bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-    statics = _Statics(buffer, cache_length or padded + buffer, keep_logits)
+    buffer = bucket(generation.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    statics = _Statics(buffer, generation.cache_length or padded + buffer, generation.return_logits)
     if statics.cache_length <= padded:
-        raise UserError(f"cache_length {statics.cache_length} leaves no room after a {padded}-token prompt")
-    stops = sorted(set(cfg.eos_token_ids) | set(stop_tokens or ()))
+        raise GenerationError(
+            "cache_length", f"cache_length {statics.cache_length} leaves no room after a {padded}-token prompt"
+        )
+    rows = ids.shape[0] * generation.beams
+    need = decode_bytes(cfg, rows, statics.cache_length, buffer, dtype, statics.keep_logits)
+    check_memory(
+        need, f"the KV cache and output buffers ({rows} row{'s' * (rows != 1)}, {statics.cache_length} cache slots)",
+        "cache_length" if generation.cache_length else "max_new_tokens",
+        devices=1 if mesh is None else mesh.devices.size,
+        device=None if mesh is None else mesh.devices.flat[0],
+    )
+    stops = sorted(set(cfg.eos_token_ids) | set(generation.stop_tokens))
     stops = np.array(stops + [-1] * (bucket(len(stops), 8) - len(stops)), np.int32)
     return statics, ids, types, mask, stops
 
@@ -210,6 +241,18 @@ class Generator:
         ))
 
     # -- host API ------------------------------------------------------------------------------
+    def _prepare(self, input_ids, token_type_ids, attention_mask, generation_config, options):
+        generation = GenerationConfig.resolve(generation_config, options)
+        if generation.beams > 1:
+            raise GenerationError(
+                "beams", f"Generator decodes greedily or by sampling: beams={generation.beams} needs BeamSearch"
+            )
+        prepared = prepare_prompts(
+            self.model.cfg, input_ids, token_type_ids, attention_mask, generation, dtype=self.model.dtype,
+            mesh=self.mesh,
+        )
+        return generation, prepared
+
     def generate(
         self,
         params,
@@ -218,24 +261,19 @@ class Generator:
         token_type_ids=None,
         attention_mask=None,
         *,
-        max_new_tokens: int = 32,
-        sampling: SamplingParams | None = None,
-        seed: int = 0,
-        stop_tokens: tuple[int, ...] = (),
-        cache_length: int | None = None,
-        return_logits: bool = False,
+        generation_config: GenerationConfig | None = None,
+        **options: Any,
     ) -> GenerateOutput:
-        """Decodes a batch of left-padded prompts; see the module docstring."""
-        statics, ids, types, mask, stops = prepare_prompts(
-            self.model.cfg, input_ids, token_type_ids, attention_mask, max_new_tokens, stop_tokens, cache_length,
-            return_logits,
+        """Decodes a batch of left-padded prompts; see the module docstring. `options` are
+        `GenerationConfig` fields overriding `generation_config`'s (`beams` must stay 1 here)."""
+        generation, (statics, ids, types, mask, stops) = self._prepare(
+            input_ids, token_type_ids, attention_mask, generation_config, options
         )
-        key = jax.random.PRNGKey(seed)
-        sampling = sampling or SamplingParams.greedy()
         state = self._generate(
-            statics, params, pixel_values, ids, types, mask, jnp.int32(max_new_tokens), sampling, key, stops
+            statics, params, pixel_values, ids, types, mask, jnp.int32(generation.max_new_tokens),
+            generation.sampling_params(), generation.prng_key(), stops,
         )
-        return self._output(state, max_new_tokens)
+        return self._output(state, generation.max_new_tokens)
 
     def stream(
         self,
@@ -245,20 +283,22 @@ class Generator:
         token_type_ids=None,
         attention_mask=None,
         *,
-        max_new_tokens: int = 32,
-        sampling: SamplingParams | None = None,
-        seed: int = 0,
-        stop_tokens: tuple[int, ...] = (),
-        cache_length: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        **options: Any,
     ) -> Iterator[np.ndarray]:
-        """Yields each step's tokens [B] (pad for rows already done) as they are decoded."""
-        statics, ids, types, mask, stops = prepare_prompts(
-            self.model.cfg, input_ids, token_type_ids, attention_mask, max_new_tokens, stop_tokens, cache_length, False
+        """Yields each step's tokens [B] (pad for rows already done) as they are decoded.
+
+        The options are checked now, before the iterator is returned; decoding starts at its
+        first `next`."""
+        generation, (statics, ids, types, mask, stops) = self._prepare(
+            input_ids, token_type_ids, attention_mask, generation_config, options
         )
-        key = jax.random.PRNGKey(seed)
-        sampling = sampling or SamplingParams.greedy()
-        state = self._prefill(statics, params, pixel_values, ids, types, mask, sampling, key, stops)
-        limit = jnp.int32(max_new_tokens)
+        return self._stream_steps(statics, params, pixel_values, ids, types, mask, stops, generation)
+
+    def _stream_steps(self, statics, params, pixels, ids, types, mask, stops, generation: GenerationConfig):
+        sampling = generation.sampling_params()
+        state = self._prefill(statics, params, pixels, ids, types, mask, sampling, generation.prng_key(), stops)
+        limit = jnp.int32(generation.max_new_tokens)
         while True:
             step = int(state.step)
             yield np.asarray(state.tokens[:, step - 1])

@@ -29,10 +29,10 @@ from pali_jax.config import PaliGemmaConfig
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, Generator, jit_model_program
+from pali_jax.generation_config import GenerationConfig, GenerationError
 from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
-from pali_jax.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from pali_jax.segmentation import MaskDecoder
@@ -53,11 +53,63 @@ class Result:
     stop_reason: str
 
 
-def sampling_params(temperature: float | None, top_k: int | None, top_p: float | None) -> SamplingParams:
-    """Greedy unless a sampling option is given; temperature defaults to 1.0 when sampling."""
-    if temperature is None and top_k is None and top_p is None:
-        return SamplingParams.greedy()
-    return SamplingParams.make(1.0 if temperature is None else temperature, top_k or 0, 1.0 if top_p is None else top_p)
+def _batches(n: int, batch_size: int | None) -> list[slice]:
+    """Consecutive row ranges of at most `batch_size` rows (None: one range of all n)."""
+    step = batch_size or max(n, 1)
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+def _concatenate(outputs: list[GenerateOutput], pad: int) -> GenerateOutput:
+    """Batches' outputs as one, their token axes padded to the longest."""
+    if len(outputs) == 1:
+        return outputs[0]
+    n = max(out.tokens.shape[1] for out in outputs)
+
+    def join(arrays: list[np.ndarray | None], value) -> np.ndarray | None:
+        if arrays[0] is None:
+            return None
+        widths = lambda x: [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
+        return np.concatenate([np.pad(x, widths(x), constant_values=value) if x.ndim > 1 else x for x in arrays])
+
+    return GenerateOutput(
+        join([out.tokens for out in outputs], pad),
+        join([out.lengths for out in outputs], 0),
+        [reason for out in outputs for reason in out.stop_reason],
+        join([out.logits for out in outputs], 0.0),
+        join([out.scores for out in outputs], 0.0),
+    )
+
+
+class _TextPieces:
+    """One row's streamed text: takes its tokens one by one and gives the new text each adds."""
+
+    def __init__(self, tokenizer: PaliGemmaTokenizer, stop_tokens: set[int]):
+        self.tokenizer, self.stop_tokens = tokenizer, stop_tokens
+        self.ids: list[int] = []
+        self.shown = ""
+        self.done = False
+
+    def add(self, token: int) -> str:
+        """The text `token` adds ("" once the row has emitted a stop token: later tokens are padding)."""
+        if self.done:
+            return ""
+        self.ids.append(token)
+        self.done = token in self.stop_tokens
+        text = self.tokenizer.decode(self.ids)
+        # Hold back a piece that ends inside a multi-byte character (byte-fallback pieces).
+        if text.endswith("\ufffd"):
+            return ""
+        return self._advance(text)
+
+    def flush(self) -> str:
+        """What was held back, once the row has no more tokens."""
+        return self._advance(self.tokenizer.decode(self.ids)) if self.ids else ""
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.shown) or len(text) <= len(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown) :], text
+        return piece
 
 
 def _pair(images, prompts) -> tuple[list, list[str]]:
@@ -210,117 +262,123 @@ class PaliGemma:
         token_type_ids=None,
         attention_mask=None,
         *,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        stop_tokens: tuple[int, ...] = (),
-        cache_length: int | None = None,
+        generation_config: GenerationConfig | None = None,
+        **options: Any,
     ) -> GenerateOutput:
-        """Decodes left-padded prompts given as arrays. Greedy unless temperature > 0.
+        """Decodes left-padded prompts given as arrays; `options` are `GenerationConfig` fields
+        (max_new_tokens, temperature, top_k, top_p, beams, seed, stop_tokens, ...) overriding
+        `generation_config`'s. Greedy unless a sampling option is given; beams > 1 runs beam search.
 
         Returns token ids [B, n], lengths [B] and why each row stopped.
         """
+        generation = GenerationConfig.resolve(generation_config, options)
+        generation.check_model(self.config)
         pixels, ids = self._check(pixel_values, input_ids)
-        sampling = SamplingParams.make(temperature, top_k, top_p)
-        return self.generator.generate(
-            self.params, pixels, ids, token_type_ids, attention_mask, max_new_tokens=max_new_tokens,
-            sampling=sampling, seed=seed, stop_tokens=stop_tokens, cache_length=cache_length,
-        )
+        part = lambda x, rows: None if x is None else np.asarray(x)[rows]  # noqa: E731
+        outputs = [
+            self._decode(pixels[rows], ids[rows], part(token_type_ids, rows), part(attention_mask, rows), generation)
+            for rows in _batches(len(ids), generation.batch_size)
+        ]
+        return _concatenate(outputs, self.config.pad_token_id)
+
+    def _decode(self, pixels, ids, types, mask, generation: GenerationConfig) -> GenerateOutput:
+        """One batch through beam search or the greedy / sampling decoder."""
+        run = self.beam_search.search if generation.beams > 1 else self.generator.generate
+        return run(self.params, pixels, ids, types, mask, generation_config=generation)
 
     # -- images and strings --------------------------------------------------------------------
-    def _encode(self, images: Sequence[ImageInput], prompts: Sequence[str], max_new_tokens: int):
+    def _encode(self, images: Sequence[ImageInput], prompts: Sequence[str]):
+        """Pixels and left-padded token ids of one batch. Prompt length against the model's
+        positions is checked with the answer's length, in `generate.prepare_prompts`."""
         pixels = preprocess_images(list(images), self.config.image_size).astype(self.dtype)
-        batch = self.tokenizer(
-            list(prompts), num_image_tokens=self.config.num_image_tokens,
-            max_length=self.config.text.max_positions - max_new_tokens,
-        )
+        batch = self.tokenizer(list(prompts), num_image_tokens=self.config.num_image_tokens)
         return pixels, batch
+
+    def _start(self, images, prompts, generation_config, options) -> tuple[GenerationConfig, list, list[str]]:
+        """Options checked against the model before any image is read, then the (image, prompt) pairs."""
+        generation = GenerationConfig.resolve(generation_config, options)
+        generation.check_model(self.config)
+        images, prompts = _pair(images, prompts)
+        return generation, [load_image(image) for image in images], prompts
 
     def generate(
         self,
         images: ImageInput | Sequence[ImageInput],
         prompts: str | Sequence[str],
         *,
-        max_new_tokens: int = 32,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        beams: int = 1,
-        length_penalty: float = 1.0,
-        seed: int = 0,
-        batch_size: int | None = None,
-        stop_tokens: tuple[int, ...] = (),
+        generation_config: GenerationConfig | None = None,
         mask_decoder: "MaskDecoder | None" = None,
+        **options: Any,
     ) -> list[Result]:
         """Answers each (image, prompt) pair: paths, PIL images or arrays, and prompt strings such as
         "caption en", "answer en what is on the table?" or "detect cat ; dog".
 
-        Greedy unless a sampling option (temperature, top_k, top_p) is given; `beams` > 1 runs beam
-        search. A single image or prompt is paired with every one of the others. `batch_size`
-        splits the work into batches (default: all at once). `mask_decoder` (default: the one
-        given to `from_pretrained`) decodes the `<seg>` codes of `segment` answers into
-        `Detection.mask`, all of a batch in one call.
+        `options` are `GenerationConfig` fields (max_new_tokens, temperature, top_k, top_p, beams,
+        length_penalty, seed, stop_tokens, cache_length, batch_size) overriding `generation_config`'s.
+        Greedy unless a sampling option is given; `beams` > 1 runs beam search. A single image or
+        prompt is paired with every one of the others. `batch_size` splits the work into batches.
+        `mask_decoder` (default: the one given to `from_pretrained`) decodes the `<seg>` codes of
+        `segment` answers into `Detection.mask`, all of a batch in one call.
         """
-        images, prompts = _pair(images, prompts)
-        sampling = sampling_params(temperature, top_k, top_p)
-        if beams > 1 and sampling.temperature > 0:
-            raise UserError("beam search is deterministic: drop temperature / top_k / top_p, or use beams=1")
-        loaded = [load_image(image) for image in images]
-        step = batch_size or len(prompts)
-        if step < 1:
-            raise UserError(f"batch_size must be >= 1, got {batch_size}")
+        generation, loaded, prompts = self._start(images, prompts, generation_config, options)
+        if generation.return_logits:
+            raise GenerationError("return_logits", "return_logits needs generate_ids (Results hold no logits)")
         results = []
-        for start in range(0, len(prompts), step):
-            chunk = loaded[start : start + step]
-            pixels, enc = self._encode(chunk, prompts[start : start + step], max_new_tokens)
-            args = (self.params, pixels, enc.input_ids, enc.token_type_ids, enc.attention_mask)
-            if beams > 1:
-                out = self.beam_search.search(
-                    *args, beams=beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
-                    stop_tokens=stop_tokens,
-                )
-            else:
-                out = self.generator.generate(
-                    *args, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_tokens=stop_tokens
-                )
-            for row, image in enumerate(chunk):
+        for rows in _batches(len(prompts), generation.batch_size):
+            pixels, enc = self._encode(loaded[rows], prompts[rows])
+            out = self._decode(pixels, enc.input_ids, enc.token_type_ids, enc.attention_mask, generation)
+            for row, image in enumerate(loaded[rows]):
                 ids = out.tokens[row, : out.lengths[row]].tolist()
                 text = self.tokenizer.decode(ids)
                 results.append(Result(text, ids, parse_detections(text, *image.size), out.stop_reason[row].name.lower()))
-            _add_masks(results[start:], chunk, mask_decoder or self.mask_decoder, prompts[start : start + step])
+            _add_masks(results[rows], loaded[rows], mask_decoder or self.mask_decoder, prompts[rows])
         return results
 
     def stream(
         self,
-        image: ImageInput,
-        prompt: str,
+        images: ImageInput | Sequence[ImageInput],
+        prompts: str | Sequence[str],
         *,
-        max_new_tokens: int = 32,
-        temperature: float | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int = 0,
-        stop_tokens: tuple[int, ...] = (),
-    ) -> Iterator[str]:
-        """Yields the answer's text in pieces as tokens are decoded (same tokens as `generate`)."""
-        pixels, enc = self._encode([load_image(image)], [prompt], max_new_tokens)
-        ids: list[int] = []
-        shown = ""
-        for tokens in self.generator.stream(
-            self.params, pixels, enc.input_ids, enc.token_type_ids, enc.attention_mask,
-            max_new_tokens=max_new_tokens, sampling=sampling_params(temperature, top_k, top_p), seed=seed,
-            stop_tokens=stop_tokens,
-        ):
-            ids.append(int(tokens[0]))
-            text = self.tokenizer.decode(ids)
-            # Hold back a piece that ends inside a multi-byte character (byte-fallback pieces).
-            if text.startswith(shown) and not text.endswith("\ufffd") and len(text) > len(shown):
-                yield text[len(shown) :]
-                shown = text
-        if ids and (text := self.tokenizer.decode(ids)).startswith(shown) and len(text) > len(shown):
-            yield text[len(shown) :]
+        generation_config: GenerationConfig | None = None,
+        **options: Any,
+    ) -> Iterator[str] | Iterator[list[str]]:
+        """Yields the answers' text in pieces as tokens are decoded (the tokens of `generate`).
+
+        One image and one prompt string: plain str pieces. A list of images or of prompts (paired
+        as in `generate`): one `list[str]` per decode step, a piece per row, "" for a row with
+        nothing new (held back inside a multi-byte character, finished, or in a later batch:
+        `batch_size` streams the batches one after another). Options as in `generate` (greedy or
+        sampled only); they are checked when `stream` is called, not at the first `next`.
+        """
+        single = isinstance(prompts, str) and not isinstance(images, (list, tuple))
+        generation, loaded, prompts = self._start(images, prompts, generation_config, options)
+        if generation.beams > 1 or generation.return_logits:
+            name = "beams" if generation.beams > 1 else "return_logits"
+            raise GenerationError(name, f"stream decodes greedily or by sampling: {name} is for generate")
+        steps = []  # every batch's decoder, created (and so checked) now; each runs when reached
+        for rows in _batches(len(prompts), generation.batch_size):
+            pixels, enc = self._encode(loaded[rows], prompts[rows])
+            tokens = self.generator.stream(
+                self.params, pixels, enc.input_ids, enc.token_type_ids, enc.attention_mask, generation_config=generation
+            )
+            steps.append((rows, tokens))
+        pieces = self._stream_pieces(steps, len(prompts), generation)
+        return (step[0] for step in pieces if step[0]) if single else pieces
+
+    def _stream_pieces(self, steps, n: int, generation: GenerationConfig) -> Iterator[list[str]]:
+        stop_tokens = set(self.config.eos_token_ids) | set(generation.stop_tokens)
+        for rows, tokens in steps:
+            texts = [_TextPieces(self.tokenizer, stop_tokens) for _ in range(rows.start, rows.stop)]
+            for step_tokens in tokens:
+                pieces = [""] * n
+                for row, (text, token) in enumerate(zip(texts, step_tokens), start=rows.start):
+                    pieces[row] = text.add(int(token))
+                yield pieces
+            tail = [""] * n
+            for row, text in enumerate(texts, start=rows.start):
+                tail[row] = text.flush()
+            if any(tail):
+                yield tail
 
 
 _warned_no_masks = False

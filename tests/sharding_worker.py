@@ -59,6 +59,7 @@ from pali_jax.paligemma import abstract_params  # noqa: E402
 from pali_jax import distributed, finetune, sharding  # noqa: E402
 from pali_jax.config import PaliGemmaConfig  # noqa: E402
 from pali_jax.generate import prepare_prompts  # noqa: E402
+from pali_jax.generation_config import GenerationConfig  # noqa: E402
 from pali_jax.pretrained import PaliGemma  # noqa: E402
 from pali_jax.sampling import SamplingParams  # noqa: E402
 from pali_jax.train import TrainConfig, Trainer  # noqa: E402
@@ -167,7 +168,7 @@ def split_count(tree) -> int:
 def generate_under(pg: PaliGemma, inputs: dict):
     """Generator.generate's own program, called directly to see the final state's layout too."""
     statics, ids, types, mask, stops = prepare_prompts(
-        pg.config, inputs["ids"], None, inputs["mask"], NEW_TOKENS, (), None, True
+        pg.config, inputs["ids"], None, inputs["mask"], GenerationConfig(max_new_tokens=NEW_TOKENS, return_logits=True)
     )
     state = pg.generator._generate(
         statics, pg.params, inputs["pixels"], ids, types, mask, jnp.int32(NEW_TOKENS), SamplingParams.greedy(),

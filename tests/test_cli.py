@@ -81,8 +81,8 @@ def test_stream_flag_prints_the_same_text(checkpoint):
     (["--model", "no/such-model"], "cannot download no/such-model"),
     (["--beams", "0"], "--beams must be >= 1"),
     (["--greedy", "--temperature", "0.5"], "--greedy conflicts"),
-    (["--sample", "--beams", "3"], "cannot be combined"),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--sample", "--beams", "3"], "--beams=3 runs beam search, which is deterministic"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--dtype", "float16"], "invalid choice"),
 ])
 def test_bad_inputs(checkpoint, tmp_path, capsys, monkeypatch, args, message):

@@ -10,6 +10,7 @@ import torch
 
 from pali_jax.backend import CHECKPOINT_LAYOUT
 from pali_jax.beam_search import BeamSearch
+from pali_jax.generation_config import GenerationConfig
 from pali_jax.generate import MIN_TEXT_BUCKET, Generator, StopReason, bucket, prepare_prompts
 from pali_jax.pretrained import PaliGemma
 from pali_jax.sampling import SamplingParams
@@ -144,8 +145,8 @@ def test_no_recompile_within_a_bucket(tiny_models):
     p_b, ids_b = prompt(pg, 11, 2)  # another length, same 16-token text bucket
     gen.generate(pg.params, p_a, ids_a, max_new_tokens=10)
     assert gen.traces == 1
-    gen.generate(pg.params, p_b, ids_b, max_new_tokens=20, sampling=SamplingParams.make(0.7, top_k=5), seed=3)
-    gen.generate(pg.params, p_b, ids_b, max_new_tokens=31, sampling=SamplingParams.make(1.3, top_p=0.9), seed=4)
+    gen.generate(pg.params, p_b, ids_b, max_new_tokens=20, temperature=0.7, top_k=5, seed=3)
+    gen.generate(pg.params, p_b, ids_b, generation_config=GenerationConfig(max_new_tokens=31, temperature=1.3, top_p=0.9, seed=2**40))
     assert gen.traces == 1 and gen._generate._cache_size() == 1
 
 
@@ -164,9 +165,7 @@ def test_sampling_is_seeded_and_streams(tiny_models):
     greedy = pg.generate_ids(pixels, ids, max_new_tokens=12)
     t0 = pg.generate_ids(pixels, ids, max_new_tokens=12, temperature=0.0, top_k=50, seed=5)
     np.testing.assert_array_equal(greedy.tokens, t0.tokens)
-    streamed = pg.generator.stream(
-        pg.params, pixels, ids, max_new_tokens=12, sampling=SamplingParams.make(1.0, top_k=50), seed=1
-    )
+    streamed = pg.generator.stream(pg.params, pixels, ids, max_new_tokens=12, temperature=1.0, top_k=50, seed=1)
     np.testing.assert_array_equal(np.stack(list(streamed), axis=1), a.tokens)
 
 
@@ -205,7 +204,7 @@ def _temporary_bytes(hf_dir, dtype: str, stacked: bool, batch: int) -> tuple[int
     pg = PaliGemma.from_pretrained(hf_dir, dtype=dtype, layout=CHECKPOINT_LAYOUT if stacked else None)
     pixels, ids = prompt(pg, 5, 3)
     pixels, ids = np.repeat(pixels, batch, 0), np.repeat(ids, batch, 0)
-    statics, ids, types, mask, stops = prepare_prompts(pg.config, ids, None, None, 8, (), None, False)
+    statics, ids, types, mask, stops = prepare_prompts(pg.config, ids, None, None, GenerationConfig(max_new_tokens=8))
     compiled = pg.generator._generate.lower(
         statics, pg.params, pixels, ids, types, mask, 8, SamplingParams.greedy(), jax.random.PRNGKey(0), stops
     ).compile()

@@ -15,6 +15,7 @@ from pali_jax.backend import CHECKPOINT_LAYOUT, Layout
 from pali_jax.beam_search import BeamSearch
 from pali_jax.config import preset
 from pali_jax.generate import Generator, prepare_prompts
+from pali_jax.generation_config import GenerationConfig
 from pali_jax.paligemma import PaliGemmaModel, to_layout
 from pali_jax.sampling import SamplingParams
 from pali_jax.train import Trainer, TrainConfig
@@ -45,7 +46,7 @@ def test_inference_programs_lower_for_gpu_and_tpu(kind, layout, kernel):
     cfg, params, pixels, ids = _tiny(kind)
     model = PaliGemmaModel(cfg, layout=layout, kernel=kernel)
     params = to_layout(params, CHECKPOINT_LAYOUT, layout)
-    statics, ids, types, mask, stops = prepare_prompts(cfg, ids, None, None, 8, (), None, False)
+    statics, ids, types, mask, stops = prepare_prompts(cfg, ids, None, None, GenerationConfig(max_new_tokens=8))
     gen, beams = Generator(model), BeamSearch(model)
     greedy, key = SamplingParams.greedy(), jax.random.PRNGKey(0)
     traced = {
