@@ -57,7 +57,7 @@ import numpy as np
 
 from pali_jax.config import PRESETS, GemmaConfig, PaliGemmaConfig, SiglipConfig
 from pali_jax.errors import UserError
-from pali_jax.paligemma import abstract_params
+from pali_jax.paligemma import abstract_params, nest
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BFLOAT16}
@@ -384,17 +384,6 @@ def plan(
         if path not in filled or not filled[path].all():
             raise BigVisionError(f"{src}: no array for {'/'.join(path)} (or for some of its layers)")
     return Plan(cfg, _resolve_dtype(dtype, members), leaves, placements)
-
-
-def nest(flat: dict[LeafPath, Any]) -> dict[str, Any]:
-    """{("img", "head", "kernel"): x, ...} -> {"img": {"head": {"kernel": x}}, ...}."""
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
 
 
 def load_big_vision(

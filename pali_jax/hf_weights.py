@@ -24,7 +24,7 @@ import numpy as np
 
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
-from pali_jax.paligemma import abstract_params
+from pali_jax.paligemma import abstract_params, nest
 from pali_jax.safetensors_io import TensorInfo, read_header, read_into, read_tensor
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -280,17 +280,6 @@ def plan(src: str | Path, dtype: str | None = None) -> Plan:
         if path not in filled or not filled[path].all():
             raise ConversionError(f"the checkpoint has no tensor for {'/'.join(path)} (or for some of its layers)")
     return Plan(cfg, out_dtype, leaves, placements)
-
-
-def nest(flat: dict[LeafPath, Any]) -> dict[str, Any]:
-    """{("img", "head", "kernel"): x, ...} -> {"img": {"head": {"kernel": x}}, ...}."""
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
 
 
 def load_hf(src: str | Path, dtype: str | None = None) -> tuple[PaliGemmaConfig, dict[str, Any]]:

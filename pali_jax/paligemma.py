@@ -194,22 +194,22 @@ def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
         out[sub] = jnp.stack(layers) if dst.stacked else layers
     llm = params["llm"]
     if dst.stacked:
-        llm["layers"] = _nest(out)
+        llm["layers"] = nest({tuple(sub.split("/")): v for sub, v in out.items()})
     else:
         depth = len(next(iter(out.values())))
         for i in range(depth):
-            llm[f"layers_{i}"] = _nest({sub: layers[i] for sub, layers in out.items()})
+            llm[f"layers_{i}"] = nest({tuple(sub.split("/")): layers[i] for sub, layers in out.items()})
     return params
 
 
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+    """{("img", "head", "kernel"): x, ...} -> {"img": {"head": {"kernel": x}}, ...}."""
     tree: dict[str, Any] = {}
     for path, value in flat.items():
         node = tree
-        *parents, last = path.split("/")
-        for part in parents:
+        for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[last] = value
+        node[path[-1]] = value
     return tree
 
 

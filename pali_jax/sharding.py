@@ -42,7 +42,7 @@ from pali_jax.distributed import initialize_distributed
 from pali_jax.errors import UserError
 from pali_jax.kv_cache import KVCache
 from pali_jax.backend import Layout
-from pali_jax.paligemma import abstract_params, axes_table, path_key
+from pali_jax.paligemma import abstract_params, axes_table, nest, path_key
 
 AXES = ("data", "fsdp", "tensor")
 # Tensors with fewer elements stay whole on every device: splitting a norm scale or a bias saves
@@ -418,7 +418,7 @@ def load_hf_sharded(
             writers[path] = jax.jit(_update_slice, donate_argnums=0, out_shardings=sharding)
         start = np.array([i if isinstance(i, int) else 0 for i in index] + [0] * (len(leaf.shape) - len(index)), np.int32)
         arrays[path] = writers[path](arrays[path], placed, start)
-    return p.config, hf_weights.nest(arrays)
+    return p.config, nest(arrays)
 
 
 # -- memory accounting -----------------------------------------------------------------------------
