@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,23 @@ import orbax.checkpoint as ocp
 
 from pali_jax.errors import UserError
 from pali_jax.distributed import same_on_every_process
+
+
+class CheckpointError(UserError):
+    """A checkpoint (parameters or training state) that is incomplete or cannot be used for this run."""
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Mutes absl's warnings while orbax writes: every plain (non-OCDBT) save logs "Skipping merge
+    of OCDBT checkpoints", which is orbax talking to itself and alarms users."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def save_params(path: str | Path, params: Any) -> None:
@@ -37,7 +57,7 @@ def save_params(path: str | Path, params: Any) -> None:
     handler = ocp.PyTreeCheckpointHandler(
         type_handler_registry=registry, use_compression=False, use_ocdbt=False, multiprocessing_options=alone
     )
-    with ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
+    with _quiet_orbax(), ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
         ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(params))
 
 
@@ -63,10 +83,20 @@ def read_params(path: str | Path, abstract: Any) -> Any:
     whole, which is safe).
     """
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is missing: the model directory has no parameters")
     keyed, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     files = [_single_chunk(path, keys, leaf) for keys, leaf in keyed]
-    if None in files or json.loads((path / "_METADATA").read_text()).get("use_zarr3"):
-        return restore_params(path, abstract)
+    try:
+        zarr3 = json.loads((path / "_METADATA").read_text()).get("use_zarr3")
+    except (OSError, ValueError, AttributeError):
+        raise CheckpointError(f"{path}/_METADATA is missing or damaged: not a complete orbax checkpoint") from None
+    if None in files or zarr3:
+        try:
+            return restore_params(path, abstract)
+        except (ValueError, KeyError, TypeError, OSError, FileNotFoundError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise CheckpointError(f"cannot restore the parameters in {path}: {reason}") from None
     return jax.tree.unflatten(treedef, [_read_chunk(*f, leaf) for f, (_, leaf) in zip(files, keyed)])
 
 
@@ -84,7 +114,14 @@ def _single_chunk(path: Path, keys, leaf) -> tuple[Path, np.dtype] | None:
     if meta.get("chunks") != meta["shape"] or not dtype.isnative:
         return None
     chunk = array_dir / meta.get("dimension_separator", ".").join(["0"] * max(len(leaf.shape), 1))
-    return (chunk, dtype) if chunk.is_file() and chunk.stat().st_size == leaf.size * dtype.itemsize else None
+    # A plain array whose chunk is gone or cut short must not reach orbax: zarr reads a missing
+    # chunk as the fill value, so the model would load with zeros for weights.
+    if not chunk.is_file():
+        raise CheckpointError(f"{chunk} is missing: the checkpoint is incomplete")
+    if chunk.stat().st_size != leaf.size * dtype.itemsize:
+        raise CheckpointError(f"{chunk} has {chunk.stat().st_size} bytes, {leaf.size * dtype.itemsize} expected: "
+                              "the checkpoint is truncated")
+    return chunk, dtype
 
 
 def _read_chunk(chunk: Path, stored: np.dtype, leaf) -> np.ndarray:
@@ -104,10 +141,6 @@ def _aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.nda
     raw = np.empty(math.prod(shape) * dtype.itemsize + alignment, np.uint8)
     start = -raw.ctypes.data % alignment
     return raw[start : start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
-
-
-class CheckpointError(UserError):
-    """A training checkpoint that cannot be used for this run."""
 
 
 class TrainCheckpointer:
@@ -136,7 +169,8 @@ class TrainCheckpointer:
         """Saves `state` as step `step` when `step` is a multiple of `every` (or `force`); True if saved."""
         if not (force or step % self.every == 0) or step in self._manager.all_steps():
             return False
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        with _quiet_orbax():
+            return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def latest_step(self) -> int | None:
         """The newest saved step (None: no checkpoint), checked to be the one every process sees."""

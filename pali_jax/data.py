@@ -26,10 +26,9 @@ from typing import Callable
 
 import jax
 import numpy as np
-import PIL.Image
 
 from pali_jax.errors import UserError
-from pali_jax.processor import ImageInput, PaliGemmaProcessor
+from pali_jax.processor import ImageInput, PaliGemmaProcessor, ProcessorError, check_text, load_image
 
 FIELDS = ("image", "prefix", "suffix")
 
@@ -57,8 +56,9 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _parse_line(line: str, base: Path) -> Example | str:
-    """The example of one JSONL line, or what is wrong with it."""
+def _parse_line(line: str, base: Path, allow_outside: bool = False) -> Example | str:
+    """The example of one JSONL line, or what is wrong with it. The image is decoded once here, so
+    that a truncated or oversized file is reported with its line number before training starts."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -71,20 +71,33 @@ def _parse_line(line: str, base: Path) -> Example | str:
     wrong = [f for f in FIELDS if not isinstance(record[f], str)]
     if wrong:
         return f"field {wrong[0]!r} must be a string, got {type(record[wrong[0]]).__name__}"
-    image = base / record["image"]
+    if not record["suffix"].strip():
+        return "field 'suffix' is empty: nothing to learn from"
+    for field in ("prefix", "suffix"):
+        try:
+            check_text(record[field], field)
+        except ProcessorError as e:
+            return str(e)
+    relative = Path(record["image"])
+    image = base / relative
+    if not allow_outside and (relative.is_absolute() or ".." in relative.parts):
+        return (f"image path {record['image']!r} leaves the directory of the data file "
+                "(pass --allow-outside-paths to allow it)")
     try:
-        with PIL.Image.open(image):  # reads the header only: cheap, and catches most bad files
-            pass
-    except FileNotFoundError:
-        return f"image file not found: {image}"
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"cannot read image {image}: {' '.join(str(e).split())}"
+        load_image(image)
+    except ProcessorError as e:
+        return str(e)
     return Example(str(image), record["prefix"], record["suffix"])
 
 
-def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False, warn: Callable[[str], None] = _warn) -> list[Example]:
+def read_jsonl(
+    path: str | os.PathLike, *, skip_bad: bool = False, warn: Callable[[str], None] = _warn,
+    allow_outside: bool = False,
+) -> list[Example]:
     """Examples of a JSONL file. Blank lines are ignored. A bad line raises `DataError`
-    ("file:line: problem"), or with `skip_bad` is passed to `warn` and skipped."""
+    ("file:line: problem"), or with `skip_bad` is passed to `warn` and skipped. Image paths must
+    stay inside the file's directory (no `..`, not absolute) unless `allow_outside`: a data file
+    from elsewhere must not make training read arbitrary files."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -96,7 +109,7 @@ def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False, warn: Callabl
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        parsed = _parse_line(line, path.parent)
+        parsed = _parse_line(line, path.parent, allow_outside)
         if isinstance(parsed, str):
             message = f"{path}:{number}: {parsed}"
             if not skip_bad:
@@ -112,8 +125,9 @@ def read_jsonl(path: str | os.PathLike, *, skip_bad: bool = False, warn: Callabl
 class Dataset:
     """Examples tokenized for one model, batched to a fixed shape.
 
-    max_length: tokens per row (image tokens included); None takes the longest example. An
-    example longer than `max_length` raises `DataError`, or is skipped with `skip_bad`.
+    max_length: tokens per row (image tokens included); None takes the longest example, at most
+    the model's positions (`limit`, when given). An example longer than that raises `DataError`
+    naming its line, or is skipped with `skip_bad`.
     """
 
     def __init__(
@@ -124,23 +138,29 @@ class Dataset:
         *,
         skip_bad: bool = False,
         warn: Callable[[str], None] = _warn,
+        limit: int | None = None,
     ):
         tok, n_image = processor.tokenizer, processor.num_image_tokens
         lengths = [len(tok.encode_example(e.prefix, e.suffix, num_image_tokens=n_image)[0]) for e in examples]
-        if max_length is None:
-            max_length = max(lengths, default=0)
-        kept = []
+        if limit is not None and max_length is not None and max_length > limit:
+            raise DataError(f"max_length {max_length} exceeds the model's {limit} positions (max_position_embeddings)")
+        # What a row may hold: the explicit max_length, else the model's positions (else anything).
+        bound, bound_name = (max_length, "max_length") if max_length is not None else (limit, "the model's positions")
+        kept, kept_lengths = [], []
         for example, length in zip(examples, lengths):
-            if length > max_length:
+            if bound is not None and length > bound:
                 message = (f"{example.source or 'example'}: {length} tokens ({n_image} image tokens) "
-                           f"exceed max_length {max_length}")
+                           f"exceed {bound_name} {bound}")
                 if not skip_bad:
                     raise DataError(message)
                 warn(f"skipped {message}")
                 continue
             kept.append(example)
+            kept_lengths.append(length)
         if not kept:
             raise DataError("no usable example")
+        if max_length is None:
+            max_length = max(kept_lengths)
         self.examples = kept
         self.processor = processor
         self.max_length = max_length

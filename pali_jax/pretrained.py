@@ -27,15 +27,17 @@ from pali_jax.config import PaliGemmaConfig
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.gemma import weights_out_first
-from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR
+from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config
 from pali_jax.generate import GenerateOutput, Generator, jit_model_program
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, split_layers
-from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
+from pali_jax.processor import ImageInput, PaliGemmaTokenizer, check_prompt_lengths, load_image, preprocess_images
 from pali_jax.sampling import SamplingParams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# What a hub download fetches: weights, configs, tokenizer; never the PyTorch .bin duplicates.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# What a hub download fetches: exactly the files the loader reads or a conversion carries over;
+# never PyTorch .bin duplicates, code, or anything else a repository may hold.
+HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+                *SIDE_FILES]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +126,7 @@ class PaliGemma:
         if not path.exists():
             path = _download(str(path_or_hub_id))
         if (path / CONFIG_FILE).exists():
-            config = PaliGemmaConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+            config = read_model_config(path)
             if mesh is not None:
                 params = sharding.restore_sharded(path / PARAMS_DIR, config, mesh, DTYPES[dtype])
             else:  # host arrays: split below as views, then made device arrays (in place on CPU)
@@ -199,10 +201,8 @@ class PaliGemma:
     # -- images and strings --------------------------------------------------------------------
     def _encode(self, images: Sequence[ImageInput], prompts: Sequence[str], max_new_tokens: int):
         pixels = preprocess_images(list(images), self.config.image_size).astype(self.dtype)
-        batch = self.tokenizer(
-            list(prompts), num_image_tokens=self.config.num_image_tokens,
-            max_length=self.config.text.max_positions - max_new_tokens,
-        )
+        batch = self.tokenizer(list(prompts), num_image_tokens=self.config.num_image_tokens)
+        check_prompt_lengths(batch.attention_mask.sum(axis=1), self.config, max_new_tokens)
         return pixels, batch
 
     def generate(

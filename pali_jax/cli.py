@@ -1,0 +1,59 @@
+"""What every command-line entry point shares: how it ends.
+
+`run_main(body)` maps the ways a run can end to exit codes and at most one line on stderr:
+
+    0    done
+    2    `UserError` (bad input), or an OSError of the environment (disk full, read-only folder,
+         permission denied): `error: <message>`
+    130  Ctrl-C / SIGINT: `error: interrupted`; the entry point's own cleanup (temporary
+         directories) runs on the way out, and tracebacks of orbax's worker threads are muted
+    141  stdout closed early (`| head -1`): no message, like any Unix filter
+
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable
+
+from pali_jax.errors import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError, naming the file when known (`No space left on device: /out/x`)."""
+    reason = e.strerror or " ".join(str(e).split()) or type(e).__name__
+    return f"{reason}: {e.filename}" if e.filename else reason
+
+
+def _mute_thread_tracebacks() -> None:
+    """After an interrupt, worker threads (orbax's writers) die with the main thread's cleanup:
+    their tracebacks would bury the one line that matters."""
+    threading.excepthook = lambda args: None
+
+
+def run_main(body: Callable[[], int | None]) -> int:
+    """Runs `body` and returns its exit code (see the module docstring)."""
+    try:
+        return body() or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        _mute_thread_tracebacks()
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python would print a second error when it flushes stdout at exit: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
