@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,21 @@ def _quiet_orbax() -> Iterator[None]:
         logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """Turns tensorstore's write failures (raised by orbax as ValueError: a full disk, a file size
+    limit, a read-only folder) into one-line errors; other ValueErrors are bugs and propagate."""
+    try:
+        yield
+    except ValueError as e:
+        text = str(e)
+        if "os_error_code" not in text and "Error writing" not in text and "Error opening" not in text:
+            raise
+        m = re.search(r":\s*([^:\[\]\"]+?)\s*\[os_error_code", text)
+        reason = m[1] if m else " ".join(text.split())[:160]
+        raise CheckpointError(f"cannot write {path}: {reason} (is the disk full?)") from None
+
+
 def save_params(path: str | Path, params: Any) -> None:
     """Writes a parameter tree (numpy or jax arrays) as an orbax checkpoint at `path` (must not exist).
 
@@ -57,7 +73,7 @@ def save_params(path: str | Path, params: Any) -> None:
     handler = ocp.PyTreeCheckpointHandler(
         type_handler_registry=registry, use_compression=False, use_ocdbt=False, multiprocessing_options=alone
     )
-    with _quiet_orbax(), ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
+    with _write_errors(Path(path)), _quiet_orbax(), ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
         ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(params))
 
 
@@ -108,8 +124,11 @@ def _single_chunk(path: Path, keys, leaf) -> tuple[Path, np.dtype] | None:
         dtype = np.dtype(ml_dtypes.bfloat16 if meta["dtype"] == "bfloat16" else meta["dtype"])
     except (OSError, KeyError, TypeError, ValueError):
         return None
+    if tuple(meta.get("shape", ())) != tuple(leaf.shape):  # orbax would restore it as stored, whatever was asked
+        raise CheckpointError(f"{array_dir.name} is stored with shape {tuple(meta.get('shape', ()))}, the config's "
+                              f"model needs {tuple(leaf.shape)}: the config does not belong to these parameters")
     plain = meta.get("compressor") is None and not meta.get("filters") and meta.get("order") == "C"
-    if not plain or meta.get("zarr_format") != 2 or tuple(meta.get("shape", ())) != tuple(leaf.shape):
+    if not plain or meta.get("zarr_format") != 2:
         return None
     if meta.get("chunks") != meta["shape"] or not dtype.isnative:
         return None
@@ -169,7 +188,7 @@ class TrainCheckpointer:
         """Saves `state` as step `step` when `step` is a multiple of `every` (or `force`); True if saved."""
         if not (force or step % self.every == 0) or step in self._manager.all_steps():
             return False
-        with _quiet_orbax():
+        with _write_errors(self.directory / str(step)), _quiet_orbax():
             return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def latest_step(self) -> int | None:

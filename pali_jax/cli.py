@@ -15,6 +15,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -38,8 +39,32 @@ def _mute_thread_tracebacks() -> None:
     threading.excepthook = lambda args: None
 
 
+def _orbax_thread_hook(args: threading.ExceptHookArgs) -> None:
+    """orbax's writer threads print their exception before handing it to the main thread, which
+    raises it again (and reports it): print those once, from the main thread. Other threads'
+    exceptions keep Python's report."""
+    tb, frames = args.exc_traceback, []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    if not any("/orbax/" in f for f in frames):
+        threading.__excepthook__(args)
+
+
+def _closed_loop_hook(kind, value, tb) -> None:
+    """After a failed write, tensorstore completes the writes orbax abandoned and reports each
+    one's callback into orbax's closed event loop ("Event loop is closed"): noise after the error
+    that was already reported. Everything else keeps Python's report."""
+    if not (kind is RuntimeError and str(value) == "Event loop is closed"):
+        sys.__excepthook__(kind, value, tb)
+
+
 def run_main(body: Callable[[], int | None]) -> int:
     """Runs `body` and returns its exit code (see the module docstring)."""
+    threading.excepthook = _orbax_thread_hook
+    sys.excepthook = _closed_loop_hook
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, cleanup must run
     try:
         return body() or 0
     except UserError as e:

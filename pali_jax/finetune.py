@@ -351,12 +351,11 @@ def _prepare_out(out: Path, model: str) -> None:
     `model/` export would not replace the model being fine-tuned."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write into --out {out}: permission denied")
+    # Created only once the inputs are known good (a failed start leaves nothing): check the
+    # nearest existing folder on the way instead.
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create --out {out}: {existing} is not a writable folder")
     if Path(model).exists():
         check_destination(out / "model", model, overwrite=True)
 
@@ -389,6 +388,8 @@ def run(args: argparse.Namespace) -> RunResult:
     train_data, eval_data = datasets[0], datasets[1] if len(datasets) > 1 else None
 
     trainer = Trainer(pg.config, train_config, DTYPES[args.dtype], mesh)
+    if _speaks():
+        out.mkdir(parents=True, exist_ok=True)
     checkpointer = TrainCheckpointer(ckpt_dir, args.checkpoint_every, args.keep)
     if checkpointer.latest_step() is not None:  # only with --resume (checked above)
         state = checkpointer.restore(trainer.abstract_state(pg.params))

@@ -102,7 +102,10 @@ def glob_escape(name: str) -> str:
 def _locked(dst: Path) -> Iterator[None]:
     """Holds `.NAME.lock` beside `dst` for the whole write; a second writer fails at once."""
     lock = dst.parent / f".{dst.name}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise ModelDirError(f"cannot write into {dst.parent}: {e.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -210,6 +213,26 @@ def read_model_config(root: str | Path) -> PaliGemmaConfig:
     return config
 
 
+def check_room(parent: Path, host_params: Any) -> None:
+    """Refuses a write that cannot fit, before writing anything: the free space of `parent` must
+    hold every array (plus 1%), and the process's file size limit (`ulimit -f`) the largest one
+    (each array is one file). A write that fails halfway leaves tensorstore finishing abandoned
+    writes in the background, so failing up front is also what leaves the least behind."""
+    import jax
+    import resource
+
+    sizes = [int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(host_params)]
+    need, largest = sum(sizes), max(sizes, default=0)
+    free = shutil.disk_usage(parent).free
+    if need * 1.01 > free:
+        raise ModelDirError(f"not enough disk space in {parent}: the parameters need {need / 1e9:.2f} GB, "
+                            f"{free / 1e9:.2f} GB are free")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and largest > limit:
+        raise ModelDirError(f"the file size limit (ulimit -f) is {limit} bytes, and the largest parameter array "
+                            f"needs {largest}: raise the limit")
+
+
 def write_model_dir(
     dst: str | Path, config: PaliGemmaConfig, host_params: Any, source: str | Path | None, *, overwrite: bool = True
 ) -> Path:
@@ -232,6 +255,7 @@ def write_model_dir(
         clean_stale(dst)
         check_destination(dst, source, overwrite=overwrite)  # again: another writer may have finished meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
+        check_room(dst.parent, host_params)
         try:
             tmp.mkdir()
             save_params(tmp / PARAMS_DIR, host_params)

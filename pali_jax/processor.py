@@ -9,9 +9,10 @@ Prompt layout (one example)::
     + tokenize(suffix) + <eos>                                          token type 1 (causal; training only)
 """
 
+import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -45,12 +46,24 @@ IMAGE_TOKEN_TEXT = "<image>"
 # --------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """Turns PIL's bomb check off while a header is read: PIL warns (on stderr) from 89 megapixels
+    and raises from 179 with a message of its own; `MAX_IMAGE_PIXELS` is checked instead, in one line."""
+    saved = PIL.Image.MAX_IMAGE_PIXELS
+    PIL.Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            yield
+    finally:
+        PIL.Image.MAX_IMAGE_PIXELS = saved
+
+
 def _load_image_file(path: str | os.PathLike) -> PIL.Image.Image:
     """Open an image file the way transformers' ``load_image`` does: EXIF transpose, then plain RGB."""
     try:
-        # PIL's own bomb check warns (on stderr) from 89 megapixels: ours refuses first, in one line.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+        with _own_pixel_limit():
             with PIL.Image.open(path) as image:
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
