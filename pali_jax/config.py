@@ -183,6 +183,11 @@ class PaliGemmaConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "PaliGemmaConfig":
         """The inverse of `to_dict` (a pali_jax_config.json); ConfigError names what is wrong."""
         try:
+            for part, kind in (("vision", SiglipConfig), ("text", GemmaConfig)):
+                # Every field, explicitly: a missing one must not quietly become a default (another model's size).
+                missing = [f.name for f in dataclasses.fields(kind) if f.name not in d[part] and f.name != "sliding_layers"]
+                if missing:
+                    raise ConfigError(f"missing field {part}.{missing[0]}")
             text = dict(d["text"])
             text["sliding_layers"] = tuple(text.get("sliding_layers", ()))
             return cls(

@@ -437,7 +437,7 @@ LOAD_BAD = {
     "config a list": (_no_manifest(_write("pali_jax_config.json", b"[]")), "must hold a JSON object, got list"),
     "config binary": (_no_manifest(_write("pali_jax_config.json", b"\xff\xfe")), "cannot read"),
     "config missing 'text'": (_config(lambda c: c.pop("text")), "missing field 'text'"),
-    "config missing a text field": (_config(lambda c: c["text"].pop("width")), "width"),
+    "config missing a text field": (_config(lambda c: c["text"].pop("width")), "missing field text.width"),
     "config unknown field": (_config(lambda c: c["text"].update(colour="red")), "colour"),
     "config text a list": (_config(lambda c: c.update(text=[1])), "pali_jax_config.json"),
     "config heads 'four'": (_config(lambda c: c["text"].update(num_heads="four")), "got 'four'"),
