@@ -1018,3 +1018,45 @@ def test_read_only_home_warns_once_and_runs(checkpoint, images):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("warning: cannot use the compilation cache") == 1 and "Traceback" not in proc.stderr
     assert proc.stdout.strip() != ""
+
+
+# == 9. security ===============================================================================
+def test_no_pickle_anywhere():
+    """Weights come from safetensors and orbax only: no module loads pickles (np.load must say
+    allow_pickle=False; no pickle / torch.load / joblib)."""
+    offenders = []
+    for path in sorted([*ROOT.glob("pali_jax/**/*.py"), *ROOT.glob("convert/*.py"), *ROOT.glob("benchmarks/*.py"),
+                        *ROOT.glob("tests/*.py"), ROOT / "run_generate.py"]):
+        if path.name == Path(__file__).name:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if ("np.load(" in code and "allow_pickle=False" not in code) or "import pickle" in code \
+                    or "torch.load(" in code or "joblib" in code or "allow_pickle=True" in code:
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_hub_downloads_fetch_only_what_the_loader_reads(monkeypatch, tmp_path):
+    import fnmatch
+
+    import huggingface_hub
+
+    from pali_jax import pretrained
+
+    asked = {}
+
+    def fake_download(repo_id, allow_patterns=None, **kwargs):
+        asked["patterns"] = allow_patterns
+        raise huggingface_hub.errors.RepositoryNotFoundError("no")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    with pytest.raises(UserError, match="was not found on the hub"):
+        PaliGemma.from_pretrained("someone/model")
+    wanted = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+              "tokenizer.model", "tokenizer_config.json"]
+    unwanted = ["pytorch_model.bin", "model.pkl", "modeling_paligemma.py", "evil.json", "sub/model.safetensors",
+                "flax_model.msgpack", "model.onnx"]
+    matches = lambda name: any(fnmatch.fnmatch(name, p) for p in asked["patterns"])  # noqa: E731
+    assert asked["patterns"] == pretrained.HUB_PATTERNS
+    assert all(matches(n) for n in wanted) and not any(matches(n) for n in unwanted)
