@@ -39,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "pali_jax" / "assets" / "demo" / "model"
 FINETUNE_ARGS = ("--steps", "8", "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "2", "--keep", "2",
-                 "--no-progress", "--trainable", "attn")
+                 "--no-progress", "--trainable", "llm")
 _FINAL_LOSS = re.compile(r"trained steps \d+\.\.(\d+) in .*loss [\d.]+ -> ([\d.]+)")
 
 
@@ -59,8 +59,9 @@ def make_hf_checkpoint(directory: Path) -> Path:
     return src
 
 
-def make_shapes_data(directory: Path, n_scenes: int = 16) -> Path:
-    """A JSONL file of the demo task with its images."""
+def make_shapes_data(directory: Path, n_scenes: int = 32) -> Path:
+    """A JSONL file of a task new to the demo model (counting shapes, as the notebook teaches), so
+    that the loss moves and the resumed run's losses are worth comparing."""
     import PIL.Image
 
     from pali_jax.demo import shapes
@@ -69,7 +70,8 @@ def make_shapes_data(directory: Path, n_scenes: int = 16) -> Path:
     lines = []
     for i, scene in enumerate(shapes.scenes(n_scenes, 5)):
         PIL.Image.fromarray(shapes.render(scene)).save(directory / "images" / f"{i}.png")
-        lines += [json.dumps({"image": f"images/{i}.png", "prefix": p, "suffix": s}) for p, s in shapes.prompts(scene)[:2]]
+        prefix, suffix = shapes.count_prompt(scene)
+        lines.append(json.dumps({"image": f"images/{i}.png", "prefix": prefix, "suffix": suffix}))
     path = directory / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -90,8 +92,10 @@ def _check_interrupt_output(code: int, err: str, sig: int) -> str | None:
     """What is wrong with how an interrupted process ended; None if nothing."""
     if "Traceback" in err:
         return "traceback on stderr: " + err.strip().splitlines()[-1]
+    if sig == signal.SIGINT and code == -signal.SIGINT and not err:
+        return None  # interrupted while Python itself started, before any of pali-jax's code: nothing done
     if sig == signal.SIGINT and code not in (0, 130):
-        return f"exit code {code} after SIGINT"
+        return f"exit code {code} after SIGINT; stderr ends {err[-300:]!r}"
     if sig == signal.SIGINT and code == 130 and not err.endswith("error: interrupted\n"):
         return f"SIGINT did not end with one line: {err[-200:]!r}"
     return None

@@ -12,7 +12,8 @@ import sys as _sys
 # which puts Python's KeyboardInterrupt back once there is work to clean up). Library users keep
 # Python's default.
 _ENTRY_POINTS = ("pali_jax.finetune", "convert.hf_to_flax", "convert.verify", "run_generate.py")
-if any(str(a).endswith(_ENTRY_POINTS) for a in getattr(_sys, "orig_argv", [])[1:3]):
+RUN_AS_COMMAND = any(str(a).endswith(_ENTRY_POINTS) for a in getattr(_sys, "orig_argv", [])[1:3])
+if RUN_AS_COMMAND:
     import os as _os
     import signal as _signal
 

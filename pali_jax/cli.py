@@ -20,6 +20,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+import pali_jax
 from pali_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -73,6 +74,12 @@ def run_main(body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         _mute_thread_tracebacks()
         print("error: interrupted", file=sys.stderr)
+        if pali_jax.RUN_AS_COMMAND:
+            # The cleanup has run (the exception unwound every `finally`); tearing the interpreter
+            # down under XLA's and orbax's running threads can crash (SIGSEGV), so leave at once.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         # Python would print a second error when it flushes stdout at exit: point it at /dev/null.
@@ -82,3 +89,7 @@ def run_main(body: Callable[[], int | None]) -> int:
     except OSError as e:
         print(f"error: {os_error_message(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    finally:
+        if pali_jax.RUN_AS_COMMAND and threading.current_thread() is threading.main_thread():
+            # The outcome is decided: a Ctrl-C during the interpreter's exit would only add a traceback.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

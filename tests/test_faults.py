@@ -6,7 +6,6 @@ one, with its uninterrupted reference); `python -m benchmarks.kill_points` runs 
 
 from __future__ import annotations
 
-import os
 import resource
 import signal
 import subprocess
