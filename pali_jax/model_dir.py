@@ -44,6 +44,7 @@ class ModelDirError(UserError):
 
 
 def is_model_dir(path: Path) -> bool:
+    """Whether `path` is a converted directory (it holds pali_jax_config.json)."""
     return (path / CONFIG_FILE).exists()
 
 
@@ -86,7 +87,7 @@ def clean_stale(dst: Path) -> list[Path]:
     """Removes `.NAME.tmp-PID` / `.NAME.old-PID` siblings of `dst` whose writer process is gone."""
     pattern = re.compile(rf"\.{re.escape(dst.name)}\.(tmp|old)-(\d+)")
     removed = []
-    for path in dst.parent.glob(f".{glob_escape(dst.name)}.*-*"):
+    for path in dst.parent.glob(f".{_glob_escape(dst.name)}.*-*"):
         m = pattern.fullmatch(path.name)
         if m and not _pid_alive(int(m[2])):
             shutil.rmtree(path, ignore_errors=True)
@@ -94,7 +95,8 @@ def clean_stale(dst: Path) -> list[Path]:
     return removed
 
 
-def glob_escape(name: str) -> str:
+def _glob_escape(name: str) -> str:
+    """`name` with glob metacharacters bracketed, to match it literally."""
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
