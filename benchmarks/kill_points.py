@@ -3,8 +3,8 @@
     python -m benchmarks.kill_points [--conversions 20] [--finetunes 20] [--seed 0] [--out kill_points.json]
 
 Each conversion trial starts `python -m convert.hf_to_flax SRC DST`, sends SIGKILL or SIGINT
-(alternating) after a random delay (45-95% of the fastest of 3 uninterrupted runs; the first half
-is Python's imports), then
+(alternating) after a random delay: for half the trials 45-95% of the fastest of 3 uninterrupted
+runs (the first half is Python's imports), for the other half 0-150 ms after the write began; then
 checks: DST is absent or complete (`convert.verify` passes); after SIGINT the process printed at
 most `error: interrupted` (no traceback) and left no temporary directory; a second conversion
 (`--overwrite`) succeeds, verifies, and leaves no hidden entry (stale temporaries of the killed
@@ -77,9 +77,13 @@ def make_shapes_data(directory: Path, n_scenes: int = 32) -> Path:
     return path
 
 
-def _interrupt(cmd: list[str], delay: float, sig: int) -> tuple[int, str]:
-    """Runs `cmd`, sends `sig` after `delay` seconds (unless it ended first): (exit code, stderr)."""
+def _interrupt(cmd: list[str], delay: float, sig: int, after: Path | None = None) -> tuple[int, str]:
+    """Runs `cmd`, sends `sig` after `delay` seconds (unless it ended first): (exit code, stderr).
+    With `after`, the delay counts from the moment a `.NAME.tmp-*` sibling of `after` appears
+    (the write has begun)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while after is not None and proc.poll() is None and not list(after.parent.glob(f".{after.name}.tmp-*")):
+        time.sleep(0.002)
     try:
         proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
@@ -105,16 +109,18 @@ def _hidden(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
-def conversion_trial(src: Path, work: Path, delay: float, sig: int) -> dict:
-    """One killed conversion and the conversion after it (see the module docstring)."""
+def conversion_trial(src: Path, work: Path, delay: float, sig: int, in_write: bool = False) -> dict:
+    """One killed conversion and the conversion after it (see the module docstring); `in_write`:
+    `delay` counts from the start of the write."""
     from pali_jax.model_dir import verify
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     dst = work / "dst"
     cmd = [sys.executable, "-m", "convert.hf_to_flax", str(src), str(dst)]
-    code, err = _interrupt(cmd, delay, sig)
-    record = {"kind": "conversion", "signal": signal.Signals(sig).name, "delay_s": round(delay, 3), "exit": code,
+    code, err = _interrupt(cmd, delay, sig, dst if in_write else None)
+    record = {"kind": "conversion", "signal": signal.Signals(sig).name, "delay_s": round(delay, 3),
+              "from": "write start" if in_write else "launch", "exit": code,
               "dst_after_kill": "complete" if dst.exists() else "absent", "problems": []}
     problem = _check_interrupt_output(code, err, sig)
     if problem:
@@ -229,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"conversion: an uninterrupted run takes {full:.1f} s", flush=True)
             for i in range(args.conversions):
                 sig = signal.SIGKILL if i % 2 == 0 else signal.SIGINT
-                # Imports take the first half: aim the kills at the reading and writing.
-                records.append(conversion_trial(src, tmp / "conv", float(full * rng.uniform(0.45, 0.95)), sig))
+                # Imports take the first half: aim the kills at the reading and writing; every other
+                # pair of trials at the write itself (the temporary directory exists), 0-150 ms in.
+                if i % 4 < 2:
+                    records.append(conversion_trial(src, tmp / "conv", float(full * rng.uniform(0.45, 0.95)), sig))
+                else:
+                    records.append(conversion_trial(src, tmp / "conv", float(rng.uniform(0, 0.15)), sig, in_write=True))
                 print(json.dumps(records[-1]), flush=True)
         if args.finetunes:
             train = make_shapes_data(tmp / "data")

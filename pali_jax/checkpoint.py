@@ -6,7 +6,10 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,36 @@ def _quiet_orbax() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Holds a Ctrl-C back until the orbax write inside has finished, then raises it.
+
+    Interrupted halfway, orbax abandons writes that tensorstore then completes in the background:
+    they land in the directory the caller's cleanup has just removed, and each reports itself
+    into orbax's closed event loop (a traceback apiece). Held back, the write ends, the caller's
+    cleanup removes a complete temporary directory, and the process ends in one line. A second
+    Ctrl-C leaves at once (its temporary directory is then removed by the next write to the same
+    place, see `model_dir.clean_stale`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum, frame):  # noqa: ARG001
+        if pending:
+            os.write(2, b"error: interrupted\n")
+            os._exit(130)
+        pending.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -73,7 +106,8 @@ def save_params(path: str | Path, params: Any) -> None:
     handler = ocp.PyTreeCheckpointHandler(
         type_handler_registry=registry, use_compression=False, use_ocdbt=False, multiprocessing_options=alone
     )
-    with _write_errors(Path(path)), _quiet_orbax(), ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
+    with _deferred_interrupt(), _write_errors(Path(path)), _quiet_orbax(), \
+            ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
         ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(params))
 
 
@@ -188,7 +222,7 @@ class TrainCheckpointer:
         """Saves `state` as step `step` when `step` is a multiple of `every` (or `force`); True if saved."""
         if not (force or step % self.every == 0) or step in self._manager.all_steps():
             return False
-        with _write_errors(self.directory / str(step)), _quiet_orbax():
+        with _deferred_interrupt(), _write_errors(self.directory / str(step)), _quiet_orbax():
             return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def latest_step(self) -> int | None:
