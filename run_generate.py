@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seg-vae", metavar="PATH", help="big_vision's vae-oid.npz: decode `segment` answers into masks "
                                                     "(default: $PALI_JAX_SEG_VAE)")
     p.add_argument("--masks-dir", metavar="DIR", help="write each decoded mask as a PNG (needs --seg-vae)")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="warn about unreadable images and answer the others (default: stop before any output)")
     p.add_argument("--stream", action="store_true", help="print text as it is decoded")
     p.add_argument("--compilation-cache", metavar="DIR", help="persistent XLA cache (default ~/.cache/pali_jax/xla)")
     p.add_argument("--no-compilation-cache", action="store_true")
@@ -83,6 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.seg_vae = resolve_vae_path(args.seg_vae)
     if args.masks_dir and not args.seg_vae:
         p.error("--masks-dir needs a mask decoder: --seg-vae PATH (or PALI_JAX_SEG_VAE)")
+    if args.draw:
+        problem = check_draw_target(args.draw)
+        if problem:
+            p.error(problem)
     return args
 
 
@@ -97,12 +103,28 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def error_line(error: Exception) -> str:
-    """The one line printed for a UserError; an option's error names the flag instead."""
+    """The message printed for a UserError; an option's error names the flag instead."""
     message = str(error)
     parameter = getattr(error, "parameter", None)
     if parameter in FLAGS and message.startswith(parameter):
         message = FLAGS[parameter] + message[len(parameter) :]
-    return f"error: {message}"
+    return message
+
+
+def check_draw_target(out: str) -> str | None:
+    """What is wrong with --draw OUT (a missing folder, a format PIL cannot write), checked before
+    any work; None if nothing."""
+    import PIL.Image
+
+    out_path = Path(out)
+    if not out_path.parent.is_dir():
+        return f"--draw {out}: folder {out_path.parent} does not exist"
+    if out_path.is_dir():
+        return f"--draw {out} is a folder: give a file name such as {out_path / 'boxes.png'}"
+    suffix = out_path.suffix.lower() or ".png"
+    if suffix not in PIL.Image.registered_extensions():
+        return f"--draw {out}: unknown image extension {suffix!r} (use .png or .jpg)"
+    return None
 
 
 def collect_images(paths: list[str]) -> list[Path]:
@@ -123,9 +145,40 @@ def collect_images(paths: list[str]) -> list[Path]:
     return images
 
 
-def draw_path(out: str, image: Path, many: bool) -> Path:
+def draw_paths(out: str, images: list[Path]) -> list[Path]:
+    """One drawing per image: OUT itself for one image, else OUT_<image stem>.ext, numbered
+    (_2, _3, ...) where two images share a file name, so that no drawing replaces another."""
     out_path = Path(out)
-    return out_path.with_name(f"{out_path.stem}_{image.stem}{out_path.suffix or '.png'}") if many else out_path
+    if len(images) == 1:
+        return [out_path]
+    seen: dict[str, int] = {}
+    paths = []
+    for image in images:
+        seen[image.stem] = seen.get(image.stem, 0) + 1
+        tag = image.stem if seen[image.stem] == 1 else f"{image.stem}_{seen[image.stem]}"
+        paths.append(out_path.with_name(f"{out_path.stem}_{tag}{out_path.suffix or '.png'}"))
+    return paths
+
+
+def check_images(images: list[Path], skip_bad: bool) -> list[Path]:
+    """Decodes every image once before the model runs, so that a bad one stops the run before any
+    output (or, with `skip_bad`, is reported on stderr and left out)."""
+    from pali_jax.errors import UserError
+    from pali_jax.processor import load_image
+
+    good = []
+    for path in images:
+        try:
+            load_image(path)
+        except UserError as e:
+            if not skip_bad:
+                raise UserError(f"{e} (pass --skip-bad-images to answer the other images)") from None
+            print(f"warning: skipped {e}", file=sys.stderr)
+            continue
+        good.append(path)
+    if not good:
+        raise UserError("no readable image left to answer")
+    return good
 
 
 def box_record(det) -> dict:
@@ -174,6 +227,8 @@ def run(args: argparse.Namespace) -> None:
     images = collect_images(args.image) if args.image else sorted((DEMO_DIR / "images").glob("*.png"))[:1]
     if not images:
         raise UserError("no image given and no bundled sample image found: pass --image")
+    images = check_images(images, args.skip_bad_images)
+    drawings = iter(draw_paths(args.draw, images) if args.draw else [])  # in the order of `images`
     t0 = time.perf_counter()
     # Inference only, so on one device each decoder layer keeps its own weights: faster decoding.
     pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae)
@@ -193,8 +248,11 @@ def run(args: argparse.Namespace) -> None:
         results = pg.generate(batch, args.prompt, generation_config=generation)
         batch_s = time.perf_counter() - t1
         for path, result in zip(batch, results):
-            if args.draw and result.boxes:
-                draw_detections(load_image(path), result.boxes).save(draw_path(args.draw, path, len(images) > 1))
+            target = next(drawings, None)
+            if target is not None and result.boxes:
+                draw_detections(load_image(path), result.boxes).save(target)
+            elif target is not None:
+                print(f"note: no boxes in the answer for {path}: nothing drawn", file=sys.stderr)
             if args.masks_dir:
                 write_masks(args.masks_dir, path, result.boxes)
             if args.json:
@@ -209,18 +267,11 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0, 2 (one line on stderr), 130 (interrupted), 141 (stdout closed, `| head`)."""
     args = parse_args(argv)
-    from pali_jax.errors import UserError
+    from pali_jax.cli import run_main
 
-    try:
-        run(args)
-    except UserError as e:
-        print(error_line(e), file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: run(args), error_line)
 
 
 if __name__ == "__main__":

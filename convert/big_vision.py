@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pali_jax.big_vision_weights import BigVisionError, load_big_vision
 from pali_jax.errors import UserError
-from pali_jax.model_dir import write_model_dir
+from pali_jax.model_dir import check_destination, write_model_dir
 
 # Looked for beside SRC when --tokenizer is not given: big_vision's name, then transformers'.
 TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
@@ -35,17 +35,15 @@ def convert(
     overwrite: bool = False,
 ) -> Path:
     """Converts a big_vision `.npz` into a pali-jax directory DST (see the module docstring)."""
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise BigVisionError(f"{dst} already exists (pass --overwrite to replace it)")
+    src = Path(src)
+    dst = check_destination(dst, src, overwrite=overwrite)  # before any reading: fail fast
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise BigVisionError(f"tokenizer {tokenizer} does not exist")
     if tokenizer is None:
         tokenizer = next((src.parent / n for n in TOKENIZER_NAMES if (src.parent / n).is_file()), None)
     cfg, params = load_big_vision(src, dtype, preset, final_logit_softcap=final_logit_softcap)
     extra = {"tokenizer.model": Path(tokenizer)} if tokenizer is not None else None
-    write_model_dir(dst, cfg, params, None, extra)
-    return dst
+    return write_model_dir(dst, cfg, params, None, extra, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

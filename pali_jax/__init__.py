@@ -5,6 +5,25 @@
     print(pg.generate("cat.jpg", "caption en")[0].text)
 """
 
+import sys as _sys
+
+# Run as a command (python -m pali_jax.finetune, python -m convert.hf_to_flax, run_generate.py):
+# Ctrl-C during the seconds of imports below ends in one line, like Ctrl-C later (`cli.run_main`,
+# which puts Python's KeyboardInterrupt back once there is work to clean up). Library users keep
+# Python's default.
+_ENTRY_POINTS = ("pali_jax.finetune", "convert.hf_to_flax", "convert.verify", "run_generate.py")
+RUN_AS_COMMAND = any(str(a).endswith(_ENTRY_POINTS) for a in getattr(_sys, "orig_argv", [])[1:3])
+if RUN_AS_COMMAND:
+    import os as _os
+    import signal as _signal
+
+    def _interrupted_early(signum, frame):  # noqa: ARG001
+        _os.write(2, b"error: interrupted\n")
+        _os._exit(130)
+
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, _interrupted_early)
+
 from pali_jax.config import PRESETS, GemmaConfig, PaliGemmaConfig, SiglipConfig, preset
 from pali_jax.detection import Detection, draw_detections, parse_detections
 from pali_jax.errors import UserError

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
+import re
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +21,68 @@ import orbax.checkpoint as ocp
 
 from pali_jax.errors import UserError
 from pali_jax.distributed import same_on_every_process
+
+
+class CheckpointError(UserError):
+    """A checkpoint (parameters or training state) that is incomplete or cannot be used for this run."""
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Mutes absl's warnings while orbax writes: every plain (non-OCDBT) save logs "Skipping merge
+    of OCDBT checkpoints", which is orbax talking to itself and alarms users."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Holds a Ctrl-C back until the orbax write inside has finished, then raises it.
+
+    Interrupted halfway, orbax abandons writes that tensorstore then completes in the background:
+    they land in the directory the caller's cleanup has just removed, and each reports itself
+    into orbax's closed event loop (a traceback apiece). Held back, the write ends, the caller's
+    cleanup removes a complete temporary directory, and the process ends in one line. A second
+    Ctrl-C leaves at once (its temporary directory is then removed by the next write to the same
+    place, see `model_dir.clean_stale`)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum, frame):  # noqa: ARG001
+        if pending:
+            os.write(2, b"error: interrupted\n")
+            os._exit(130)
+        pending.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """Turns tensorstore's write failures (raised by orbax as ValueError: a full disk, a file size
+    limit, a read-only folder) into one-line errors; other ValueErrors are bugs and propagate."""
+    try:
+        yield
+    except ValueError as e:
+        text = str(e)
+        if "os_error_code" not in text and "Error writing" not in text and "Error opening" not in text:
+            raise
+        m = re.search(r":\s*([^:\[\]\"]+?)\s*\[os_error_code", text)
+        reason = m[1] if m else " ".join(text.split())[:160]
+        raise CheckpointError(f"cannot write {path}: {reason} (is the disk full?)") from None
 
 
 def save_params(path: str | Path, params: Any) -> None:
@@ -37,7 +106,8 @@ def save_params(path: str | Path, params: Any) -> None:
     handler = ocp.PyTreeCheckpointHandler(
         type_handler_registry=registry, use_compression=False, use_ocdbt=False, multiprocessing_options=alone
     )
-    with ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
+    with _deferred_interrupt(), _write_errors(Path(path)), _quiet_orbax(), \
+            ocp.Checkpointer(handler, multiprocessing_options=alone) as ckptr:
         ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(params))
 
 
@@ -63,10 +133,20 @@ def read_params(path: str | Path, abstract: Any) -> Any:
     whole, which is safe).
     """
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is missing: the model directory has no parameters")
     keyed, treedef = jax.tree_util.tree_flatten_with_path(abstract)
     files = [_single_chunk(path, keys, leaf) for keys, leaf in keyed]
-    if None in files or json.loads((path / "_METADATA").read_text()).get("use_zarr3"):
-        return restore_params(path, abstract)
+    try:
+        zarr3 = json.loads((path / "_METADATA").read_text()).get("use_zarr3")
+    except (OSError, ValueError, AttributeError):
+        raise CheckpointError(f"{path}/_METADATA is missing or damaged: not a complete orbax checkpoint") from None
+    if None in files or zarr3:
+        try:
+            return restore_params(path, abstract)
+        except (ValueError, KeyError, TypeError, OSError, FileNotFoundError) as e:
+            reason = " ".join(str(e).split())[:200]
+            raise CheckpointError(f"cannot restore the parameters in {path}: {reason}") from None
     return jax.tree.unflatten(treedef, [_read_chunk(*f, leaf) for f, (_, leaf) in zip(files, keyed)])
 
 
@@ -78,13 +158,23 @@ def _single_chunk(path: Path, keys, leaf) -> tuple[Path, np.dtype] | None:
         dtype = np.dtype(ml_dtypes.bfloat16 if meta["dtype"] == "bfloat16" else meta["dtype"])
     except (OSError, KeyError, TypeError, ValueError):
         return None
+    if tuple(meta.get("shape", ())) != tuple(leaf.shape):  # orbax would restore it as stored, whatever was asked
+        raise CheckpointError(f"{array_dir.name} is stored with shape {tuple(meta.get('shape', ()))}, the config's "
+                              f"model needs {tuple(leaf.shape)}: the config does not belong to these parameters")
     plain = meta.get("compressor") is None and not meta.get("filters") and meta.get("order") == "C"
-    if not plain or meta.get("zarr_format") != 2 or tuple(meta.get("shape", ())) != tuple(leaf.shape):
+    if not plain or meta.get("zarr_format") != 2:
         return None
     if meta.get("chunks") != meta["shape"] or not dtype.isnative:
         return None
     chunk = array_dir / meta.get("dimension_separator", ".").join(["0"] * max(len(leaf.shape), 1))
-    return (chunk, dtype) if chunk.is_file() and chunk.stat().st_size == leaf.size * dtype.itemsize else None
+    # A plain array whose chunk is gone or cut short must not reach orbax: zarr reads a missing
+    # chunk as the fill value, so the model would load with zeros for weights.
+    if not chunk.is_file():
+        raise CheckpointError(f"{chunk} is missing: the checkpoint is incomplete")
+    if chunk.stat().st_size != leaf.size * dtype.itemsize:
+        raise CheckpointError(f"{chunk} has {chunk.stat().st_size} bytes, {leaf.size * dtype.itemsize} expected: "
+                              "the checkpoint is truncated")
+    return chunk, dtype
 
 
 def _read_chunk(chunk: Path, stored: np.dtype, leaf) -> np.ndarray:
@@ -104,10 +194,6 @@ def _aligned_empty(shape: tuple[int, ...], dtype, alignment: int = 64) -> np.nda
     raw = np.empty(math.prod(shape) * dtype.itemsize + alignment, np.uint8)
     start = -raw.ctypes.data % alignment
     return raw[start : start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
-
-
-class CheckpointError(UserError):
-    """A training checkpoint that cannot be used for this run."""
 
 
 class TrainCheckpointer:
@@ -136,7 +222,8 @@ class TrainCheckpointer:
         """Saves `state` as step `step` when `step` is a multiple of `every` (or `force`); True if saved."""
         if not (force or step % self.every == 0) or step in self._manager.all_steps():
             return False
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        with _deferred_interrupt(), _write_errors(self.directory / str(step)), _quiet_orbax():
+            return self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def latest_step(self) -> int | None:
         """The newest saved step (None: no checkpoint), checked to be the one every process sees."""

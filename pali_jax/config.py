@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,6 +41,23 @@ class ConfigError(UserError):
     """A config.json that pali-jax cannot turn into a model."""
 
 
+def _check_fields(obj: Any, positive_ints: tuple[str, ...], positive_floats: tuple[str, ...] = (),
+                  optional_positive: tuple[str, ...] = ()) -> None:
+    """Refuses wrong types and non-positive sizes at construction, so that a bad config.json (or
+    pali_jax_config.json) is a one-line error here rather than a shape error deep inside a jit."""
+    name = type(obj).__name__
+    for field in positive_ints:
+        value = getattr(obj, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name}.{field} must be a positive integer, got {value!r}")
+    for field in positive_floats + optional_positive:
+        value = getattr(obj, field)
+        if value is None and field in optional_positive:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{name}.{field} must be a positive finite number, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SiglipConfig:
     """The SigLIP vision tower (PaliGemma uses So400m/14 without the attention-pooling head)."""
@@ -52,6 +70,13 @@ class SiglipConfig:
     image_size: int = 224
     layer_norm_eps: float = 1e-6
     gelu_approximate: bool = True
+
+    def __post_init__(self):
+        _check_fields(self, ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size"), ("layer_norm_eps",))
+        if self.width % self.num_heads:
+            raise ConfigError(f"SigLIP width {self.width} is not a multiple of num_heads {self.num_heads}")
+        if self.image_size < self.patch_size:
+            raise ConfigError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
 
     @property
     def num_patches(self) -> int:
@@ -89,6 +114,11 @@ class GemmaConfig:
     max_positions: int = 8192  # the longest sequence (prompt + generated) the model was made for
 
     def __post_init__(self):
+        _check_fields(
+            self, ("vocab_size", "width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim", "max_positions"),
+            ("query_pre_attn_scalar", "rms_norm_eps", "rope_base"),
+            ("attn_logit_softcap", "final_logit_softcap", "sliding_window"),
+        )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.sliding_layers and len(self.sliding_layers) != self.depth:
@@ -117,6 +147,18 @@ class PaliGemmaConfig:
     bos_token_id: int = 2
     eos_token_ids: tuple[int, ...] = (1,)
 
+    def __post_init__(self):
+        if not isinstance(self.vision, SiglipConfig) or not isinstance(self.text, GemmaConfig):
+            raise ConfigError("PaliGemmaConfig needs a SiglipConfig and a GemmaConfig")
+        ids = {"image_token_id": self.image_token_id, "pad_token_id": self.pad_token_id,
+               "bos_token_id": self.bos_token_id}
+        if not isinstance(self.eos_token_ids, tuple) or not self.eos_token_ids:
+            raise ConfigError(f"eos_token_ids must be a non-empty tuple of ids, got {self.eos_token_ids!r}")
+        ids |= {f"eos_token_ids[{i}]": v for i, v in enumerate(self.eos_token_ids)}
+        for name, value in ids.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.text.vocab_size:
+                raise ConfigError(f"{name} must be a token id in [0, vocab_size={self.text.vocab_size}), got {value!r}")
+
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_patches
@@ -139,21 +181,34 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PaliGemmaConfig":
-        text = dict(d["text"])
-        text["sliding_layers"] = tuple(text.get("sliding_layers", ()))
-        return cls(
-            vision=SiglipConfig(**d["vision"]),
-            text=GemmaConfig(**text),
-            image_token_id=d["image_token_id"],
-            pad_token_id=d["pad_token_id"],
-            bos_token_id=d["bos_token_id"],
-            eos_token_ids=tuple(d["eos_token_ids"]),
-        )
+        """The inverse of `to_dict` (a pali_jax_config.json); ConfigError names what is wrong."""
+        try:
+            for part, kind in (("vision", SiglipConfig), ("text", GemmaConfig)):
+                # Every field, explicitly: a missing one must not quietly become a default (another model's size).
+                missing = [f.name for f in dataclasses.fields(kind) if f.name not in d[part] and f.name != "sliding_layers"]
+                if missing:
+                    raise ConfigError(f"missing field {part}.{missing[0]}")
+            text = dict(d["text"])
+            text["sliding_layers"] = tuple(text.get("sliding_layers", ()))
+            return cls(
+                vision=SiglipConfig(**d["vision"]),
+                text=GemmaConfig(**text),
+                image_token_id=d["image_token_id"],
+                pad_token_id=d["pad_token_id"],
+                bos_token_id=d["bos_token_id"],
+                eos_token_ids=tuple(d["eos_token_ids"]),
+            )
+        except ConfigError:
+            raise
+        except KeyError as e:
+            raise ConfigError(f"missing field {e.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as e:  # a list for a dict, an unknown field, ...
+            raise ConfigError(" ".join(str(e).split())) from None
 
     @classmethod
     def from_hf(cls, config: str | Path | Mapping[str, Any]) -> "PaliGemmaConfig":
         """Reads an HF PaliGemma `config.json` (a path, a directory holding one, or its dict)."""
-        if not isinstance(config, Mapping):
+        if isinstance(config, (str, Path)):
             path = Path(config)
             if path.is_dir():
                 path = path / "config.json"
@@ -163,7 +218,19 @@ class PaliGemmaConfig:
                 raise ConfigError(f"no config.json at {path}") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return _from_hf_dict(config)
+            except (OSError, UnicodeDecodeError) as e:  # a directory named config.json, unreadable, binary
+                raise ConfigError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+            where = f"{path}: "
+        else:
+            where = ""
+        if not isinstance(config, Mapping):
+            raise ConfigError(f"{where}config.json must hold a JSON object, got {type(config).__name__}")
+        try:
+            return _from_hf_dict(config)
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
+        except (TypeError, ValueError, AttributeError, KeyError) as e:  # "four" for a size, a list for a dict
+            raise ConfigError(f"{where}bad value in config.json ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def _from_hf_dict(cfg: Mapping[str, Any]) -> PaliGemmaConfig:

@@ -35,10 +35,9 @@ from typing import TYPE_CHECKING, Callable
 
 import jax
 import numpy as np
-import PIL.Image
 
 from pali_jax.errors import UserError
-from pali_jax.processor import ImageInput, PaliGemmaProcessor
+from pali_jax.processor import ImageInput, PaliGemmaProcessor, ProcessorError, check_text, load_image
 
 if TYPE_CHECKING:
     from pali_jax.segmentation import MaskDecoder
@@ -69,8 +68,9 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def _parse_line(line: str, base: Path, masks: "MaskDecoder | None" = None) -> Example | str:
-    """The example of one JSONL line, or what is wrong with it."""
+def _parse_line(line: str, base: Path, masks: "MaskDecoder | None" = None, allow_outside: bool = False) -> Example | str:
+    """The example of one JSONL line, or what is wrong with it. The image is decoded once here, so
+    that a truncated or oversized file is reported with its line number before training starts."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
@@ -86,15 +86,27 @@ def _parse_line(line: str, base: Path, masks: "MaskDecoder | None" = None) -> Ex
     wrong = [f for f in fields if not isinstance(record[f], str)]
     if wrong:
         return f"field {wrong[0]!r} must be a string, got {type(record[wrong[0]]).__name__}"
-    image = base / record["image"]
+    if "suffix" in record and not record["suffix"].strip():
+        return "field 'suffix' is empty: nothing to learn from"
+    for field in (f for f in ("prefix", "suffix") if f in record):
+        try:
+            check_text(record[field], field)
+        except ProcessorError as e:
+            return str(e)
+    relative = Path(record["image"])
+    image = base / relative
+    if not allow_outside and (relative.is_absolute() or ".." in relative.parts):
+        return (f"image path {record['image']!r} leaves the directory of the data file "
+                "(pass --allow-outside-paths to allow it)")
     try:
-        with PIL.Image.open(image) as img:  # reads the header only: cheap, and catches most bad files
-            size = img.size
-    except FileNotFoundError:
-        return f"image file not found: {image}"
-    except (OSError, SyntaxError, ValueError) as e:
-        return f"cannot read image {image}: {' '.join(str(e).split())}"
+        size = load_image(image).size
+    except ProcessorError as e:
+        return str(e)
     if "mask" in record:
+        mask_path = Path(record["mask"])
+        if not allow_outside and (mask_path.is_absolute() or ".." in mask_path.parts):
+            return (f"mask path {record['mask']!r} leaves the directory of the data file "
+                    "(pass --allow-outside-paths to allow it)")
         suffix = _mask_suffix(record, base, size, masks)
         if suffix.startswith("!"):
             return suffix[1:]
@@ -133,10 +145,13 @@ def read_jsonl(
     skip_bad: bool = False,
     warn: Callable[[str], None] = _warn,
     masks: "MaskDecoder | None" = None,
+    allow_outside: bool = False,
 ) -> list[Example]:
     """Examples of a JSONL file. Blank lines are ignored. A bad line raises `DataError`
     ("file:line: problem"), or with `skip_bad` is passed to `warn` and skipped. `masks` (the
-    segmentation VQ-VAE) turns lines with a "mask" into `<loc>` + `<seg>` suffixes."""
+    segmentation VQ-VAE) turns lines with a "mask" into `<loc>` + `<seg>` suffixes. Image and mask
+    paths must stay inside the file's directory (no `..`, not absolute) unless `allow_outside`: a
+    data file from elsewhere must not make training read arbitrary files."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -148,7 +163,7 @@ def read_jsonl(
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        parsed = _parse_line(line, path.parent, masks)
+        parsed = _parse_line(line, path.parent, masks, allow_outside)
         if isinstance(parsed, str):
             message = f"{path}:{number}: {parsed}"
             if not skip_bad:
@@ -164,8 +179,9 @@ def read_jsonl(
 class Dataset:
     """Examples tokenized for one model, batched to a fixed shape.
 
-    max_length: tokens per row (image tokens included); None takes the longest example. An
-    example longer than `max_length` raises `DataError`, or is skipped with `skip_bad`.
+    max_length: tokens per row (image tokens included); None takes the longest example, at most
+    the model's positions (`limit`, when given). An example longer than that raises `DataError`
+    naming its line, or is skipped with `skip_bad`.
     """
 
     def __init__(
@@ -176,23 +192,29 @@ class Dataset:
         *,
         skip_bad: bool = False,
         warn: Callable[[str], None] = _warn,
+        limit: int | None = None,
     ):
         tok, n_image = processor.tokenizer, processor.num_image_tokens
         lengths = [len(tok.encode_example(e.prefix, e.suffix, num_image_tokens=n_image)[0]) for e in examples]
-        if max_length is None:
-            max_length = max(lengths, default=0)
-        kept = []
+        if limit is not None and max_length is not None and max_length > limit:
+            raise DataError(f"max_length {max_length} exceeds the model's {limit} positions (max_position_embeddings)")
+        # What a row may hold: the explicit max_length, else the model's positions (else anything).
+        bound, bound_name = (max_length, "max_length") if max_length is not None else (limit, "the model's positions")
+        kept, kept_lengths = [], []
         for example, length in zip(examples, lengths):
-            if length > max_length:
+            if bound is not None and length > bound:
                 message = (f"{example.source or 'example'}: {length} tokens ({n_image} image tokens) "
-                           f"exceed max_length {max_length}")
+                           f"exceed {bound_name} {bound}")
                 if not skip_bad:
                     raise DataError(message)
                 warn(f"skipped {message}")
                 continue
             kept.append(example)
+            kept_lengths.append(length)
         if not kept:
             raise DataError("no usable example")
+        if max_length is None:
+            max_length = max(kept_lengths)
         self.examples = kept
         self.processor = processor
         self.max_length = max_length

@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,12 +46,13 @@ import numpy as np
 
 from pali_jax import distributed, sharding
 from pali_jax.backend import training_layout
+from pali_jax.cli import run_main
 from pali_jax.checkpoint import TrainCheckpointer
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.data import Dataset, Example, read_jsonl
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
-from pali_jax.model_dir import write_model_dir
+from pali_jax.model_dir import check_destination, write_model_dir
 from pali_jax.pretrained import DTYPES, PaliGemma
 from pali_jax.processor import PaliGemmaProcessor
 from pali_jax.segmentation import resolve_vae_path
@@ -205,6 +208,13 @@ def fit(
         if step < t.steps:  # build the next batch while the step runs (dispatch is asynchronous)
             batch = trainer.place_batch(data.train_batch(step, t.batch_size, key, rows))
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        if not math.isfinite(record["loss"]):
+            bar.close()
+            kept = checkpointer.latest_step() if checkpointer is not None else None
+            raise UserError(
+                f"the loss became {record['loss']} at step {step} (learning rate {record['learning_rate']:.3g}): "
+                f"lower --lr or check the data; " + (f"the last checkpoint is step {kept}" if kept else "no checkpoint was written")
+            )
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['learning_rate']:.2e}", refresh=False)
         bar.update()
@@ -254,6 +264,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seg-vae", metavar="PATH", help="big_vision's vae-oid.npz, to encode the masks of data lines "
                                                     "{..., \"mask\": \"m.png\"} into <loc>/<seg> suffixes "
                                                     "(default: $PALI_JAX_SEG_VAE)")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="let data lines name images outside their file's directory (.. or absolute paths)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
@@ -268,6 +280,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    # argparse's float() takes "nan" and "inf": either trains NaN weights and exports them.
+    for name, low in (("lr", "positive"), ("weight_decay", "nonneg"), ("momentum", "nonneg"),
+                      ("grad_clip", "nonneg"), ("label_smoothing", "nonneg")):
+        value = getattr(args, name)
+        if not math.isfinite(value) or value < 0 or (low == "positive" and value == 0):
+            p.error(f"--{name.replace('_', '-')} must be a finite {'positive' if low == 'positive' else 'non-negative'} "
+                    f"number, got {value}")
+    if args.label_smoothing >= 1:
+        p.error(f"--label-smoothing must be below 1, got {args.label_smoothing}")
     return args
 
 
@@ -303,43 +324,96 @@ def _existing_checkpoints(ckpt_dir: Path) -> bool:
     return found
 
 
+def _settings_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`name: saved -> current` for every training setting that differs."""
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)]
+
+
+def _check_resume_settings(config_file: Path, train_config: TrainConfig) -> None:
+    """Refuses --resume with other settings than the run it continues: the result would be neither
+    run, and train_config.json would describe a run that never happened."""
+    if not config_file.exists():
+        return
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{config_file} is damaged: cannot check that --resume keeps the run's settings") from None
+    current = json.loads(json.dumps(dataclasses.asdict(train_config)))  # tuples -> lists, as saved
+    changed = _settings_differences(saved, current)
+    if changed:
+        raise UserError(f"--resume with settings that differ from {config_file}: {'; '.join(changed)} "
+                        "(resume with the original settings, or start a new --out)")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Writes `text` to `path` through a temporary file and a rename: a kill leaves the old or the new."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _prepare_out(out: Path, model: str) -> None:
+    """Checks --out before any work: a directory (or nothing yet) that can be written, and whose
+    `model/` export would not replace the model being fine-tuned."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    # Created only once the inputs are known good (a failed start leaves nothing): check the
+    # nearest existing folder on the way instead.
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create --out {out}: {existing} is not a writable folder")
+    if Path(model).exists():
+        check_destination(out / "model", model, overwrite=True)
+
+
 def run(args: argparse.Namespace) -> RunResult:
     """Runs the fine-tuning the arguments describe."""
     mesh = sharding.mesh_from_args(args)  # joins a multi-host run first: before anything touches a device
     train_config = _train_config(args)
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
+    if _speaks():
+        _prepare_out(out, args.model)
     if _existing_checkpoints(ckpt_dir) and not args.resume:
         raise UserError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue, or choose another --out")
+    if args.resume:
+        _check_resume_settings(out / "train_config.json", train_config)
     skip = args.skip_bad_lines
     masks = None
     if vae := resolve_vae_path(args.seg_vae):
         from pali_jax.segmentation import MaskDecoder
 
         masks = MaskDecoder.from_npz(vae)
-    train_examples = read_jsonl(args.train, skip_bad=skip, warn=_warn, masks=masks)
-    eval_examples = read_jsonl(args.eval, skip_bad=skip, warn=_warn, masks=masks) if args.eval else []
+    read = dict(skip_bad=skip, warn=_warn, allow_outside=args.allow_outside_paths, masks=masks)
+    train_examples = read_jsonl(args.train, **read)
+    eval_examples = read_jsonl(args.eval, **read) if args.eval else []
 
     # The training layout, so that evaluation can run the trained weights as they are.
     pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, layout=training_layout(DTYPES[args.dtype]))
     processor = PaliGemmaProcessor(pg.tokenizer, pg.config.image_size, pg.config.num_image_tokens)
-    max_length = args.max_length or max(
-        len(pg.tokenizer.encode_example(e.prefix, e.suffix, num_image_tokens=processor.num_image_tokens)[0])
-        for e in train_examples + eval_examples
-    )
-    train_data = Dataset(train_examples, processor, max_length, skip_bad=skip, warn=_warn)
-    eval_data = Dataset(eval_examples, processor, max_length, skip_bad=skip, warn=_warn) if eval_examples else None
+    # An example longer than the model's positions is reported with its line (not allocated);
+    # both splits then share one row length, so one train step program serves both.
+    datasets = [Dataset(examples, processor, args.max_length, skip_bad=skip, warn=_warn,
+                        limit=pg.config.text.max_positions) for examples in (train_examples, eval_examples) if examples]
+    for data in datasets:
+        data.max_length = max(d.max_length for d in datasets)
+    train_data, eval_data = datasets[0], datasets[1] if len(datasets) > 1 else None
 
     trainer = Trainer(pg.config, train_config, DTYPES[args.dtype], mesh)
+    if _speaks():
+        out.mkdir(parents=True, exist_ok=True)
     checkpointer = TrainCheckpointer(ckpt_dir, args.checkpoint_every, args.keep)
     if checkpointer.latest_step() is not None:  # only with --resume (checked above)
         state = checkpointer.restore(trainer.abstract_state(pg.params))
         _say(f"resumed from step {int(state.step)} of {ckpt_dir}")
     else:
+        if args.resume:  # documented: --resume on a fresh --out starts the run (so a job script can always pass it)
+            _say(f"warning: --resume: no checkpoint in {ckpt_dir} yet, starting from step 0")
         state = trainer.init_state(pg.params)
     pg.params = None  # the state holds the weights now; `evaluate` puts the current ones back
     if _speaks():
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(train_config), indent=2))
+        _write_atomically(out / "train_config.json", json.dumps(dataclasses.asdict(train_config), indent=2))
 
     evaluate, evaluations = None, []  # evaluations: the lines `evaluate` returned
     if eval_data is not None:
@@ -367,12 +441,11 @@ def run(args: argparse.Namespace) -> RunResult:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    """The command line: exit 0, 2 (one line: bad input, disk full, ...) or 130 (interrupted)."""
+    def body() -> None:
         run(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

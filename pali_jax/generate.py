@@ -24,6 +24,7 @@ import enum
 import functools
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -57,10 +58,42 @@ def bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
-    """Turns on JAX's persistent compilation cache (default ~/.cache/pali_jax/xla)."""
+_cache_warned = False
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | None:
+    """Turns on JAX's persistent compilation cache (default ~/.cache/pali_jax/xla); returns its
+    directory, or None when the default one cannot be used.
+
+    The directory is created private (mode 0700): XLA loads executables from it, so a directory
+    that others can write is refused (`UserError`). When the default directory cannot be created
+    or written (a read-only HOME), a warning is printed once and the run goes on uncached; an
+    explicit `path` that cannot be used is an error.
+    """
+    global _cache_warned
+    explicit = bool(path)
     path = Path(path).expanduser() if path else DEFAULT_COMPILATION_CACHE
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        if not path.exists():
+            path.mkdir(parents=True, mode=0o700)
+            path.chmod(0o700)  # mkdir's mode is cut by the umask, never widened; be exact
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", str(path))
+    except OSError as e:
+        reason = f"{e.strerror or e}: {path}"
+        if explicit:
+            raise UserError(f"cannot use the compilation cache directory ({reason})") from None
+        if not _cache_warned:
+            print(f"warning: cannot use the compilation cache ({reason}); running without it "
+                  "(--compilation-cache DIR picks another directory)", file=sys.stderr)
+            _cache_warned = True
+        return None
+    info = path.stat()
+    if info.st_mode & 0o022 or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
+        raise UserError(
+            f"the compilation cache {path} is writable by other users or owned by another user: XLA would load "
+            f"programs they put there; use a private directory (chmod 700 {path}) or --no-compilation-cache"
+        )
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -264,6 +264,8 @@ def plan(src: str | Path, dtype: str | None = None) -> Plan:
         if leaf is None:
             raise ConversionError(f"tensor {key!r} maps to {'/'.join(path)}, which this config's model lacks")
         info = tensors[key]
+        if info.dtype.kind != "f" and info.dtype != DTYPES["bfloat16"]:
+            raise ConversionError(f"tensor {key!r} is {info.dtype}: PaliGemma weights are floating point")
         # The layout transforms only reshape and transpose: check the shape they will produce.
         out_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct(info.shape, jnp.float32)).shape
         ints = [(axis, i) for axis, i in enumerate(index) if isinstance(i, int)]
@@ -295,4 +297,11 @@ def load_hf(src: str | Path, dtype: str | None = None) -> tuple[PaliGemmaConfig,
             read_into(placement.info, out)  # straight into place: no temporary copy
         else:
             out[...] = placement.read()
+        check_finite(placement.key, out)
     return p.config, nest(arrays)
+
+
+def check_finite(key: str, array: np.ndarray) -> None:
+    """Refuses a tensor holding NaN or infinity: such a checkpoint would load and give NaN logits."""
+    if not np.isfinite(array).all():
+        raise ConversionError(f"tensor {key!r} holds NaN or infinite values: the checkpoint is damaged")

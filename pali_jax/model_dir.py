@@ -1,22 +1,37 @@
-"""The converted model directory: `pali_jax_config.json`, `params/` (orbax), tokenizer files.
+"""The converted model directory: `pali_jax_config.json`, `params/` (orbax), tokenizer files, manifest.
 
 Written by the converters and by fine-tuning's export, read by `PaliGemma.from_pretrained`. A
-directory is written into a temporary sibling and renamed at the end: it exists whole or not at all.
+directory is written into a temporary sibling `.NAME.tmp-PID` and renamed at the end: it exists
+whole or not at all. A lock file `.NAME.lock` beside it makes two writers of the same destination
+fail fast instead of mixing their files, and temporary siblings left by a killed writer (whose PID
+is gone) are removed by the next one.
+
+`manifest.json` lists every file's size and sha256. `check_sizes` (run on every load) compares the
+sizes, which costs one `stat` per file; `verify` (`python -m convert.verify DIR`) reads and hashes
+everything. A directory without a manifest (the bundled demo model, older conversions) still loads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
 from pali_jax.checkpoint import save_params
 from pali_jax.config import PaliGemmaConfig
+from pali_jax.errors import UserError
 
 CONFIG_FILE = "pali_jax_config.json"  # marks a converted directory
 PARAMS_DIR = "params"
+MANIFEST_FILE = "manifest.json"
 # Besides the weights, what a converted directory carries over from its source.
 SIDE_FILES = (
     "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -24,8 +39,200 @@ SIDE_FILES = (
 )
 
 
+class ModelDirError(UserError):
+    """A destination that must not be written, or a model directory that is incomplete or damaged."""
+
+
 def is_model_dir(path: Path) -> bool:
+    """Whether `path` is a converted directory (it holds pali_jax_config.json)."""
     return (path / CONFIG_FILE).exists()
+
+
+def check_destination(dst: str | Path, source: str | Path | None = None, *, overwrite: bool = False) -> Path:
+    """Refuses destinations whose replacement would destroy something else: an empty path, the
+    current directory or one above it, the source or a directory holding it, and (with
+    `overwrite`) an existing directory that is neither empty nor a pali-jax model directory."""
+    if not str(dst).strip():
+        raise ModelDirError("the output directory is an empty string")
+    dst = Path(dst)
+    real = dst.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise ModelDirError(f"refusing to write {dst}: it is the current directory or one above it")
+    if source is not None:
+        src = Path(source).resolve()
+        if real == src or real in src.parents:
+            raise ModelDirError(f"refusing to write {dst}: it is or contains the source {source}")
+    if real.exists():
+        if not overwrite:
+            raise ModelDirError(f"{dst} already exists (pass --overwrite to replace it)")
+        if not real.is_dir():
+            raise ModelDirError(f"{dst} exists and is not a directory: not replacing it")
+        if any(real.iterdir()) and not is_model_dir(real):
+            raise ModelDirError(f"refusing to replace {dst}: it is neither empty nor a pali-jax model directory ({CONFIG_FILE})")
+    return dst
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale(dst: Path) -> list[Path]:
+    """Removes `.NAME.tmp-PID` / `.NAME.old-PID` siblings of `dst` whose writer process is gone."""
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.(tmp|old)-(\d+)")
+    removed = []
+    for path in dst.parent.glob(f".{_glob_escape(dst.name)}.*-*"):
+        m = pattern.fullmatch(path.name)
+        if m and not _pid_alive(int(m[2])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _glob_escape(name: str) -> str:
+    """`name` with glob metacharacters bracketed, to match it literally."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+@contextlib.contextmanager
+def _locked(dst: Path) -> Iterator[None]:
+    """Holds `.NAME.lock` beside `dst` for the whole write; a second writer fails at once."""
+    lock = dst.parent / f".{dst.name}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise ModelDirError(f"cannot write into {dst.parent}: {e.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ModelDirError(f"another process is writing {dst} (lock {lock}): not writing it twice") from None
+        # The holder before us may have removed the file after we opened it: then our lock guards nothing.
+        if not lock.exists() or os.stat(lock).st_ino != os.fstat(fd).st_ino:
+            raise ModelDirError(f"another process is writing {dst} (lock {lock} was replaced): not writing it twice")
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(root: Path) -> None:
+    """Writes `manifest.json`: size and sha256 of every other file under `root`."""
+    files = {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(root)}
+    (root / MANIFEST_FILE).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def _read_manifest(root: Path) -> dict[str, dict[str, Any]] | None:
+    path = root / MANIFEST_FILE
+    if not path.exists():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not isinstance(files, dict):
+            raise TypeError
+        return files
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelDirError(f"{path} is damaged (not a pali-jax manifest)") from None
+
+
+def check_sizes(root: str | Path) -> bool:
+    """Checks every file the manifest lists against its recorded size (one stat each). Returns
+    False when there is no manifest; raises `ModelDirError` on a missing or resized file."""
+    root = Path(root)
+    files = _read_manifest(root)
+    if files is None:
+        return False
+    for name, entry in files.items():
+        path = root / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ModelDirError(f"{root} is incomplete: {name} is missing (see python -m convert.verify)") from None
+        if size != entry.get("size"):
+            raise ModelDirError(f"{root} is damaged: {name} has {size} bytes, the manifest says {entry.get('size')}")
+    return True
+
+
+def verify(root: str | Path) -> int:
+    """Checks every file against the manifest's size and sha256, and that no file was added.
+    Returns the number of files checked; raises `ModelDirError` naming the first mismatch."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ModelDirError(f"{root} is not a directory")
+    files = _read_manifest(root)
+    if files is None:
+        raise ModelDirError(f"{root} has no {MANIFEST_FILE}: nothing to verify against")
+    check_sizes(root)
+    for name, entry in files.items():
+        if _sha256(root / name) != entry.get("sha256"):
+            raise ModelDirError(f"{root} is damaged: {name} does not match its sha256 in the manifest")
+    extra = sorted(set(p.relative_to(root).as_posix() for p in _files(root)) - set(files))
+    if extra:
+        raise ModelDirError(f"{root} holds {extra[0]}, which the manifest does not list")
+    return len(files)
+
+
+def read_model_config(root: str | Path) -> PaliGemmaConfig:
+    """The config of a converted directory, after checking that the directory is complete: its
+    config parses, `params/` exists, and every file has the size the manifest records."""
+    root = Path(root)
+    path = root / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    except json.JSONDecodeError as e:
+        raise ModelDirError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ModelDirError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    try:
+        config = PaliGemmaConfig.from_dict(raw)
+    except UserError as e:
+        raise ModelDirError(f"{path}: {e}") from None
+    if not (root / PARAMS_DIR).is_dir():
+        raise ModelDirError(f"{root} has no {PARAMS_DIR}/ directory: the model directory is incomplete")
+    check_sizes(root)
+    return config
+
+
+def check_room(parent: Path, host_params: Any) -> None:
+    """Refuses a write that cannot fit, before writing anything: the free space of `parent` must
+    hold every array (plus 1%), and the process's file size limit (`ulimit -f`) the largest one
+    (each array is one file). A write that fails halfway leaves tensorstore finishing abandoned
+    writes in the background, so failing up front is also what leaves the least behind."""
+    import jax
+    import resource
+
+    sizes = [int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(host_params)]
+    need, largest = sum(sizes), max(sizes, default=0)
+    free = shutil.disk_usage(parent).free
+    if need * 1.01 > free:
+        raise ModelDirError(f"not enough disk space in {parent}: the parameters need {need / 1e9:.2f} GB, "
+                            f"{free / 1e9:.2f} GB are free")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and largest > limit:
+        raise ModelDirError(f"the file size limit (ulimit -f) is {limit} bytes, and the largest parameter array "
+                            f"needs {largest}: raise the limit")
 
 
 def write_model_dir(
@@ -34,24 +241,51 @@ def write_model_dir(
     host_params: Any,
     source: str | Path | None,
     extra: Mapping[str, Path] | None = None,
+    *,
+    overwrite: bool = True,
 ) -> Path:
-    """Writes `dst` (replacing it whole if it exists): params in the checkpoint layout as host
-    arrays, the config, the side files found in `source`, and `extra` files ({name in dst: file})."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Writes `dst` (replacing it whole if it exists and `overwrite`): params in the checkpoint
+    layout as host arrays, the config, the side files found in `source`, `extra` files ({name in
+    dst: file}), and the manifest.
+
+    The destination is checked first (`check_destination`). Replacing keeps the old directory
+    until the new one is complete: old -> `.NAME.old-PID`, tmp -> NAME, then the old is removed.
+    """
+    dst = check_destination(dst, source, overwrite=overwrite)
     try:
-        tmp.mkdir()
-        save_params(tmp / PARAMS_DIR, host_params)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
-        for name in SIDE_FILES if source is not None else ():
-            if (Path(source) / name).exists():
-                shutil.copy2(Path(source) / name, tmp / name)
-        for name, file in (extra or {}).items():
-            shutil.copy2(file, tmp / name)
-        shutil.rmtree(dst, ignore_errors=True)
-        tmp.rename(dst)
-    finally:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelDirError(f"cannot create {dst.parent}: {e.strerror}") from None
+    if not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise ModelDirError(f"cannot write into {dst.parent}: permission denied")
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    with _locked(dst):
+        clean_stale(dst)
+        check_destination(dst, source, overwrite=overwrite)  # again: another writer may have finished meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
+        check_room(dst.parent, host_params)
+        try:
+            tmp.mkdir()
+            save_params(tmp / PARAMS_DIR, host_params)
+            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+            for name in SIDE_FILES if source is not None else ():
+                if (Path(source) / name).is_file():
+                    shutil.copy2(Path(source) / name, tmp / name)
+            for name, file in (extra or {}).items():
+                shutil.copy2(file, tmp / name)
+            write_manifest(tmp)
+            if dst.exists():
+                dst.rename(old)
+            try:
+                tmp.rename(dst)
+            except OSError as e:
+                if old.exists():
+                    old.rename(dst)
+                if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise ModelDirError(f"{dst} appeared while it was being written: not mixing two outputs") from None
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return dst

@@ -30,7 +30,7 @@ from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, Generator, jit_model_program
 from pali_jax.generation_config import GenerationConfig, GenerationError
-from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR
+from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
 
@@ -38,8 +38,10 @@ if TYPE_CHECKING:
     from pali_jax.segmentation import MaskDecoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-# What a hub download fetches: weights, configs, tokenizer; never the PyTorch .bin duplicates.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+# What a hub download fetches: exactly the files the loader reads or a conversion carries over;
+# never PyTorch .bin duplicates, code, or anything else a repository may hold.
+HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
+                *SIDE_FILES]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +201,7 @@ class PaliGemma:
             params = jax.tree.map(jnp.asarray, host)
             path = path.parent  # where its tokenizer.model is looked for
         elif (path / CONFIG_FILE).exists():
-            config = PaliGemmaConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+            config = read_model_config(path)
             if mesh is not None:
                 params = sharding.restore_sharded(path / PARAMS_DIR, config, mesh, DTYPES[dtype])
             else:  # host arrays: split below as views, then made device arrays (in place on CPU)

@@ -9,8 +9,10 @@ Prompt layout (one example)::
     + tokenize(suffix) + <eos>                                          token type 1 (causal; training only)
 """
 
+import contextlib
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,20 +34,52 @@ class ProcessorError(UserError):
     """A user input the processor cannot handle (bad image file or array, over-long prompt, ...)."""
 
 
+# The largest image file decoded (width x height). A 20000 x 20000 PNG of a few kilobytes would
+# decode to 1.2 GB: it is refused from its header, before any pixel is decoded. 100 megapixels is
+# above any camera's output; set this module attribute to change the limit.
+MAX_IMAGE_PIXELS = 100_000_000
+IMAGE_TOKEN_TEXT = "<image>"
+
+
 # --------------------------------------------------------------------------------------------------
 # Images
 # --------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """Turns PIL's bomb check off while a header is read: PIL warns (on stderr) from 89 megapixels
+    and raises from 179 with a message of its own; `MAX_IMAGE_PIXELS` is checked instead, in one line."""
+    saved = PIL.Image.MAX_IMAGE_PIXELS
+    PIL.Image.MAX_IMAGE_PIXELS = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            yield
+    finally:
+        PIL.Image.MAX_IMAGE_PIXELS = saved
+
+
 def _load_image_file(path: str | os.PathLike) -> PIL.Image.Image:
     """Open an image file the way transformers' ``load_image`` does: EXIF transpose, then plain RGB."""
     try:
-        with PIL.Image.open(path) as image:
-            # exif_transpose and convert both force a full decode, so truncated files fail here.
-            return PIL.ImageOps.exif_transpose(image).convert("RGB")
+        with _own_pixel_limit():
+            with PIL.Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ProcessorError(
+                        f"image {os.fspath(path)} is {width}x{height} pixels, more than the limit of "
+                        f"{MAX_IMAGE_PIXELS:,} (pali_jax.processor.MAX_IMAGE_PIXELS): refusing to decode it"
+                    )
+                # exif_transpose and convert both force a full decode, so truncated files fail here.
+                return PIL.ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError:
         raise ProcessorError(f"image file not found: {os.fspath(path)}") from None
+    except IsADirectoryError:
+        raise ProcessorError(f"image {os.fspath(path)} is a directory, not an image file") from None
     except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as e:
+        if isinstance(e, ProcessorError):
+            raise
         reason = " ".join(str(e).split())  # keep the message on one line
         raise ProcessorError(f"cannot read image file {os.fspath(path)}: {reason}") from None
 
@@ -164,6 +198,30 @@ class EncodedBatch:
     loss_mask: np.ndarray
 
 
+def check_text(text: str, what: str = "prompt") -> None:
+    """Refuses text holding ``<image>``: the image tokens are placed by the processor. (transformers'
+    processor takes ``<image>`` in a prompt as the user's own layout of image tokens and fails when
+    their count is wrong; as plain text it would silently be a different prompt.) ``<locNNNN>`` and
+    ``<segNNN>`` stay their single tokens, and ``<bos>`` / ``<eos>`` stay literal text (see
+    `PaliGemmaTokenizer`)."""
+    if not isinstance(text, str):
+        raise ProcessorError(f"the {what} must be a string, got {type(text).__name__}")
+    if IMAGE_TOKEN_TEXT in text:
+        raise ProcessorError(f"the {what} contains {IMAGE_TOKEN_TEXT!r}: the image tokens are added automatically; remove it")
+
+
+def check_prompt_lengths(lengths, config, max_new_tokens: int) -> None:
+    """Refuses prompts that leave no room for `max_new_tokens` in the model's positions
+    (`config.text.max_positions`, config.json's max_position_embeddings), naming the limit."""
+    limit = config.text.max_positions
+    for row, n in enumerate(int(n) for n in lengths):
+        if n + max_new_tokens > limit:
+            raise ProcessorError(
+                f"prompt {row} is {n} tokens ({config.num_image_tokens} of them image tokens); with max_new_tokens "
+                f"{max_new_tokens} that exceeds the model's {limit} positions (max_position_embeddings)"
+            )
+
+
 class PaliGemmaTokenizer:
     """Sentencepiece tokenizer of a PaliGemma checkpoint plus PaliGemma's prompt layout.
 
@@ -206,7 +264,12 @@ class PaliGemmaTokenizer:
     def encode_example(
         self, prefix: str, suffix: str | None = None, *, num_image_tokens: int
     ) -> tuple[list[int], list[int]]:
-        """Ids and token types of one example (unpadded, untruncated), in PaliGemma's layout."""
+        """Ids and token types of one example (unpadded, untruncated), in PaliGemma's layout.
+
+        A literal ``<image>`` in the text is refused (`check_text`)."""
+        check_text(prefix, "prompt")
+        if suffix is not None:
+            check_text(suffix, "suffix")
         ids = [self.image_token_id] * num_image_tokens + [self.bos_id] + self.encode(prefix + "\n")
         types = [0] * len(ids)
         if suffix is not None:

@@ -37,6 +37,8 @@ class TensorInfo:
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """The tensors a file declares; checks that every one lies inside the file."""
+    if not path.is_file():
+        raise SafetensorsError(f"{path} is not a file")
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -49,6 +51,8 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise SafetensorsError(f"{path}: corrupt header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: corrupt header (not a JSON object)")
     base = 8 + header_len
     infos = {}
     for name, meta in header.items():
@@ -57,9 +61,12 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         try:
             dtype = np.dtype(_DTYPES[meta["dtype"]])
             begin, end = meta["data_offsets"]
-            shape = tuple(meta["shape"])
+            shape = tuple(int(n) for n in meta["shape"])
+            begin, end = int(begin), int(end)
         except (KeyError, TypeError, ValueError):
             raise SafetensorsError(f"{path}: corrupt entry for tensor {name!r}") from None
+        if begin < 0 or end < begin or any(n < 0 for n in shape):
+            raise SafetensorsError(f"{path}: corrupt entry for tensor {name!r} (offsets {begin}..{end}, shape {shape})")
         if end - begin != dtype.itemsize * int(np.prod(shape)):
             raise SafetensorsError(f"{path}: tensor {name!r} has {end - begin} bytes for shape {shape}")
         if base + end > size:

@@ -401,6 +401,7 @@ def load_hf_sharded(
         path, index, leaf = placement.path, placement.index, p.leaves[placement.path]
         spec = tuple(specs[path]) + (None,) * (len(leaf.shape) - len(specs[path]))
         value = placement.read().astype(p.dtype)
+        hf_weights.check_finite(placement.key, value)
         if not index:
             arrays[path] = jax.make_array_from_callback(leaf.shape, NamedSharding(mesh, specs[path]), lambda i, v=value: v[i])
             continue

@@ -423,7 +423,7 @@ def child(workdir: Path) -> dict:
     """One of the multi-host processes: load and generate on a mesh spanning both, then fine-tune."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process collectives on CPU
     joined = distributed.initialize_distributed()  # from JAX_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID
-    ref = dict(np.load(workdir / "reference.npz"))
+    ref = dict(np.load(workdir / "reference.npz", allow_pickle=False))
     hf_dir, converted = workdir / "hf", workdir / "converted"
     mesh = sharding.make_mesh("2,2,2")  # one mesh over both processes' devices
     cfg, params = sharding.load_hf_sharded(hf_dir, mesh, "float32")

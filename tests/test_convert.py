@@ -36,18 +36,20 @@ def convert_cli(capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_sharded_round_trip(tiny_models, tmp_path, capsys):
+def test_sharded_round_trip(tiny_models, tokenizer_dir, tmp_path, capsys):
     tiny = tiny_models["pg2"]
     assert len(list(tiny.hf_dir.glob("model-*-of-*.safetensors"))) > 1  # really sharded
-    (tiny.hf_dir / "tokenizer.model").write_bytes(b"not really a tokenizer")
+    src = tmp_path / "src"
+    shutil.copytree(tiny.hf_dir, src)
+    shutil.copy(tokenizer_dir / "tokenizer.model", src / "tokenizer.model")
     dst = tmp_path / "converted"
-    code, err = convert_cli(capsys, tiny.hf_dir, dst)
+    code, err = convert_cli(capsys, src, dst)
     assert code == 0, err
-    assert (dst / "tokenizer.model").read_bytes() == b"not really a tokenizer"
+    assert (dst / "tokenizer.model").read_bytes() == (tokenizer_dir / "tokenizer.model").read_bytes()
     loaded = PaliGemma.from_pretrained(dst)
     assert loaded.config == tiny.pg.config
     assert tree_equal(loaded.params, tiny.pg.params)
-    assert [p.name for p in tmp_path.iterdir()] == ["converted"]  # no temporary directory left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "src"]  # no temporary directory left
 
 
 def _rewrite_keys(src, dst, rename):

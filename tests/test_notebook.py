@@ -1,4 +1,4 @@
-"""examples/quickstart.ipynb runs top to bottom on a CPU, and its fine-tuning lowers the loss."""
+"""examples/quickstart.ipynb runs top to bottom on a CPU, and its fine-tuning teaches the demo model to count."""
 
 from __future__ import annotations
 
@@ -24,3 +24,10 @@ def test_quickstart_notebook_runs():
     assert any("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
     losses = [float(x) for x in re.findall(r"step +\d+ +loss ([\d.]+)", text)]
     assert len(losses) >= 5 and losses[-1] < 0.5 * losses[0], losses
+    # The fine-tuned model counts the shapes of images it has not seen: each answer against the
+    # scene's caption ("... and ..." is two shapes), and the notebook's own tally.
+    answers = re.findall(r"^(an? .+?) +-> (\w*)$", text, flags=re.M)
+    assert len(answers) == 8, text
+    right = sum(answer == ("two" if " and " in caption else "one") for caption, answer in answers)
+    assert right >= 7, answers
+    assert f"right: {right} of 8" in text
