@@ -210,18 +210,6 @@ def check_text(text: str, what: str = "prompt") -> None:
         raise ProcessorError(f"the {what} contains {IMAGE_TOKEN_TEXT!r}: the image tokens are added automatically; remove it")
 
 
-def check_prompt_lengths(lengths, config, max_new_tokens: int) -> None:
-    """Refuses prompts that leave no room for `max_new_tokens` in the model's positions
-    (`config.text.max_positions`, config.json's max_position_embeddings), naming the limit."""
-    limit = config.text.max_positions
-    for row, n in enumerate(int(n) for n in lengths):
-        if n + max_new_tokens > limit:
-            raise ProcessorError(
-                f"prompt {row} is {n} tokens ({config.num_image_tokens} of them image tokens); with max_new_tokens "
-                f"{max_new_tokens} that exceeds the model's {limit} positions (max_position_embeddings)"
-            )
-
-
 class PaliGemmaTokenizer:
     """Sentencepiece tokenizer of a PaliGemma checkpoint plus PaliGemma's prompt layout.
 
