@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pali_jax.big_vision_weights import BigVisionError, load_big_vision
-from pali_jax.errors import UserError
+from pali_jax.cli import run_main
 from pali_jax.model_dir import check_destination, write_model_dir
 
 # Looked for beside SRC when --tokenizer is not given: big_vision's name, then transformers'.
@@ -61,14 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return 2 if e.code else 0
-    try:
+    def body() -> None:
         out = convert(args.src, args.dst, preset=args.preset, tokenizer=args.tokenizer, dtype=args.dtype,
                       final_logit_softcap=not args.no_final_logit_softcap, overwrite=args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

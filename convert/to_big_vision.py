@@ -19,7 +19,7 @@ from pathlib import Path
 from pali_jax.big_vision_weights import BigVisionError, save_npz
 from pali_jax.checkpoint import read_params
 from pali_jax.config import PaliGemmaConfig
-from pali_jax.errors import UserError
+from pali_jax.cli import run_main
 from pali_jax.paligemma import abstract_params
 from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR
 
@@ -65,13 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return 2 if e.code else 0
-    try:
-        out = export(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+    return run_main(lambda: print(f"wrote {export(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)}"))
 
 
 if __name__ == "__main__":
