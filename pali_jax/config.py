@@ -156,8 +156,11 @@ class PaliGemmaConfig:
             raise ConfigError(f"eos_token_ids must be a non-empty tuple of ids, got {self.eos_token_ids!r}")
         ids |= {f"eos_token_ids[{i}]": v for i, v in enumerate(self.eos_token_ids)}
         for name, value in ids.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.text.vocab_size:
-                raise ConfigError(f"{name} must be a token id in [0, vocab_size={self.text.vocab_size}), got {value!r}")
+            # <image> needs no embedding row (its positions take image features): big_vision's
+            # tables end just before it.
+            top = self.text.vocab_size + (name == "image_token_id")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < top:
+                raise ConfigError(f"{name} must be a token id in [0, {top}), got {value!r}")
 
     @property
     def num_image_tokens(self) -> int:

@@ -77,7 +77,7 @@ def test_key_layouts(tiny_models, tmp_path, layout):
         tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"]
         save_file(tensors, src / "model.safetensors")
     _, params = load_hf(src, "float32")
-    assert tree_equal(params, jax.tree.map(np.asarray, tiny.pg.params))
+    assert tree_equal(params, jax.tree.map(np.asarray, tiny.pg.checkpoint_params()))
 
 
 def test_bfloat16_checkpoint(tmp_path, capsys):
@@ -106,7 +106,7 @@ def test_read_params_equals_orbax_restore(tiny_models, tmp_path, capsys):
     abstract = abstract_params(tiny.pg.config, jax.numpy.bfloat16)
     want = restore_params(tmp_path / "converted" / "params", abstract)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp_path / "ocdbt", tiny.pg.params)
+        ckptr.save(tmp_path / "ocdbt", tiny.pg.checkpoint_params())
     for path in (tmp_path / "converted" / "params", tmp_path / "ocdbt"):
         assert tree_equal(read_params(path, abstract), want)
 
