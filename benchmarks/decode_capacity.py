@@ -3,7 +3,7 @@
     python -m benchmarks.decode_capacity [--runs 7] [--model pali_jax/assets/demo/model]
 
 The bundled demo model's shapes (the smallest model, where attention over the cache weighs most
-against the weights) with random weights and no stop token, so every call emits exactly 32
+against the weights) with random weights and the image token as its only stop token (never emitted), so every call emits exactly 32
 tokens; one run sizes the cache for max_new_tokens=32, the other for 1024 (`cache_length`).
 Decode ms/token = (time for 32 tokens - time for 1 token) / 31, medians, both in one process.
 """
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=7)
     args = p.parse_args()
     cfg = PaliGemmaConfig.from_dict(json.loads((args.model / "pali_jax_config.json").read_text()))
-    cfg = dataclasses.replace(cfg, eos_token_ids=(), text=dataclasses.replace(cfg.text, max_positions=1 << 16))
+    cfg = dataclasses.replace(cfg, eos_token_ids=(cfg.image_token_id,), text=dataclasses.replace(cfg.text, max_positions=1 << 16))
     size = cfg.image_size
     pixels = np.zeros((1, size, size, 3), np.float32)
     ids = np.concatenate([np.full((1, cfg.num_image_tokens), cfg.image_token_id), [[2, 5, 6, 7]]], 1).astype(np.int32)
