@@ -27,12 +27,12 @@ figures and commands are in README.md and benchmarks/):
   runs on a float32 copy of its weights (7.3 GB of temporaries for 1.6 GB of bf16 parameters,
   PaliGemma 1 widths, 2 + 2 layers). Inference programs on CPU are compiled without that pass;
   float32 programs compile to the same code either way.
-* Attention: the einsum form below everywhere except GPU in half precision without Gemma 2's
-  soft cap, where `jax.nn.dot_product_attention` may take cuDNN's fused kernel. Not measured on a
-  GPU yet (no device was lent to the sessions that wrote this); on CPU the einsum form is the
-  XLA implementation `jax.nn.dot_product_attention` would run anyway.
-* GPU and TPU multiply bf16 natively (no output-first layout); they run per-layer weights for
-  inference too, as JAX inference stacks commonly unroll their layers: untested on hardware here.
+* Attention: the einsum form (`attention.py`) everywhere except GPU in half precision without
+  Gemma 2's soft cap (which `jax.nn.dot_product_attention` cannot apply), where that function may
+  take cuDNN's fused kernel. Not measured on a GPU: no device was lent to the session that wrote
+  this; every program is only checked to lower for `cuda` and `tpu` (tests/test_lowering.py).
+* GPU and TPU multiply bf16 natively, so they get no output-first layout; they get per-layer weights
+  for inference as CPU does. Neither choice has been timed on that hardware.
 """
 
 from __future__ import annotations

@@ -78,10 +78,11 @@ class Einsum(nn.Module):
         n_in = in_axes(self.equation)
         init = nn.with_logical_partitioning(self.init, stored(self.axes, n_in, self.layout.out_first))
         w = self.param(self.weight, init, stored(self.shape, n_in, self.layout.out_first))
-        y = backend.project(x.astype(self.dtype), w.astype(self.dtype), n_in, self.layout.out_first)
+        x = x.astype(self.dtype)
+        y = backend.project(x, w.astype(self.dtype), n_in, self.layout.out_first)
         if self.has_variable("lora", self.weight):
             factors = self.get_variable("lora", self.weight)
-            y = y + lora_delta(self.equation, x.astype(self.dtype), factors["a"].astype(self.dtype), factors["b"].astype(self.dtype))
+            y = y + lora_delta(self.equation, x, factors["a"].astype(self.dtype), factors["b"].astype(self.dtype))
         return y
 
 

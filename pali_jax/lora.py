@@ -16,12 +16,14 @@ A pair weight (k and v in `kv_einsum`, gate and up in `gating_einsum`) gets one 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pali_jax import layers
 
@@ -30,7 +32,14 @@ ADAPTED = ("llm/",)  # path prefixes of the projections that get adapters
 
 def projections(model: nn.Module, params: Any) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
     """{path of an adapted weight: (its einsum equation, its checkpoint shape per layer)}, found by
-    tracing `model` on its parameters (abstractly: no compute)."""
+    tracing `model` on its parameters (abstractly: no compute). Cached per model and parameter
+    shapes: `merge` runs at every evaluation of a fine-tuning run."""
+    leaves, treedef = jax.tree.flatten(params)
+    return _projections(model, treedef, tuple((tuple(np.shape(x)), np.dtype(x.dtype)) for x in leaves))
+
+
+@functools.cache
+def _projections(model: nn.Module, treedef, shapes: tuple) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
     found: dict[tuple[str, ...], tuple[str, tuple[int, ...]]] = {}
 
     def record(next_fun, args, kwargs, context):
@@ -41,6 +50,7 @@ def projections(model: nn.Module, params: Any) -> dict[tuple[str, ...], tuple[st
                 found[path] = (m.equation, m.shape)
         return next_fun(*args, **kwargs)
 
+    params = treedef.unflatten([jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in shapes])
     size = model.cfg.image_size
     pixels = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)

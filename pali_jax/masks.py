@@ -41,12 +41,3 @@ class PrefixLM:
         block = self.q_prefix[:, :, None] & kv_prefix  # [B, T, size]
         return valid & (in_window[None] | block)
 
-
-def prefix_lm_masks(
-    q_slots: jax.Array, q_prefix: jax.Array, kv_prefix: jax.Array, kv_valid: jax.Array, window: int | None
-) -> tuple[jax.Array, jax.Array]:
-    """Masks [B, T, S] for full-attention layers and for sliding-window layers (the same when
-    `window` is None): `PrefixLM(...).mask` for the whole key sequence."""
-    rule = PrefixLM(q_slots, q_prefix, kv_prefix, kv_valid)
-    full = rule.mask()
-    return full, full if window is None else rule.mask(window)

@@ -114,8 +114,11 @@ def _types_and_mask(input_ids, token_type_ids, attention_mask):
     return prefix, valid
 
 
+@functools.cache
 def _model_init_shapes(cfg: PaliGemmaConfig, layout: Layout):
-    """`jax.eval_shape` of the model's init: boxed (logically partitioned) parameter shapes."""
+    """`jax.eval_shape` of the model's init: boxed (logically partitioned) parameter shapes. Cached:
+    loading, sharding, training and layout detection all ask for it, and tracing a per-layer model's
+    init is the slow part of a warm start. Callers must not modify the tree."""
     size = cfg.image_size
     pixels = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
