@@ -31,11 +31,11 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pali_jax.continuous import Answer, Counters, Prompt, pad_prompt, slot_shape
+from pali_jax.continuous import MAX_SLOTS, Answer, Counters, Prompt, pad_prompt, slot_shape
 from pali_jax.detection import parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generation_config import GenerationConfig, GenerationError
-from pali_jax.input_pipeline import Failed, Prefetcher
+from pali_jax.input_pipeline import MAX_QUEUE, MAX_WORKERS, Failed, Prefetcher, check_sizes
 from pali_jax.processor import IMAGE_SUFFIXES, ImageInput, load_image, preprocess_images
 from pali_jax.results_file import Key, ResultsFile, box_record
 
@@ -109,12 +109,11 @@ def _read_jsonl(path: Path, allow_outside: bool) -> list[Item]:
     return items
 
 
-def _as_item(item: Item | ImageInput, position: int, prompt: str | None, max_new_tokens: int) -> Item:
-    """`item` with the job's defaults filled in, checked."""
+def _as_item(item: Item | ImageInput, position: int, prompt: str | None) -> Item:
+    """`item` as an `Item` with its name and prompt (default `prompt`) filled in, checked."""
     item = item if isinstance(item, Item) else Item(item)
     name = item.name or (os.fspath(item.image) if isinstance(item.image, (str, os.PathLike)) else f"#{position}")
-    item = dataclasses.replace(item, prompt=item.prompt if item.prompt is not None else prompt, name=name,
-                               max_new_tokens=item.max_new_tokens or max_new_tokens)
+    item = dataclasses.replace(item, prompt=item.prompt if item.prompt is not None else prompt, name=name)
     if item.prompt is None:
         raise UserError(f"{item.source or name}: no prompt (give --prompt, or a \"prompt\" field)")
     return item
@@ -142,6 +141,7 @@ def annotate(
     workers: int = 2,
     queue_size: int = 64,
     refill_at: int | None = None,
+    spare_slots: int | None = None,
     ordered: bool = True,
     stop_on_error: bool = False,
     mask_decoder: "MaskDecoder | None" = None,
@@ -155,11 +155,12 @@ def annotate(
     items: paths, PIL images, arrays, or `Item`s (own prompt / max_new_tokens); `prompt` is the
     default prompt. `options` are `GenerationConfig` fields (greedy unless a sampling option is
     given; `beams` > 1 is refused: beam search decodes in fixed batches). slots: decode rows;
-    workers / queue_size: the input threads and how many items they prepare ahead. ordered: records
+    workers / queue_size: the input threads and how many items they prepare ahead; refill_at and
+    spare_slots: see `ContinuousDecoder.run` and `continuous.slot_shape`. ordered: records
     in input order (False: as they end). An item that cannot be prepared (unreadable image, prompt
     too long) is passed to `warn` and skipped, or ends the job with `stop_on_error`. `done`:
-    (name, prompt) pairs to skip (a resumed job). Sampled answers depend on the seed and the
-    item's position in `items` only, not on slots or timing. All checks run before the first
+    (name, prompt) pairs to skip (a resumed job). Sampling draws each answer with its own key (the
+    seed and the item's position in `items`): the same job gives the same answers. All checks run before the first
     record is asked for; decoding starts then.
     """
     generation = GenerationConfig.resolve(generation_config, options)
@@ -170,8 +171,12 @@ def annotate(
         raise GenerationError("return_logits", "annotate returns records, not logits: use pg.generate_ids")
     cfg = pg.config
     generation.check_model(cfg)
-    all_items = [_as_item(item, i, prompt, generation.max_new_tokens) for i, item in enumerate(items)]
-    todo = [(i, item) for i, item in enumerate(all_items) if (item.name, item.prompt) not in done]
+    check_sizes(workers, queue_size)
+    all_items = [_as_item(item, i, prompt) for i, item in enumerate(items)]
+    todo = [(i, dataclasses.replace(item, max_new_tokens=item.max_new_tokens or generation.max_new_tokens))
+            for i, item in enumerate(all_items) if (item.name, item.prompt) not in done]
+    for limit in {item.max_new_tokens for _, item in todo}:
+        generation.replace(max_new_tokens=limit).check_model(cfg)
     stats = JobStats() if stats is None else stats
     stats.already_done = len(all_items) - len(todo)
     encoded: dict[str, tuple[list[int], list[int]] | str] = {}
@@ -182,7 +187,7 @@ def annotate(
             except UserError as e:
                 encoded[item.prompt] = str(e)
     lengths = [len(e[0]) for e in encoded.values() if not isinstance(e, str)] or [1]
-    shape = slot_shape(cfg, slots, max(lengths), max([item.max_new_tokens for _, item in todo] or [1]))
+    shape = slot_shape(cfg, slots, max(lengths), max([item.max_new_tokens for _, item in todo] or [1]), spare_slots)
     pg.continuous.check(shape)
     prepare = _preparer(pg, encoded, generation)
     return _run(pg, todo, prepare, shape, generation, refill_at, ordered, stop_on_error,
@@ -217,15 +222,15 @@ def _run(pg, todo, prepare, shape, generation, refill_at, ordered, stop_on_error
     failed: set[int] = set()  # places in `todo`
     with Prefetcher(prepare, todo, workers=workers, queue_size=queue_size) as prefetcher:
 
-        def next_prompt(block: bool) -> Prompt | None:
-            got = prefetcher.take(block)
+        def next_prompt() -> Prompt | None:
+            got = prefetcher.take()
             while isinstance(got, Failed):
                 if stop_on_error:
                     raise UserError(f"{got.message} (--stop-on-error: the job stops at the first bad item)")
                 warn(f"skipped {got.message}")
                 stats.skipped += 1
                 failed.add(got.position)
-                got = prefetcher.take(block)
+                got = prefetcher.take()
             if got is None:
                 return None
             prompt, size = got.value
@@ -323,6 +328,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-compilation-cache", action="store_true")
     add_mesh_arguments(p)
     args = p.parse_args(argv)
+    for name, limit in (("slots", MAX_SLOTS), ("workers", MAX_WORKERS), ("queue_size", MAX_QUEUE)):
+        if not 1 <= getattr(args, name) <= limit:
+            p.error(f"--{name.replace('_', '-')} must be in [1, {limit}], got {getattr(args, name)}")
     if args.sample and args.temperature is None:
         args.temperature = 1.0
     args.seg_vae = resolve_vae_path(args.seg_vae)
@@ -336,10 +344,30 @@ def _error_line(error: UserError) -> str:
     return message
 
 
-def run(args: argparse.Namespace) -> JobStats:
-    """The job of the command line; returns what it did."""
+def annotate_to_file(pg: "PaliGemma", items: Iterable[Item | ImageInput], out: str | os.PathLike,
+                     prompt: str | None = None, *, progress: bool = True, warn: Callable[[str], None] = _warn,
+                     **job: Any) -> JobStats:
+    """`annotate` into a results file (see `results_file`): what is in `out` already is skipped,
+    each answer is appended as it ends, and the file is put in input order once nothing is left
+    out. `job`: `annotate`'s keywords. Returns what the job did."""
     from tqdm import tqdm
 
+    items = [_as_item(item, i, prompt) for i, item in enumerate(items)]
+    stats = JobStats()
+    with ResultsFile(out, warn) as results:
+        records = annotate(pg, items, ordered=False, done=results.done, stats=stats, warn=warn, **job)
+        with tqdm(total=len(items) - stats.already_done, unit="img", file=sys.stderr, disable=not progress,
+                  smoothing=0.05) as bar:
+            for record in records:
+                results.write(record)
+                bar.update()
+        if not stats.skipped:
+            results.finish((item.name, item.prompt) for item in items)
+    return stats
+
+
+def run(args: argparse.Namespace) -> JobStats:
+    """The job of the command line; returns what it did."""
     import jax
 
     from pali_jax.generate import enable_compilation_cache
@@ -351,26 +379,18 @@ def run(args: argparse.Namespace) -> JobStats:
     if generation.beams > 1:
         raise GenerationError("beams", "--beams: annotate decodes greedily or by sampling (continuous batching); "
                               "beam search runs in fixed batches: use run_generate.py --beams")
-    items = [_as_item(item, i, args.prompt, args.max_tokens) for i, item in enumerate(read_items(
+    items = [_as_item(item, i, args.prompt) for i, item in enumerate(read_items(
         args.images, allow_outside=args.allow_outside_paths))]
+    ResultsFile(args.out, _warn).close()  # a bad --out fails now, not after the model has loaded
     mesh = mesh_from_args(args)
     if jax.process_count() > 1:
         raise UserError("annotate runs in one process (--mesh spreads its slots over this host's devices)")
-    with ResultsFile(args.out, _warn) as out:
-        if not args.no_compilation_cache:
-            enable_compilation_cache(args.compilation_cache)
-        pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae)
-        stats = JobStats()
-        records = annotate(pg, items, generation_config=generation, slots=args.slots, workers=args.workers,
-                           queue_size=args.queue_size, ordered=False, stop_on_error=args.stop_on_error,
-                           done=out.done, stats=stats)
-        with tqdm(total=len(items) - stats.already_done, unit="img", file=sys.stderr, disable=args.no_progress,
-                  smoothing=0.05) as bar:
-            for record in records:
-                out.write(record)
-                bar.update()
-        if not stats.skipped:
-            out.finish((item.name, item.prompt) for item in items)
+    if not args.no_compilation_cache:
+        enable_compilation_cache(args.compilation_cache)
+    pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae)
+    stats = annotate_to_file(pg, items, args.out, progress=not args.no_progress, generation_config=generation,
+                             slots=args.slots, workers=args.workers, queue_size=args.queue_size,
+                             stop_on_error=args.stop_on_error)
     rate = stats.answered / stats.wall_s if stats.wall_s else 0.0
     print(f"annotated {stats.answered} images in {stats.wall_s:.1f} s ({rate:.1f} images/s); {stats.skipped} "
           f"skipped, {stats.already_done} already in {args.out}", flush=True)

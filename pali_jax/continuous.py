@@ -13,15 +13,16 @@ same slot), so attention, masks and RoPE run unchanged: a new prompt is written 
 the current index, its slots before it marked invalid (as left padding is), and its RoPE positions
 count its own real tokens (`KVCache.positions` is per row). Rows therefore start at different
 slots; when the index reaches the cache's end, the decode step shifts every row left by the start
-of the oldest live row (`_compact`). The cache holds room for two whole rows (`SlotShape`), so a
-shift always frees at least one row's worth of slots.
+of the oldest live row (`_compact`). The cache holds one whole row plus spare slots (`SlotShape`;
+by default another row), so a shift always frees at least the spare slots.
 
 A slot's answer equals `Generator.generate` on its prompt alone: same prompt bucket, same prefill,
 the same tokens fed back; greedy tokens are identical (tests/test_annotate.py), logits equal to
 float32 rounding (the softmax runs over a longer, differently masked cache). Sampling gives each
-answer its own key (`fold_in(seed key, item id)`), the key `generate` would use for that answer
-alone, whatever slot it lands in. Programs compile once per prompt bucket and refill size (R is
-a power of two: n new prompts run as the binary digits of n), never per refill.
+answer its own key (`fold_in(seed key, item id)`) whatever slot it lands in, so a rerun draws the
+same answers; another slot arrangement can still change a draw where two tokens' logits agree to
+rounding (the sampler ranks tokens by sorting them). Programs compile once per prompt bucket and refill size (R is
+1, 2, 4 or 8: `_refill_sizes`), never per refill.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ from pali_jax.paligemma import PaliGemmaModel
 from pali_jax.sampling import SamplingParams, sample_rows
 
 MAX_SLOTS = 1024  # decode rows; memory is checked too, this bounds the host's bookkeeping
+# The largest refill: n new prompts run as refills of 8, 4, 2 and 1 rows (n's binary digits), so
+# that at most four refill programs compile per prompt bucket.
+MAX_REFILL = 8
 
 
 @flax.struct.dataclass
@@ -61,17 +65,19 @@ class Slots:
 @dataclasses.dataclass(frozen=True)
 class SlotShape:
     """Static sizes of a continuous decode: B rows, prompts of at most `prompt` tokens (image
-    tokens included, bucketed), answers of at most `buffer` tokens (bucketed)."""
+    tokens included, bucketed), answers of at most `buffer` tokens (bucketed), and `spare` cache
+    slots beyond one whole row."""
 
     rows: int
     prompt: int
     buffer: int
+    spare: int
 
     @property
     def cache_length(self) -> int:
-        """Two whole rows: a live row spans at most prompt + buffer slots, so a shift at the end of
-        the cache frees at least prompt + buffer slots."""
-        return 2 * (self.prompt + self.buffer)
+        """A live row spans at most prompt + buffer slots, so a shift at the end of the cache frees
+        at least `spare` slots: the cache shifts once every `spare` steps or less often."""
+        return self.prompt + self.buffer + self.spare
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +108,7 @@ class Counters:
     decode_calls: int = 0
     decode_steps: int = 0
     slot_steps_used: int = 0  # live rows summed over decode steps: occupancy = used / (steps * rows)
-    input_wait_s: float = 0.0  # the device idle, every slot empty, waiting for the next prompt
+    input_wait_s: float = 0.0  # the device idle: a slot free, the host waiting for the next prompt
     device_s: float = 0.0  # host waiting on refill + decode results
 
 
@@ -121,17 +127,29 @@ def pad_prompt(cfg: PaliGemmaConfig, ids: list[int], types: list[int]) -> tuple[
     return ids, types, mask
 
 
-def slot_shape(cfg: PaliGemmaConfig, rows: int, prompt_tokens: int, max_new_tokens: int) -> SlotShape:
-    """The sizes for `rows` slots, prompts of at most `prompt_tokens` real tokens and answers of
-    at most `max_new_tokens`."""
+def check_slots(rows: int) -> int:
+    """`rows` if it is a valid number of slots, else a `GenerationError` naming "slots"."""
     if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_SLOTS:
         raise GenerationError("slots", f"slots must be an int in [1, {MAX_SLOTS}], got {rows!r}")
-    return SlotShape(rows, text_bucket(cfg, prompt_tokens), bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET))
+    return rows
 
 
-def _powers_of_two(n: int) -> list[int]:
-    """n as a sum of distinct powers of two, largest first: refill sizes that compile log2(n) programs."""
-    return [1 << b for b in reversed(range(n.bit_length())) if n >> b & 1]
+def slot_shape(
+    cfg: PaliGemmaConfig, rows: int, prompt_tokens: int, max_new_tokens: int, spare: int | None = None
+) -> SlotShape:
+    """The sizes for `rows` slots, prompts of at most `prompt_tokens` real tokens and answers of
+    at most `max_new_tokens`; `spare` cache slots (default one more row: prompt + buffer)."""
+    prompt, buffer = text_bucket(cfg, prompt_tokens), bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    spare = prompt + buffer if spare is None else spare
+    if isinstance(spare, bool) or not isinstance(spare, int) or not 1 <= spare <= 1 << 16:
+        raise GenerationError("spare_slots", f"spare_slots must be an int in [1, 65536], got {spare!r}")
+    return SlotShape(check_slots(rows), prompt, buffer, spare)
+
+
+def _refill_sizes(n: int) -> list[int]:
+    """n as refills of MAX_REFILL rows, then distinct smaller powers of two, largest first."""
+    full, rest = divmod(n, MAX_REFILL)
+    return [MAX_REFILL] * full + [1 << b for b in reversed(range(rest.bit_length())) if rest >> b & 1]
 
 
 class ContinuousDecoder:
@@ -259,7 +277,7 @@ class ContinuousDecoder:
         self,
         params,
         shape: SlotShape,
-        prompts: Callable[[bool], Prompt | None],
+        prompts: Callable[[], Prompt | None],
         generation: GenerationConfig,
         *,
         refill_at: int | None = None,
@@ -267,10 +285,12 @@ class ContinuousDecoder:
     ) -> Iterator[Answer]:
         """Answers prompts in the order they end.
 
-        prompts(block): the next prompt; with block False it may return None when none is ready
-        yet (the device then keeps decoding the slots it has); with block True None means there
-        are no more. refill_at: how many answers end before a decode call returns to refill
-        their slots (default rows // 8, at least 1): fewer host round trips against emptier slots.
+        prompts(): the next prompt, None when there are no more. It is asked for one whenever a
+        slot is free, and the time it takes is the device's idle time (`Counters.input_wait_s`):
+        so which prompts share a refill, and every answer, depend on the prompts alone, never on
+        how fast they came. refill_at: how many answers end before a decode call returns to
+        refill their slots (default rows // 8, at least 1): fewer host round trips against
+        emptier slots.
         """
         counters = Counters() if counters is None else counters
         refill_at = max(1, shape.rows // 8) if refill_at is None else refill_at
@@ -285,15 +305,12 @@ class ContinuousDecoder:
         while True:
             free = [b for b in range(shape.rows) if owner[b] is None]
             while not exhausted and len(waiting) < len(free):
-                block = len(free) == shape.rows and not waiting  # nothing to decode meanwhile
                 t0 = time.perf_counter()
-                prompt = prompts(block)
-                if block:
-                    counters.input_wait_s += time.perf_counter() - t0
-                if prompt is None:
-                    exhausted = block
-                    break
-                waiting.append(prompt)
+                prompt = prompts()
+                counters.input_wait_s += time.perf_counter() - t0
+                exhausted = prompt is None
+                if prompt is not None:
+                    waiting.append(prompt)
             slots = self._fill(shape, params, slots, owner, free, waiting, key, sampling, stops, counters)
             live = sum(o is not None for o in owner)
             if not live:
@@ -329,7 +346,7 @@ class ContinuousDecoder:
             by_bucket.setdefault(len(prompt.ids), []).append(prompt)
         free = iter(free)
         for group in by_bucket.values():
-            for size in _powers_of_two(len(group)):
+            for size in _refill_sizes(len(group)):
                 part, group = group[:size], group[size:]
                 rows = [next(free) for _ in part]
                 t0 = time.perf_counter()

@@ -47,8 +47,15 @@ def _bounded(name: str, value: int, limit: int) -> int:
     return value
 
 
+def check_sizes(workers: int, queue_size: int) -> None:
+    """Refuses a number of worker threads or a queue size out of range (one-line `UserError`)."""
+    _bounded("workers", workers, MAX_WORKERS)
+    _bounded("queue_size", queue_size, MAX_QUEUE)
+
+
 class Prefetcher(Generic[In, Out]):
-    """`prepare` applied to `items` on worker threads, taken in input order with `take`.
+    """`prepare` applied to `items` on worker threads, taken in input order with `take`. Items are
+    read from `items` as room in the queue frees up (an iterator is never read whole).
 
     Use as a context manager: leaving it cancels what has not started and waits for the rest.
     """
@@ -56,8 +63,9 @@ class Prefetcher(Generic[In, Out]):
     def __init__(self, prepare: Callable[[In], Out], items: Iterable[In], *, workers: int = 2, queue_size: int = 64):
         self._prepare = prepare
         self._items: Iterator[tuple[int, In]] = enumerate(items)
-        self._queue_size = _bounded("queue_size", queue_size, MAX_QUEUE)
-        self._pool = ThreadPoolExecutor(_bounded("workers", workers, MAX_WORKERS), thread_name_prefix="prepare")
+        check_sizes(workers, queue_size)
+        self._queue_size = queue_size
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="prepare")
         self._pending: deque[Future] = deque()
         self._fill()
 
@@ -82,10 +90,9 @@ class Prefetcher(Generic[In, Out]):
                 return
             self._pending.append(self._pool.submit(self._run, *nxt))
 
-    def take(self, block: bool) -> Ready[Out] | Failed | None:
-        """The next item's result; None when there are no more, or (block False) when the next
-        one is not prepared yet."""
-        if not self._pending or (not block and not self._pending[0].done()):
+    def take(self) -> Ready[Out] | Failed | None:
+        """The next item's result, waiting for it if it is not ready; None when there are no more."""
+        if not self._pending:
             return None
         result = self._pending.popleft().result()
         self._fill()
