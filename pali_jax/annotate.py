@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pali_jax.continuous import MAX_SLOTS, Answer, Counters, Prompt, pad_prompt, slot_shape
+from pali_jax.continuous import MAX_SLOTS, Answer, Counters, Prompt, check_slots, pad_prompt, slot_shape
 from pali_jax.detection import parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generation_config import GenerationConfig, GenerationError
@@ -172,6 +172,10 @@ def annotate(
     cfg = pg.config
     generation.check_model(cfg)
     check_sizes(workers, queue_size)
+    check_slots(slots)
+    if refill_at is not None and (isinstance(refill_at, bool) or not isinstance(refill_at, int)
+                                  or not 1 <= refill_at <= slots):
+        raise GenerationError("refill_at", f"refill_at must be an int in [1, slots={slots}], got {refill_at!r}")
     all_items = [_as_item(item, i, prompt) for i, item in enumerate(items)]
     todo = [(i, dataclasses.replace(item, max_new_tokens=item.max_new_tokens or generation.max_new_tokens))
             for i, item in enumerate(all_items) if (item.name, item.prompt) not in done]

@@ -21,8 +21,8 @@ the same tokens fed back; greedy tokens are identical (tests/test_annotate.py), 
 float32 rounding (the softmax runs over a longer, differently masked cache). Sampling gives each
 answer its own key (`fold_in(seed key, item id)`) whatever slot it lands in, so a rerun draws the
 same answers; another slot arrangement can still change a draw where two tokens' logits agree to
-rounding (the sampler ranks tokens by sorting them). Programs compile once per prompt bucket and refill size (R is
-1, 2, 4 or 8: `_refill_sizes`), never per refill.
+rounding (the sampler ranks tokens by sorting them). Programs compile once per slot shape, prompt
+bucket and refill size (R is 1, 2, 4 or 8: `_refill_sizes`), never per refill.
 """
 
 from __future__ import annotations
@@ -40,15 +40,17 @@ from jax.sharding import Mesh
 
 from pali_jax import sharding
 from pali_jax.config import PaliGemmaConfig
-from pali_jax.generate import MIN_NEW_TOKENS_BUCKET, MIN_TEXT_BUCKET, StopReason, bucket, decode_bytes, jit_model_program, prefill
+from pali_jax.generate import (
+    MIN_NEW_TOKENS_BUCKET, MIN_TEXT_BUCKET, StopReason, bucket, decode_bytes, jit_model_program, prefill,
+)
 from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import PaliGemmaModel
 from pali_jax.sampling import SamplingParams, sample_rows
 
 MAX_SLOTS = 1024  # decode rows; memory is checked too, this bounds the host's bookkeeping
-# The largest refill: n new prompts run as refills of 8, 4, 2 and 1 rows (n's binary digits), so
-# that at most four refill programs compile per prompt bucket.
+# The largest refill: n new prompts run as refills of 8 rows, then of 4, 2, 1 (the binary digits of
+# what is left), so that at most four refill programs compile per prompt bucket.
 MAX_REFILL = 8
 
 
@@ -169,7 +171,8 @@ class ContinuousDecoder:
         if self.mesh is None:
             return slots
         small = {k: getattr(slots, k) for k in ("tokens", "lengths", "limits", "done", "keys")}
-        return slots.replace(cache=sharding.constrain_cache(slots.cache, self.mesh), **sharding.replicate(small, self.mesh))
+        cache = sharding.constrain_cache(slots.cache, self.mesh)
+        return slots.replace(cache=cache, **sharding.replicate(small, self.mesh))
 
     def _init_impl(self, shape: SlotShape) -> Slots:
         self.traces += 1
@@ -231,9 +234,6 @@ class ContinuousDecoder:
         ))
 
     def _step(self, shape: SlotShape, params, slots: Slots, sampling, stop_tokens) -> Slots:
-        slots = jax.lax.cond(
-            slots.cache.index >= slots.cache.length, lambda s: self._compact(shape, s), lambda s: s, slots
-        )
         prev = jnp.take_along_axis(slots.tokens, slots.lengths[:, None] - 1, axis=1)  # [B, 1]
         logits, cache = self.model.apply(
             {"params": params}, prev, slots.cache, ~slots.done[:, None], method=PaliGemmaModel.step
@@ -248,8 +248,14 @@ class ContinuousDecoder:
         return self._placed(slots.replace(cache=cache, tokens=tokens, lengths=lengths, done=done))
 
     def _decode_impl(self, shape: SlotShape, params, slots: Slots, steps, finish_target, sampling, stop_tokens):
-        """Up to `steps` steps; stops early once `finish_target` rows live at the start have ended."""
+        """Up to `steps` steps; stops early once `finish_target` rows live at the start have ended,
+        or when the cache is full (the next call shifts it first). The shift stays out of the loop:
+        a conditional inside it costs a copy of the whole cache at every step."""
         self.traces += 1
+        slots = jax.lax.cond(
+            slots.cache.index >= slots.cache.length, lambda s: self._compact(shape, s), lambda s: s, slots
+        )
+        steps = jnp.minimum(steps, slots.cache.length - slots.cache.index)
         live = ~slots.done
 
         def running(carry):
