@@ -297,16 +297,12 @@ FLAGS = {"max_new_tokens": "--max-tokens", "temperature": "--temperature", "top_
          "beams": "--beams", "seed": "--seed", "slots": "--slots"}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit code 2 (argparse would print the usage too)
-        raise UserError(f"{message} (see --help)")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from pali_jax.cli import OneLineParser
     from pali_jax.segmentation import resolve_vae_path
     from pali_jax.sharding import add_mesh_arguments
 
-    p = _Parser(prog="python -m pali_jax.annotate", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m pali_jax.annotate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="converted dir, HF checkpoint dir or hub id")
     p.add_argument("--images", required=True, metavar="DIR|GLOB|FILE.jsonl", help="what to answer")
     p.add_argument("--prompt", help='default prompt, e.g. "caption en" (JSONL lines may give their own)')
