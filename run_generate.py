@@ -29,7 +29,6 @@ DEMO_NOTE = (
     "no --model given: using the bundled demo model, a toy PaliGemma (4.5M parameters) trained from scratch in "
     "minutes on synthetic images of coloured shapes; it knows only that task. Pass --model for a real checkpoint."
 )
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # GenerationConfig's fields as this script's flags, so that a refused value is named as typed.
 FLAGS = {
     "max_new_tokens": "--max-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
@@ -129,6 +128,7 @@ def check_draw_target(out: str) -> str | None:
 
 def collect_images(paths: list[str]) -> list[Path]:
     from pali_jax.errors import UserError
+    from pali_jax.processor import IMAGE_SUFFIXES
 
     images = []
     for raw in paths:
@@ -181,18 +181,6 @@ def check_images(images: list[Path], skip_bad: bool) -> list[Path]:
     return good
 
 
-def box_record(det) -> dict:
-    """A detection as JSON: its box, label and codes, and a decoded mask as COCO RLE with its pixel box."""
-    from pali_jax.segmentation import mask_box, rle_encode
-
-    record = {"xmin": det.xmin, "ymin": det.ymin, "xmax": det.xmax, "ymax": det.ymax, "label": det.label,
-              "seg_codes": det.seg_codes}
-    if det.mask is not None:
-        record["mask"] = rle_encode(det.mask)
-        record["mask_box"] = list(mask_box(det.locs, *det.mask.shape))  # x1, y1, x2, y2 (pixels)
-    return record
-
-
 def write_masks(directory: str, image: Path, boxes) -> None:
     """One PNG (0 / 255) per decoded mask: DIR/<image stem>_<k>_<label>.png."""
     import PIL.Image
@@ -210,6 +198,7 @@ def run(args: argparse.Namespace) -> None:
     import jax
 
     from pali_jax import PaliGemma, UserError, draw_detections, enable_compilation_cache, load_image
+    from pali_jax.results_file import box_record
     from pali_jax.sharding import mesh_from_args
 
     generation = generation_config(args)

@@ -11,7 +11,7 @@ import sys as _sys
 # Ctrl-C during the seconds of imports below ends in one line, like Ctrl-C later (`cli.run_main`,
 # which puts Python's KeyboardInterrupt back once there is work to clean up). Library users keep
 # Python's default.
-_ENTRY_POINTS = ("pali_jax.finetune", "convert.hf_to_flax", "convert.verify", "run_generate.py")
+_ENTRY_POINTS = ("pali_jax.finetune", "pali_jax.annotate", "convert.hf_to_flax", "convert.verify", "run_generate.py")
 RUN_AS_COMMAND = any(str(a).endswith(_ENTRY_POINTS) for a in getattr(_sys, "orig_argv", [])[1:3])
 if RUN_AS_COMMAND:
     import os as _os

@@ -14,6 +14,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -26,6 +27,14 @@ from pali_jax.errors import UserError
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are `UserError`s: one line and exit code 2 under
+    `run_main` (argparse would print the usage too, and exit on its own)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
 
 
 def os_error_message(e: OSError) -> str:

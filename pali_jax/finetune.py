@@ -46,7 +46,7 @@ import numpy as np
 
 from pali_jax import distributed, sharding
 from pali_jax.backend import training_layout
-from pali_jax.cli import run_main
+from pali_jax.cli import OneLineParser, run_main
 from pali_jax.checkpoint import TrainCheckpointer
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.data import Dataset, Example, read_jsonl
@@ -227,13 +227,8 @@ def fit(
 
 
 # -- command line ------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit code 2 (argparse would print the usage too)
-        raise UserError(f"{message} (see --help)")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m pali_jax.finetune", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m pali_jax.finetune", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="converted dir, HF checkpoint dir or hub id")
     p.add_argument("--train", required=True, help="training data (JSONL)")
     p.add_argument("--eval", help="held-out data (JSONL) for loss and generation metrics")

@@ -26,6 +26,7 @@ from pali_jax.backend import CHECKPOINT_LAYOUT, Layout
 from pali_jax.beam_search import BeamSearch
 from pali_jax.checkpoint import read_params
 from pali_jax.config import PaliGemmaConfig
+from pali_jax.continuous import ContinuousDecoder
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, Generator, jit_model_program
@@ -157,6 +158,11 @@ class PaliGemma:
                 f"no tokenizer.model in {self.path}: text prompts need one (or use generate_ids with token ids)"
             )
         return PaliGemmaTokenizer(found[0], image_token_id=self.config.image_token_id)
+
+    @functools.cached_property
+    def continuous(self) -> ContinuousDecoder:
+        """Continuous batching over slots (`pali_jax.annotate`), compiled on first use."""
+        return ContinuousDecoder(self.module, self.mesh)
 
     @classmethod
     def from_pretrained(

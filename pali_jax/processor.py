@@ -39,6 +39,7 @@ class ProcessorError(UserError):
 # above any camera's output; set this module attribute to change the limit.
 MAX_IMAGE_PIXELS = 100_000_000
 IMAGE_TOKEN_TEXT = "<image>"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})  # what a folder offers
 
 
 # --------------------------------------------------------------------------------------------------

@@ -98,6 +98,22 @@ def sample(logits: Array, key: Any, params: SamplingParams) -> Array:
     )
 
 
+def sample_rows(logits: Array, keys: Array, params: SamplingParams) -> Array:
+    """`sample` with one key per row: logits [B, V], keys [B, 2] -> tokens [B] int32.
+
+    Row b draws exactly what `sample` draws for a batch holding that row alone with key
+    ``keys[b]``, so a row's tokens do not depend on which row of the batch it sits in
+    (continuous batching moves answers between rows).
+    """
+    return lax.cond(
+        params.temperature > 0,
+        lambda: jax.vmap(lambda row, key: _sample_stochastic(row[None].astype(jnp.float32), key, params)[0])(
+            logits, keys
+        ),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+    )
+
+
 def _sample_stochastic(logits: Array, key: Any, params: SamplingParams) -> Array:
     batch = logits.shape[0]
     # Under vmap over params, lax.cond evaluates both branches; keep this one

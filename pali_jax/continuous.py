@@ -1,0 +1,370 @@
+"""Continuous batching: a fixed number of decode rows (slots) that are refilled as answers end.
+
+Three compiled programs share one donated state (`Slots`), and a host loop drives them:
+
+  refill   SigLIP + prefill of R new prompts (one prompt bucket) into their own fresh cache, their
+           first tokens sampled, then the R rows copied into R free slots;
+  decode   up to `steps` decode steps for every slot in one `lax.while_loop`, leaving early once
+           `finish_target` answers have ended (so that the host can refill their slots);
+  init     the empty state.
+
+The cache keeps the single write index of `kv_cache.KVCache` (every row writes its next token at the
+same slot), so attention, masks and RoPE run unchanged: a new prompt is written right-aligned to
+the current index, its slots before it marked invalid (as left padding is), and its RoPE positions
+count its own real tokens (`KVCache.positions` is per row). Rows therefore start at different
+slots; when the index reaches the cache's end, the decode step shifts every row left by the start
+of the oldest live row (`_compact`). The cache holds one whole row plus spare slots (`SlotShape`;
+by default another row), so a shift always frees at least the spare slots.
+
+A slot's answer equals `Generator.generate` on its prompt alone: same prompt bucket, same prefill,
+the same tokens fed back; greedy tokens are identical (tests/test_annotate.py), logits equal to
+float32 rounding (the softmax runs over a longer, differently masked cache). Sampling gives each
+answer its own key (`fold_in(seed key, item id)`) whatever slot it lands in, so a rerun draws the
+same answers; another slot arrangement can still change a draw where two tokens' logits agree to
+rounding (the sampler ranks tokens by sorting them). Programs compile once per slot shape, prompt
+bucket and refill size (R is 1, 2, 4 or 8: `_refill_sizes`), never per refill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from pali_jax import sharding
+from pali_jax.config import PaliGemmaConfig
+from pali_jax.generate import (
+    MIN_NEW_TOKENS_BUCKET, MIN_TEXT_BUCKET, StopReason, bucket, decode_bytes, jit_model_program, prefill,
+)
+from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory
+from pali_jax.kv_cache import KVCache
+from pali_jax.paligemma import PaliGemmaModel
+from pali_jax.sampling import SamplingParams, sample_rows
+
+MAX_SLOTS = 1024  # decode rows; memory is checked too, this bounds the host's bookkeeping
+# The largest refill: n new prompts run as refills of 8 rows, then of 4, 2, 1 (the binary digits of
+# what is left), so that at most four refill programs compile per prompt bucket.
+MAX_REFILL = 8
+
+
+@flax.struct.dataclass
+class Slots:
+    cache: KVCache  # [B rows, S slots], one write index for all rows
+    tokens: jax.Array  # [B, N] int32: the slot's answer so far, pad after it
+    lengths: jax.Array  # [B] int32: tokens emitted by the slot's answer
+    limits: jax.Array  # [B] int32: its max_new_tokens
+    done: jax.Array  # [B] bool: the answer ended, or the slot is empty
+    keys: jax.Array  # [B, 2] uint32: the answer's own sampling key
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotShape:
+    """Static sizes of a continuous decode: B rows, prompts of at most `prompt` tokens (image
+    tokens included, bucketed), answers of at most `buffer` tokens (bucketed), and `spare` cache
+    slots beyond one whole row."""
+
+    rows: int
+    prompt: int
+    buffer: int
+    spare: int
+
+    @property
+    def cache_length(self) -> int:
+        """A live row spans at most prompt + buffer slots, so a shift at the end of the cache frees
+        at least `spare` slots: the cache shifts once every `spare` steps or less often."""
+        return self.prompt + self.buffer + self.spare
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One prompt ready for a slot: `ids` / `types` / `mask` [P] left-padded to its bucket."""
+
+    item: int  # the caller's id for it (sampling key, results)
+    pixels: np.ndarray  # [H, W, 3] in the model's dtype
+    ids: np.ndarray
+    types: np.ndarray
+    mask: np.ndarray
+    max_new_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    item: int
+    tokens: list[int]  # the stop token included, as `generate` returns it
+    stop_reason: StopReason
+    latency_s: float  # from its refill to the decode call it ended in
+
+
+@dataclasses.dataclass
+class Counters:
+    """What a run did; owned by the caller, filled in by `ContinuousDecoder.run`."""
+
+    refills: int = 0
+    decode_calls: int = 0
+    decode_steps: int = 0
+    slot_steps_used: int = 0  # live rows summed over decode steps: occupancy = used / (steps * rows)
+    input_wait_s: float = 0.0  # the device idle: a slot free, the host waiting for the next prompt
+    device_s: float = 0.0  # host waiting on refill + decode results
+
+
+def text_bucket(cfg: PaliGemmaConfig, length: int) -> int:
+    """The padded prompt length (image tokens included) of a prompt of `length` tokens: the
+    buckets `generate.prepare_prompts` uses."""
+    return cfg.num_image_tokens + bucket(max(length - cfg.num_image_tokens, 1), MIN_TEXT_BUCKET)
+
+
+def pad_prompt(cfg: PaliGemmaConfig, ids: list[int], types: list[int]) -> tuple[np.ndarray, ...]:
+    """ids, types, mask [P] of one prompt, left-padded to its bucket as `generate` pads it."""
+    extra = text_bucket(cfg, len(ids)) - len(ids)
+    ids = np.array([cfg.pad_token_id] * extra + list(ids), np.int32)
+    types = np.array([0] * extra + list(types), np.int32)
+    mask = np.array([0] * extra + [1] * (len(ids) - extra), np.int32)
+    return ids, types, mask
+
+
+def check_slots(rows: int) -> int:
+    """`rows` if it is a valid number of slots, else a `GenerationError` naming "slots"."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows <= MAX_SLOTS:
+        raise GenerationError("slots", f"slots must be an int in [1, {MAX_SLOTS}], got {rows!r}")
+    return rows
+
+
+def slot_shape(
+    cfg: PaliGemmaConfig, rows: int, prompt_tokens: int, max_new_tokens: int, spare: int | None = None
+) -> SlotShape:
+    """The sizes for `rows` slots, prompts of at most `prompt_tokens` real tokens and answers of
+    at most `max_new_tokens`; `spare` cache slots (default one more row: prompt + buffer)."""
+    prompt, buffer = text_bucket(cfg, prompt_tokens), bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    spare = prompt + buffer if spare is None else spare
+    if isinstance(spare, bool) or not isinstance(spare, int) or not 1 <= spare <= 1 << 16:
+        raise GenerationError("spare_slots", f"spare_slots must be an int in [1, 65536], got {spare!r}")
+    return SlotShape(check_slots(rows), prompt, buffer, spare)
+
+
+def _refill_sizes(n: int) -> list[int]:
+    """n as refills of MAX_REFILL rows, then distinct smaller powers of two, largest first."""
+    full, rest = divmod(n, MAX_REFILL)
+    return [MAX_REFILL] * full + [1 << b for b in reversed(range(rest.bit_length())) if rest >> b & 1]
+
+
+class ContinuousDecoder:
+    """Compiled continuous batching for one model. Reuse one instance: it holds the programs."""
+
+    def __init__(self, model: PaliGemmaModel, mesh: Mesh | None = None):
+        self.model = model
+        self.mesh = mesh
+        self.traces = 0  # programs traced (each trace is a compile)
+        self._init = jax.jit(self._init_impl, static_argnums=0)
+        self._refill = jit_model_program(self._refill_impl, static_argnums=0, donate_argnums=2)
+        self._decode = jit_model_program(self._decode_impl, static_argnums=0, donate_argnums=2)
+
+    # -- traced pieces -------------------------------------------------------------------------
+    def _placed(self, slots: Slots) -> Slots:
+        """Under a mesh: the cache's rows over the batch axes, what the host reads whole everywhere."""
+        if self.mesh is None:
+            return slots
+        small = {k: getattr(slots, k) for k in ("tokens", "lengths", "limits", "done", "keys")}
+        cache = sharding.constrain_cache(slots.cache, self.mesh)
+        return slots.replace(cache=cache, **sharding.replicate(small, self.mesh))
+
+    def _init_impl(self, shape: SlotShape) -> Slots:
+        self.traces += 1
+        cfg = self.model.cfg
+        cache = KVCache.init(cfg.text, shape.rows, shape.cache_length, self.model.dtype, self.model.layout.stacked)
+        return self._placed(Slots(
+            cache=cache.replace(index=jnp.int32(shape.prompt)),  # room to write a prompt before the index
+            tokens=jnp.full((shape.rows, shape.buffer), cfg.pad_token_id, jnp.int32),
+            lengths=jnp.zeros((shape.rows,), jnp.int32),
+            limits=jnp.zeros((shape.rows,), jnp.int32),
+            done=jnp.ones((shape.rows,), bool),
+            keys=jnp.zeros((shape.rows, 2), jnp.uint32),
+        ))
+
+    def _refill_impl(self, shape: SlotShape, params, slots: Slots, pixels, ids, types, mask, rows, limits, items,
+                     key, sampling: SamplingParams, stop_tokens) -> Slots:
+        """Prompts [R, P] into slots `rows` [R] (free ones): prefill, first token, copy."""
+        self.traces += 1
+        r, p = ids.shape
+        logits, fresh = prefill(self.model, self.mesh, p, params, pixels, ids, types, mask)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, items)  # [R, 2]
+        first = sample_rows(logits, jax.vmap(jax.random.fold_in)(keys, jnp.zeros((r,), jnp.int32)), sampling)
+        cache = slots.cache
+        start = cache.index - p  # right-aligned: the row's next token goes where every row's does
+        cols = start + jnp.arange(p)
+        stacked = cache.stacked
+
+        def put(old, new):  # old [(L,) B, S, K, H], new [(L,) R, P, K, H]
+            return old.at[:, rows[:, None], cols].set(new) if stacked else old.at[rows[:, None], cols].set(new)
+
+        valid = jax.lax.dynamic_update_slice(jnp.zeros((r, cache.length), bool), fresh.valid, (0, start))
+        cache = cache.replace(
+            k=jax.tree.map(put, cache.k, fresh.k), v=jax.tree.map(put, cache.v, fresh.v),
+            valid=cache.valid.at[rows].set(valid), positions=cache.positions.at[rows].set(fresh.positions),
+        )
+        answer = jnp.full((r, shape.buffer), self.model.cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
+        return self._placed(slots.replace(
+            cache=cache,
+            tokens=slots.tokens.at[rows].set(answer),
+            lengths=slots.lengths.at[rows].set(1),
+            limits=slots.limits.at[rows].set(limits),
+            done=slots.done.at[rows].set(jnp.isin(first, stop_tokens) | (limits <= 1)),
+            keys=slots.keys.at[rows].set(keys),
+        ))
+
+    @staticmethod
+    def _compact(shape: SlotShape, slots: Slots) -> Slots:
+        """Every row shifted left by the first slot of the oldest live row (at most index - prompt,
+        so that a prompt still fits before the index)."""
+        cache = slots.cache
+        first = jnp.where(slots.done, cache.length, jnp.argmax(cache.valid, axis=1))  # [B]
+        shift = jnp.minimum(first.min(), cache.index - shape.prompt)
+        axis = 2 if cache.stacked else 1
+        roll = lambda x: jnp.roll(x, -shift, axis=axis)  # noqa: E731
+        index = cache.index - shift
+        valid = jnp.roll(cache.valid, -shift, axis=1) & (jnp.arange(cache.length) < index)
+        return slots.replace(cache=cache.replace(
+            k=jax.tree.map(roll, cache.k), v=jax.tree.map(roll, cache.v), valid=valid, index=index,
+        ))
+
+    def _step(self, shape: SlotShape, params, slots: Slots, sampling, stop_tokens) -> Slots:
+        prev = jnp.take_along_axis(slots.tokens, slots.lengths[:, None] - 1, axis=1)  # [B, 1]
+        logits, cache = self.model.apply(
+            {"params": params}, prev, slots.cache, ~slots.done[:, None], method=PaliGemmaModel.step
+        )
+        if self.mesh is not None:  # keeps the loop's carried cache in its layout
+            cache = sharding.constrain_cache(cache, self.mesh)
+        token = sample_rows(logits[:, 0], jax.vmap(jax.random.fold_in)(slots.keys, slots.lengths), sampling)
+        at = jnp.where(slots.done, shape.buffer, slots.lengths)  # ended rows write nothing (dropped)
+        tokens = slots.tokens.at[jnp.arange(shape.rows), at].set(token, mode="drop")
+        lengths = slots.lengths + ~slots.done
+        done = slots.done | jnp.isin(token, stop_tokens) | (lengths >= slots.limits)
+        return self._placed(slots.replace(cache=cache, tokens=tokens, lengths=lengths, done=done))
+
+    def _decode_impl(self, shape: SlotShape, params, slots: Slots, steps, finish_target, sampling, stop_tokens):
+        """Up to `steps` steps; stops early once `finish_target` rows live at the start have ended,
+        or when the cache is full (the next call shifts it first). The shift stays out of the loop:
+        a conditional inside it costs a copy of the whole cache at every step."""
+        self.traces += 1
+        slots = jax.lax.cond(
+            slots.cache.index >= slots.cache.length, lambda s: self._compact(shape, s), lambda s: s, slots
+        )
+        steps = jnp.minimum(steps, slots.cache.length - slots.cache.index)
+        live = ~slots.done
+
+        def running(carry):
+            i, _, s = carry
+            return (i < steps) & ~s.done.all() & ((live & s.done).sum() < finish_target)
+
+        def body(carry):
+            i, used, s = carry
+            return i + 1, used + (~s.done).sum(dtype=jnp.int32), self._step(shape, params, s, sampling, stop_tokens)
+
+        steps_run, used, slots = jax.lax.while_loop(running, body, (jnp.int32(0), jnp.int32(0), slots))
+        return steps_run, used, self._placed(slots)
+
+    # -- host API ------------------------------------------------------------------------------
+    def check(self, shape: SlotShape) -> None:
+        """Refuses sizes whose cache and buffers do not fit in memory, before anything is allocated."""
+        need = decode_bytes(self.model.cfg, shape.rows, shape.cache_length, shape.buffer, self.model.dtype, False)
+        check_memory(
+            need, f"the KV cache and output buffers of {shape.rows} slots ({shape.cache_length} cache slots)", "slots",
+            devices=1 if self.mesh is None else self.mesh.devices.size,
+            device=None if self.mesh is None else self.mesh.devices.flat[0],
+        )
+
+    def run(
+        self,
+        params,
+        shape: SlotShape,
+        prompts: Callable[[], Prompt | None],
+        generation: GenerationConfig,
+        *,
+        refill_at: int | None = None,
+        counters: Counters | None = None,
+    ) -> Iterator[Answer]:
+        """Answers prompts in the order they end.
+
+        prompts(): the next prompt, None when there are no more. It is asked for one whenever a
+        slot is free, and the time it takes is the device's idle time (`Counters.input_wait_s`):
+        so which prompts share a refill, and every answer, depend on the prompts alone, never on
+        how fast they came. refill_at: how many answers end before a decode call returns to
+        refill their slots (default rows // 8, at least 1): fewer host round trips against
+        emptier slots.
+        """
+        counters = Counters() if counters is None else counters
+        refill_at = max(1, shape.rows // 8) if refill_at is None else refill_at
+        cfg = self.model.cfg
+        sampling, key = generation.sampling_params(), generation.prng_key()
+        stops = sorted(set(cfg.eos_token_ids) | set(generation.stop_tokens))
+        stops = jnp.asarray(stops + [-1] * (bucket(len(stops), 8) - len(stops)), jnp.int32)
+        slots = self._init(shape)
+        owner: list[tuple[Prompt, float] | None] = [None] * shape.rows
+        waiting: deque[Prompt] = deque()
+        exhausted = False
+        while True:
+            free = [b for b in range(shape.rows) if owner[b] is None]
+            while not exhausted and len(waiting) < len(free):
+                t0 = time.perf_counter()
+                prompt = prompts()
+                counters.input_wait_s += time.perf_counter() - t0
+                exhausted = prompt is None
+                if prompt is not None:
+                    waiting.append(prompt)
+            slots = self._fill(shape, params, slots, owner, free, waiting, key, sampling, stops, counters)
+            live = sum(o is not None for o in owner)
+            if not live:
+                if exhausted and not waiting:
+                    return
+                continue
+            more = bool(waiting) or not exhausted
+            target = min(refill_at, live) if more else live
+            t0 = time.perf_counter()
+            steps_run, used, slots = self._decode(shape, params, slots, jnp.int32(shape.buffer), jnp.int32(target),
+                                            sampling, stops)
+            done, lengths = np.asarray(slots.done), np.asarray(slots.lengths)
+            now = time.perf_counter()
+            counters.device_s += now - t0
+            counters.decode_calls += 1
+            counters.decode_steps += int(steps_run)
+            counters.slot_steps_used += int(used)
+            ended = [b for b in range(shape.rows) if owner[b] is not None and done[b]]
+            if ended:
+                tokens = np.asarray(slots.tokens)
+                for b in ended:
+                    prompt, started = owner[b]
+                    owner[b] = None
+                    row = tokens[b, : lengths[b]].tolist()
+                    reason = StopReason.STOP_TOKEN if np.isin(row[-1], stops) else StopReason.MAX_NEW_TOKENS
+                    yield Answer(prompt.item, row, reason, now - started)
+
+    def _fill(self, shape, params, slots, owner, free, waiting: deque, key, sampling, stops, counters) -> Slots:
+        """Moves waiting prompts into free slots, one refill per prompt bucket and power of two."""
+        taken = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+        by_bucket: dict[int, list[Prompt]] = {}
+        for prompt in taken:
+            by_bucket.setdefault(len(prompt.ids), []).append(prompt)
+        free = iter(free)
+        for group in by_bucket.values():
+            for size in _refill_sizes(len(group)):
+                part, group = group[:size], group[size:]
+                rows = [next(free) for _ in part]
+                t0 = time.perf_counter()
+                slots = self._refill(
+                    shape, params, slots,
+                    np.stack([p.pixels for p in part]), np.stack([p.ids for p in part]),
+                    np.stack([p.types for p in part]), np.stack([p.mask for p in part]),
+                    np.array(rows, np.int32), np.array([p.max_new_tokens for p in part], np.int32),
+                    np.array([p.item for p in part], np.int32), key, sampling, stops,
+                )
+                counters.device_s += time.perf_counter() - t0
+                counters.refills += 1
+                for b, p in zip(rows, part):
+                    owner[b] = (p, time.perf_counter())
+        return slots
