@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pali_jax.continuous import MAX_SLOTS, Answer, Counters, Prompt, check_slots, pad_prompt, slot_shape
+from pali_jax.data import outside_path
 from pali_jax.detection import parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generation_config import GenerationConfig, GenerationError
@@ -99,11 +100,9 @@ def _read_jsonl(path: Path, allow_outside: bool) -> list[Item]:
         limit = record.get("max_new_tokens")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise UserError(f"{where}: field 'max_new_tokens' must be an int >= 1, got {limit!r}")
-        relative = Path(record["image"])
-        if not allow_outside and (relative.is_absolute() or ".." in relative.parts):
-            raise UserError(f"{where}: image path {record['image']!r} leaves the directory of the data file "
-                            "(pass --allow-outside-paths to allow it)")
-        items.append(Item(str(path.parent / relative), prompt, limit, source=where))
+        if not allow_outside and (outside := outside_path("image", record["image"])):
+            raise UserError(f"{where}: {outside}")
+        items.append(Item(str(path.parent / record["image"]), prompt, limit, source=where))
     if not items:
         raise UserError(f"{path} holds no item")
     return items

@@ -68,6 +68,16 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
+def outside_path(kind: str, value: str) -> str | None:
+    """What is wrong with a data file's `kind` path ("image", "mask") that leaves the file's
+    directory (absolute, or through ..), None if it stays inside: a data file from elsewhere must
+    not make a job read arbitrary files."""
+    relative = Path(value)
+    if relative.is_absolute() or ".." in relative.parts:
+        return f"{kind} path {value!r} leaves the directory of the data file (pass --allow-outside-paths to allow it)"
+    return None
+
+
 def _parse_line(line: str, base: Path, masks: "MaskDecoder | None" = None, allow_outside: bool = False) -> Example | str:
     """The example of one JSONL line, or what is wrong with it. The image is decoded once here, so
     that a truncated or oversized file is reported with its line number before training starts."""
@@ -93,20 +103,16 @@ def _parse_line(line: str, base: Path, masks: "MaskDecoder | None" = None, allow
             check_text(record[field], field)
         except ProcessorError as e:
             return str(e)
-    relative = Path(record["image"])
-    image = base / relative
-    if not allow_outside and (relative.is_absolute() or ".." in relative.parts):
-        return (f"image path {record['image']!r} leaves the directory of the data file "
-                "(pass --allow-outside-paths to allow it)")
+    image = base / record["image"]
+    if not allow_outside and (outside := outside_path("image", record["image"])):
+        return outside
     try:
         size = load_image(image).size
     except ProcessorError as e:
         return str(e)
     if "mask" in record:
-        mask_path = Path(record["mask"])
-        if not allow_outside and (mask_path.is_absolute() or ".." in mask_path.parts):
-            return (f"mask path {record['mask']!r} leaves the directory of the data file "
-                    "(pass --allow-outside-paths to allow it)")
+        if not allow_outside and (outside := outside_path("mask", record["mask"])):
+            return outside
         suffix = _mask_suffix(record, base, size, masks)
         if suffix.startswith("!"):
             return suffix[1:]
