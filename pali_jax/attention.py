@@ -48,18 +48,33 @@ def attend(
     rule + window give the mask; `used` (traced): the key slots 0 .. used - 1 that can hold
     tokens (a cache's written slots); None: all S.
     """
-    b, t, n, h = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
-    if used is not None and s > CHUNK:
+    if used is not None and k.shape[1] > CHUNK:
         return _attend_chunked(q, k, v, rule, window, scale, softcap, used)
-    mask = rule.mask(window)  # [B, T, S]
     if kernel == "dot_product_attention" and softcap is None:
+        mask = rule.mask(window)  # [B, T, S]
         return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], scale=scale)
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = _logits(q, k.astype(q.dtype), scale, softcap)
-    logits = jnp.where(mask[:, None, None], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(q.dtype)).reshape(b, t, n, h)
+    return mix(probabilities(q, k, rule, window, scale=scale, softcap=softcap), v, q.dtype)
+
+
+def probabilities(
+    q: jax.Array, k: jax.Array, rule: PrefixLM, window: jax.Array | int, *, scale: float, softcap: float | None
+) -> jax.Array:
+    """q [B, T, N, H], k [B, S, K, H] -> the post-softmax attention [B, N, T, S] float32 over all S
+    slots (query head n reads kv head n // (N / K)). Masked slots get exactly 0, except in the row of a
+    query that sees no slot at all (a padding position), which is uniform."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    logits = _logits(q.reshape(b, t, kv_heads, n // kv_heads, h), k.astype(q.dtype), scale, softcap)
+    logits = jnp.where(rule.mask(window)[:, None, None], logits, _MASKED)  # [B, K, G, T, S]
+    return jax.nn.softmax(logits, axis=-1).reshape(b, n, t, -1)
+
+
+def mix(probs: jax.Array, v: jax.Array, dtype) -> jax.Array:
+    """probs [B, N, T, S], v [B, S, K, H] -> the attended values [B, T, N, H] in `dtype`."""
+    b, n, t, s = probs.shape
+    kv_heads, h = v.shape[2], v.shape[3]
+    probs = probs.astype(dtype).reshape(b, kv_heads, n // kv_heads, t, s)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dtype)).reshape(b, t, n, h)
 
 
 def _attend_chunked(q, k, v, rule, window, scale, softcap, used):

@@ -31,6 +31,7 @@ from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, Generator, jit_model_program
 from pali_jax.generation_config import GenerationConfig, GenerationError
+from pali_jax.intermediates import INTERMEDIATES, ForwardOutput, forward_output
 from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
@@ -146,6 +147,7 @@ class PaliGemma:
         self.generator = Generator(self.module, self.mesh)
         self.beam_search = BeamSearch(self.module, self.mesh)
         self._forward = jit_model_program(self.module.apply)
+        self._forward_recorded = jit_model_program(self._forward_recorded_impl, static_argnums=(5, 6))
 
     @functools.cached_property
     def tokenizer(self) -> PaliGemmaTokenizer:
@@ -257,11 +259,36 @@ class PaliGemma:
             raise UserError(f"input_ids must lie in [0, {self.config.vocab_size})")
         return pixels.astype(self.dtype), ids
 
-    def forward(self, pixel_values, input_ids, token_type_ids=None, attention_mask=None) -> jax.Array:
+    def forward(
+        self,
+        pixel_values,
+        input_ids,
+        token_type_ids=None,
+        attention_mask=None,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> jax.Array | ForwardOutput:
         """Logits [B, T, V] float32. pixel_values [B, H, W, 3] in [-1, 1]; input_ids [B, T] with the
-        image tokens in place. token_type_ids None: all prefix; attention_mask None: no padding."""
+        image tokens in place. token_type_ids None: all prefix; attention_mask None: no padding.
+
+        With output_attentions and / or output_hidden_states: a `ForwardOutput` (logits, the
+        decoder's and SigLIP's attentions and hidden states, the image features), as transformers
+        returns them with the same flags; one compiled program per combination of flags.
+        """
+        for name, flag in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise UserError(f"{name} must be a bool, got {flag!r}")
         pixels, ids = self._check(pixel_values, input_ids)
-        return self._forward({"params": self.params}, pixels, ids, token_type_ids, attention_mask)
+        if not (output_attentions or output_hidden_states):
+            return self._forward({"params": self.params}, pixels, ids, token_type_ids, attention_mask)
+        return self._forward_recorded(
+            self.params, pixels, ids, token_type_ids, attention_mask, bool(output_attentions), bool(output_hidden_states)
+        )
+
+    def _forward_recorded_impl(self, params, pixels, ids, types, mask, attentions: bool, hidden_states: bool):
+        logits, recorded = self.module.apply({"params": params}, pixels, ids, types, mask, mutable=[INTERMEDIATES])
+        return forward_output(logits, recorded[INTERMEDIATES], attentions=attentions, hidden_states=hidden_states)
 
     def generate_ids(
         self,
