@@ -72,9 +72,13 @@ def _per_layer(recorded: Recorded, name: str, *path: str) -> list[jax.Array]:
     return [_value(llm, f"layers_{i}", *path, name) for i in range(depth)]
 
 
-def decoder_attentions(recorded: Recorded) -> jax.Array:
-    """[L, B, N, T, S]: every decoder layer's attention probabilities."""
-    return jnp.stack(_per_layer(recorded, "attention", "attn"))
+def apply_recording(module, variables, *args, record: bool, **kwargs) -> tuple[Any, jax.Array | None]:
+    """`module.apply(variables, *args, **kwargs)`'s output and, when `record`, every decoder layer's
+    attention probabilities [L, B, N, T, S] (else None: the plain program, nothing recorded)."""
+    if not record:
+        return module.apply(variables, *args, **kwargs), None
+    out, recorded = module.apply(variables, *args, mutable=[INTERMEDIATES], **kwargs)
+    return out, jnp.stack(_per_layer(recorded[INTERMEDIATES], "attention", "attn"))
 
 
 def forward_output(logits: jax.Array, recorded: Recorded, *, attentions: bool, hidden_states: bool) -> ForwardOutput:
