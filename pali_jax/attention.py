@@ -59,22 +59,22 @@ def attend(
 def probabilities(
     q: jax.Array, k: jax.Array, rule: PrefixLM, window: jax.Array | int, *, scale: float, softcap: float | None
 ) -> jax.Array:
-    """q [B, T, N, H], k [B, S, K, H] -> the post-softmax attention [B, N, T, S] float32 over all S
-    slots (query head n reads kv head n // (N / K)). Masked slots get exactly 0, except in the row of a
-    query that sees no slot at all (a padding position), which is uniform."""
+    """q [B, T, N, H], k [B, S, K, H] -> the post-softmax attention [B, K, G, T, S] float32 over all
+    S slots (query head n = k * G + g reads kv head k). Masked slots get exactly 0, except in the
+    row of a query that sees no slot at all (a padding position), which is uniform."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
+    mask = rule.mask(window)  # [B, T, S]
     logits = _logits(q.reshape(b, t, kv_heads, n // kv_heads, h), k.astype(q.dtype), scale, softcap)
-    logits = jnp.where(rule.mask(window)[:, None, None], logits, _MASKED)  # [B, K, G, T, S]
-    return jax.nn.softmax(logits, axis=-1).reshape(b, n, t, -1)
+    logits = jnp.where(mask[:, None, None], logits, _MASKED)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 def mix(probs: jax.Array, v: jax.Array, dtype) -> jax.Array:
-    """probs [B, N, T, S], v [B, S, K, H] -> the attended values [B, T, N, H] in `dtype`."""
-    b, n, t, s = probs.shape
-    kv_heads, h = v.shape[2], v.shape[3]
-    probs = probs.astype(dtype).reshape(b, kv_heads, n // kv_heads, t, s)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(dtype)).reshape(b, t, n, h)
+    """probs [B, K, G, T, S], v [B, S, K, H] -> the attended values [B, T, N, H] in `dtype`."""
+    b, kv_heads, g, t, _ = probs.shape
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(dtype), v.astype(dtype))
+    return out.reshape(b, t, kv_heads * g, v.shape[-1])
 
 
 def _attend_chunked(q, k, v, rule, window, scale, softcap, used):

@@ -112,9 +112,10 @@ class Attention(nn.Module):
         if layer_kv is not None:
             k, v = write(layer_kv[0], k, write_index), write(layer_kv[1], v, write_index)
             layer_kv, used = (k, v), write_index + x.shape[1]
-        if self.is_mutable_collection(INTERMEDIATES):  # asked to record: the whole [B, N, T, S] matrix
+        if self.is_mutable_collection(INTERMEDIATES):  # asked to record: the whole matrix, never chunked
             probs = attention.probabilities(q, k, rule, window, scale=c.query_scale, softcap=c.attn_logit_softcap)
-            self.sow(INTERMEDIATES, "attention", probs)
+            b, kv_heads, g, t, s = probs.shape
+            self.sow(INTERMEDIATES, "attention", probs.reshape(b, kv_heads * g, t, s))  # [B, N, T, S]
             out = attention.mix(probs, v, q.dtype)
         else:
             out = attention.attend(

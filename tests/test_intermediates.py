@@ -17,7 +17,7 @@ import torch
 
 from pali_jax.backend import CHECKPOINT_LAYOUT
 from pali_jax.errors import UserError
-from pali_jax.generate import Generator, prepare_prompts
+from pali_jax.generate import MIN_TEXT_BUCKET, Generator, prepare_prompts
 from pali_jax.generation_config import GenerationConfig
 from pali_jax.intermediates import ForwardOutput
 from pali_jax.pretrained import PaliGemma
@@ -235,7 +235,9 @@ def test_flags_off_keep_the_plain_program(tiny_models):
 def test_results_carry_each_rows_own_positions(checkpoint):
     pg = PaliGemma.from_pretrained(checkpoint["converted"])
     images = checkpoint["images"]
-    prompts = ["caption en", "answer en " + "what is it " * 4]  # two text buckets apart in length
+    prompts = ["caption en", "answer en " + "what is it " * 8]
+    text_tokens = [len(pg.tokenizer.encode(p + "\n")) + 1 for p in prompts]  # <bos> included
+    assert text_tokens[0] <= MIN_TEXT_BUCKET < text_tokens[1]  # alone, they take two prompt buckets
     results = pg.generate(images, prompts, max_new_tokens=6, output_attentions=True, output_scores=True)
     cfg = pg.config.text
     for image, text, res in zip(images, prompts, results):
