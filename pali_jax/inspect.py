@@ -82,6 +82,9 @@ def image_attention(
 
     Returns float32 [g, g]; [L', g, g] with per_layer; [N', g, g] with per_head; [L', N', g, g]
     with both (L', N': the chosen layers and heads, in the order given).
+
+    Generation's attentions [n_new, L, N, S]: pass `gen[k]` for new token k, or a word of tokens
+    a .. b - 1 as `gen[a:b].transpose(1, 2, 0, 3)` ([L, N, b - a, S]: its rows are averaged).
     """
     a = np.asarray(attn)
     if a.ndim == 3:
@@ -169,7 +172,8 @@ def token_segments(input_ids, token_type_ids, attention_mask, image_token_id: in
     mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     if ids.ndim != 1 or types.shape != ids.shape or mask.shape != ids.shape:
         raise UserError(f"token_segments takes one row: [T] arrays, got {ids.shape}, {types.shape}, {mask.shape}")
-    kinds = np.where(~mask, "padding", np.where(ids == image_token_id, "image", np.where(types == 0, "prefix", "suffix")))
+    text = np.where(types == 0, "prefix", "suffix")
+    kinds = np.where(~mask, "padding", np.where(ids == image_token_id, "image", text))
     starts = [0] + [t for t in range(1, len(kinds)) if kinds[t] != kinds[t - 1]]
     return tuple(Segment(str(kinds[s]), s, e) for s, e in zip(starts, starts[1:] + [len(kinds)]))
 
@@ -252,7 +256,8 @@ def logit_lens(pg: "PaliGemma", hidden_states, *, top_k: int = 5, token_ids=None
         raise UserError(f"hidden_states must hold {depth + 1} arrays (embeddings + {depth} layers), got {len(states)}")
     shape = states[0].shape
     if len(shape) != 3 or shape[2] != width or any(h.shape != shape for h in states):
-        raise UserError(f"every hidden state must be [B, T, {width}] of one shape, got {[list(h.shape) for h in states]}")
+        shapes = [list(h.shape) for h in states]
+        raise UserError(f"every hidden state must be [B, T, {width}] of one shape, got {shapes}")
     if not 1 <= top_k <= pg.config.vocab_size:
         raise UserError(f"top_k must lie in [1, {pg.config.vocab_size}], got {top_k}")
     if token_ids is not None:
@@ -272,7 +277,9 @@ def _target_log_prob(module: PaliGemmaModel, params, pixels, ids, types, mask, t
     """[B]: summed log-probability of the target tokens, each scored by the logits one position earlier."""
     logits = module.apply({"params": params}, pixels, ids, types, mask)  # [B, T, V]
     log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    scored = jnp.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]: token t+1 by logits t
+    # Untargeted positions read id 0: an `<image>` id may lie past the table (big_vision checkpoints).
+    scored_ids = jnp.where(target[:, 1:], ids[:, 1:], 0)
+    scored = jnp.take_along_axis(log_probs, scored_ids[..., None], axis=-1)[..., 0]  # [B, T-1]: token t+1 by logits t
     return jnp.sum(jnp.where(target[:, 1:], scored, 0.0), axis=-1)
 
 
@@ -341,9 +348,8 @@ def _attribution_inputs(pg: "PaliGemma", pixel_values, input_ids, token_type_ids
     return tuple(jnp.asarray(x) for x in (pixels, ids, types, mask, target))
 
 
-def saliency(
-    pg: "PaliGemma", pixel_values, input_ids, token_type_ids, attention_mask, target_mask, *, reduce: PixelReduce = "max"
-) -> np.ndarray:
+def saliency(pg: "PaliGemma", pixel_values, input_ids, token_type_ids, attention_mask, target_mask, *,
+             reduce: PixelReduce = "max") -> np.ndarray:
     """Gradient saliency: d(summed log-probability of the target tokens) / d(pixels), one jitted call.
 
     pixel_values [B, H, W, 3] in [-1, 1]; input_ids, token_type_ids, attention_mask (None: no
@@ -366,17 +372,8 @@ class Attributions:
     f_baseline: np.ndarray  # [B]: ... at the baseline
 
 
-def integrated_gradients(
-    pg: "PaliGemma",
-    pixel_values,
-    input_ids,
-    token_type_ids,
-    attention_mask,
-    target_mask,
-    *,
-    steps: int = 32,
-    baseline=None,
-) -> Attributions:
+def integrated_gradients(pg: "PaliGemma", pixel_values, input_ids, token_type_ids, attention_mask, target_mask, *,
+                         steps: int = 32, baseline=None) -> Attributions:
     """Integrated gradients (Sundararajan et al. 2017) of the target tokens' summed log-probability.
 
     Inputs as `saliency`. baseline: None is a black image, -1.0 in the model's [-1, 1] pixel

@@ -11,7 +11,6 @@ In a notebook a returned Figure displays itself.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,17 +26,17 @@ PANEL_INCHES = 2.2  # one overlay panel of a grid
 
 
 def save(fig: Figure, path: str | os.PathLike, *, dpi: int = 100) -> Path:
-    """Writes `fig` as a PNG at `path` atomically (a temporary file in the same folder, then a
-    rename): a reader never sees half a picture, and a failed write leaves an older file whole."""
+    """Writes `fig` as a PNG at `path` atomically (a temporary file beside it, then a rename): a
+    reader never sees half a picture, and a failed write leaves an older file whole."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
+        fig.savefig(tmp, format="png", dpi=dpi)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -307,6 +307,8 @@ def test_plots_return_figures_that_save_as_pngs(tmp_path):
         with PIL.Image.open(path) as png:
             assert png.format == "PNG" and png.size == (width, height), name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.png" for n in figures)  # no temp files left
+    with pytest.raises(UserError, match="cannot write"):
+        plots.save(figures["overlay"], tmp_path / "missing" / "overlay.png")
     with pytest.raises(UserError, match="one map per word"):
         plots.word_maps(image, ["a"], [])
     with pytest.raises(UserError, match="segments cover 21"):
