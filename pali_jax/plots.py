@@ -189,7 +189,8 @@ def logit_lens_table(
     ax: Axes | None = None,
 ) -> Figure:
     """The logit lens of one batch row as a layers x positions heat map of the top-1 probability,
-    each cell labelled with its top-1 token's text. decode: token id -> text (`tokenizer.decode`
+    each cell labelled with its top-1 token's text. Rows bottom-up: the embeddings ("embed"), then
+    the output of layers 1 .. L (counted from 1: row l is after l layers). decode: token id -> text (`tokenizer.decode`
     of one id, or a list of strings' `__getitem__`). positions: which (default all; a real prompt
     has hundreds, pick e.g. the suffix). position_labels: x tick labels (default the positions)."""
     n_layers, batch, length = lens.top_ids.shape[:3]
