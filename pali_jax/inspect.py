@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from pali_jax.pretrained import PaliGemma
 
 Index = int | Sequence[int] | None  # layers / heads / query rows: one, several, or None (all)
-MAX_IG_STEPS = 1024  # past this the Riemann sum has long converged; more is a mistake, not rigour
+MAX_IG_STEPS = 1024  # the midpoint rule has long converged by then (1e-3 of f at 256 steps in the tests)
 BLACK = -1.0  # a black pixel in the model's [-1, 1] pixel space ((0 / 255 - 0.5) / 0.5)
 
 
@@ -383,7 +383,7 @@ def integrated_gradients(pg: "PaliGemma", pixel_values, input_ids, token_type_id
     space; else a number or an array broadcastable to pixel_values. The path integral is the
     midpoint rule with `steps` points (1 .. MAX_IG_STEPS), all in one jitted call.
     """
-    if not 1 <= steps <= MAX_IG_STEPS:
+    if not isinstance(steps, int) or not 1 <= steps <= MAX_IG_STEPS:
         raise UserError(f"steps must lie in [1, {MAX_IG_STEPS}], got {steps}")
     pixels, *rest = _attribution_inputs(pg, pixel_values, input_ids, token_type_ids, attention_mask, target_mask)
     base = np.asarray(BLACK if baseline is None else baseline, np.float32)
