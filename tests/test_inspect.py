@@ -17,7 +17,6 @@ from matplotlib.figure import Figure
 from pali_jax import inspect as ins
 from pali_jax import plots
 from pali_jax.errors import UserError
-from pali_jax.gemma import Block
 from test_model import make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +101,28 @@ def test_bad_inputs_are_refused_in_one_line(call, message):
 # ---- rollout --------------------------------------------------------------------------------------
 
 
+def test_answer_words_group_pieces():
+    pieces = ["a", " red", " tri", "angle", "<loc0012>", "<loc0020>", " circle", ""]
+    assert ins.answer_words(pieces) == [
+        ("a", slice(0, 1)), ("red", slice(1, 2)), ("triangle", slice(2, 4)), ("<loc0012>", slice(4, 5)),
+        ("<loc0020>", slice(5, 6)), ("circle", slice(6, 7)),
+    ]
+
+
+def test_word_attention_maps_average_a_words_tokens():
+    n, layers, heads, keys = 3, 2, 2, P + 5  # the image first: a Result's own positions
+    attn = np.zeros((n, layers, heads, keys), np.float32)
+    attn[0, ..., 3] = 1.0  # "a": patch 3 = (0, 3)
+    attn[1, ..., 6] = 1.0  # "tri" + "angle": patches 6 and 9, half each
+    attn[2, ..., 9] = 1.0
+    words, maps = ins.word_attention_maps(attn, ["a", " tri", "angle"], P)
+    assert words == ["a", "triangle"] and maps.shape == (2, G, G)
+    np.testing.assert_array_equal(maps[0], one_hot_map(((0, 3), 1.0)))
+    np.testing.assert_array_equal(maps[1], one_hot_map(((1, 2), 0.5), ((2, 1), 0.5)))
+    with pytest.raises(UserError, match="n = 2 tokens"):
+        ins.word_attention_maps(attn, ["a", "b"], P)
+
+
 def test_attention_rollout_by_hand():
     layer1 = np.array([[[1, 0], [0.5, 0.5]]] * 2)  # both heads alike
     layer2 = np.array([[[0, 1], [0, 1]], [[1, 0], [1, 0]]])  # head mean: 0.5 everywhere
@@ -116,30 +137,13 @@ def test_attention_rollout_by_hand():
 # ---- logit lens -----------------------------------------------------------------------------------
 
 
-def hidden_states(pg, pixels, ids, types):
-    """(hidden states as transformers defines them, logits) of one forward, from the model's own
-    pieces: embeddings, each Block's output but the last, then the final-normed output."""
-
-    def run(m, pixels, ids, types):
-        x = m.embed_inputs(ids, m.embed_image(pixels))
-        h, _ = m._decode(x, types == 0, jnp.ones(ids.shape, bool), None)
-        return x, h, m.llm.logits(h)
-
-    (x, h, logits), state = pg.module.apply({"params": pg.params}, pixels, ids, types, method=run,
-                                            capture_intermediates=lambda mdl, _: isinstance(mdl, Block))
-    layers = state["intermediates"]["llm"]
-    blocks = [layers[f"layers_{i}"]["__call__"][0][0] for i in range(pg.config.text.depth - 1)]
-    return [x, *blocks, h], np.asarray(logits)
-
-
 @pytest.mark.parametrize("kind", ["pg1", "pg2"])  # pg2 has a final soft cap: applied exactly once
 def test_logit_lens_last_layer_is_the_models_softmax(tiny_models, kind):
     pg = tiny_models[kind].pg
     pixels, ids, types = make_inputs(pg, 2, 3, 4, seed=5)
-    states, logits = hidden_states(pg, pixels, ids, types)
+    out = pg.forward(pixels, ids, types, output_hidden_states=True)
+    states, logits = out.hidden_states, np.asarray(out.logits)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))  # [B, T, V]
-    # The helper is the model: eager against jitted float32, measured 1.4e-5 apart on logits ~2.
-    np.testing.assert_allclose(logits, pg.forward(pixels, ids, types), atol=1e-4)
     next_ids = np.roll(ids, -1, axis=1)
     lens = ins.logit_lens(pg, states, top_k=4, token_ids=next_ids)
     depth = pg.config.text.depth
