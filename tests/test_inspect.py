@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -325,3 +324,28 @@ def test_core_import_does_not_need_matplotlib():
     code = "import sys, pali_jax, pali_jax.inspect; assert 'matplotlib' not in sys.modules"
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
+
+
+def test_demo_models_circle_attention_points_at_the_circle_far_above_chance():
+    """The word "circle"'s map (every layer and head, the pass that produced it) on 50 held-out demo
+    scenes. Measured: 34 of 50 peaks in the circle's cell (chance 1/16; the issue hoped for 90%,
+    which the model's mixing of image tokens does not give: README, benchmarks/circle_attention.py);
+    the same maps transposed 8 of 50, shifted by one key 2 of 50: 20 tells a right map from a
+    wrongly laid out one."""
+    import PIL.Image
+
+    from pali_jax.demo import shapes
+    from pali_jax.pretrained import PaliGemma
+    from benchmarks.circle_attention import DEMO_MODEL, HELDOUT_SEED_FOR_MAPS, circle_cell
+
+    pg = PaliGemma.from_pretrained(ROOT / DEMO_MODEL)
+    scenes = [s for s in shapes.scenes(200, HELDOUT_SEED_FOR_MAPS) if any(x.kind == "circle" for x in s.shapes)][:50]
+    results = pg.generate([PIL.Image.fromarray(shapes.render(s)) for s in scenes], "caption en",
+                          output_attentions=True)
+    hits = 0
+    for scene, result in zip(scenes, results):
+        words, maps = ins.word_attention_maps(result.attentions, [pg.tokenizer.decode([t]) for t in result.token_ids],
+                                              pg.config.num_image_tokens)
+        assert "circle" in words, words  # the demo model captions held-out scenes right
+        hits += int(maps[words.index("circle")].argmax() == circle_cell(scene))
+    assert hits >= 20, f"{hits} of 50"
