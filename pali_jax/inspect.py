@@ -338,12 +338,12 @@ def _ig_program(module: PaliGemmaModel, steps: int):
     def run(params, pixels, baseline, ids, types, mask, target):
         # Riemann midpoint rule over the straight path baseline -> pixels; a scan keeps one
         # forward + backward in memory whatever the number of steps.
-        def add(total, alpha):
-            point = baseline + alpha * (pixels - baseline)
-            return total + _pixel_grad(module, params, point, ids, types, mask, target), None
+        def add(total, alpha):  # summed in float32 whatever the model's dtype
+            point = (baseline + alpha * (pixels - baseline)).astype(pixels.dtype)
+            return total + _pixel_grad(module, params, point, ids, types, mask, target).astype(jnp.float32), None
 
         alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
-        total, _ = jax.lax.scan(add, jnp.zeros_like(pixels), alphas)
+        total, _ = jax.lax.scan(add, jnp.zeros(pixels.shape, jnp.float32), alphas)
         f = lambda x: _target_log_prob(module, params, x, ids, types, mask, target)  # noqa: E731
         return (pixels - baseline) * total / steps, f(pixels), f(baseline)
 
