@@ -15,6 +15,10 @@ Shape buckets keep the number of compiled programs small:
 
 `stream` runs the same prefill and the same loop body, one jitted step per host iteration, and
 yields each step's tokens: it gives exactly the tokens of `generate`.
+
+`output_attentions` / `output_scores` (and `return_logits`) are static: each combination is a
+program of its own, carrying its extra buffers in the decode state; with all of them off the
+program is the plain one, with no extra output.
 """
 
 from __future__ import annotations

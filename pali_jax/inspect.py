@@ -119,6 +119,41 @@ def image_attention(
     return maps[0, 0]
 
 
+def answer_words(pieces: Sequence[str]) -> list[tuple[str, slice]]:
+    """Generated tokens' texts (one piece per token, as `tokenizer.decode([id])` gives them)
+    grouped into words: a word starts at a piece led by whitespace, and each `<loc>` / `<seg>`
+    token is a word of its own; pieces with no text (`<eos>`) belong to none. Returns
+    (the word's text, its tokens' slice)."""
+    special = lambda text: text.startswith(("<loc", "<seg"))  # noqa: E731
+    words: list[tuple[str, slice]] = []
+    for k, piece in enumerate(pieces):
+        if not piece:
+            continue
+        continues = words and words[-1][1].stop == k and not piece[0].isspace()
+        if continues and not special(piece) and not special(words[-1][0]):
+            text, span = words[-1]
+            words[-1] = (text + piece, slice(span.start, k + 1))
+        else:
+            words.append((piece.strip(), slice(k, k + 1)))
+    return words
+
+
+def word_attention_maps(attentions, pieces: Sequence[str], num_image_tokens: int) -> tuple[list[str], np.ndarray]:
+    """Each generated word's attention over the image: (words, maps [W, g, g]).
+
+    attentions: a `Result`'s [n, L, N, S] (the image tokens at positions 0 .. P - 1); pieces: the
+    n tokens' texts. A word's map is its tokens' rows averaged (the passes that produced them), over
+    every layer and head.
+    """
+    a = np.asarray(attentions)
+    if a.ndim != 4 or a.shape[0] != len(pieces):
+        raise UserError(f"attentions must be [n, L, N, S] with n = {len(pieces)} tokens, got {list(a.shape)}")
+    words = answer_words(pieces)
+    g = grid_size(num_image_tokens)
+    maps = [image_attention(a[span].transpose(1, 2, 0, 3), 0, num_image_tokens) for _, span in words]
+    return [w for w, _ in words], np.stack(maps) if maps else np.zeros((0, g, g), np.float32)
+
+
 def attention_rollout(attentions, *, residual: float = 0.5) -> np.ndarray:
     """Attention rollout (Abnar & Zuidema 2020): how much each token's last-layer state draws on
     each input token, through all layers.
@@ -303,12 +338,12 @@ def _ig_program(module: PaliGemmaModel, steps: int):
     def run(params, pixels, baseline, ids, types, mask, target):
         # Riemann midpoint rule over the straight path baseline -> pixels; a scan keeps one
         # forward + backward in memory whatever the number of steps.
-        def add(total, alpha):
-            point = baseline + alpha * (pixels - baseline)
-            return total + _pixel_grad(module, params, point, ids, types, mask, target), None
+        def add(total, alpha):  # summed in float32 whatever the model's dtype
+            point = (baseline + alpha * (pixels - baseline)).astype(pixels.dtype)
+            return total + _pixel_grad(module, params, point, ids, types, mask, target).astype(jnp.float32), None
 
         alphas = (jnp.arange(steps, dtype=jnp.float32) + 0.5) / steps
-        total, _ = jax.lax.scan(add, jnp.zeros_like(pixels), alphas)
+        total, _ = jax.lax.scan(add, jnp.zeros(pixels.shape, jnp.float32), alphas)
         f = lambda x: _target_log_prob(module, params, x, ids, types, mask, target)  # noqa: E731
         return (pixels - baseline) * total / steps, f(pixels), f(baseline)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
@@ -17,7 +16,7 @@ from matplotlib.figure import Figure
 from pali_jax import inspect as ins
 from pali_jax import plots
 from pali_jax.errors import UserError
-from pali_jax.gemma import Block
+from pali_jax.pretrained import PaliGemma
 from test_model import make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +101,28 @@ def test_bad_inputs_are_refused_in_one_line(call, message):
 # ---- rollout --------------------------------------------------------------------------------------
 
 
+def test_answer_words_group_pieces():
+    pieces = ["a", " red", " tri", "angle", "<loc0012>", "<loc0020>", " circle", ""]
+    assert ins.answer_words(pieces) == [
+        ("a", slice(0, 1)), ("red", slice(1, 2)), ("triangle", slice(2, 4)), ("<loc0012>", slice(4, 5)),
+        ("<loc0020>", slice(5, 6)), ("circle", slice(6, 7)),
+    ]
+
+
+def test_word_attention_maps_average_a_words_tokens():
+    n, layers, heads, keys = 3, 2, 2, P + 5  # the image first: a Result's own positions
+    attn = np.zeros((n, layers, heads, keys), np.float32)
+    attn[0, ..., 3] = 1.0  # "a": patch 3 = (0, 3)
+    attn[1, ..., 6] = 1.0  # "tri" + "angle": patches 6 and 9, half each
+    attn[2, ..., 9] = 1.0
+    words, maps = ins.word_attention_maps(attn, ["a", " tri", "angle"], P)
+    assert words == ["a", "triangle"] and maps.shape == (2, G, G)
+    np.testing.assert_array_equal(maps[0], one_hot_map(((0, 3), 1.0)))
+    np.testing.assert_array_equal(maps[1], one_hot_map(((1, 2), 0.5), ((2, 1), 0.5)))
+    with pytest.raises(UserError, match="n = 2 tokens"):
+        ins.word_attention_maps(attn, ["a", "b"], P)
+
+
 def test_attention_rollout_by_hand():
     layer1 = np.array([[[1, 0], [0.5, 0.5]]] * 2)  # both heads alike
     layer2 = np.array([[[0, 1], [0, 1]], [[1, 0], [1, 0]]])  # head mean: 0.5 everywhere
@@ -116,30 +137,13 @@ def test_attention_rollout_by_hand():
 # ---- logit lens -----------------------------------------------------------------------------------
 
 
-def hidden_states(pg, pixels, ids, types):
-    """(hidden states as transformers defines them, logits) of one forward, from the model's own
-    pieces: embeddings, each Block's output but the last, then the final-normed output."""
-
-    def run(m, pixels, ids, types):
-        x = m.embed_inputs(ids, m.embed_image(pixels))
-        h, _ = m._decode(x, types == 0, jnp.ones(ids.shape, bool), None)
-        return x, h, m.llm.logits(h)
-
-    (x, h, logits), state = pg.module.apply({"params": pg.params}, pixels, ids, types, method=run,
-                                            capture_intermediates=lambda mdl, _: isinstance(mdl, Block))
-    layers = state["intermediates"]["llm"]
-    blocks = [layers[f"layers_{i}"]["__call__"][0][0] for i in range(pg.config.text.depth - 1)]
-    return [x, *blocks, h], np.asarray(logits)
-
-
 @pytest.mark.parametrize("kind", ["pg1", "pg2"])  # pg2 has a final soft cap: applied exactly once
 def test_logit_lens_last_layer_is_the_models_softmax(tiny_models, kind):
     pg = tiny_models[kind].pg
     pixels, ids, types = make_inputs(pg, 2, 3, 4, seed=5)
-    states, logits = hidden_states(pg, pixels, ids, types)
+    out = pg.forward(pixels, ids, types, output_hidden_states=True)
+    states, logits = out.hidden_states, np.asarray(out.logits)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))  # [B, T, V]
-    # The helper is the model: eager against jitted float32, measured 1.4e-5 apart on logits ~2.
-    np.testing.assert_allclose(logits, pg.forward(pixels, ids, types), atol=1e-4)
     next_ids = np.roll(ids, -1, axis=1)
     lens = ins.logit_lens(pg, states, top_k=4, token_ids=next_ids)
     depth = pg.config.text.depth
@@ -237,6 +241,19 @@ def test_integrated_gradients_completeness_improves_with_steps(tiny_models):
     assert (errors[256] < errors[8] / 100).all()
 
 
+def test_attributions_run_on_a_bfloat16_model(tiny_models):
+    tiny = tiny_models["pg2"]
+    pg = PaliGemma.from_pretrained(tiny.hf_dir, dtype="bfloat16")
+    pixels, ids, types, target = attribution_case(tiny.pg)
+    ig = ins.integrated_gradients(pg, pixels, ids, types, None, target, steps=16)  # summed in float32
+    f32 = ins.integrated_gradients(tiny.pg, pixels, ids, types, None, target, steps=16)
+    assert ig.attributions.dtype == np.float32 and np.isfinite(ig.attributions).all()
+    # bf16 weights and activations round differently, pixel by pixel; the picture stays the
+    # float32 one: correlation measured 0.996 (a sign or layout slip would give ~0 or < 0).
+    assert np.corrcoef(ig.attributions.ravel(), f32.attributions.ravel())[0, 1] > 0.9
+    assert np.isfinite(ins.saliency(pg, pixels, ids, types, None, target)).all()
+
+
 def test_attributions_refuse_bad_inputs(tiny_models):
     pg = tiny_models["pg1"].pg
     pixels, ids, types, target = attribution_case(pg)
@@ -321,3 +338,27 @@ def test_core_import_does_not_need_matplotlib():
     code = "import sys, pali_jax, pali_jax.inspect; assert 'matplotlib' not in sys.modules"
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
+
+
+def test_demo_models_circle_attention_points_at_the_circle_far_above_chance():
+    """The word "circle"'s map (every layer and head, the pass that produced it) on 50 held-out demo
+    scenes. Measured: 34 of 50 peaks in the circle's cell (chance 1/16; the issue hoped for 90%,
+    which the model's mixing of image tokens does not give: README, benchmarks/circle_attention.py);
+    the same maps transposed 8 of 50, shifted by one key 2 of 50: 20 tells a right map from a
+    wrongly laid out one."""
+    import PIL.Image
+
+    from pali_jax.demo import shapes
+    from benchmarks.circle_attention import DEMO_MODEL, HELDOUT_SEED_FOR_MAPS, circle_cell
+
+    pg = PaliGemma.from_pretrained(ROOT / DEMO_MODEL)
+    scenes = [s for s in shapes.scenes(200, HELDOUT_SEED_FOR_MAPS) if any(x.kind == "circle" for x in s.shapes)][:50]
+    results = pg.generate([PIL.Image.fromarray(shapes.render(s)) for s in scenes], "caption en",
+                          output_attentions=True)
+    hits = 0
+    for scene, result in zip(scenes, results):
+        words, maps = ins.word_attention_maps(result.attentions, [pg.tokenizer.decode([t]) for t in result.token_ids],
+                                              pg.config.num_image_tokens)
+        assert "circle" in words, words  # the demo model captions held-out scenes right
+        hits += int(maps[words.index("circle")].argmax() == circle_cell(scene))
+    assert hits >= 20, f"{hits} of 50"
