@@ -5,7 +5,8 @@ and the logit lens as a table.
 Needs matplotlib (`pip install pali-jax[inspect]`). Figures are built with matplotlib's
 object-oriented API (`matplotlib.figure.Figure`), never through pyplot: nothing here selects a
 backend, keeps figures alive or shows windows. Every function returns the Figure; `save` writes it.
-In a notebook a returned Figure displays itself.
+In a notebook, a Figure left as a cell's last expression is drawn once `%matplotlib inline` has run
+(or `IPython.display.display(fig)`); elsewhere, `save` it.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def overlay(
     ax: Axes | None = None,
     *,
     alpha: float = 0.5,
-    cmap: str = "jet",
+    cmap: str = "viridis",
     vmax: float | None = None,
     title: str | None = None,
 ) -> Figure:
