@@ -14,6 +14,7 @@ and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -62,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--draw", metavar="OUT.png", help="draw detected boxes and masks (one file per image if several)")
     p.add_argument("--seg-vae", metavar="PATH", help="big_vision's vae-oid.npz: decode `segment` answers into masks "
                                                     "(default: $PALI_JAX_SEG_VAE)")
+    p.add_argument("--attention-map", metavar="OUT.png",
+                   help="draw each generated word's attention over the image (one file per image if several)")
     p.add_argument("--masks-dir", metavar="DIR", help="write each decoded mask as a PNG (needs --seg-vae)")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="warn about unreadable images and answer the others (default: stop before any output)")
@@ -84,10 +87,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.seg_vae = resolve_vae_path(args.seg_vae)
     if args.masks_dir and not args.seg_vae:
         p.error("--masks-dir needs a mask decoder: --seg-vae PATH (or PALI_JAX_SEG_VAE)")
-    if args.draw:
-        problem = check_draw_target(args.draw)
+    for flag, target in (("--draw", args.draw), ("--attention-map", args.attention_map)):
+        problem = target and check_draw_target(target, flag)
         if problem:
             p.error(problem)
+    if args.attention_map and (args.stream or args.beams > 1):
+        p.error("--attention-map records greedy or sampled decoding: drop --stream / --beams")
+    if args.attention_map and importlib.util.find_spec("matplotlib") is None:
+        p.error("--attention-map draws with matplotlib: pip install 'pali-jax[inspect]'")
     return args
 
 
@@ -110,20 +117,33 @@ def error_line(error: Exception) -> str:
     return message
 
 
-def check_draw_target(out: str) -> str | None:
-    """What is wrong with --draw OUT (a missing folder, a format PIL cannot write), checked before
-    any work; None if nothing."""
+def check_draw_target(out: str, flag: str = "--draw") -> str | None:
+    """What is wrong with `flag` OUT (a missing folder, a format it cannot write: --draw writes
+    what PIL can, --attention-map PNG), checked before any work; None if nothing."""
     import PIL.Image
 
     out_path = Path(out)
     if not out_path.parent.is_dir():
-        return f"--draw {out}: folder {out_path.parent} does not exist"
+        return f"{flag} {out}: folder {out_path.parent} does not exist"
     if out_path.is_dir():
-        return f"--draw {out} is a folder: give a file name such as {out_path / 'boxes.png'}"
+        return f"{flag} {out} is a folder: give a file name such as {out_path / 'out.png'}"
     suffix = out_path.suffix.lower() or ".png"
-    if suffix not in PIL.Image.registered_extensions():
-        return f"--draw {out}: unknown image extension {suffix!r} (use .png or .jpg)"
+    known = (".png",) if flag == "--attention-map" else PIL.Image.registered_extensions()
+    if suffix not in known:
+        return f"{flag} {out}: unknown image extension {suffix!r} (use .png{'' if len(known) == 1 else ' or .jpg'})"
     return None
+
+
+def draw_attention(pg, image, result, target: Path) -> bool:
+    """Writes each generated word's attention over `image` to `target`; False if the answer has no word."""
+    from pali_jax import inspect, plots
+
+    pieces = [pg.tokenizer.decode([t]) for t in result.token_ids]
+    words, maps = inspect.word_attention_maps(result.attentions, pieces, pg.config.num_image_tokens)
+    if not words:
+        return False
+    plots.save(plots.word_maps(image, words, maps), target)
+    return True
 
 
 def collect_images(paths: list[str]) -> list[Path]:
@@ -218,6 +238,9 @@ def run(args: argparse.Namespace) -> None:
         raise UserError("no image given and no bundled sample image found: pass --image")
     images = check_images(images, args.skip_bad_images)
     drawings = iter(draw_paths(args.draw, images) if args.draw else [])  # in the order of `images`
+    attention_maps = iter(draw_paths(args.attention_map, images) if args.attention_map else [])
+    if args.attention_map:
+        generation = generation.replace(output_attentions=True)
     t0 = time.perf_counter()
     # Inference only, so on one device each decoder layer keeps its own weights: faster decoding.
     pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae)
@@ -242,6 +265,9 @@ def run(args: argparse.Namespace) -> None:
                 draw_detections(load_image(path), result.boxes).save(target)
             elif target is not None:
                 print(f"note: no boxes in the answer for {path}: nothing drawn", file=sys.stderr)
+            target = next(attention_maps, None)
+            if target is not None and not draw_attention(pg, load_image(path), result, target):
+                print(f"note: the answer for {path} has no word: no attention map drawn", file=sys.stderr)
             if args.masks_dir:
                 write_masks(args.masks_dir, path, result.boxes)
             if args.json:

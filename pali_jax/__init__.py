@@ -29,13 +29,14 @@ from pali_jax.detection import Detection, draw_detections, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, StopReason, enable_compilation_cache
 from pali_jax.generation_config import GenerationConfig, GenerationError
+from pali_jax.intermediates import ForwardOutput
 from pali_jax.pretrained import PaliGemma, Result
 from pali_jax.processor import PaliGemmaProcessor, PaliGemmaTokenizer, load_image, preprocess_images
 from pali_jax.sampling import SamplingParams
 from pali_jax.segmentation import MaskDecoder, paste_mask
 
 __all__ = [
-    "PRESETS", "Detection", "GemmaConfig", "GenerateOutput", "GenerationConfig", "GenerationError", "MaskDecoder",
+    "PRESETS", "Detection", "ForwardOutput", "GemmaConfig", "GenerateOutput", "GenerationConfig", "GenerationError", "MaskDecoder",
     "PaliGemma", "PaliGemmaConfig", "PaliGemmaProcessor", "PaliGemmaTokenizer", "Result", "SamplingParams",
     "SiglipConfig", "StopReason", "UserError", "draw_detections", "enable_compilation_cache", "load_image",
     "parse_detections", "paste_mask", "preprocess_images", "preset",

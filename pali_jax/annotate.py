@@ -166,8 +166,9 @@ def annotate(
     if generation.beams > 1:
         raise GenerationError("beams", f"annotate decodes greedily or by sampling (continuous batching); beams="
                               f"{generation.beams} needs fixed batches: use run_generate.py --beams or pg.generate")
-    if generation.return_logits:
-        raise GenerationError("return_logits", "annotate returns records, not logits: use pg.generate_ids")
+    if generation.records:
+        name = generation.records[0]
+        raise GenerationError(name, f"annotate writes text records, not {name}: use pg.generate or pg.generate_ids")
     cfg = pg.config
     generation.check_model(cfg)
     check_sizes(workers, queue_size)

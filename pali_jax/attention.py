@@ -48,18 +48,33 @@ def attend(
     rule + window give the mask; `used` (traced): the key slots 0 .. used - 1 that can hold
     tokens (a cache's written slots); None: all S.
     """
-    b, t, n, h = q.shape
-    s, kv_heads = k.shape[1], k.shape[2]
-    if used is not None and s > CHUNK:
+    if used is not None and k.shape[1] > CHUNK:
         return _attend_chunked(q, k, v, rule, window, scale, softcap, used)
-    mask = rule.mask(window)  # [B, T, S]
     if kernel == "dot_product_attention" and softcap is None:
+        mask = rule.mask(window)  # [B, T, S]
         return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], scale=scale)
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = _logits(q, k.astype(q.dtype), scale, softcap)
+    return mix(probabilities(q, k, rule, window, scale=scale, softcap=softcap), v, q.dtype)
+
+
+def probabilities(
+    q: jax.Array, k: jax.Array, rule: PrefixLM, window: jax.Array | int, *, scale: float, softcap: float | None
+) -> jax.Array:
+    """q [B, T, N, H], k [B, S, K, H] -> the post-softmax attention [B, K, G, T, S] float32 over all
+    S slots (query head n = k * G + g reads kv head k). Masked slots get exactly 0, except in the
+    row of a query that sees no slot at all (a padding position), which is uniform."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    mask = rule.mask(window)  # [B, T, S]
+    logits = _logits(q.reshape(b, t, kv_heads, n // kv_heads, h), k.astype(q.dtype), scale, softcap)
     logits = jnp.where(mask[:, None, None], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v.astype(q.dtype)).reshape(b, t, n, h)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def mix(probs: jax.Array, v: jax.Array, dtype) -> jax.Array:
+    """probs [B, K, G, T, S], v [B, S, K, H] -> the attended values [B, T, N, H] in `dtype`."""
+    b, kv_heads, g, t, _ = probs.shape
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(dtype), v.astype(dtype))
+    return out.reshape(b, t, kv_heads * g, v.shape[-1])
 
 
 def _attend_chunked(q, k, v, rule, window, scale, softcap, used):

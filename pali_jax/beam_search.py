@@ -92,7 +92,7 @@ class BeamSearch:
     def _run_impl(self, statics: _Statics, beams: int, params, pixels, ids, types, mask, max_new_tokens, stop_tokens, alpha):
         cfg = self.model.cfg
         batch = ids.shape[0]
-        logits, cache = prefill(self.model, self.mesh, statics.cache_length, params, pixels, ids, types, mask)
+        logits, cache, _ = prefill(self.model, self.mesh, statics.cache_length, params, pixels, ids, types, mask)
         # Every beam starts from the same prompt: copy the cache, and let only beam 0 compete at
         # the first step so that the n beams do not start as n copies of one hypothesis.
         cache = cache.map_rows(lambda x, axis: jnp.repeat(x, beams, axis=axis))
@@ -137,8 +137,9 @@ class BeamSearch:
         generation = GenerationConfig.resolve(generation_config, options)
         if generation.do_sample:
             raise GenerationError("temperature", "beam search is deterministic: drop temperature / top_k / top_p")
-        if generation.return_logits:
-            raise GenerationError("return_logits", "return_logits is for greedy or sampled decoding, not beam search")
+        if generation.records:
+            name = generation.records[0]
+            raise GenerationError(name, f"{name} is for greedy or sampled decoding, not beam search")
         statics, ids, types, mask, stops = prepare_prompts(
             self.model.cfg, input_ids, token_type_ids, attention_mask, generation, dtype=self.model.dtype,
             mesh=self.mesh,

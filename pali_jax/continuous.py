@@ -192,7 +192,7 @@ class ContinuousDecoder:
         """Prompts [R, P] into slots `rows` [R] (free ones): prefill, first token, copy."""
         self.traces += 1
         r, p = ids.shape
-        logits, fresh = prefill(self.model, self.mesh, p, params, pixels, ids, types, mask)
+        logits, fresh, _ = prefill(self.model, self.mesh, p, params, pixels, ids, types, mask)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, items)  # [R, 2]
         first = sample_rows(logits, jax.vmap(jax.random.fold_in)(keys, jnp.zeros((r,), jnp.int32)), sampling)
         cache = slots.cache

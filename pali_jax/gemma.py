@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from pali_jax import attention
 from pali_jax.backend import AttentionKernel, Layout, project
 from pali_jax.config import GemmaConfig
+from pali_jax.intermediates import INTERMEDIATES
 from pali_jax.layers import Einsum, default_init, shared_scope
 from pali_jax.masks import NO_WINDOW, PrefixLM
 
@@ -111,9 +112,15 @@ class Attention(nn.Module):
         if layer_kv is not None:
             k, v = write(layer_kv[0], k, write_index), write(layer_kv[1], v, write_index)
             layer_kv, used = (k, v), write_index + x.shape[1]
-        out = attention.attend(
-            q, k, v, rule, window, scale=c.query_scale, softcap=c.attn_logit_softcap, kernel=self.kernel, used=used
-        )
+        if self.is_mutable_collection(INTERMEDIATES):  # asked to record: the whole matrix, never chunked
+            probs = attention.probabilities(q, k, rule, window, scale=c.query_scale, softcap=c.attn_logit_softcap)
+            b, kv_heads, g, t, s = probs.shape
+            self.sow(INTERMEDIATES, "attention", probs.reshape(b, kv_heads * g, t, s))  # [B, N, T, S]
+            out = attention.mix(probs, v, q.dtype)
+        else:
+            out = attention.attend(
+                q, k, v, rule, window, scale=c.query_scale, softcap=c.attn_logit_softcap, kernel=self.kernel, used=used
+            )
         return self.out_proj(out), layer_kv
 
 
@@ -161,7 +168,9 @@ class Block(nn.Module):
         h = FeedForward(c, self.dtype, self.layout, name="mlp")(h)
         if c.post_norms:
             h = RMSNorm(c.rms_norm_eps, name="post_ffw_norm")(h)
-        return x + h, layer_kv
+        x = x + h
+        self.sow(INTERMEDIATES, "output", x)
+        return x, layer_kv
 
 
 class Gemma(nn.Module):
@@ -187,7 +196,8 @@ class Gemma(nn.Module):
         if self.layout.stacked:
             self.layers = nn.scan(
                 block,
-                variable_axes={"params": 0, "lora": 0},  # LoRA adapters (lora.py) are stacked like the weights
+                # LoRA adapters (lora.py) and recorded intermediates are stacked like the weights
+                variable_axes={"params": 0, "lora": 0, INTERMEDIATES: 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
                 length=c.depth,
@@ -204,6 +214,7 @@ class Gemma(nn.Module):
         """x [B, T, D] embedded inputs; rule: the attention mask's inputs; kv: the cache's (k, v)
         (see class docstring) or None. Returns (final-normed hidden states [B, T, D], updated kv)."""
         is_sliding = jnp.asarray(self.cfg.layer_is_sliding, bool)  # [L]
+        self.sow(INTERMEDIATES, "embeddings", x)
         if self.layout.stacked:
             x, kv = self.layers(x, positions, rule, is_sliding, kv, write_index)
         else:
@@ -213,7 +224,9 @@ class Gemma(nn.Module):
                                     write_index)
                 updated.append(layer_kv)
             kv = None if kv is None else tuple(zip(*updated))
-        return self.final_norm(x), kv
+        h = self.final_norm(x)
+        self.sow(INTERMEDIATES, "last_hidden_state", h)
+        return h, kv
 
     def logits(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V] float32, with Gemma 2's final soft cap where configured."""

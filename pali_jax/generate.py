@@ -15,6 +15,10 @@ Shape buckets keep the number of compiled programs small:
 
 `stream` runs the same prefill and the same loop body, one jitted step per host iteration, and
 yields each step's tokens: it gives exactly the tokens of `generate`.
+
+`output_attentions` / `output_scores` (and `return_logits`) are static: each combination is a
+program of its own, carrying its extra buffers in the decode state; with all of them off the
+program is the plain one, with no extra output.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pali_jax import backend, sharding
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
 from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory
+from pali_jax.intermediates import apply_recording
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import PaliGemmaModel
 from pali_jax.sampling import sample
@@ -115,6 +120,12 @@ class DecodeState:
     cache: KVCache
     key: jax.Array
     logits: jax.Array | None  # [B, N, V] float32 when asked for (tests, scoring), else None
+    # output_attentions: per emitted token, the attention of the pass that produced it (its last
+    # query row) [B, N, L, Nh, S], and the prefill's whole [B, L, Nh, T, S]; output_scores: each
+    # emitted token's log-probability [B, N]. Otherwise None, and the program is the plain one.
+    attentions: jax.Array | None = None
+    prefill_attentions: jax.Array | None = None
+    logprobs: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +137,13 @@ class GenerateOutput:
     stop_reason: list[StopReason]
     logits: np.ndarray | None = None  # [B, n, V] per-step logits, when asked for
     scores: np.ndarray | None = None  # [B] beam search: length-normalised log-probability
+    # output_attentions (see DecodeState): [B, n, L, N, S] and [B, L, N, T, S] over the S cache
+    # slots, where row b's prompt starts at slot prompt_start[b] (left padding before it) and its
+    # j-th new token sits at slot T + j; output_scores: log-probabilities [B, n] (0 past a row's end).
+    attentions: np.ndarray | None = None
+    prefill_attentions: np.ndarray | None = None
+    prompt_start: np.ndarray | None = None
+    logprobs: np.ndarray | None = None
 
 
 def stop_reasons(done, lengths, max_new_tokens: int) -> list[StopReason]:
@@ -135,13 +153,19 @@ def stop_reasons(done, lengths, max_new_tokens: int) -> list[StopReason]:
     ]
 
 
-def prefill(model: PaliGemmaModel, mesh: Mesh | None, cache_length: int, params, pixels, ids, types, mask):
-    """Traced: image + prompts into a fresh cache of `cache_length` slots; (last logits [B, V], cache)."""
+def prefill(
+    model: PaliGemmaModel, mesh: Mesh | None, cache_length: int, params, pixels, ids, types, mask, *, record=False
+):
+    """Traced: image + prompts into a fresh cache of `cache_length` slots; (last logits [B, V], cache,
+    the decoder's attention probabilities [L, B, N, T, S] if `record` else None)."""
     cache = KVCache.init(model.cfg.text, ids.shape[0], cache_length, model.dtype, model.layout.stacked)
     if mesh is not None:  # host inputs and the fresh cache carry no sharding: pin them
         pixels, ids, types, mask = sharding.constrain_batch((pixels, ids, types, mask), mesh)
         cache = sharding.constrain_cache(cache, mesh)
-    return model.apply({"params": params}, pixels, ids, types, mask, cache, method=PaliGemmaModel.prefill)
+    (logits, cache), attentions = apply_recording(
+        model, {"params": params}, pixels, ids, types, mask, cache, method=PaliGemmaModel.prefill, record=record
+    )
+    return logits, cache, attentions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,17 +173,27 @@ class _Statics:
     buffer: int  # N
     cache_length: int  # S
     keep_logits: bool
+    attentions: bool = False
+    scores: bool = False
 
 
 @functools.lru_cache(maxsize=64)  # eval_shape traces the cache's init: once per shape, not per call
-def decode_bytes(cfg: PaliGemmaConfig, rows: int, cache_length: int, buffer: int, dtype, keep_logits: bool) -> int:
+def decode_bytes(
+    cfg: PaliGemmaConfig, rows: int, cache_length: int, buffer: int, dtype, keep_logits: bool,
+    attentions_of_prompt: int = 0, scores: bool = False,
+) -> int:
     """Bytes of a decode's KV cache and output buffers for `rows` rows, from their shapes alone
-    (`jax.eval_shape`: nothing is allocated). A lower bound: temporaries are not counted."""
+    (`jax.eval_shape`: nothing is allocated). A lower bound: temporaries are not counted.
+
+    attentions_of_prompt: the prompt length T when attentions are recorded (0: not recorded): the
+    prefill's [L, N, T, S] and one [L, N, S] per new token, float32, per row."""
     cache = jax.eval_shape(lambda: KVCache.init(cfg.text, rows, cache_length, dtype))
     total = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(cache))
-    total += rows * buffer * 4  # int32 tokens
+    total += rows * buffer * 4 * (2 if scores else 1)  # int32 tokens, float32 log-probabilities
     if keep_logits:
         total += rows * buffer * cfg.vocab_size * 4
+    if attentions_of_prompt:
+        total += rows * cfg.text.depth * cfg.text.num_heads * cache_length * (attentions_of_prompt + buffer) * 4
     return total
 
 
@@ -184,16 +218,20 @@ def prepare_prompts(
     ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=cfg.pad_token_id)
     types, mask = np.pad(types, ((0, 0), (extra, 0))), np.pad(mask, ((0, 0), (extra, 0)))
     buffer = bucket(generation.max_new_tokens, MIN_NEW_TOKENS_BUCKET)
-    statics = _Statics(buffer, generation.cache_length or padded + buffer, generation.return_logits)
+    statics = _Statics(
+        buffer, generation.cache_length or padded + buffer, generation.return_logits, generation.output_attentions,
+        generation.output_scores,
+    )
     if statics.cache_length <= padded:
         raise GenerationError(
             "cache_length", f"cache_length {statics.cache_length} leaves no room after a {padded}-token prompt"
         )
     rows = ids.shape[0] * generation.beams
-    need = decode_bytes(cfg, rows, statics.cache_length, buffer, dtype, statics.keep_logits)
+    need = decode_bytes(cfg, rows, statics.cache_length, buffer, dtype, statics.keep_logits,
+                        padded if statics.attentions else 0, statics.scores)
     check_memory(
         need, f"the KV cache and output buffers ({rows} row{'s' * (rows != 1)}, {statics.cache_length} cache slots)",
-        "cache_length" if generation.cache_length else "max_new_tokens",
+        "output_attentions" if statics.attentions else "cache_length" if generation.cache_length else "max_new_tokens",
         devices=1 if mesh is None else mesh.devices.size,
         device=None if mesh is None else mesh.devices.flat[0],
     )
@@ -214,12 +252,21 @@ class Generator:
         self._step = jit_model_program(self._step_impl, donate_argnums=1)
 
     # -- traced pieces -------------------------------------------------------------------------
-    def _emit(self, state: DecodeState, token, logits, stop_tokens) -> DecodeState:
+    def _emit(self, state: DecodeState, token, logits, stop_tokens, attention=None) -> DecodeState:
+        """Writes this step's token [B] (and what is recorded: logits [B, V], the attention of its
+        last query [L, B, N, 1, S]) at `step`."""
         pad = self.model.cfg.pad_token_id
         token = jnp.where(state.done, pad, token).astype(jnp.int32)
         tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step))
+        at_step = lambda buffer, value: jax.lax.dynamic_update_index_in_dim(buffer, value, state.step, 1)  # noqa: E731
         if state.logits is not None:
-            state = state.replace(logits=jax.lax.dynamic_update_slice(state.logits, logits[:, None], (0, state.step, 0)))
+            state = state.replace(logits=at_step(state.logits, logits))
+        if state.logprobs is not None:
+            chosen = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=1)[:, 0]
+            state = state.replace(logprobs=at_step(state.logprobs, jnp.where(state.done, 0.0, chosen)))
+        if state.attentions is not None:
+            rows = jnp.moveaxis(attention[:, :, :, -1], 0, 1)  # [B, L, N, S]
+            state = state.replace(attentions=at_step(state.attentions, jnp.where(state.done[:, None, None, None], 0.0, rows)))
         stopped = jnp.isin(token, stop_tokens) & ~state.done
         return self._host_readable(state.replace(
             step=state.step + 1, tokens=tokens, lengths=state.lengths + (~state.done), done=state.done | stopped
@@ -230,14 +277,20 @@ class Generator:
         a process can only fetch arrays its own devices hold entirely."""
         if self.mesh is None:
             return state
-        outputs = {k: getattr(state, k) for k in ("tokens", "lengths", "done", "logits")}
+        outputs = {
+            k: getattr(state, k)
+            for k in ("tokens", "lengths", "done", "logits", "attentions", "prefill_attentions", "logprobs")
+        }
         return state.replace(**sharding.replicate(outputs, self.mesh))
 
     def _prefill_impl(self, statics: _Statics, params, pixels, ids, types, mask, sampling, key, stop_tokens):
         self.traces += 1
         cfg = self.model.cfg
         batch = ids.shape[0]
-        logits, cache = prefill(self.model, self.mesh, statics.cache_length, params, pixels, ids, types, mask)
+        logits, cache, attention = prefill(
+            self.model, self.mesh, statics.cache_length, params, pixels, ids, types, mask, record=statics.attentions
+        )
+        depth, heads = cfg.text.depth, cfg.text.num_heads
         state = DecodeState(
             step=jnp.zeros((), jnp.int32),
             tokens=jnp.full((batch, statics.buffer), cfg.pad_token_id, jnp.int32),
@@ -246,19 +299,24 @@ class Generator:
             cache=cache,
             key=key,
             logits=jnp.zeros((batch, statics.buffer, cfg.vocab_size), jnp.float32) if statics.keep_logits else None,
+            attentions=jnp.zeros((batch, statics.buffer, depth, heads, statics.cache_length), jnp.float32)
+            if statics.attentions else None,
+            prefill_attentions=None if attention is None else jnp.moveaxis(attention, 0, 1),
+            logprobs=jnp.zeros((batch, statics.buffer), jnp.float32) if statics.scores else None,
         )
         token = sample(logits, jax.random.fold_in(key, 0), sampling)
-        return self._emit(state, token, logits, stop_tokens)
+        return self._emit(state, token, logits, stop_tokens, attention)
 
     def _step_impl(self, params, state: DecodeState, sampling, stop_tokens) -> DecodeState:
         prev = jax.lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [B, 1]
-        logits, cache = self.model.apply(
-            {"params": params}, prev, state.cache, ~state.done[:, None], method=PaliGemmaModel.step
+        (logits, cache), attention = apply_recording(
+            self.model, {"params": params}, prev, state.cache, ~state.done[:, None], method=PaliGemmaModel.step,
+            record=state.attentions is not None,
         )
         if self.mesh is not None:  # keeps the while loop's carried cache in its layout
             cache = sharding.constrain_cache(cache, self.mesh)
         token = sample(logits[:, 0], jax.random.fold_in(state.key, state.step), sampling)
-        return self._emit(state.replace(cache=cache), token, logits[:, 0], stop_tokens)
+        return self._emit(state.replace(cache=cache), token, logits[:, 0], stop_tokens, attention)
 
     @staticmethod
     def _running(state: DecodeState, max_new_tokens) -> jax.Array:
@@ -306,7 +364,7 @@ class Generator:
             statics, params, pixel_values, ids, types, mask, jnp.int32(generation.max_new_tokens),
             generation.sampling_params(), generation.prng_key(), stops,
         )
-        return self._output(state, generation.max_new_tokens)
+        return self._output(state, generation.max_new_tokens, mask)
 
     def stream(
         self,
@@ -326,6 +384,9 @@ class Generator:
         generation, (statics, ids, types, mask, stops) = self._prepare(
             input_ids, token_type_ids, attention_mask, generation_config, options
         )
+        if generation.records:
+            name = generation.records[0]
+            raise GenerationError(name, f"stream yields tokens only: {name} is for generate")
         return self._stream_steps(statics, params, pixel_values, ids, types, mask, stops, generation)
 
     def _stream_steps(self, statics, params, pixels, ids, types, mask, stops, generation: GenerationConfig):
@@ -339,10 +400,15 @@ class Generator:
                 return
             state = self._step(params, state, sampling, stops)
 
-    def _output(self, state: DecodeState, max_new_tokens: int) -> GenerateOutput:
+    def _output(self, state: DecodeState, max_new_tokens: int, mask: np.ndarray) -> GenerateOutput:
+        """The host copy, cut to the longest row; mask: the prompts' bucketed attention mask."""
         lengths = np.asarray(state.lengths)
         n = int(lengths.max())
-        logits = None if state.logits is None else np.asarray(state.logits[:, :n])
+        cut = lambda x: None if x is None else np.asarray(x[:, :n])  # noqa: E731
+        recorded = state.attentions is not None
         return GenerateOutput(
-            np.asarray(state.tokens[:, :n]), lengths, stop_reasons(state.done, lengths, max_new_tokens), logits
+            np.asarray(state.tokens[:, :n]), lengths, stop_reasons(state.done, lengths, max_new_tokens),
+            cut(state.logits), attentions=cut(state.attentions),
+            prefill_attentions=None if not recorded else np.asarray(state.prefill_attentions),
+            prompt_start=None if not recorded else np.argmax(mask, axis=1), logprobs=cut(state.logprobs),
         )

@@ -31,6 +31,8 @@ from pali_jax.errors import UserError
 from pali_jax.sampling import SamplingParams
 
 MAX_SEED = 2**63  # exclusive: a seed is a non-negative int64
+# Options that keep more than the tokens: only the fixed-batch decoder of `generate.py` has them.
+RECORDS = ("return_logits", "output_attentions", "output_scores")
 
 
 class GenerationError(UserError):
@@ -90,6 +92,9 @@ class GenerationConfig:
     cache_length: KV-cache slots (None: prompt bucket + output buffer); a smaller cache stops
         with `StopReason.CACHE_FULL`.
     return_logits: keep every step's logits ([B, n, V] float32; `generate_ids` only).
+    output_attentions: keep, per new token, every layer's and head's attention over the cache
+        (the pass that produced the token), and the prefill's (float32; see `GenerateOutput`).
+    output_scores: keep each new token's log-probability under the model (before sampling filters).
     batch_size: rows per compiled call in `PaliGemma`'s methods (None: all at once).
     """
 
@@ -103,6 +108,8 @@ class GenerationConfig:
     stop_tokens: tuple[int, ...] = ()
     cache_length: int | None = None
     return_logits: bool = False
+    output_attentions: bool = False
+    output_scores: bool = False
     batch_size: int | None = None
 
     def __post_init__(self):
@@ -112,8 +119,9 @@ class GenerationConfig:
         top_p = None if self.top_p is None else _real("top_p", self.top_p)
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise GenerationError("top_p", f"top_p must be in (0, 1] (1 disables it), got {top_p}")
-        if not isinstance(self.return_logits, (bool, np.bool_)):
-            raise GenerationError("return_logits", f"return_logits must be a bool, got {_describe(self.return_logits)}")
+        for name in RECORDS:
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise GenerationError(name, f"{name} must be a bool, got {_describe(getattr(self, name))}")
         normalised = dict(
             max_new_tokens=_integer("max_new_tokens", self.max_new_tokens, 1),
             temperature=temperature,
@@ -124,7 +132,7 @@ class GenerationConfig:
             seed=_integer("seed", self.seed, 0, MAX_SEED - 1),
             stop_tokens=_token_ids("stop_tokens", self.stop_tokens),
             cache_length=_optional_integer("cache_length", self.cache_length, 1),
-            return_logits=bool(self.return_logits),
+            **{name: bool(getattr(self, name)) for name in RECORDS},
             batch_size=_optional_integer("batch_size", self.batch_size, 1),
         )
         for name, value in normalised.items():  # numpy scalars become Python ones: hashable, printable
@@ -134,8 +142,14 @@ class GenerationConfig:
                 "beams", f"beams={self.beams} runs beam search, which is deterministic: drop temperature / top_k / "
                 "top_p, or use beams=1"
             )
-        if self.beams > 1 and self.return_logits:
-            raise GenerationError("return_logits", "return_logits is for greedy or sampled decoding, not beam search")
+        if self.beams > 1 and self.records:
+            name = self.records[0]
+            raise GenerationError(name, f"{name} is for greedy or sampled decoding, not beam search")
+
+    @property
+    def records(self) -> tuple[str, ...]:
+        """The options that keep more than tokens (`RECORDS`) that are on."""
+        return tuple(name for name in RECORDS if getattr(self, name))
 
     def replace(self, **changes: Any) -> GenerationConfig:
         """A copy with `changes` applied, validated as a new one; unknown names are refused."""

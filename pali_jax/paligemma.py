@@ -22,6 +22,7 @@ import numpy as np
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.backend import CHECKPOINT_LAYOUT, AttentionKernel, Layout
 from pali_jax.gemma import Gemma
+from pali_jax.intermediates import INTERMEDIATES
 from pali_jax.kv_cache import KVCache
 from pali_jax.masks import PrefixLM
 from pali_jax.siglip import SigLIP
@@ -47,7 +48,9 @@ class PaliGemmaModel(nn.Module):
 
     def embed_image(self, pixel_values: jax.Array) -> jax.Array:
         """[B, H, W, 3] in [-1, 1] -> image tokens [B, P, D] (projected, not scaled)."""
-        return self.img(pixel_values)
+        tokens = self.img(pixel_values)
+        self.sow(INTERMEDIATES, "image_features", tokens)
+        return tokens
 
     def embed_inputs(self, input_ids: jax.Array, image_tokens: jax.Array) -> jax.Array:
         """Text embeddings [B, T, D] with the k-th `<image>` id of each row replaced by its k-th

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -31,6 +30,7 @@ from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, Generator, jit_model_program
 from pali_jax.generation_config import GenerationConfig, GenerationError
+from pali_jax.intermediates import INTERMEDIATES, ForwardOutput, forward_output
 from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
@@ -54,6 +54,13 @@ class Result:
     token_ids: list[int]
     boxes: list[Detection]
     stop_reason: str
+    # output_attentions / output_scores: over this row's own positions (its image tokens first, then
+    # <bos>, the prompt, "\n", then the generated tokens; no padding): attentions [n, L, N, T + n - 1],
+    # new token j's row being the pass that produced it (it sees positions < T + j);
+    # prefill_attentions [L, N, T, T]; logprobs [n], each token's log-probability.
+    attentions: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    prefill_attentions: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    logprobs: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
 
 def _batches(n: int, batch_size: int | None) -> list[slice]:
@@ -74,13 +81,35 @@ def _concatenate(outputs: list[GenerateOutput], pad: int) -> GenerateOutput:
         widths = lambda x: [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
         return np.concatenate([np.pad(x, widths(x), constant_values=value) if x.ndim > 1 else x for x in arrays])
 
+    attentions = prefill_attentions = prompt_start = None
+    if outputs[0].attentions is not None:
+        attentions, prefill_attentions, prompt_start = _align_slots(outputs, n)
     return GenerateOutput(
         join([out.tokens for out in outputs], pad),
         join([out.lengths for out in outputs], 0),
         [reason for out in outputs for reason in out.stop_reason],
         join([out.logits for out in outputs], 0.0),
         join([out.scores for out in outputs], 0.0),
+        attentions=attentions, prefill_attentions=prefill_attentions, prompt_start=prompt_start,
+        logprobs=join([out.logprobs for out in outputs], 0.0),
     )
+
+
+def _align_slots(outputs: list[GenerateOutput], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batches' recorded attentions on one slot axis: each batch's slots shifted right by the
+    difference of its prompt bucket T to the longest (more left padding), so that new token j sits
+    at slot T_max + j in every row, and padded with zeros on the right to the longest cache."""
+    prompts = [out.prefill_attentions.shape[3] for out in outputs]  # T of each batch
+    t_max = max(prompts)
+    s_max = max(out.attentions.shape[-1] + t_max - t for out, t in zip(outputs, prompts))
+    steps, prefills, starts = [], [], []
+    for out, t in zip(outputs, prompts):
+        shift, s = t_max - t, out.attentions.shape[-1]
+        slots = [(shift, s_max - s - shift)]
+        steps.append(np.pad(out.attentions, [(0, 0), (0, n - out.attentions.shape[1]), (0, 0), (0, 0), *slots]))
+        prefills.append(np.pad(out.prefill_attentions, [(0, 0), (0, 0), (0, 0), (shift, 0), *slots]))
+        starts.append(out.prompt_start + shift)
+    return np.concatenate(steps), np.concatenate(prefills), np.concatenate(starts)
 
 
 class _TextPieces:
@@ -146,6 +175,7 @@ class PaliGemma:
         self.generator = Generator(self.module, self.mesh)
         self.beam_search = BeamSearch(self.module, self.mesh)
         self._forward = jit_model_program(self.module.apply)
+        self._forward_recorded = jit_model_program(self._forward_recorded_impl, static_argnums=(5, 6))
 
     @functools.cached_property
     def tokenizer(self) -> PaliGemmaTokenizer:
@@ -257,11 +287,36 @@ class PaliGemma:
             raise UserError(f"input_ids must lie in [0, {self.config.vocab_size})")
         return pixels.astype(self.dtype), ids
 
-    def forward(self, pixel_values, input_ids, token_type_ids=None, attention_mask=None) -> jax.Array:
+    def forward(
+        self,
+        pixel_values,
+        input_ids,
+        token_type_ids=None,
+        attention_mask=None,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> jax.Array | ForwardOutput:
         """Logits [B, T, V] float32. pixel_values [B, H, W, 3] in [-1, 1]; input_ids [B, T] with the
-        image tokens in place. token_type_ids None: all prefix; attention_mask None: no padding."""
+        image tokens in place. token_type_ids None: all prefix; attention_mask None: no padding.
+
+        With output_attentions and / or output_hidden_states: a `ForwardOutput` (logits, the
+        decoder's and SigLIP's attentions and hidden states, the image features), as transformers
+        returns them with the same flags; one compiled program per combination of flags.
+        """
+        for name, flag in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise UserError(f"{name} must be a bool, got {flag!r}")
         pixels, ids = self._check(pixel_values, input_ids)
-        return self._forward({"params": self.params}, pixels, ids, token_type_ids, attention_mask)
+        if not (output_attentions or output_hidden_states):
+            return self._forward({"params": self.params}, pixels, ids, token_type_ids, attention_mask)
+        return self._forward_recorded(
+            self.params, pixels, ids, token_type_ids, attention_mask, bool(output_attentions), bool(output_hidden_states)
+        )
+
+    def _forward_recorded_impl(self, params, pixels, ids, types, mask, attentions: bool, hidden_states: bool):
+        logits, recorded = self.module.apply({"params": params}, pixels, ids, types, mask, mutable=[INTERMEDIATES])
+        return forward_output(logits, recorded[INTERMEDIATES], attentions=attentions, hidden_states=hidden_states)
 
     def generate_ids(
         self,
@@ -338,7 +393,8 @@ class PaliGemma:
             for row, image in enumerate(loaded[rows]):
                 ids = out.tokens[row, : out.lengths[row]].tolist()
                 text = self.tokenizer.decode(ids)
-                results.append(Result(text, ids, parse_detections(text, *image.size), out.stop_reason[row].name.lower()))
+                results.append(Result(text, ids, parse_detections(text, *image.size), out.stop_reason[row].name.lower(),
+                                      **_recorded_of_row(out, row)))
             _add_masks(results[rows], loaded[rows], mask_decoder or self.mask_decoder, prompts[rows])
         return results
 
@@ -360,8 +416,8 @@ class PaliGemma:
         """
         single = isinstance(prompts, str) and not isinstance(images, (list, tuple))
         generation, loaded, prompts = self._start(images, prompts, generation_config, options)
-        if generation.beams > 1 or generation.return_logits:
-            name = "beams" if generation.beams > 1 else "return_logits"
+        if generation.beams > 1 or generation.records:
+            name = "beams" if generation.beams > 1 else generation.records[0]
             raise GenerationError(name, f"stream decodes greedily or by sampling: {name} is for generate")
         steps = []  # every batch's decoder, created (and so checked) now; each runs when reached
         for rows in _batches(len(prompts), generation.batch_size):
@@ -387,6 +443,17 @@ class PaliGemma:
                 tail[row] = text.flush()
             if any(tail):
                 yield tail
+
+
+def _recorded_of_row(out: GenerateOutput, row: int) -> dict[str, np.ndarray]:
+    """`Result`'s recorded fields of one row: the cache's slots cut to the row's own positions."""
+    n = int(out.lengths[row])
+    fields = {} if out.logprobs is None else {"logprobs": out.logprobs[row, :n]}
+    if out.attentions is not None:
+        start, prompt = int(out.prompt_start[row]), out.prefill_attentions.shape[3]
+        fields["attentions"] = out.attentions[row, :n, ..., start : prompt + n - 1]
+        fields["prefill_attentions"] = out.prefill_attentions[row, :, :, start:, start:prompt]
+    return fields
 
 
 _warned_no_masks = False

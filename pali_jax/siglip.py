@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from pali_jax.config import SiglipConfig
+from pali_jax.intermediates import INTERMEDIATES
 
 
 def _accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -58,8 +59,9 @@ class Attention(nn.Module):
         axes = ("vision_embed", "vision_heads", "vision_head_dim")
         q, k, v = (_dense(heads, axes, self.dtype, name)(x) for name in ("query", "key", "value"))  # [B, T, N, H]
         logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * c.head_dim**-0.5
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bnts,bsnh->btnh", probs, v)
+        probs = jax.nn.softmax(logits, axis=-1)
+        self.sow(INTERMEDIATES, "attention", probs)
+        out = jnp.einsum("bnts,bsnh->btnh", probs.astype(self.dtype), v)
         return _dense(c.width, ("vision_heads", "vision_head_dim", "vision_embed"), self.dtype, "out", axis=(-2, -1))(out)
 
 
@@ -75,7 +77,9 @@ class EncoderBlock(nn.Module):
         h = _layer_norm(c.layer_norm_eps, self.dtype, "LayerNorm_1")(x)
         h = _dense(c.mlp_dim, ("vision_embed", "vision_mlp"), self.dtype, "Dense_0")(h)
         h = nn.gelu(h, approximate=c.gelu_approximate)
-        return x + _dense(c.width, ("vision_mlp", "vision_embed"), self.dtype, "Dense_1")(h), None
+        x = x + _dense(c.width, ("vision_mlp", "vision_embed"), self.dtype, "Dense_1")(h)
+        self.sow(INTERMEDIATES, "output", x)
+        return x, None
 
 
 class Encoder(nn.Module):
@@ -87,7 +91,7 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         block = nn.remat(EncoderBlock, prevent_cse=False) if self.remat else EncoderBlock
         x, _ = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.cfg.depth,
+            block, variable_axes={"params": 0, INTERMEDIATES: 0}, split_rngs={"params": True}, length=self.cfg.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(self.cfg, self.dtype, name="encoderblock")(x, None)
         return _layer_norm(self.cfg.layer_norm_eps, self.dtype, "encoder_norm")(x)
@@ -117,6 +121,7 @@ class SigLIP(nn.Module):
         x = self.embedding(pixels.astype(self.dtype))
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         x = x + self.pos_embedding.astype(self.dtype)
+        self.sow(INTERMEDIATES, "embeddings", x)
         return self.Transformer(x)
 
     def __call__(self, pixels: jax.Array) -> jax.Array:

@@ -174,7 +174,7 @@ def generate_under(pg: PaliGemma, inputs: dict):
         statics, pg.params, inputs["pixels"], ids, types, mask, jnp.int32(NEW_TOKENS), SamplingParams.greedy(),
         jax.random.PRNGKey(0), stops,
     )
-    return state, pg.generator._output(state, NEW_TOKENS)
+    return state, pg.generator._output(state, NEW_TOKENS, mask)
 
 
 def beam_search(pg: PaliGemma, inputs: dict):

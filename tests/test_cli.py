@@ -84,12 +84,16 @@ def test_stream_flag_prints_the_same_text(checkpoint):
     (["--sample", "--beams", "3"], "--beams=3 runs beam search, which is deterministic"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--dtype", "float16"], "invalid choice"),
+    (["--attention-map", "{empty}/map.jpg"], "--attention-map {empty}/map.jpg: unknown image extension '.jpg'"),
+    (["--attention-map", "nowhere/map.png"], "folder nowhere does not exist"),
+    (["--attention-map", "{empty}/map.png", "--beams", "2"], "drop --stream / --beams"),
 ])
 def test_bad_inputs(checkpoint, tmp_path, capsys, monkeypatch, args, message):
     (tmp_path / "empty").mkdir()
     (tmp_path / "notimage.png").write_text("hello")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = [a.format(empty=tmp_path / "empty", notimage=tmp_path / "notimage.png") for a in args]
+    message = message.format(empty=tmp_path / "empty")
     if "--model" not in args:
         args = ["--model", str(checkpoint["converted"]), *args]
     if "--image" not in args:
@@ -99,6 +103,20 @@ def test_bad_inputs(checkpoint, tmp_path, capsys, monkeypatch, args, message):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_attention_map_draws_each_word(checkpoint, tmp_path, capsys):
+    out = tmp_path / "maps.png"
+    code = run_generate.main(["--model", str(checkpoint["converted"]), "--image", *map(str, checkpoint["images"]),
+                              "--max-tokens", "6", "--attention-map", str(out), "--no-compilation-cache"])
+    assert code == 0, capsys.readouterr().err
+    texts = capsys.readouterr().out.splitlines()
+    plain = PaliGemma.from_pretrained(checkpoint["converted"]).generate(checkpoint["images"], "caption en",
+                                                                         max_new_tokens=6)
+    assert texts == [f"{p}: {r.text}" for p, r in zip(checkpoint["images"], plain)]  # recording changes no answer
+    for image in checkpoint["images"]:  # one picture per image, a panel per word
+        with PIL.Image.open(tmp_path / f"maps_{image.stem}.png") as picture:
+            assert picture.format == "PNG" and picture.width > 100
 
 
 def test_bad_input_in_a_real_process(checkpoint):

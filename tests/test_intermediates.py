@@ -1,0 +1,280 @@
+"""Attentions and hidden states of a forward pass against transformers' (eager, the same flags).
+
+The tiny models' large norm scales amplify float32 rounding: where transformers' own float32 result
+misses a bound against its float64 run, ours is held to the float64 run and must be no farther
+from it than transformers' float32 is (the project's ground-truth rule).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from pali_jax.backend import CHECKPOINT_LAYOUT
+from pali_jax.errors import UserError
+from pali_jax.generate import MIN_TEXT_BUCKET, Generator, prepare_prompts
+from pali_jax.generation_config import GenerationConfig
+from pali_jax.intermediates import ForwardOutput
+from pali_jax.pretrained import PaliGemma
+from pali_jax.processor import load_image
+
+REL, ABS_PROBS, ABS_HIDDEN = 1e-5, 1e-5, 1e-4
+
+
+def _errors(ours, ref) -> tuple[float, float]:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref)), float(np.abs(ours - ref).max())
+
+
+def assert_matches(ours, ref32, ref64, max_abs: float, what: str) -> None:
+    """ours within (REL, max_abs) of transformers' float32, or else no farther from its float64 run
+    than its float32 is (each measure on its own)."""
+    rel32, abs32 = _errors(ours, ref32)
+    if rel32 <= REL and abs32 <= max_abs:
+        return
+    (rel64, abs64), (ref_rel, ref_abs) = _errors(ours, ref64), _errors(ref32, ref64)
+    assert rel64 <= max(REL, ref_rel) and abs64 <= max(max_abs, ref_abs), (
+        f"{what}: against float32 rel {rel32:.1e} abs {abs32:.1e}; against float64 rel {rel64:.1e} abs {abs64:.1e}, "
+        f"transformers' float32 rel {ref_rel:.1e} abs {ref_abs:.1e}"
+    )
+
+
+def _inputs(pg: PaliGemma, seed: int = 0):
+    """Two rows, the first left-padded by 2, each: image tokens, bos, 4 prompt tokens, 3 suffix tokens."""
+    cfg = pg.config
+    rng = np.random.default_rng(seed)
+    p, length = cfg.num_image_tokens, cfg.num_image_tokens + 8
+    ids = rng.integers(3, cfg.image_token_id, (2, length)).astype(np.int32)
+    types = np.zeros_like(ids)
+    types[:, -3:] = 1
+    mask = np.ones_like(ids)
+    for row, pad in enumerate((2, 0)):
+        ids[row, :pad], mask[row, :pad] = cfg.pad_token_id, 0
+        ids[row, pad : pad + p], ids[row, pad + p] = cfg.image_token_id, 2
+    pixels = rng.uniform(-1, 1, (2, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+    return pixels, ids, types, mask
+
+
+def _hf(model, pixels, ids, types, mask, vision: bool = False):
+    pixel_values = torch.tensor(pixels, dtype=next(model.parameters()).dtype).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        if vision:
+            return model.model.vision_tower(pixel_values, output_attentions=True, output_hidden_states=True)
+        return model(pixel_values=pixel_values, input_ids=torch.tensor(ids, dtype=torch.long),
+                     token_type_ids=torch.tensor(types, dtype=torch.long),
+                     attention_mask=torch.tensor(mask, dtype=torch.long), output_attentions=True,
+                     output_hidden_states=True)
+
+
+@pytest.fixture(scope="module")
+def references(tiny_models):
+    """{kind: (inputs, transformers float32 output, float64 output, vision float32, vision float64)}."""
+    out = {}
+    for kind, tiny in tiny_models.items():
+        inputs = _inputs(tiny.pg)
+        hf64 = copy.deepcopy(tiny.hf).double()
+        out[kind] = (inputs, _hf(tiny.hf, *inputs), _hf(hf64, *inputs), _hf(tiny.hf, *inputs, vision=True),
+                     _hf(hf64, *inputs, vision=True))
+    return out
+
+
+def test_decoder_attentions_and_hidden_states(tiny, references):
+    (pixels, ids, types, mask), ref32, ref64, _, _ = references[tiny.kind]
+    out = tiny.pg.forward(pixels, ids, types, mask, output_attentions=True, output_hidden_states=True)
+    assert isinstance(out, ForwardOutput)
+    depth = tiny.pg.config.text.depth
+    assert len(out.attentions) == depth and len(out.hidden_states) == depth + 1
+    real = mask.astype(bool)  # [B, T]: padding queries see nothing; their rows are not compared
+    for layer in range(depth):
+        ours = np.asarray(out.attentions[layer])
+        assert ours.shape == (2, tiny.pg.config.text.num_heads, ids.shape[1], ids.shape[1])
+        rows = lambda a: np.moveaxis(np.asarray(a), 1, 2)[real]  # noqa: E731  [real queries, N, S]
+        assert_matches(rows(ours), rows(ref32.attentions[layer]), rows(ref64.attentions[layer]), ABS_PROBS,
+                       f"attention of layer {layer}")
+        np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-5)
+        assert (ours[0, :, :, :2] == 0).all()  # padded keys get no attention at all
+    for i in range(depth + 1):
+        assert_matches(np.asarray(out.hidden_states[i])[real], ref32.hidden_states[i].numpy()[real],
+                       ref64.hidden_states[i].numpy()[real], ABS_HIDDEN, f"hidden state {i}")
+    assert_matches(np.asarray(out.logits)[real], ref32.logits.numpy()[real], ref64.logits.numpy()[real], ABS_HIDDEN,
+                   "logits")
+
+
+def test_vision_attentions_hidden_states_and_image_features(tiny, references):
+    (pixels, ids, types, mask), ref32, ref64, vis32, vis64 = references[tiny.kind]
+    out = tiny.pg.forward(pixels, ids, types, mask, output_attentions=True, output_hidden_states=True)
+    depth = tiny.pg.config.vision.depth
+    assert len(out.vision_attentions) == depth and len(out.vision_hidden_states) == depth + 1
+    for layer in range(depth):
+        assert_matches(out.vision_attentions[layer], vis32.attentions[layer], vis64.attentions[layer], ABS_PROBS,
+                       f"vision attention {layer}")
+    for i in range(depth + 1):
+        assert_matches(out.vision_hidden_states[i], vis32.hidden_states[i], vis64.hidden_states[i], ABS_HIDDEN,
+                       f"vision hidden state {i}")
+    features = ref32.image_outputs.pooler_output  # the projector's output in transformers 5
+    assert_matches(out.image_features, features, ref64.image_outputs.pooler_output, ABS_HIDDEN, "image features")
+
+
+def test_flags_select_what_is_returned_and_off_is_the_plain_logits(tiny_models):
+    pg = tiny_models["pg2"].pg
+    pixels, ids, types, mask = _inputs(pg)
+    plain = pg.forward(pixels, ids, types, mask)
+    assert isinstance(plain, jax.Array)
+    only_attn = pg.forward(pixels, ids, types, mask, output_attentions=True)
+    only_hidden = pg.forward(pixels, ids, types, mask, output_hidden_states=True)
+    assert only_attn.hidden_states is None and only_attn.vision_hidden_states is None
+    assert only_hidden.attentions is None and only_hidden.vision_attentions is None
+    assert only_attn.image_features is not None and only_hidden.image_features is not None
+    # Recording takes the full-matrix attention path: the same logits to rounding.
+    np.testing.assert_allclose(only_attn.logits, plain, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(only_attn.logits, only_hidden.logits)
+
+
+def test_stacked_layout_records_the_same(tiny_models):
+    tiny = tiny_models["pg1"]
+    stacked = PaliGemma.from_pretrained(tiny.hf_dir, layout=CHECKPOINT_LAYOUT)
+    inputs = _inputs(tiny.pg)
+    a = tiny.pg.forward(*inputs, output_attentions=True, output_hidden_states=True)
+    b = stacked.forward(*inputs, output_attentions=True, output_hidden_states=True)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag", ["output_attentions", "output_hidden_states"])
+def test_flags_must_be_bools(tiny_models, flag):
+    pg = tiny_models["pg1"].pg
+    with pytest.raises(UserError, match=f"{flag} must be a bool"):
+        pg.forward(*_inputs(pg), **{flag: "yes"})
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+STEPS = 8
+
+
+def _hf_generate(model, pixels, ids, types, mask):
+    dtype = next(model.parameters()).dtype
+    with torch.no_grad():
+        return model.generate(
+            pixel_values=torch.tensor(pixels, dtype=dtype).permute(0, 3, 1, 2), input_ids=torch.tensor(ids),
+            token_type_ids=torch.tensor(types), attention_mask=torch.tensor(mask), max_new_tokens=STEPS,
+            do_sample=False, output_attentions=True, output_scores=True, return_dict_in_generate=True,
+        )
+
+
+def _prompt_inputs(pg):
+    """The forward inputs without their suffix: two left-padded prompts, all prefix."""
+    pixels, ids, types, mask = _inputs(pg, seed=4)
+    return pixels, ids[:, :-3], np.zeros_like(ids[:, :-3]), mask[:, :-3]
+
+
+def test_generation_attentions_and_scores_match_transformers(tiny):
+    pixels, ids, types, mask = _prompt_inputs(tiny.pg)
+    out = tiny.pg.generate_ids(pixels, ids, types, mask, max_new_tokens=STEPS, output_attentions=True,
+                               output_scores=True)
+    ref32 = _hf_generate(tiny.hf, pixels, ids, types, mask)
+    ref64 = _hf_generate(copy.deepcopy(tiny.hf).double(), pixels, ids, types, mask)
+    length = ids.shape[1]
+    np.testing.assert_array_equal(out.tokens, ref32.sequences[:, length:].numpy())
+    cfg = tiny.pg.config.text
+    prompt = out.prefill_attentions.shape[3]  # T, the prompts' bucket
+    extra = prompt - length  # the bucket's own left padding, before the prompts' padding
+    assert out.attentions.shape == (2, STEPS, cfg.depth, cfg.num_heads, out.attentions.shape[-1])
+    np.testing.assert_array_equal(out.prompt_start, extra + np.argmax(mask, axis=1))
+    for layer in range(cfg.depth):
+        # Layer by layer over the 8 steps together: a max abs error of one step alone is one
+        # extreme value of a few hundred, too noisy to rank two float32 runs by.
+        steps = {"ours": [], "f32": [], "f64": []}
+        for step in range(STEPS):
+            end = prompt + step  # the slot after the newest token this pass reads
+            ref = ref32.attentions[step][layer][:, :, -1].numpy()  # [B, N, keys]
+            keys = ref.shape[-1]  # all positions, or the last `window` on a sliding layer
+            ours = out.attentions[:, step, layer]
+            assert (ours[..., : end - keys] == 0).all() and (ours[..., end:] == 0).all()
+            steps["ours"].append(ours[..., end - keys : end].ravel())
+            steps["f32"].append(ref.ravel())
+            steps["f64"].append(ref64.attentions[step][layer][:, :, -1].numpy().ravel())
+        assert_matches(*(np.concatenate(steps[k]) for k in ("ours", "f32", "f64")), ABS_PROBS, f"layer {layer}")
+    real = mask.astype(bool)
+    for layer in range(cfg.depth):  # the prefill's, over its real queries
+        rows = lambda a: np.moveaxis(np.asarray(a), 1, 2)[real]  # noqa: E731
+        ours = out.prefill_attentions[:, layer, :, extra:, extra:prompt]
+        assert_matches(rows(ours), rows(ref32.attentions[0][layer]), rows(ref64.attentions[0][layer]), ABS_PROBS,
+                       f"prefill layer {layer}")
+    chosen = [np.take_along_axis(torch.stack(r.scores, 1).log_softmax(-1).numpy(), out.tokens[..., None], axis=2)
+              for r in (ref32, ref64)]  # the scores of greedy decoding are the raw logits
+    assert_matches(out.logprobs, chosen[0][..., 0], chosen[1][..., 0], ABS_HIDDEN, "log-probabilities")
+
+
+def test_flags_off_keep_the_plain_program(tiny_models):
+    pg = tiny_models["pg1"].pg
+    gen = Generator(pg.module)
+    pixels, ids, types, mask = _prompt_inputs(pg)
+    plain = gen.generate(pg.params, pixels, ids, types, mask, max_new_tokens=STEPS)
+    assert gen.traces == 1
+    recorded = gen.generate(pg.params, pixels, ids, types, mask, max_new_tokens=STEPS, output_attentions=True,
+                            output_scores=True)
+    assert gen.traces == 2  # recording is a program of its own ...
+    again = gen.generate(pg.params, pixels, ids, types, mask, max_new_tokens=STEPS)
+    assert gen.traces == 2  # ... and the plain one is still the one that runs without it
+    np.testing.assert_array_equal(plain.tokens, recorded.tokens)
+    np.testing.assert_array_equal(plain.tokens, again.tokens)
+    assert plain.attentions is None and plain.logprobs is None and plain.prefill_attentions is None
+    statics, *padded, stops = prepare_prompts(pg.config, ids, types, mask, GenerationConfig(max_new_tokens=STEPS))
+    state = jax.eval_shape(functools.partial(gen._generate_impl, statics), pg.params, pixels, *padded, 1,
+                           GenerationConfig().sampling_params(), jax.random.PRNGKey(0), stops)
+    assert state.attentions is None and state.prefill_attentions is None and state.logprobs is None
+
+
+def test_results_carry_each_rows_own_positions(checkpoint):
+    pg = PaliGemma.from_pretrained(checkpoint["converted"])
+    images = checkpoint["images"]
+    prompts = ["caption en", "answer en " + "what is it " * 8]
+    text_tokens = [len(pg.tokenizer.encode(p + "\n")) + 1 for p in prompts]  # <bos> included
+    assert text_tokens[0] <= MIN_TEXT_BUCKET < text_tokens[1]  # alone, they take two prompt buckets
+    results = pg.generate(images, prompts, max_new_tokens=6, output_attentions=True, output_scores=True)
+    cfg = pg.config.text
+    for image, text, res in zip(images, prompts, results):
+        alone = pg.generate(image, text, max_new_tokens=6, output_attentions=True, output_scores=True)[0]
+        n = len(res.token_ids)
+        prompt_tokens = pg.config.num_image_tokens + len(pg.tokenizer.encode(text + "\n")) + 1
+        assert res.attentions.shape == (n, cfg.depth, cfg.num_heads, prompt_tokens + n - 1)
+        assert res.prefill_attentions.shape == (cfg.depth, cfg.num_heads, prompt_tokens, prompt_tokens)
+        np.testing.assert_allclose(res.attentions.sum(-1), 1.0, atol=1e-5)
+        for step in range(n):  # the pass producing token j reads the positions before it only
+            assert (res.attentions[step, ..., prompt_tokens + step :] == 0).all()
+        np.testing.assert_allclose(res.attentions, alone.attentions, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(res.logprobs, alone.logprobs, rtol=0, atol=1e-5)
+        assert (res.logprobs <= 0).all()
+    # Batches of one row each, joined: every row's slots agree with the one-batch run.
+    pixels, enc = pg._encode([load_image(i) for i in images], prompts)
+    whole = pg.generate_ids(pixels, enc.input_ids, enc.token_type_ids, enc.attention_mask, max_new_tokens=6,
+                            output_attentions=True)
+    split = pg.generate_ids(pixels, enc.input_ids, enc.token_type_ids, enc.attention_mask, max_new_tokens=6,
+                            output_attentions=True, batch_size=1)
+    for row in range(2):
+        a, b = whole.prompt_start[row], split.prompt_start[row]
+        np.testing.assert_allclose(whole.attentions[row, ..., a:], split.attentions[row, ..., b:], atol=1e-5)
+
+
+@pytest.mark.parametrize("call", ["stream", "beams", "annotate"])
+def test_recording_is_refused_where_it_does_not_exist(tiny_models, call):
+    from pali_jax.generation_config import GenerationError
+
+    pg = tiny_models["pg1"].pg
+    pixels, ids, types, mask = _prompt_inputs(pg)
+    with pytest.raises(GenerationError, match="output_attentions"):
+        if call == "stream":
+            pg.generator.stream(pg.params, pixels, ids, types, mask, output_attentions=True)
+        elif call == "beams":
+            GenerationConfig(beams=2, output_attentions=True)
+        else:
+            from pali_jax.annotate import annotate
+
+            next(annotate(pg, [], "caption en", output_attentions=True))
