@@ -148,16 +148,13 @@ def draw_attention(pg, image, result, target: Path) -> bool:
 
 def collect_images(paths: list[str]) -> list[Path]:
     from pali_jax.errors import UserError
-    from pali_jax.processor import IMAGE_SUFFIXES
+    from pali_jax.processor import folder_images
 
     images = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise UserError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            images += found
+            images += folder_images(path)
         elif path.is_file():
             images.append(path)
         else:

@@ -37,7 +37,7 @@ from pali_jax.detection import parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generation_config import GenerationConfig, GenerationError
 from pali_jax.input_pipeline import MAX_QUEUE, MAX_WORKERS, Failed, Prefetcher, check_sizes
-from pali_jax.processor import IMAGE_SUFFIXES, ImageInput, load_image, preprocess_images
+from pali_jax.processor import IMAGE_SUFFIXES, ImageInput, folder_images, load_image, preprocess_images
 from pali_jax.results_file import Key, ResultsFile, box_record
 
 if TYPE_CHECKING:
@@ -66,10 +66,7 @@ def read_items(spec: str, *, allow_outside: bool = False) -> list[Item]:
     """The items of a folder (its image files, sorted), a `.jsonl` file or a glob pattern."""
     path = Path(spec)
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise UserError(f"folder {path} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return [Item(str(p)) for p in found]
+        return [Item(str(p)) for p in folder_images(path)]
     if path.suffix == ".jsonl":
         return _read_jsonl(path, allow_outside)
     found = sorted(p for p in glob.glob(spec, recursive=True) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
@@ -269,25 +266,12 @@ def _record(pg: "PaliGemma", item: Item, answer: Answer, size: tuple[int, int], 
     text = pg.tokenizer.decode(answer.tokens)
     boxes = parse_detections(text, *size)
     if decoder is not None:
-        boxes = _with_masks(boxes, size, decoder)
+        [boxes] = decoder.add_masks([boxes], [size])
     return {
         "image": item.name, "prompt": item.prompt, "text": text, "token_ids": answer.tokens,
         "stop_reason": answer.stop_reason.name.lower(), "boxes": [box_record(b) for b in boxes],
         "timings": {"prepare_s": round(prepare_s, 4), "latency_s": round(answer.latency_s, 4)},
     }
-
-
-def _with_masks(boxes: list, size: tuple[int, int], decoder: "MaskDecoder") -> list:
-    """The boxes with the masks of those that carry `<seg>` codes decoded and pasted into the image."""
-    from pali_jax.segmentation import paste_mask
-
-    coded = [det for det in boxes if det.seg_codes is not None]
-    if not coded:
-        return boxes
-    masks = iter(decoder.decode([det.seg_codes for det in coded]))
-    width, height = size
-    return [dataclasses.replace(det, mask=paste_mask(next(masks), det.locs, height, width))
-            if det.seg_codes is not None else det for det in boxes]
 
 
 # -- command line --------------------------------------------------------------------------------

@@ -395,7 +395,7 @@ class PaliGemma:
                 text = self.tokenizer.decode(ids)
                 results.append(Result(text, ids, parse_detections(text, *image.size), out.stop_reason[row].name.lower(),
                                       **_recorded_of_row(out, row)))
-            _add_masks(results[rows], loaded[rows], mask_decoder or self.mask_decoder, prompts[rows])
+            results[rows] = _add_masks(results[rows], loaded[rows], mask_decoder or self.mask_decoder, prompts[rows])
         return results
 
     def stream(
@@ -459,27 +459,20 @@ def _recorded_of_row(out: GenerateOutput, row: int) -> dict[str, np.ndarray]:
 _warned_no_masks = False
 
 
-def _add_masks(results: list[Result], images: list, decoder: "MaskDecoder | None", prompts: list[str]) -> None:
-    """Fills `Detection.mask` of the results' segmentation boxes (one decoder call for all), or,
-    without a decoder, says once per process how to get masks."""
+def _add_masks(results: list[Result], images: list, decoder: "MaskDecoder | None", prompts: list[str]) -> list[Result]:
+    """The results with `Detection.mask` of their segmentation boxes filled (one decoder call for
+    all), or, without a decoder, as they are, said once per process how to get masks."""
     global _warned_no_masks
-    wanted = [(r, i) for r, res in enumerate(results) for i, d in enumerate(res.boxes) if d.seg_codes is not None]
     if decoder is None:
-        if not _warned_no_masks and (wanted or any(p.lstrip().startswith("segment") for p in prompts)):
+        coded = any(d.seg_codes is not None for res in results for d in res.boxes)
+        if not _warned_no_masks and (coded or any(p.lstrip().startswith("segment") for p in prompts)):
             _warned_no_masks = True
             print("warning: segment answers carry 16 <seg> codes per box, not masks: pass mask_decoder= (CLI: "
                   "--seg-vae PATH or PALI_JAX_SEG_VAE) with big_vision's vae-oid.npz to decode them (see README)",
                   file=sys.stderr)
-        return
-    if not wanted:
-        return
-    from pali_jax.segmentation import paste_mask
-
-    logits = decoder.decode([results[r].boxes[i].seg_codes for r, i in wanted])
-    for (r, i), m in zip(wanted, logits):
-        det = results[r].boxes[i]
-        width, height = images[r].size
-        results[r].boxes[i] = dataclasses.replace(det, mask=paste_mask(m, det.locs, height, width))
+        return results
+    boxes = decoder.add_masks([res.boxes for res in results], [image.size for image in images])
+    return [dataclasses.replace(res, boxes=b) for res, b in zip(results, boxes)]
 
 
 def _download(hub_id: str) -> Path:

@@ -47,6 +47,15 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 # --------------------------------------------------------------------------------------------------
 
 
+def folder_images(folder: str | os.PathLike) -> list[Path]:
+    """The image files (by `IMAGE_SUFFIXES`) directly in `folder`, sorted; refused when there are none."""
+    folder = Path(folder)
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise ProcessorError(f"folder {folder} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return found
+
+
 @contextlib.contextmanager
 def _own_pixel_limit() -> Iterator[None]:
     """Turns PIL's bomb check off while a header is read: PIL warns (on stderr) from 89 megapixels

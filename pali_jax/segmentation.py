@@ -21,6 +21,7 @@ squared-L2 nearest neighbour), and its evaluator's paste-back (`paste_mask`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import zipfile
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
+from pali_jax.detection import Detection
 from pali_jax.errors import UserError
 
 NUM_CODES = 16  # <segNNN> tokens per mask: a 4x4 latent grid
@@ -213,6 +215,17 @@ class MaskDecoder:
         padded = np.zeros((_bucket(n), NUM_CODES), np.int32)
         padded[:n] = codes
         return np.asarray(self._decode(self._decoder_params, self.codebook, padded))[:n]
+
+    def add_masks(self, boxes: Sequence[list[Detection]], sizes: Sequence[tuple[int, int]]) -> list[list[Detection]]:
+        """Each image's boxes (`sizes`: its (width, height)) with the `<seg>` codes of those that carry
+        them decoded (one call for all the images) and pasted into that image as `Detection.mask`."""
+        coded = [det for image in boxes for det in image if det.seg_codes is not None]
+        masks = iter(self.decode([det.seg_codes for det in coded]) if coded else ())
+        return [
+            [dataclasses.replace(det, mask=paste_mask(next(masks), det.locs, height, width))
+             if det.seg_codes is not None else det for det in image]
+            for image, (width, height) in zip(boxes, sizes)
+        ]
 
     # -- encoding ------------------------------------------------------------------------------
     def _encode_impl(self, params, codebook, masks):

@@ -314,6 +314,27 @@ def test_generate_fills_masks(vae, monkeypatch, capsys):
     assert res.boxes[0].label == "circle"
 
 
+def test_annotate_records_carry_the_generate_masks(vae):
+    """A dataset job's result line holds the mask `generate` pastes (the shared `MaskDecoder.add_masks`)."""
+    from pali_jax import PaliGemma
+    from pali_jax.annotate import Item, _record
+    from pali_jax.continuous import Answer
+    from pali_jax.generate import StopReason
+
+    pg = PaliGemma.from_pretrained(run_generate_module().DEMO_DIR / "model")
+    tok = pg.tokenizer
+    ids = [tok.sp.piece_to_id(f"<loc{v:04d}>") for v in LOCS] + [tok.sp.piece_to_id(f"<seg{c:03d}>") for c in CODES]
+    ids += tok.encode(" circle") + [tok.eos_id]
+    h, w = 120, 160
+    record = _record(pg, Item("x.png", "segment circle"), Answer(0, ids, StopReason.STOP_TOKEN, 0.0), (w, h), 0.0,
+                     vae["model"])
+    [box] = record["boxes"]
+    expected = seg.paste_mask(vae["model"].decode([CODES])[0], LOCS, h, w)
+    assert expected.any() and box["label"] == "circle"
+    decoded = coco_mask.decode({"size": box["mask"]["size"], "counts": box["mask"]["counts"].encode()})
+    np.testing.assert_array_equal(decoded.astype(bool), expected)
+
+
 def test_cli_segment_masks(vae, tmp_path, monkeypatch, capsys):
     _fake_segment_answer(monkeypatch)
     rg = run_generate_module()
