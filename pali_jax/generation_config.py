@@ -244,17 +244,16 @@ def _gib(n: int) -> str:
 
 
 def check_memory(
-    need: int, what: str, parameter: str, devices: int = 1, device: jax.Device | None = None
+    need: int, what: str, parameter: str, devices: int = 1, device: jax.Device | None = None, *,
+    task: str = "generation", advice: str = "lower max_new_tokens, cache_length, batch_size or beams",
 ) -> None:
-    """Refuses a generation whose buffers (`need` bytes, spread over `devices`) exceed the free
-    memory of one device (or of the host for CPU devices, which all share it); `parameter` is the
-    option the error is charged to."""
+    """Refuses a `task` whose buffers (`need` bytes, spread over `devices`) exceed the free memory
+    of one device (or of the host for CPU devices, which all share it); `parameter` is the option
+    the error is charged to, `advice` what to change."""
     device = device or jax.devices()[0]
     free, where = free_memory(device)
     per_device = need if device.platform == "cpu" else -(-need // devices)
     if per_device > free:
         raise GenerationError(
-            parameter,
-            f"generation needs {_gib(per_device)} for {what}, more than the {_gib(free)} of {where}: lower "
-            "max_new_tokens, cache_length, batch_size or beams",
+            parameter, f"{task} needs {_gib(per_device)} for {what}, more than the {_gib(free)} of {where}: {advice}"
         )

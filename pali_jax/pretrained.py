@@ -29,8 +29,8 @@ from pali_jax.continuous import ContinuousDecoder
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import GenerateOutput, Generator, jit_model_program
-from pali_jax.generation_config import GenerationConfig, GenerationError
-from pali_jax.intermediates import INTERMEDIATES, ForwardOutput, forward_output
+from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory
+from pali_jax.intermediates import INTERMEDIATES, ForwardOutput, forward_output, recorded_bytes
 from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
@@ -310,6 +310,14 @@ class PaliGemma:
         pixels, ids = self._check(pixel_values, input_ids)
         if not (output_attentions or output_hidden_states):
             return self._forward({"params": self.params}, pixels, ids, token_type_ids, attention_mask)
+        need = recorded_bytes(self.config, *ids.shape, attentions=bool(output_attentions),
+                              hidden_states=bool(output_hidden_states), itemsize=jnp.dtype(self.dtype).itemsize)
+        check_memory(
+            need, f"the recorded intermediates ({ids.shape[0]} row{'s' * (ids.shape[0] != 1)} of {ids.shape[1]} tokens)",
+            "output_attentions" if output_attentions else "output_hidden_states",
+            devices=1 if self.mesh is None else self.mesh.devices.size, task="forward",
+            advice="pass fewer rows or tokens per call, or ask for fewer intermediates",
+        )
         return self._forward_recorded(
             self.params, pixels, ids, token_type_ids, attention_mask, bool(output_attentions), bool(output_hidden_states)
         )

@@ -19,6 +19,7 @@ from pali_jax.backend import CHECKPOINT_LAYOUT
 from pali_jax.errors import UserError
 from pali_jax.generate import MIN_TEXT_BUCKET, Generator, prepare_prompts
 from pali_jax.generation_config import GenerationConfig
+from pali_jax import intermediates
 from pali_jax.intermediates import ForwardOutput
 from pali_jax.pretrained import PaliGemma
 from pali_jax.processor import load_image
@@ -144,6 +145,19 @@ def test_stacked_layout_records_the_same(tiny_models):
     b = stacked.forward(*inputs, output_attentions=True, output_hidden_states=True)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+
+
+def test_recording_more_than_memory_holds_is_refused_before_it_runs(tiny_models, monkeypatch):
+    from pali_jax import generation_config
+
+    pg = tiny_models["pg1"].pg
+    inputs = _inputs(pg)
+    need = intermediates.recorded_bytes(pg.config, 2, inputs[1].shape[1], attentions=True, hidden_states=False,
+                                        itemsize=4)
+    monkeypatch.setattr(generation_config, "free_memory", lambda device=None: (need - 1, "available host memory"))
+    with pytest.raises(UserError, match=r"^forward needs .* recorded intermediates \(2 rows of 24 tokens\)"):
+        pg.forward(*inputs, output_attentions=True)
+    assert isinstance(pg.forward(*inputs, output_hidden_states=True), ForwardOutput)  # smaller: it fits
 
 
 @pytest.mark.parametrize("flag", ["output_attentions", "output_hidden_states"])
