@@ -58,9 +58,9 @@ class Result:
     # <bos>, the prompt, "\n", then the generated tokens; no padding): attentions [n, L, N, T + n - 1],
     # new token j's row being the pass that produced it (it sees positions < T + j);
     # prefill_attentions [L, N, T, T]; logprobs [n], each token's log-probability.
-    attentions: np.ndarray | None = dataclasses.field(default=None, repr=False)
-    prefill_attentions: np.ndarray | None = dataclasses.field(default=None, repr=False)
-    logprobs: np.ndarray | None = dataclasses.field(default=None, repr=False)
+    attentions: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    prefill_attentions: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+    logprobs: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def _batches(n: int, batch_size: int | None) -> list[slice]:
