@@ -191,6 +191,8 @@ def check_generation(ref: PaliGemma, hf_dir: Path, converted: Path, inputs: dict
         ref.params, inputs["pixels"], inputs["ids"], None, inputs["mask"], max_new_tokens=NEW_TOKENS, return_logits=True
     )
     want_beams = beam_search(ref, inputs)
+    recorded = dict(max_new_tokens=NEW_TOKENS, output_attentions=True, output_scores=True)
+    want_recorded = ref.generator.generate(ref.params, inputs["pixels"], inputs["ids"], None, inputs["mask"], **recorded)
     out = {}
     for spec, loader in MESHES.items():
         start = time.perf_counter()
@@ -221,6 +223,12 @@ def check_generation(ref: PaliGemma, hf_dir: Path, converted: Path, inputs: dict
         }
         if spec == "1,8,1":
             out["fsdp8_bytes"] = param_bytes(params)
+        if spec == "2,2,2":  # every mesh axis at once: attentions and scores come back whole
+            got = pg.generator.generate(pg.params, inputs["pixels"], inputs["ids"], None, inputs["mask"], **recorded)
+            out["recorded"] = {
+                name: float(np.abs(getattr(got, name) - getattr(want_recorded, name)).max())
+                for name in ("attentions", "prefill_attentions", "logprobs")
+            }
     return out, want
 
 

@@ -55,6 +55,12 @@ def test_generation_matches_one_device(worker, mesh):
     assert (r["split_leaves"] == 0) if mesh == "8,1,1" else (r["split_leaves"] > 0), r
 
 
+def test_recorded_generation_under_a_mesh(worker):
+    diffs = worker["generation"]["recorded"]
+    assert diffs["attentions"] <= 1e-5 and diffs["prefill_attentions"] <= 1e-5, diffs
+    assert diffs["logprobs"] <= 1e-4, diffs  # log-probabilities, bounded as the logits are
+
+
 def test_cache_layouts(worker):
     g = worker["generation"]
     assert g["8,1,1"]["cache_k_spec"] == "P(None, 'data')"
