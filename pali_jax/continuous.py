@@ -19,9 +19,9 @@ of the oldest live row (`_compact`). The cache holds one whole row plus spare sl
 Refills run R prompts at once, R a power of two up to the slot count. A prefill of R rows costs
 about 1.7 ms + 2.0 ms per row on the demo model (2 CPU cores) where its answers end after 1 to 12
 tokens, so prefill is most of the work and few large refills beat many small ones: a decode call
-returns once `refill_at` slots are free (half of them by default), and a refill takes the largest
-power of two of the waiting prompts, the others waiting for the next one (all of them, in binary
-digits, once the input is exhausted).
+returns once `refill_at` slots are free, and the free slots are refilled in the binary digits of
+their number, largest first, until fewer than `refill_at` are left: those wait for the next refill
+(none wait once the input is exhausted).
 
 A slot's answer equals `Generator.generate` on its prompt alone: same prompt bucket, same prefill,
 the same tokens fed back; greedy tokens are identical (tests/test_annotate.py), logits equal to
@@ -156,11 +156,15 @@ def slot_shape(
     return SlotShape(check_slots(rows), prompt, buffer, spare)
 
 
-def _refill_sizes(n: int, everything: bool) -> list[int]:
-    """Refills for n waiting prompts (n <= the slot count): its binary digits, largest first, when
-    `everything`, else only the largest."""
-    sizes = [1 << b for b in reversed(range(n.bit_length())) if n >> b & 1]
-    return sizes if everything else sizes[:1]
+def _refill_sizes(n: int, least: int) -> list[int]:
+    """Refills for n waiting prompts (n <= the slot count): its binary digits, largest first, until
+    fewer than `least` prompts are left (at least one refill)."""
+    sizes = []
+    for b in reversed(range(n.bit_length())):
+        if n >> b & 1 and (not sizes or n >= least):
+            sizes.append(1 << b)
+            n -= 1 << b
+    return sizes
 
 
 class ContinuousDecoder:
@@ -304,11 +308,11 @@ class ContinuousDecoder:
         slot is free, and the time it takes is the device's idle time (`Counters.input_wait_s`):
         so which prompts share a refill, and every answer, depend on the prompts alone, never on
         how fast they came. refill_at: how many slots are free when a decode call returns to
-        refill them (default half the slots, at least 1): larger refills and fewer host round
-        trips against emptier slots.
+        refill them (default rows // 8, at least 1): larger refills and fewer host round trips
+        against emptier slots.
         """
         counters = Counters() if counters is None else counters
-        refill_at = max(1, shape.rows // 2) if refill_at is None else refill_at
+        refill_at = max(1, shape.rows // 8) if refill_at is None else refill_at
         cfg = self.model.cfg
         sampling, key = generation.sampling_params(), generation.prng_key()
         stops = sorted(set(cfg.eos_token_ids) | set(generation.stop_tokens))
@@ -326,7 +330,8 @@ class ContinuousDecoder:
                 exhausted = prompt is None
                 if prompt is not None:
                     waiting.append(prompt)
-            slots = self._fill(shape, params, slots, owner, free, waiting, exhausted, key, sampling, stops, counters)
+            least = 1 if exhausted else refill_at
+            slots = self._fill(shape, params, slots, owner, free, waiting, least, key, sampling, stops, counters)
             live = sum(o is not None for o in owner)
             if not live:
                 if exhausted and not waiting:
@@ -353,7 +358,7 @@ class ContinuousDecoder:
                     reason = StopReason.STOP_TOKEN if np.isin(row[-1], stops) else StopReason.MAX_NEW_TOKENS
                     yield Answer(prompt.item, row, reason, now - started)
 
-    def _fill(self, shape, params, slots, owner, free, waiting: deque, everything: bool, key, sampling, stops,
+    def _fill(self, shape, params, slots, owner, free, waiting: deque, least: int, key, sampling, stops,
               counters) -> Slots:
         """Moves waiting prompts into free slots, per prompt bucket (`_refill_sizes`); those left
         over go back to the front of `waiting`, in order."""
@@ -364,7 +369,7 @@ class ContinuousDecoder:
         filled = set()
         free = iter(free)
         for group in by_bucket.values():
-            for size in _refill_sizes(len(group), everything):
+            for size in _refill_sizes(len(group), least):
                 part, group = group[:size], group[size:]
                 rows = [next(free) for _ in part]
                 t0 = time.perf_counter()
