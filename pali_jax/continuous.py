@@ -16,12 +16,12 @@ slots; when the index reaches the cache's end, the decode step shifts every row 
 of the oldest live row (`_compact`). The cache holds one whole row plus spare slots (`SlotShape`;
 16 by default), so a shift always frees at least the spare slots.
 
-Refills run R prompts at once, R a power of two up to the slot count. A prefill of R rows costs
-about 1.7 ms + 2.0 ms per row on the demo model (2 CPU cores) where its answers end after 1 to 12
-tokens, so prefill is most of the work and few large refills beat many small ones: a decode call
-returns once `refill_at` slots are free, and the free slots are refilled in the binary digits of
-their number, largest first, until fewer than `refill_at` are left: those wait for the next refill
-(none wait once the input is exhausted).
+Refills run R prompts at once, R a power of two up to the slot count. On the demo model (2 CPU
+cores), a refill costs about 2.5 ms + 1.2 ms per row (3.7 ms for one prompt, 40 ms for 32), and
+answers end after 1 to 12 tokens: prefill is most of the work, and few large refills beat many
+small ones. So a decode call returns once `refill_at` slots are free, and the free slots are
+refilled in the binary digits of their number, largest first, until fewer than `refill_at` are
+left: those wait for the next refill (none wait once the input is exhausted).
 
 A slot's answer equals `Generator.generate` on its prompt alone: same prompt bucket, same prefill,
 the same tokens fed back; greedy tokens are identical (tests/test_annotate.py), logits equal to
