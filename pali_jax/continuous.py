@@ -158,10 +158,11 @@ def slot_shape(
 
 def _refill_sizes(n: int, least: int) -> list[int]:
     """Refills for n waiting prompts (n <= the slot count): its binary digits, largest first, until
-    fewer than `least` prompts are left (at least one refill)."""
+    fewer than `least` prompts are left. None below `least`: a decode call that returned with fewer
+    slots free (at the cache's end) goes on; once none is live, `least` is at most what waits."""
     sizes = []
     for b in reversed(range(n.bit_length())):
-        if n >> b & 1 and (not sizes or n >= least):
+        if n >> b & 1 and n >= least:
             sizes.append(1 << b)
             n -= 1 << b
     return sizes
@@ -308,11 +309,11 @@ class ContinuousDecoder:
         slot is free, and the time it takes is the device's idle time (`Counters.input_wait_s`):
         so which prompts share a refill, and every answer, depend on the prompts alone, never on
         how fast they came. refill_at: how many slots are free when a decode call returns to
-        refill them (default rows // 8, at least 1): larger refills and fewer host round trips
-        against emptier slots.
+        refill them (default rows // 8; at least 1, at most rows): larger refills and fewer host
+        round trips against emptier slots.
         """
         counters = Counters() if counters is None else counters
-        refill_at = max(1, shape.rows // 8) if refill_at is None else refill_at
+        refill_at = min(max(1, shape.rows // 8 if refill_at is None else refill_at), shape.rows)
         cfg = self.model.cfg
         sampling, key = generation.sampling_params(), generation.prng_key()
         stops = sorted(set(cfg.eos_token_ids) | set(generation.stop_tokens))

@@ -79,7 +79,7 @@ def test_refill_sizes_are_powers_of_two():
     assert _refill_sizes(13, least=1) == [8, 4, 1]
     assert _refill_sizes(13, least=6) == [8]  # the other 5 wait for the next refill
     assert _refill_sizes(13, least=5) == [8, 4]
-    assert _refill_sizes(32, least=16) == [32] and _refill_sizes(3, least=16) == [2]
+    assert _refill_sizes(32, least=16) == [32] and _refill_sizes(3, least=16) == []
 
 
 def test_refills_wait_for_free_slots(demo, images):
