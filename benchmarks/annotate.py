@@ -105,7 +105,8 @@ def run_demo(args) -> dict:
     pg = PaliGemma.from_pretrained(DEMO_MODEL)
     with tempfile.TemporaryDirectory() as tmp:
         items = demo_items(Path(tmp), args.images)
-        warm = items[: args.warmup] + items[: len(items) % args.slots]  # both batch shapes of the fixed side
+        # Both batch shapes of the fixed side: whole batches, then the last one's size.
+        warm = items[: args.warmup - args.warmup % args.slots] + items[: len(items) % args.slots]
         report, ours = side_by_side(pg, items, args.slots, 32, warm)
         checked = items if args.check_all else items[:200]
         t0 = time.perf_counter()

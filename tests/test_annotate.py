@@ -18,6 +18,7 @@ import pytest
 from pali_jax import PaliGemma
 from pali_jax.backend import CHECKPOINT_LAYOUT
 from pali_jax.annotate import Item, JobStats, annotate, annotate_to_file, main
+from pali_jax.continuous import _refill_sizes
 from pali_jax.demo import shapes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,11 +68,28 @@ def test_answers_equal_one_by_one_greedy(demo, images):
     assert any(r["boxes"] for r in records) and any(r["prompt"].startswith("detect") for r in records)
     c = stats.decoder
     assert c.decode_steps > 32 + SPARE, "the cache was never shifted: make the run longer"
-    # Compiles: init, decode and one refill per size (8 > SLOTS: 4, 2, 1) at most, whatever the refills.
+    # Compiles: init, decode and one refill per size (powers of two up to SLOTS: 4, 2, 1), whatever the refills.
     traces = demo.continuous.traces
     assert c.refills > traces and traces <= 5
     list(annotate(demo, items[::-1], **JOB, max_new_tokens=20))
     assert demo.continuous.traces == traces
+
+
+def test_refill_sizes_are_powers_of_two():
+    assert _refill_sizes(13, least=1) == [8, 4, 1]
+    assert _refill_sizes(13, least=6) == [8]  # the other 5 wait for the next refill
+    assert _refill_sizes(13, least=5) == [8, 4]
+    assert _refill_sizes(32, least=16) == [32] and _refill_sizes(3, least=16) == []
+
+
+def test_refills_wait_for_free_slots(demo, images):
+    """refill_at = every slot: decoding goes on until every answer has ended, and each refill
+    fills every slot (one prefill of 4 rows, not 2 + 1 + 1 as answers end); answers unchanged."""
+    items = images[:16]
+    stats = JobStats()
+    records = list(annotate(demo, items, **JOB, refill_at=SLOTS, stats=stats))
+    assert stats.decoder.refills == 4
+    assert [r["token_ids"] for r in records] == [one_by_one(demo, item, 32) for item in items]
 
 
 def test_sampling_is_reproducible(demo, images):
