@@ -87,8 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.seg_vae = resolve_vae_path(args.seg_vae)
     if args.masks_dir and not args.seg_vae:
         p.error("--masks-dir needs a mask decoder: --seg-vae PATH (or PALI_JAX_SEG_VAE)")
-    for flag, target in (("--draw", args.draw), ("--attention-map", args.attention_map)):
-        problem = target and check_draw_target(target, flag)
+    for flag, target, formats in (("--draw", args.draw, None), ("--attention-map", args.attention_map, (".png",))):
+        problem = target and check_draw_target(target, flag, formats)
         if problem:
             p.error(problem)
     if args.attention_map and (args.stream or args.beams > 1):
@@ -117,9 +117,9 @@ def error_line(error: Exception) -> str:
     return message
 
 
-def check_draw_target(out: str, flag: str = "--draw") -> str | None:
-    """What is wrong with `flag` OUT (a missing folder, a format it cannot write: --draw writes
-    what PIL can, --attention-map PNG), checked before any work; None if nothing."""
+def check_draw_target(out: str, flag: str = "--draw", formats: tuple[str, ...] | None = None) -> str | None:
+    """What is wrong with `flag` OUT (a missing folder, an extension not in `formats`; None: what
+    PIL writes), checked before any work; None if nothing."""
     import PIL.Image
 
     out_path = Path(out)
@@ -128,9 +128,8 @@ def check_draw_target(out: str, flag: str = "--draw") -> str | None:
     if out_path.is_dir():
         return f"{flag} {out} is a folder: give a file name such as {out_path / 'out.png'}"
     suffix = out_path.suffix.lower() or ".png"
-    known = (".png",) if flag == "--attention-map" else PIL.Image.registered_extensions()
-    if suffix not in known:
-        return f"{flag} {out}: unknown image extension {suffix!r} (use .png{'' if len(known) == 1 else ' or .jpg'})"
+    if suffix not in (formats or PIL.Image.registered_extensions()):
+        return f"{flag} {out}: unknown image extension {suffix!r} (use {' or '.join(formats or ('.png', '.jpg'))})"
     return None
 
 
@@ -257,13 +256,13 @@ def run(args: argparse.Namespace) -> None:
         results = pg.generate(batch, args.prompt, generation_config=generation)
         batch_s = time.perf_counter() - t1
         for path, result in zip(batch, results):
-            target = next(drawings, None)
+            target, map_target = next(drawings, None), next(attention_maps, None)
+            image = load_image(path) if target is not None or map_target is not None else None
             if target is not None and result.boxes:
-                draw_detections(load_image(path), result.boxes).save(target)
+                draw_detections(image, result.boxes).save(target)
             elif target is not None:
                 print(f"note: no boxes in the answer for {path}: nothing drawn", file=sys.stderr)
-            target = next(attention_maps, None)
-            if target is not None and not draw_attention(pg, load_image(path), result, target):
+            if map_target is not None and not draw_attention(pg, image, result, map_target):
                 print(f"note: the answer for {path} has no word: no attention map drawn", file=sys.stderr)
             if args.masks_dir:
                 write_masks(args.masks_dir, path, result.boxes)

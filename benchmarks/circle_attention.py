@@ -31,10 +31,8 @@ HELDOUT_SEED_FOR_MAPS = 10  # scenes never trained on (the training seed is TRAI
 
 
 def circle_cell(scene: shapes.Scene) -> int:
-    """The grid cell (row-major, 16-pixel cells) holding the scene's circle."""
-    circle = next(s for s in scene.shapes if s.kind == "circle")
-    ymin, xmin, ymax, xmax = circle.box
-    return int((ymin + ymax) / 2 // 16) * 4 + int((xmin + xmax) / 2 // 16)
+    """The grid cell (row-major) holding the scene's circle."""
+    return next(s for s in scene.shapes if s.kind == "circle").cell
 
 
 def measure(images: int, seed: int) -> dict[str, float]:

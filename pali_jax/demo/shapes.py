@@ -50,6 +50,11 @@ class Shape:
     def center_x(self) -> float:
         return (self.box[1] + self.box[3]) / 2
 
+    @property
+    def cell(self) -> int:
+        """Row-major index of the grid cell (the demo model's image patch) the shape fills."""
+        return (self.box[0] // _CELL) * (IMAGE_SIZE // _CELL) + self.box[1] // _CELL
+
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
