@@ -10,7 +10,11 @@ of the 4 x 4 patch grid (chance: 1 / 16). Maps:
   mean       every layer and head averaged (`inspect.word_attention_maps`, `run_generate.py --attention-map`);
   best head  the single (layer, head) with the most hits, chosen on these same images (optimistic);
   through SigLIP  that mean map carried back from image tokens to patches through SigLIP's attention
-             rollout (`map @ attention_rollout(vision_attentions)`), from a teacher-forced forward.
+             rollout (`map @ attention_rollout(vision_attentions)`), from a teacher-forced forward;
+  colour lookup  the pass before: the one that writes the circle's colour ("a" -> "red"), layer 0
+             alone, each head's row rescaled to its share of image attention (`normalize=True`).
+             Found by trying 64 such variants on seeds 3, 10, 11 and 12; on six fresh sets of 50
+             (seeds 20-25) it peaked in the circle's cell for 84 / 92 / 84 / 90 / 90 / 76%.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ def measure(images: int, seed: int) -> dict[str, float]:
     pictures = [PIL.Image.fromarray(shapes.render(s)) for s in scenes]
     results = pg.generate(pictures, "caption en", output_attentions=True)
     prompt = pg.tokenizer(["caption en"], num_image_tokens=p)
-    hits = {"mean": 0, "through SigLIP": 0}
+    hits = {"mean": 0, "through SigLIP": 0, "colour lookup (layer 0, normalised)": 0}
     per_head = np.zeros((pg.config.text.depth, pg.config.text.num_heads))
     counted = 0
     for scene, picture, result in zip(scenes, pictures, results):
@@ -57,6 +61,10 @@ def measure(images: int, seed: int) -> dict[str, float]:
         cell = circle_cell(scene)
         counted += 1
         hits["mean"] += int(maps[k].argmax() == cell)
+        colour = inspect.answer_words(pieces)[k - 1][1]  # the caption reads "a <colour> circle"
+        lookup = inspect.image_attention(result.attentions[colour].transpose(1, 2, 0, 3), 0, p, layers=0,
+                                         normalize=True)
+        hits["colour lookup (layer 0, normalised)"] += int(lookup.argmax() == cell)
         heads = inspect.image_attention(result.attentions[span].transpose(1, 2, 0, 3), 0, p, per_layer=True,
                                         per_head=True)  # [L, N, g, g]
         per_head += heads.reshape(*heads.shape[:2], -1).argmax(-1) == cell
