@@ -25,6 +25,9 @@ from pali_jax.pretrained import PaliGemma
 from pali_jax.processor import load_image
 
 REL, ABS_PROBS, ABS_HIDDEN = 1e-5, 1e-5, 1e-4
+# Decoding's attentions: the issue bounds the forward's by 1e-5 max abs and sets no number for these;
+# the project's float32 bound (max abs 1e-4) applies.
+ABS_STEPS = 1e-4
 
 
 def _errors(ours, ref) -> tuple[float, float]:
@@ -46,19 +49,21 @@ def assert_matches(ours, ref32, ref64, max_abs: float, what: str) -> None:
     )
 
 
-def _inputs(pg: PaliGemma, seed: int = 0):
-    """Two rows, the first left-padded by 2, each: image tokens, bos, 4 prompt tokens, 3 suffix tokens."""
+def _inputs(pg: PaliGemma, seed: int = 0, rows: int = 2):
+    """`rows` rows, every other one left-padded by 2, each: image tokens, bos, 4 prompt tokens, 3
+    suffix tokens."""
     cfg = pg.config
     rng = np.random.default_rng(seed)
     p, length = cfg.num_image_tokens, cfg.num_image_tokens + 8
-    ids = rng.integers(3, cfg.image_token_id, (2, length)).astype(np.int32)
+    ids = rng.integers(3, cfg.image_token_id, (rows, length)).astype(np.int32)
     types = np.zeros_like(ids)
     types[:, -3:] = 1
     mask = np.ones_like(ids)
-    for row, pad in enumerate((2, 0)):
+    for row in range(rows):
+        pad = 2 if row % 2 == 0 else 0
         ids[row, :pad], mask[row, :pad] = cfg.pad_token_id, 0
         ids[row, pad : pad + p], ids[row, pad + p] = cfg.image_token_id, 2
-    pixels = rng.uniform(-1, 1, (2, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+    pixels = rng.uniform(-1, 1, (rows, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
     return pixels, ids, types, mask
 
 
@@ -182,14 +187,17 @@ def _hf_generate(model, pixels, ids, types, mask):
         )
 
 
-def _prompt_inputs(pg):
-    """The forward inputs without their suffix: two left-padded prompts, all prefix."""
-    pixels, ids, types, mask = _inputs(pg, seed=4)
+def _prompt_inputs(pg, rows: int = 2):
+    """The forward inputs without their suffix: left-padded prompts, all prefix."""
+    pixels, ids, types, mask = _inputs(pg, seed=4, rows=rows)
     return pixels, ids[:, :-3], np.zeros_like(ids[:, :-3]), mask[:, :-3]
 
 
+GENERATION_ROWS = 8
+
+
 def test_generation_attentions_and_scores_match_transformers(tiny):
-    pixels, ids, types, mask = _prompt_inputs(tiny.pg)
+    pixels, ids, types, mask = _prompt_inputs(tiny.pg, rows=GENERATION_ROWS)
     out = tiny.pg.generate_ids(pixels, ids, types, mask, max_new_tokens=STEPS, output_attentions=True,
                                output_scores=True)
     ref32 = _hf_generate(tiny.hf, pixels, ids, types, mask)
@@ -199,22 +207,30 @@ def test_generation_attentions_and_scores_match_transformers(tiny):
     cfg = tiny.pg.config.text
     prompt = out.prefill_attentions.shape[3]  # T, the prompts' bucket
     extra = prompt - length  # the bucket's own left padding, before the prompts' padding
-    assert out.attentions.shape == (2, STEPS, cfg.depth, cfg.num_heads, out.attentions.shape[-1])
+    assert out.attentions.shape == (GENERATION_ROWS, STEPS, cfg.depth, cfg.num_heads, out.attentions.shape[-1])
     np.testing.assert_array_equal(out.prompt_start, extra + np.argmax(mask, axis=1))
+    # The passes that produced a row's tokens, its stop token included: transformers goes on
+    # running a finished row on padding, which is nobody's answer.
+    stop = np.isin(out.tokens, tiny.pg.config.eos_token_ids)
+    live = np.cumsum(stop, axis=1) - stop == 0  # [B, STEPS]
+    assert live[:, 0].all() and live.sum() > live.size // 2
     for layer in range(cfg.depth):
-        # Layer by layer over the 8 steps together: a max abs error of one step alone is one
-        # extreme value of a few hundred, too noisy to rank two float32 runs by.
+        # Layer by layer over every row and step together: which of two float32 runs (ours,
+        # transformers') lands nearer float64 flips with the input on these amplifying models
+        # (pg1, layer 1, 9 prompt pairs: ours nearer in rel L2 on 4, max abs on 5, from 0.5x to
+        # 1.7x transformers' error), the max abs most, being one extreme value of a few thousand.
         steps = {"ours": [], "f32": [], "f64": []}
         for step in range(STEPS):
             end = prompt + step  # the slot after the newest token this pass reads
-            ref = ref32.attentions[step][layer][:, :, -1].numpy()  # [B, N, keys]
+            rows = live[:, step]
+            ref = ref32.attentions[step][layer][:, :, -1].numpy()[rows]  # [B', N, keys]
             keys = ref.shape[-1]  # all positions, or the last `window` on a sliding layer
-            ours = out.attentions[:, step, layer]
+            ours = out.attentions[rows, step, layer]
             assert (ours[..., : end - keys] == 0).all() and (ours[..., end:] == 0).all()
             steps["ours"].append(ours[..., end - keys : end].ravel())
             steps["f32"].append(ref.ravel())
-            steps["f64"].append(ref64.attentions[step][layer][:, :, -1].numpy().ravel())
-        assert_matches(*(np.concatenate(steps[k]) for k in ("ours", "f32", "f64")), ABS_PROBS, f"layer {layer}")
+            steps["f64"].append(ref64.attentions[step][layer][:, :, -1].numpy()[rows].ravel())
+        assert_matches(*(np.concatenate(steps[k]) for k in ("ours", "f32", "f64")), ABS_STEPS, f"layer {layer}")
     real = mask.astype(bool)
     for layer in range(cfg.depth):  # the prefill's, over its real queries
         rows = lambda a: np.moveaxis(np.asarray(a), 1, 2)[real]  # noqa: E731
@@ -223,7 +239,8 @@ def test_generation_attentions_and_scores_match_transformers(tiny):
                        f"prefill layer {layer}")
     chosen = [np.take_along_axis(torch.stack(r.scores, 1).log_softmax(-1).numpy(), out.tokens[..., None], axis=2)
               for r in (ref32, ref64)]  # the scores of greedy decoding are the raw logits
-    assert_matches(out.logprobs, chosen[0][..., 0], chosen[1][..., 0], ABS_HIDDEN, "log-probabilities")
+    assert_matches(out.logprobs[live], chosen[0][..., 0][live], chosen[1][..., 0][live], ABS_HIDDEN,
+                   "log-probabilities")
 
 
 def test_flags_off_keep_the_plain_program(tiny_models):
