@@ -57,11 +57,11 @@ def measure(images: int, seed: int) -> dict[str, float]:
         if "circle" not in words:
             continue  # the demo answers right on held-out images; a miss would show in `counted`
         k = words.index("circle")
-        span = inspect.answer_words(pieces)[k][1]
+        spans = [span for _, span in inspect.answer_words(pieces)]
+        span, colour = spans[k], spans[k - 1]  # the caption reads "a <colour> circle"
         cell = circle_cell(scene)
         counted += 1
         hits["mean"] += int(maps[k].argmax() == cell)
-        colour = inspect.answer_words(pieces)[k - 1][1]  # the caption reads "a <colour> circle"
         lookup = inspect.image_attention(result.attentions[colour].transpose(1, 2, 0, 3), 0, p, layers=0,
                                          normalize=True)
         hits["colour lookup (layer 0, normalised)"] += int(lookup.argmax() == cell)
