@@ -1,9 +1,5 @@
-"""Attentions and hidden states of a forward pass against transformers' (eager, the same flags).
-
-The tiny models' large norm scales amplify float32 rounding: where transformers' own float32 result
-misses a bound against its float64 run, ours is held to the float64 run and must be no farther
-from it than transformers' float32 is (the project's ground-truth rule).
-"""
+"""Attentions and hidden states of a forward pass against transformers' (eager, the same flags),
+under the project's parity rule (tests/parity.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from parity import assert_parity
 from pali_jax.backend import CHECKPOINT_LAYOUT
 from pali_jax.errors import UserError
 from pali_jax.generate import MIN_TEXT_BUCKET, Generator, prepare_prompts
@@ -24,29 +21,7 @@ from pali_jax.intermediates import ForwardOutput
 from pali_jax.pretrained import PaliGemma
 from pali_jax.processor import load_image
 
-REL, ABS_PROBS, ABS_HIDDEN = 1e-5, 1e-5, 1e-4
-# Decoding's attentions: the issue bounds the forward's by 1e-5 max abs and sets no number for these;
-# the project's float32 bound applies, as for hidden states.
-ABS_STEPS = ABS_HIDDEN
-
-
-def _errors(ours, ref) -> tuple[float, float]:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref)), float(np.abs(ours - ref).max())
-
-
-def assert_matches(ours, ref32, ref64, max_abs: float, what: str) -> None:
-    """ours within (REL, max_abs) of transformers' float32, or else no farther from its float64 run
-    than its float32 is (each measure on its own)."""
-    rel32, abs32 = _errors(ours, ref32)
-    if rel32 <= REL and abs32 <= max_abs:
-        return
-    (rel64, abs64), (ref_rel, ref_abs) = _errors(ours, ref64), _errors(ref32, ref64)
-    assert rel64 <= max(REL, ref_rel) and abs64 <= max(max_abs, ref_abs), (
-        f"{what}: against float32 rel {rel32:.1e} abs {abs32:.1e}; against float64 rel {rel64:.1e} abs {abs64:.1e}, "
-        f"transformers' float32 rel {ref_rel:.1e} abs {ref_abs:.1e}"
-    )
+ABS_PROBS, ABS_HIDDEN = 1e-5, 1e-4  # attention probabilities; hidden states, logits, log-probabilities
 
 
 def _inputs(pg: PaliGemma, seed: int = 0, rows: int = 2):
@@ -101,15 +76,13 @@ def test_decoder_attentions_and_hidden_states(tiny, references):
         ours = np.asarray(out.attentions[layer])
         assert ours.shape == (2, tiny.pg.config.text.num_heads, ids.shape[1], ids.shape[1])
         rows = lambda a: np.moveaxis(np.asarray(a), 1, 2)[real]  # noqa: E731  [real queries, N, S]
-        assert_matches(rows(ours), rows(ref32.attentions[layer]), rows(ref64.attentions[layer]), ABS_PROBS,
-                       f"attention of layer {layer}")
+        assert_parity(rows(ours), rows(ref32.attentions[layer]), rows(ref64.attentions[layer]), max_abs=ABS_PROBS, what=f"attention of layer {layer}")
         np.testing.assert_allclose(ours.sum(-1), 1.0, atol=1e-5)
         assert (ours[0, :, :, :2] == 0).all()  # padded keys get no attention at all
     for i in range(depth + 1):
-        assert_matches(np.asarray(out.hidden_states[i])[real], ref32.hidden_states[i].numpy()[real],
-                       ref64.hidden_states[i].numpy()[real], ABS_HIDDEN, f"hidden state {i}")
-    assert_matches(np.asarray(out.logits)[real], ref32.logits.numpy()[real], ref64.logits.numpy()[real], ABS_HIDDEN,
-                   "logits")
+        assert_parity(np.asarray(out.hidden_states[i])[real], ref32.hidden_states[i].numpy()[real],
+                       ref64.hidden_states[i].numpy()[real], max_abs=ABS_HIDDEN, what=f"hidden state {i}")
+    assert_parity(np.asarray(out.logits)[real], ref32.logits.numpy()[real], ref64.logits.numpy()[real], max_abs=ABS_HIDDEN, what="logits")
 
 
 def test_vision_attentions_hidden_states_and_image_features(tiny, references):
@@ -118,13 +91,11 @@ def test_vision_attentions_hidden_states_and_image_features(tiny, references):
     depth = tiny.pg.config.vision.depth
     assert len(out.vision_attentions) == depth and len(out.vision_hidden_states) == depth + 1
     for layer in range(depth):
-        assert_matches(out.vision_attentions[layer], vis32.attentions[layer], vis64.attentions[layer], ABS_PROBS,
-                       f"vision attention {layer}")
+        assert_parity(out.vision_attentions[layer], vis32.attentions[layer], vis64.attentions[layer], max_abs=ABS_PROBS, what=f"vision attention {layer}")
     for i in range(depth + 1):
-        assert_matches(out.vision_hidden_states[i], vis32.hidden_states[i], vis64.hidden_states[i], ABS_HIDDEN,
-                       f"vision hidden state {i}")
+        assert_parity(out.vision_hidden_states[i], vis32.hidden_states[i], vis64.hidden_states[i], max_abs=ABS_HIDDEN, what=f"vision hidden state {i}")
     features = ref32.image_outputs.pooler_output  # the projector's output in transformers 5
-    assert_matches(out.image_features, features, ref64.image_outputs.pooler_output, ABS_HIDDEN, "image features")
+    assert_parity(out.image_features, features, ref64.image_outputs.pooler_output, max_abs=ABS_HIDDEN, what="image features")
 
 
 def test_flags_select_what_is_returned_and_off_is_the_plain_logits(tiny_models):
@@ -229,17 +200,15 @@ def test_generation_attentions_and_scores_match_transformers(tiny):
             steps["ours"].append(ours[..., end - keys : end].ravel())
             steps["f32"].append(ref.ravel())
             steps["f64"].append(ref64.attentions[step][layer][:, :, -1].numpy()[alive].ravel())
-        assert_matches(*(np.concatenate(steps[k]) for k in ("ours", "f32", "f64")), ABS_STEPS, f"layer {layer}")
+        assert_parity(*(np.concatenate(steps[k]) for k in ("ours", "f32", "f64")), max_abs=ABS_PROBS, what=f"layer {layer}")
     real = mask.astype(bool)
     for layer in range(cfg.depth):  # the prefill's, over its real queries
         rows = lambda a: np.moveaxis(np.asarray(a), 1, 2)[real]  # noqa: E731
         ours = out.prefill_attentions[:, layer, :, extra:, extra:prompt]
-        assert_matches(rows(ours), rows(ref32.attentions[0][layer]), rows(ref64.attentions[0][layer]), ABS_PROBS,
-                       f"prefill layer {layer}")
+        assert_parity(rows(ours), rows(ref32.attentions[0][layer]), rows(ref64.attentions[0][layer]), max_abs=ABS_PROBS, what=f"prefill layer {layer}")
     chosen = [np.take_along_axis(torch.stack(r.scores, 1).log_softmax(-1).numpy(), out.tokens[..., None], axis=2)
               for r in (ref32, ref64)]  # the scores of greedy decoding are the raw logits
-    assert_matches(out.logprobs[live], chosen[0][..., 0][live], chosen[1][..., 0][live], ABS_HIDDEN,
-                   "log-probabilities")
+    assert_parity(out.logprobs[live], chosen[0][..., 0][live], chosen[1][..., 0][live], max_abs=ABS_HIDDEN, what="log-probabilities")
 
 
 def test_flags_off_keep_the_plain_program(tiny_models):

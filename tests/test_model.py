@@ -14,20 +14,14 @@ import pytest
 import torch
 from transformers import PaliGemmaConfig as HFPaliGemmaConfig
 
+from parity import assert_parity
+
 from pali_jax import config as cfglib
 from pali_jax import backend
 from pali_jax.backend import CHECKPOINT_LAYOUT, Layout
 from pali_jax.paligemma import abstract_params
 from pali_jax.pretrained import PaliGemma
 from pali_jax.train import suffix_nll
-
-
-def assert_close(ours, ref, rel=1e-5, abs_=1e-4):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape
-    rel_err = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
-    max_abs = np.abs(ours - ref).max()
-    assert rel_err <= rel and max_abs <= abs_, f"relative L2 {rel_err:.2e}, max abs {max_abs:.2e}"
 
 
 def make_inputs(pg: PaliGemma, batch: int, n_prefix: int, n_suffix: int, seed: int = 0):
@@ -61,8 +55,8 @@ def test_vision_tower_and_projector(tiny):
     ours_proj = tiny.pg.module.apply({"params": tiny.pg.params}, pixels, method=lambda m, x: m.embed_image(x))
     with torch.no_grad():
         out = tiny.hf.model.get_image_features(torch.tensor(pixels).permute(0, 3, 1, 2))
-    assert_close(ours_tower, out.last_hidden_state.numpy())
-    assert_close(ours_proj, out.pooler_output.numpy())
+    assert_parity(ours_tower, out.last_hidden_state.numpy())
+    assert_parity(ours_proj, out.pooler_output.numpy())
 
 
 def test_logits_prefix_suffix(tiny):
@@ -71,14 +65,14 @@ def test_logits_prefix_suffix(tiny):
     pixels, ids, types = make_inputs(tiny.pg, 2, 5, 9, seed=1)
     ours = tiny.pg.forward(pixels, ids, types)
     ref = hf_forward(tiny.hf, pixels, ids, types).logits.numpy()
-    assert_close(ours, ref)
+    assert_parity(ours, ref)
     assert (np.asarray(ours).argmax(-1) == ref.argmax(-1)).all()
 
 
 def test_token_types_default_to_prefix(tiny):
     pixels, ids, _ = make_inputs(tiny.pg, 1, 6, 0, seed=2)
     ref = hf_forward(tiny.hf, pixels, ids, np.zeros_like(ids)).logits.numpy()
-    assert_close(tiny.pg.forward(pixels, ids), ref)
+    assert_parity(tiny.pg.forward(pixels, ids), ref)
 
 
 def test_left_padded_batch_equals_unpadded_rows(tiny):
@@ -92,7 +86,7 @@ def test_left_padded_batch_equals_unpadded_rows(tiny):
     batched = np.asarray(tiny.pg.forward(pixels, ids, types, mask))
     for b, (pix, row_ids, row_types) in enumerate(rows):
         ref = hf_forward(tiny.hf, pix, row_ids, row_types).logits.numpy()[0]
-        assert_close(batched[b, length - row_ids.shape[1]:], ref)
+        assert_parity(batched[b, length - row_ids.shape[1]:], ref)
 
 
 def test_suffix_loss(tiny):
@@ -117,7 +111,7 @@ def test_every_layout_gives_the_same_logits(tiny, layout):
     q = llm["layers"]["attn"]["q_einsum"][0] if layout.stacked else llm["layers_0"]["attn"]["q_einsum"]
     assert q.shape == ((n, h, d) if layout.out_first else (d, n, h))
     pixels, ids, types = make_inputs(tiny.pg, 2, 5, 9, seed=1)
-    assert_close(other.forward(pixels, ids, types), tiny.pg.forward(pixels, ids, types), rel=1e-6, abs_=1e-5)
+    assert_parity(other.forward(pixels, ids, types), tiny.pg.forward(pixels, ids, types), rel=1e-6, max_abs=1e-5)
 
 
 def test_default_layout_is_the_backends_choice(tiny):
@@ -152,7 +146,7 @@ def test_sliding_window_off_is_full_attention(tiny_models):
     wide.load_state_dict(tiny.hf.state_dict())
     wide.set_attn_implementation("eager")
     ours = np.asarray(no_window.forward(pixels, ids, types))
-    assert_close(ours, hf_forward(wide, pixels, ids, types).logits.numpy())
+    assert_parity(ours, hf_forward(wide, pixels, ids, types).logits.numpy())
     # ... and it differs from HF's windowed default on this sequence, so the switch does something.
     assert np.abs(ours - np.asarray(tiny.pg.forward(pixels, ids, types))).max() > 1e-2
 
