@@ -75,7 +75,13 @@ def versions() -> str:
 def command() -> str:
     """How this benchmark was started, as a user would type it."""
     module = Path(sys.argv[0]).stem
-    return shlex.join(["python", "-m", f"benchmarks.{module}", *sys.argv[1:]])
+    args, skip = [], False
+    for arg in sys.argv[1:]:  # --note is printed as the note, not in the command
+        if skip or arg == "--note" or arg.startswith("--note="):
+            skip = arg == "--note"
+            continue
+        args.append(arg)
+    return shlex.join(["python", "-m", f"benchmarks.{module}", *args])
 
 
 def cell(value) -> str:
