@@ -254,12 +254,13 @@ def write_report(args, result: dict) -> None:
             rows.append((run["preset"], run["dtype"], batch, both("ttft_s", 1e3, 0, "ttft_s"),
                          both("decode_ms_per_token", 1.0, 1) + f" ({floor['decode_s'] * 1e3:.1f})",
                          both("captions_per_s", 1.0, 2, "captions_per_s"),
-                         " / ".join(f"{r['peak_rss_bytes'] / 1e9:.1f}" for r in impls), run.get("same_tokens", "-")))
+                         " / ".join(f"{r['peak_rss_bytes'] / 1e9:.1f}" for r in impls),
+                         run.get("same_tokens", "-") if batch == 1 else "-"))
     names = " / ".join(n for n in IMPLS if n in args.impls)
     rates = ", ".join(f"{d} {r / 1e9:.0f}" for d, r in result["matmul_rate"].items())
     report.write(args, "generation", ["preset", "dtype", "batch", "TTFT ms", "decode ms/token", "captions/s",
                                       "peak RSS GB", "same greedy tokens"], rows,
-                 note=f"Cells: {names} (floor or ceiling). {args.text_layers} + {args.vision_layers} layers, "
+                 note=f"Cells: {names} (floor or ceiling). {args.vision_layers} vision + {args.text_layers} text layers, "
                       f"{args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, medians of {args.runs}; "
                       f"read bandwidth {result['read_bandwidth'] / 1e9:.1f} GB/s, matmul GFLOP/s {rates}.")
 
