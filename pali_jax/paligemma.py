@@ -195,7 +195,7 @@ def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
         if src.stacked and identity:
             layers = list(value) if isinstance(value, np.ndarray) else _unstack(value)
         elif src.stacked:
-            layers = [_transpose(layer, perm) for layer in value]  # one layer per call: twice as fast as all at once
+            layers = [_transpose(layer, perm) for layer in value]  # one layer per call: faster than all at once
         else:
             layers = value if identity else [_transpose(layer, perm) for layer in value]
         del value
