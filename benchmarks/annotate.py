@@ -133,7 +133,7 @@ def wide_model(vision_layers: int = 2, text_layers: int = 2) -> PaliGemma:
     big = preset("paligemma-3b-224")
     cfg = dataclasses.replace(big, vision=dataclasses.replace(big.vision, depth=vision_layers),
                               text=dataclasses.replace(big.text, depth=text_layers))
-    layout = backend.inference_layout(jnp.float32)
+    layout = backend.Policy.host().inference_layout(jnp.float32)
     pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, 3))
     init = jax.jit(PaliGemmaModel(cfg, layout=layout).init)
     params = nn.meta.unbox(init(jax.random.PRNGKey(0), pixels, jnp.zeros((1, 1), jnp.int32))["params"])

@@ -43,7 +43,7 @@ def main() -> None:
     pixels = np.zeros((1, size, size, 3), np.float32)
     ids = np.concatenate([np.full((1, cfg.num_image_tokens), cfg.image_token_id), [[2, 5, 6, 7]]], 1).astype(np.int32)
     params = nn.meta.unbox(PaliGemmaModel(cfg).init(jax.random.PRNGKey(0), pixels, ids)["params"])
-    layout = backend.inference_layout(np.float32)
+    layout = backend.Policy.host().inference_layout(np.float32)
     pg = PaliGemma(cfg, jax.device_put(to_layout(params, backend.CHECKPOINT_LAYOUT, layout)), layout=layout)
     prompt = cfg.num_image_tokens + MIN_TEXT_BUCKET
     results, rows = {}, []

@@ -42,7 +42,7 @@ def random_model(name: str) -> PaliGemma:
     pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.bfloat16)
     ids = jnp.zeros((1, cfg.num_image_tokens + 1), jnp.int32)
     init = jax.jit(lambda key: jax.tree.map(lambda x: x.astype(jnp.bfloat16), nn.meta.unbox(model.init(key, pixels, ids)["params"])))
-    layout = backend.inference_layout(jnp.bfloat16)
+    layout = backend.Policy.host().inference_layout(jnp.bfloat16)
     params = to_layout(init(jax.random.PRNGKey(0)), backend.CHECKPOINT_LAYOUT, layout)
     return PaliGemma(cfg, params, jnp.bfloat16, layout=layout)
 

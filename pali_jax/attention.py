@@ -3,14 +3,17 @@
 `attend` computes `softmax(mask(cap(q k^T * scale))) v` with logits and softmax in float32, as
 transformers' eager Gemma does. Two ways to run it:
 
-* over all S key slots at once (training, short caches); with `kernel="dot_product_attention"`
-  through `jax.nn.dot_product_attention` (cuDNN's fused kernel where it applies), else einsums;
+* over all S key slots at once (training, short caches); with `kernel="cudnn"` (the policy's
+  choice on CUDA in half precision without a soft cap: `backend.Policy.attention_kernel`) through
+  cuDNN's fused kernel, `jax.nn.dot_product_attention(implementation="cudnn")`, else einsums;
 * over a long KV cache, in chunks of `CHUNK` slots up to the slots in use, with a running
   (online) softmax: a decode step then costs what the tokens written so far cost, not what the
   cache's capacity would.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +53,14 @@ def attend(
     """
     if used is not None and k.shape[1] > CHUNK:
         return _attend_chunked(q, k, v, rule, window, scale, softcap, used)
-    if kernel == "dot_product_attention" and softcap is None:
-        mask = rule.mask(window)  # [B, T, S]
-        return jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], scale=scale)
+    if kernel == "cudnn" and softcap is None:
+        mask = rule.mask(window)[:, None]  # [B, 1, T, S]
+        try:
+            return jax.nn.dot_product_attention(
+                q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale, implementation="cudnn"
+            )
+        except NotImplementedError as e:  # a shape this GPU's cuDNN rejects (head dim 256 before Hopper)
+            warnings.warn(f"cuDNN attention does not apply here ({e}); running the einsum form", stacklevel=2)
     return mix(probabilities(q, k, rule, window, scale=scale, softcap=softcap), v, q.dtype)
 
 

@@ -1,48 +1,89 @@
-"""Every choice that depends on the backend (CPU, GPU, TPU) and the dtype, made here once.
+"""Every choice that depends on the platform (CPU, GPU, TPU), the CPU and the dtype, made here once.
 
 The model files (`siglip.py`, `gemma.py`, `paligemma.py`) are written as the math; what differs
-between backends is decided by the functions below and reaches the model as data: a `Layout`
-(how decoder weights are stored), `project` (how a stored weight is multiplied), `attention_kernel`
-(which attention implementation runs) and `compiler_options` (XLA options of inference programs).
+between platforms is a `Policy`, a frozen value the model and its programs carry as data: it is
+built once from the running backend (`Policy.host()`) or named explicitly (`Policy("cuda")`), and
+nothing reads `jax.default_backend()` while a program is traced. So a CPU host can trace, lower
+and check the very program a GPU or TPU process would run (tests/test_lowering.py).
 
-Measurements behind the choices (2-core CPU of this project's machines, XLA:CPU of jax 0.10; the
-figures and commands are in README.md and benchmarks/):
-
-* Stacked vs per-layer decoder weights. XLA:CPU copies a layer's slice out of each stacked weight
-  before a matmul can read it, so decoding on stacked weights moves every weight byte three times
-  per token (PaliGemma 1 widths, 6 layers, float32: 2.4x the memory-bandwidth floor against 1.5x;
-  2 + 2 layers, batch 1: float32 119 -> 74 ms/token, bfloat16 90 -> 59). Inference therefore runs
-  the layers one by one on their own weights; training keeps them stacked under `nn.scan` (one
-  traced layer: short compiles, and the checkpoint's own layout).
-* bfloat16 matmuls on XLA:CPU run only through YNNPACK ([M, K] @ [K, N], both row-major, M and
-  N >= 2, float32 out); any other bf16 product runs in float32 on converted copies of its
-  operands, and a weight given as the right operand is repacked on every call. A weight stored
-  output axes first and streamed as the LEFT operand, `w [N, K] @ [x^T | 0]`, avoids both (one
-  PaliGemma 1 3B layer, one row: 9.0 ms against 15.6 with the weight on the right). The zero
+A policy decides:
+* `inference_layout`: how decoder weights are stored for inference (`Layout`). XLA:CPU copies a
+  layer's slice out of each stacked weight before a matmul can read it, so decoding on stacked
+  weights moves every weight byte several times per token; inference therefore runs the layers one
+  by one on their own weights, on every platform. Training keeps them stacked under `nn.scan` (one
+  traced layer: short compiles, and the checkpoint's own layout). The figures are in README's
+  performance section (no script in benchmarks/ re-measures this one yet).
+* `matmul_form`: how a stored weight is multiplied (`project`). bfloat16 matmuls on XLA:CPU run
+  only through YNNPACK ([M, K] @ [K, N], both row-major, M and N >= 2, float32 out); any other
+  bf16 product runs in float32 on converted copies of its operands, and a weight given as the
+  right operand is repacked on every call. On CPU in bf16 the weights are therefore stored output
+  axes first and, for few rows, streamed as the LEFT operand, `w [N, K] @ [x^T | 0]`: the zero
   column keeps XLA from folding the transpose into the dot (which YNNPACK rejects) and makes
-  N >= 2 for a single row. In float32 the output-first layout gains nothing worth a transpose at
-  load (1 row 9.5 vs 10.5 ms; 8 rows 17.7 vs 15.1; 64 rows 56.8 vs 44.9), so only bf16 uses it.
-* While-loop invariant code motion on XLA:CPU hoists the float32 conversion of every bf16 weight
-  out of the decode loop (XLA computes all non-YNNPACK bf16 ops in float32): a bf16 model then
-  runs on a float32 copy of its weights (7.3 GB of temporaries for 1.6 GB of bf16 parameters,
-  PaliGemma 1 widths, 2 + 2 layers). Inference programs on CPU are compiled without that pass;
-  float32 programs compile to the same code either way.
-* Attention: the einsum form (`attention.py`) everywhere except GPU in half precision without
-  Gemma 2's soft cap (which `jax.nn.dot_product_attention` cannot apply), where that function may
-  take cuDNN's fused kernel. Not measured on a GPU: no device was lent to the session that wrote
-  this; every program is only checked to lower for `cuda` and `tpu` (tests/test_lowering.py).
-* GPU and TPU multiply bf16 natively, so they get no output-first layout; they get per-layer weights
-  for inference as CPU does. Neither choice has been timed on that hardware.
+  N >= 2 for a single row. For more rows a plain dot_general is faster; in float32 the
+  output-first layout gains nothing worth a transpose at load. GPUs and TPUs multiply bf16
+  natively: plain dots, checkpoint axis order. Benchmark: benchmarks/cpu_matmul.py (prints the
+  CPU and its flags; the forms measured are the ones named here).
+* `compiler_options`: while-loop invariant code motion on XLA:CPU hoists the float32 conversion
+  of every bf16 weight out of the decode loop (XLA:CPU computes all non-YNNPACK bf16 ops in
+  float32): a bf16 model would then run on a float32 copy of its weights. CPU inference programs
+  are compiled without that pass (float32 programs compile to the same code either way; checked
+  by tests/test_generate.py). Other platforms get no options.
+* `attention_kernel`: the einsum form (`attention.py`) everywhere except CUDA in half precision
+  without Gemma 2's soft cap (which `jax.nn.dot_product_attention` cannot apply), where cuDNN's
+  fused kernel runs (`jax.nn.dot_product_attention(implementation="cudnn")`). Not timed on a GPU
+  yet: benchmarks/gpu_check.py is the script for that.
+
+`cpu_features` (from /proc/cpuinfo) are part of the policy so that a choice can follow the CPU
+(this project's machines alternate between AMD EPYC and Intel Xeon with AMX and AVX512-VNNI);
+benchmarks/cpu_matmul.py prints them beside its figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from pathlib import Path
 from typing import Literal
 
 import jax
+import jax.extend
 import jax.numpy as jnp
+
+Platform = Literal["cpu", "cuda", "rocm", "tpu"]
+PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
+AttentionKernel = Literal["einsum", "cudnn"]
+MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero"]
+
+# /proc/cpuinfo flags of the x86 instruction sets XLA:CPU's kernels (YNNPACK, oneDNN, Eigen)
+# dispatch on for float32, bf16 and int8 matmuls.
+TRACKED_CPU_FLAGS = frozenset({
+    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
+    "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8",
+})
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def _cpuinfo_field(name: str) -> str:
+    try:
+        text = _CPUINFO.read_text()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return ""
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The tracked instruction-set flags of this machine's CPU (empty where /proc/cpuinfo is not)."""
+    return frozenset(_cpuinfo_field("flags").split()) & TRACKED_CPU_FLAGS
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or "unknown"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,14 +102,64 @@ class Layout:
 
 CHECKPOINT_LAYOUT = Layout(stacked=True, out_first=False)  # converters, training, export
 
+# bf16 rows below which an output-first weight is streamed as the left operand (XLA:CPU; above
+# it dot_general wins: benchmarks/cpu_matmul.py, `left_zero` against `dot_general`).
+_FEW_ROWS = 16
 
-def _cpu_bfloat16(dtype) -> bool:
-    return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
 
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """The platform a program is traced for, and the CPU's features: every backend-dependent choice
+    reads this value, never the process's backend (see the module docstring).
 
-def inference_layout(dtype) -> Layout:
-    """The fastest layout to run inference in `dtype` on the current backend (see module docstring)."""
-    return Layout(stacked=False, out_first=_cpu_bfloat16(dtype))
+    platform None: no platform's special forms (plain dots, einsum attention, no compiler
+    options): a portable program, and what shape-only traces (`jax.eval_shape` of an init) use.
+    The activation dtype is not part of the policy: the model carries it, and each choice takes it.
+    """
+
+    platform: Platform | None = None
+    cpu_features: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        if self.platform is not None and self.platform not in PLATFORMS:
+            raise ValueError(f"unknown platform {self.platform!r}; use one of {', '.join(PLATFORMS)}")
+        object.__setattr__(self, "cpu_features", frozenset(self.cpu_features) & TRACKED_CPU_FLAGS)
+
+    @staticmethod
+    @functools.cache
+    def host() -> "Policy":
+        """The policy of this process's default backend, built once (the only place that reads it)."""
+        platform = jax.default_backend()
+        if platform == "gpu":
+            version = jax.extend.backend.get_backend().platform_version.lower()
+            platform = "rocm" if "rocm" in version or "hip" in version else "cuda"
+        if platform not in PLATFORMS:
+            raise ValueError(f"no policy for backend {platform!r}")
+        return Policy(platform, cpu_features() if platform == "cpu" else frozenset())
+
+    def _cpu_bfloat16(self, dtype) -> bool:
+        return self.platform == "cpu" and jnp.dtype(dtype) == jnp.bfloat16
+
+    def inference_layout(self, dtype) -> Layout:
+        """The fastest layout to run inference in `dtype` (see module docstring)."""
+        return Layout(stacked=False, out_first=self._cpu_bfloat16(dtype))
+
+    def matmul_form(self, dtype, rows: int, out_first: bool) -> MatmulForm:
+        """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first."""
+        if out_first:
+            return "left_zero" if self._cpu_bfloat16(dtype) and rows < _FEW_ROWS else "dot_general"
+        return "dot_pad" if self._cpu_bfloat16(dtype) and rows == 1 else "dot"
+
+    def attention_kernel(self, dtype, softcap: float | None) -> AttentionKernel:
+        """Which attention implementation a model in `dtype` runs (see module docstring)."""
+        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        return "cudnn" if self.platform == "cuda" and half and softcap is None else "einsum"
+
+    def compiler_options(self) -> dict[str, str] | None:
+        """XLA options for every inference program (see module docstring: invariant code motion)."""
+        if self.platform == "cpu":
+            return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+        return None
 
 
 def training_layout(dtype) -> Layout:
@@ -77,49 +168,25 @@ def training_layout(dtype) -> Layout:
     return CHECKPOINT_LAYOUT
 
 
-# bf16 rows below which an output-first weight is streamed as the left operand (one PaliGemma 1
-# layer: 8 rows 9.7 ms as left operand vs 11.2 as dot_general; 16 rows 14.1 vs 11.6).
-_FEW_ROWS = 16
-
-
-def project(x: jax.Array, w: jax.Array, in_axes: int, out_first: bool) -> jax.Array:
+def project(x: jax.Array, w: jax.Array, in_axes: int, out_first: bool, policy: Policy) -> jax.Array:
     """x [..., *in] times a weight stored [*in, *out] (or [*out, *in] if out_first) -> [..., *out],
-    as ONE 2-D matmul accumulated in float32 and rounded to x's dtype.
+    as ONE 2-D matmul accumulated in float32 and rounded to x's dtype, in the form `policy` picks.
 
     XLA:CPU runs einsums whose weight keeps several free axes (or whose contracted axis sits in the
-    middle) through a generic loop ten times slower than its GEMM, hence the reshapes.
+    middle) through a generic loop far slower than its GEMM, hence the reshapes.
     """
     n_in = math.prod(w.shape[w.ndim - in_axes :] if out_first else w.shape[:in_axes])
     out_shape = w.shape[: w.ndim - in_axes] if out_first else w.shape[in_axes:]
     lead = x.shape[: x.ndim - in_axes]
     rows = x.reshape(-1, n_in)  # [M, n_in]
     m = rows.shape[0]
-    if out_first and _cpu_bfloat16(rows.dtype) and m < _FEW_ROWS:
-        cols = jnp.concatenate([rows.T, jnp.zeros((n_in, 1), rows.dtype)], axis=1)
+    form = policy.matmul_form(rows.dtype, m, out_first)
+    if form == "left_zero":
+        cols = jnp.concatenate([rows.T, jnp.zeros((n_in, 1), rows.dtype)], axis=1)  # [n_in, M + 1]
         y = jnp.dot(w.reshape(-1, n_in), cols, preferred_element_type=jnp.float32)[:, :m].T
-    elif out_first:
+    elif form == "dot_general":
         y = jax.lax.dot_general(rows, w.reshape(-1, n_in), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     else:
-        single = _cpu_bfloat16(rows.dtype) and m == 1  # YNNPACK needs M >= 2
-        rows = jnp.concatenate([rows, jnp.zeros_like(rows)]) if single else rows
+        rows = jnp.concatenate([rows, jnp.zeros_like(rows)]) if form == "dot_pad" else rows
         y = jnp.dot(rows, w.reshape(n_in, -1), preferred_element_type=jnp.float32)[:m]
     return y.astype(x.dtype).reshape(*lead, *out_shape)
-
-
-AttentionKernel = Literal["einsum", "dot_product_attention"]
-
-
-def attention_kernel(dtype, softcap: float | None) -> AttentionKernel:
-    """Which attention implementation a model in `dtype` runs (see module docstring)."""
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if jax.default_backend() == "gpu" and half and softcap is None:
-        return "dot_product_attention"
-    return "einsum"
-
-
-def compiler_options() -> dict[str, str] | None:
-    """XLA options for every inference program (see module docstring: invariant code motion)."""
-    if jax.default_backend() == "cpu":
-        return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-    return None
-

@@ -47,7 +47,7 @@ class BeamSearch:
     def __init__(self, model: PaliGemmaModel, mesh: Mesh | None = None):
         self.model = model
         self.mesh = mesh  # params placed by pali_jax.sharding on this mesh; None: one device
-        self._run = jit_model_program(self._run_impl, static_argnums=(0, 1))
+        self._run = jit_model_program(self._run_impl, model.policy, static_argnums=(0, 1))
 
     def _pinned(self, state: BeamState) -> BeamState:
         """Under a mesh: the cache in its layout (XLA cannot infer one for the loop's carry, nor

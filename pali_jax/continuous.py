@@ -176,8 +176,8 @@ class ContinuousDecoder:
         self.mesh = mesh
         self.traces = 0  # programs traced (each trace is a compile)
         self._init = jax.jit(self._init_impl, static_argnums=0)
-        self._refill = jit_model_program(self._refill_impl, static_argnums=0, donate_argnums=2)
-        self._decode = jit_model_program(self._decode_impl, static_argnums=0, donate_argnums=2)
+        self._refill = jit_model_program(self._refill_impl, model.policy, static_argnums=0, donate_argnums=2)
+        self._decode = jit_model_program(self._decode_impl, model.policy, static_argnums=0, donate_argnums=2)
 
     # -- traced pieces -------------------------------------------------------------------------
     def _placed(self, slots: Slots) -> Slots:

@@ -5,7 +5,8 @@ Axis letters are those of `layers.py`. Parameter names follow big_vision / googl
 `attn/attn_vec_einsum` [N, H, D], `mlp/gating_einsum` [D, 2, F], `mlp/linear` [F, D],
 `pre_attention_norm`, ...): every projection contracts its weight's leading axes, so that it is one
 2-D matmul. How the weights are stored (stacked under `nn.scan` or one subtree per layer; input or
-output axes first) is the `layout`'s business (`backend.Layout`); the math is the same.
+output axes first) is the `layout`'s business (`backend.Layout`), and how each product and the
+attention run on the platform is the `policy`'s (`backend.Policy`); the math is the same.
 
 Numerics follow transformers' Gemma / Gemma2: norms, attention logits and softmax in float32,
 everything else in the activation dtype.
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from pali_jax import attention
-from pali_jax.backend import AttentionKernel, Layout, project
+from pali_jax.backend import Layout, Policy, project
 from pali_jax.config import GemmaConfig
 from pali_jax.intermediates import INTERMEDIATES
 from pali_jax.layers import Einsum, default_init, shared_scope
@@ -50,6 +51,7 @@ class Embedder(nn.Module):
     vocab_size: int
     width: int
     dtype: jnp.dtype = jnp.float32
+    policy: Policy = Policy()
 
     def setup(self):
         init = nn.with_logical_partitioning(default_init, ("vocab", "embed"))
@@ -62,7 +64,7 @@ class Embedder(nn.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V]: the table is [V, D], an output-first weight in every layout."""
-        return project(x, self.input_embedding.astype(self.dtype), 1, out_first=True)
+        return project(x, self.input_embedding.astype(self.dtype), 1, True, self.policy)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -87,16 +89,18 @@ class Attention(nn.Module):
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
     layout: Layout = Layout()
-    kernel: AttentionKernel = "einsum"
+    policy: Policy = Policy()
 
     def setup(self):
-        c, dt, lay = self.cfg, self.dtype, self.layout
+        c, dt, lay, pol = self.cfg, self.dtype, self.layout, self.policy
         d, n, k, h = c.width, c.num_heads, c.num_kv_heads, c.head_dim
         shared_scope(
             self,
-            q_proj=Einsum("q_einsum", "BTD,DNH->BTNH", (d, n, h), ("embed", "q_heads", "head_dim"), lay, dt),
-            kv_proj=Einsum("kv_einsum", "BTD,DCKH->BTCKH", (d, 2, k, h), ("embed", "pair", "kv_heads", "head_dim"), lay, dt),
-            out_proj=Einsum("attn_vec_einsum", "BTNH,NHD->BTD", (n, h, d), ("q_heads", "head_dim", "embed"), lay, dt),
+            q_proj=Einsum("q_einsum", "BTD,DNH->BTNH", (d, n, h), ("embed", "q_heads", "head_dim"), lay, dt, pol),
+            kv_proj=Einsum(
+                "kv_einsum", "BTD,DCKH->BTCKH", (d, 2, k, h), ("embed", "pair", "kv_heads", "head_dim"), lay, dt, pol
+            ),
+            out_proj=Einsum("attn_vec_einsum", "BTNH,NHD->BTD", (n, h, d), ("q_heads", "head_dim", "embed"), lay, dt, pol),
         )
 
     def __call__(self, x, positions, rule: PrefixLM, window, layer_kv: LayerKV | None, write_index):
@@ -118,8 +122,9 @@ class Attention(nn.Module):
             self.sow(INTERMEDIATES, "attention", probs.reshape(b, kv_heads * g, t, s))  # [B, N, T, S]
             out = attention.mix(probs, v, q.dtype)
         else:
+            kernel = self.policy.attention_kernel(q.dtype, c.attn_logit_softcap)
             out = attention.attend(
-                q, k, v, rule, window, scale=c.query_scale, softcap=c.attn_logit_softcap, kernel=self.kernel, used=used
+                q, k, v, rule, window, scale=c.query_scale, softcap=c.attn_logit_softcap, kernel=kernel, used=used
             )
         return self.out_proj(out), layer_kv
 
@@ -130,13 +135,14 @@ class FeedForward(nn.Module):
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
     layout: Layout = Layout()
+    policy: Policy = Policy()
 
     def setup(self):
-        c, dt, lay = self.cfg, self.dtype, self.layout
+        c, dt, lay, pol = self.cfg, self.dtype, self.layout, self.policy
         shared_scope(
             self,
-            gating=Einsum("gating_einsum", "BTD,DCF->BTCF", (c.width, 2, c.mlp_dim), ("embed", "pair", "mlp"), lay, dt),
-            down=Einsum("linear", "BTF,FD->BTD", (c.mlp_dim, c.width), ("mlp", "embed"), lay, dt),
+            gating=Einsum("gating_einsum", "BTD,DCF->BTCF", (c.width, 2, c.mlp_dim), ("embed", "pair", "mlp"), lay, dt, pol),
+            down=Einsum("linear", "BTF,FD->BTD", (c.mlp_dim, c.width), ("mlp", "embed"), lay, dt, pol),
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -151,7 +157,7 @@ class Block(nn.Module):
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
     layout: Layout = Layout()
-    kernel: AttentionKernel = "einsum"
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x, positions, rule: PrefixLM, is_sliding, layer_kv, write_index):
@@ -159,13 +165,13 @@ class Block(nn.Module):
         c = self.cfg
         window = NO_WINDOW if c.sliding_window is None else jnp.where(is_sliding, c.sliding_window, NO_WINDOW)
         h = RMSNorm(c.rms_norm_eps, name="pre_attention_norm")(x)
-        attn = Attention(c, self.dtype, self.layout, self.kernel, name="attn")
+        attn = Attention(c, self.dtype, self.layout, self.policy, name="attn")
         h, layer_kv = attn(h, positions, rule, window, layer_kv, write_index)
         if c.post_norms:
             h = RMSNorm(c.rms_norm_eps, name="post_attention_norm")(h)
         x = x + h
         h = RMSNorm(c.rms_norm_eps, name="pre_ffw_norm")(x)
-        h = FeedForward(c, self.dtype, self.layout, name="mlp")(h)
+        h = FeedForward(c, self.dtype, self.layout, self.policy, name="mlp")(h)
         if c.post_norms:
             h = RMSNorm(c.rms_norm_eps, name="post_ffw_norm")(h)
         x = x + h
@@ -187,12 +193,12 @@ class Gemma(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     layout: Layout = Layout()
-    kernel: AttentionKernel = "einsum"
+    policy: Policy = Policy()
 
     def setup(self):
         c = self.cfg
         block = nn.remat(Block, prevent_cse=False) if self.remat else Block
-        self.embedder = Embedder(c.vocab_size, c.width, self.dtype)
+        self.embedder = Embedder(c.vocab_size, c.width, self.dtype, self.policy)
         if self.layout.stacked:
             self.layers = nn.scan(
                 block,
@@ -202,9 +208,9 @@ class Gemma(nn.Module):
                 in_axes=(nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
                 length=c.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(c, self.dtype, self.layout, self.kernel)
+            )(c, self.dtype, self.layout, self.policy)
         else:
-            self.layers = [block(c, self.dtype, self.layout, self.kernel) for _ in range(c.depth)]  # layers_0, ...
+            self.layers = [block(c, self.dtype, self.layout, self.policy) for _ in range(c.depth)]  # layers_0, ...
         self.final_norm = RMSNorm(c.rms_norm_eps)
 
     def embed(self, ids: jax.Array) -> jax.Array:

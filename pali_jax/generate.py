@@ -105,10 +105,10 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
     return path
 
 
-def jit_model_program(fun: Callable, **jit_kwargs: Any) -> Callable:
+def jit_model_program(fun: Callable, policy: backend.Policy, **jit_kwargs: Any) -> Callable:
     """`jax.jit` for every program that runs the model for inference (generation, beam search,
-    forward), with the backend's compiler options (`backend.compiler_options`)."""
-    return jax.jit(fun, compiler_options=backend.compiler_options(), **jit_kwargs)
+    forward), with the compiler options of the platform it is for (`backend.Policy.compiler_options`)."""
+    return jax.jit(fun, compiler_options=policy.compiler_options(), **jit_kwargs)
 
 
 @flax.struct.dataclass
@@ -247,9 +247,9 @@ class Generator:
         self.model = model
         self.mesh = mesh  # params placed by pali_jax.sharding on this mesh; None: one device
         self.traces = 0  # how many programs were traced (each trace is a compile)
-        self._generate = jit_model_program(self._generate_impl, static_argnums=0)
-        self._prefill = jit_model_program(self._prefill_impl, static_argnums=0)
-        self._step = jit_model_program(self._step_impl, donate_argnums=1)
+        self._generate = jit_model_program(self._generate_impl, model.policy, static_argnums=0)
+        self._prefill = jit_model_program(self._prefill_impl, model.policy, static_argnums=0)
+        self._step = jit_model_program(self._step_impl, model.policy, donate_argnums=1)
 
     # -- traced pieces -------------------------------------------------------------------------
     def _emit(self, state: DecodeState, token, logits, stop_tokens, attention=None) -> DecodeState:

@@ -1,6 +1,6 @@
 """The projection primitive: a weight declared with its einsum equation, logical axes and LoRA.
 
-    self.q_einsum = Einsum("q_einsum", "BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"), layout)
+    self.q_einsum = Einsum("q_einsum", "BTD,DNH->BTNH", (D, N, H), ("embed", "q_heads", "head_dim"), layout, dtype, policy)
     q = self.q_einsum(x)                       # [B, T, D] -> [B, T, N, H]
 
 Axis letters (the same everywhere in the package): B batch, T query length, S key length (cache
@@ -11,7 +11,8 @@ L layers.
 The equation is written in the checkpoint layout: the weight's contracted letters come first
 ([*in, *out]). The weight's `axes` name each of its dimensions for sharding (`sharding.RULES`
 maps them to mesh axes). How the weight is stored and multiplied is the layout's and the
-backend's business (`backend.py`): with `layout.out_first` it is stored [*out, *in]. Whatever the
+policy's business (`backend.Layout`, `backend.Policy`): with `layout.out_first` it is stored
+[*out, *in], and `policy` picks the matmul form for the platform it was made for. Whatever the
 layout, the parameter sits in the parent module's scope under `name` (big_vision's tree:
 `attn/q_einsum`, not `attn/q_einsum/w`).
 
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from pali_jax import backend
-from pali_jax.backend import Layout
+from pali_jax.backend import Layout, Policy
 
 PAIR = "C"
 RANK = "r"
@@ -71,6 +72,7 @@ class Einsum(nn.Module):
     axes: tuple[str, ...]  # one logical axis name per dimension of `shape`
     layout: Layout = Layout()
     dtype: Any = jnp.float32
+    policy: Policy = Policy()
     init: Callable = default_init
 
     @nn.compact
@@ -79,7 +81,7 @@ class Einsum(nn.Module):
         init = nn.with_logical_partitioning(self.init, stored(self.axes, n_in, self.layout.out_first))
         w = self.param(self.weight, init, stored(self.shape, n_in, self.layout.out_first))
         x = x.astype(self.dtype)
-        y = backend.project(x, w.astype(self.dtype), n_in, self.layout.out_first)
+        y = backend.project(x, w.astype(self.dtype), n_in, self.layout.out_first, self.policy)
         if self.has_variable("lora", self.weight):
             factors = self.get_variable("lora", self.weight)
             y = y + lora_delta(self.equation, x, factors["a"].astype(self.dtype), factors["b"].astype(self.dtype))

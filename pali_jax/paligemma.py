@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pali_jax.config import PaliGemmaConfig
-from pali_jax.backend import CHECKPOINT_LAYOUT, AttentionKernel, Layout
+from pali_jax.backend import CHECKPOINT_LAYOUT, Layout, Policy
 from pali_jax.gemma import Gemma
 from pali_jax.intermediates import INTERMEDIATES
 from pali_jax.kv_cache import KVCache
@@ -33,18 +33,20 @@ _FIRST_POSITION = 1
 
 
 class PaliGemmaModel(nn.Module):
-    """layout: how the decoder's weights are stored (`backend.Layout`); kernel: which attention
-    implementation runs (`backend.attention_kernel`). Neither changes the numbers."""
+    """layout: how the decoder's weights are stored (`backend.Layout`); policy: the platform the
+    model's programs are traced for (`backend.Policy`: matmul forms, attention kernel). Neither
+    changes the numbers beyond rounding. The default policy names no platform (a portable
+    program); `pretrained.PaliGemma` and `train.Trainer` pass `Policy.host()` unless told."""
 
     cfg: PaliGemmaConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     layout: Layout = Layout()
-    kernel: AttentionKernel = "einsum"
+    policy: Policy = Policy()
 
     def setup(self):
         self.img = SigLIP(self.cfg.vision, self.cfg.text.width, self.dtype, self.remat)
-        self.llm = Gemma(self.cfg.text, self.dtype, self.remat, self.layout, self.kernel)
+        self.llm = Gemma(self.cfg.text, self.dtype, self.remat, self.layout, self.policy)
 
     def embed_image(self, pixel_values: jax.Array) -> jax.Array:
         """[B, H, W, 3] in [-1, 1] -> image tokens [B, P, D] (projected, not scaled)."""
@@ -193,7 +195,7 @@ def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
         if src.stacked and identity:
             layers = list(value) if isinstance(value, np.ndarray) else _unstack(value)
         elif src.stacked:
-            layers = [_transpose(layer, perm) for layer in value]  # one layer per call: twice as fast as all at once
+            layers = [_transpose(layer, perm) for layer in value]  # one layer per call: faster than all at once
         else:
             layers = value if identity else [_transpose(layer, perm) for layer in value]
         del value

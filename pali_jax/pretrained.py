@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pali_jax import backend, hf_weights, sharding
-from pali_jax.backend import CHECKPOINT_LAYOUT, Layout
+from pali_jax import hf_weights, sharding
+from pali_jax.backend import CHECKPOINT_LAYOUT, Layout, Policy
 from pali_jax.beam_search import BeamSearch
 from pali_jax.checkpoint import read_params
 from pali_jax.config import PaliGemmaConfig
@@ -168,14 +168,15 @@ class PaliGemma:
     mesh: Mesh | None = None  # the mesh `params` are sharded over (pali_jax.sharding); None: one device
     layout: Layout = CHECKPOINT_LAYOUT  # how `params` holds the decoder's weights (`backend.Layout`)
     mask_decoder: "MaskDecoder | None" = None  # decodes `segment` answers' codes into `Detection.mask`
+    # the platform the programs are traced for (`backend.Policy`); default: this process's backend
+    policy: Policy = dataclasses.field(default_factory=Policy.host)
 
     def __post_init__(self):
-        kernel = backend.attention_kernel(self.dtype, self.config.text.attn_logit_softcap)
-        self.module = PaliGemmaModel(self.config, self.dtype, layout=self.layout, kernel=kernel)
+        self.module = PaliGemmaModel(self.config, self.dtype, layout=self.layout, policy=self.policy)
         self.generator = Generator(self.module, self.mesh)
         self.beam_search = BeamSearch(self.module, self.mesh)
-        self._forward = jit_model_program(self.module.apply)
-        self._forward_recorded = jit_model_program(self._forward_recorded_impl, static_argnums=(5, 6))
+        self._forward = jit_model_program(self.module.apply, self.policy)
+        self._forward_recorded = jit_model_program(self._forward_recorded_impl, self.policy, static_argnums=(5, 6))
 
     @functools.cached_property
     def tokenizer(self) -> PaliGemmaTokenizer:
@@ -204,6 +205,7 @@ class PaliGemma:
         mesh: Mesh | None = None,
         layout: Layout | None = None,
         mask_decoder: "str | Path | MaskDecoder | None" = None,
+        policy: Policy | None = None,
     ) -> "PaliGemma":
         """Loads a converted directory, an HF checkpoint directory (converted in memory), a
         big_vision `.npz` (read in memory, `pali_jax.big_vision_weights`; its tokenizer.model is
@@ -213,8 +215,10 @@ class PaliGemma:
         Gemma 2's sliding window off on every layer (big_vision's behaviour; see README).
         mesh (`pali_jax.sharding.make_mesh`): every parameter is loaded straight onto its shards.
         layout: how to hold the decoder's weights; None (the default) picks the fastest for
-        inference on this backend and dtype (`backend.inference_layout`: on every backend one
-        subtree per layer; on CPU in bfloat16 projections output axes first), converted once here.
+        inference on the policy's platform and dtype (`backend.Policy.inference_layout`: on every
+        platform one subtree per layer; on CPU in bfloat16 projections output axes first),
+        converted once here. policy: the platform the programs are for; None: this process's
+        backend (`backend.Policy.host()`).
         Pass `backend.CHECKPOINT_LAYOUT` to keep the stacked checkpoint layout (what training uses).
         mask_decoder: big_vision's `vae-oid.npz` (a path, or a loaded `segmentation.MaskDecoder`):
         `generate` then fills `Detection.mask` of `segment` answers.
@@ -251,13 +255,14 @@ class PaliGemma:
             raise UserError(f"{path} is neither a pali-jax directory ({CONFIG_FILE}) nor an HF checkpoint (config.json)")
         if not sliding_window:
             config = config.without_sliding_window()
-        layout = backend.inference_layout(DTYPES[dtype]) if layout is None else layout
+        policy = Policy.host() if policy is None else policy
+        layout = policy.inference_layout(DTYPES[dtype]) if layout is None else layout
         params = to_layout(params, CHECKPOINT_LAYOUT, layout)
         if mesh is None:
             params = jax.device_put(params)
         else:  # the layout change keeps each slice's split: pin it to the rules of the new layout
             params = jax.device_put(params, sharding.param_shardings(params, mesh, out_first=layout.out_first))
-        return cls(config, params, DTYPES[dtype], path, mesh, layout, mask_decoder)
+        return cls(config, params, DTYPES[dtype], path, mesh, layout, mask_decoder, policy)
 
     def checkpoint_params(self) -> Any:
         """`params` in the checkpoint layout (stacked layers, input axes first): what training,

@@ -20,7 +20,8 @@ from pali_jax.intermediates import INTERMEDIATES
 def _accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """The Dense layers' product, accumulated in float32 and rounded to the input dtype (as
     transformers' bf16 matmuls do). XLA:CPU multiplies bf16 only as bf16 x bf16 -> f32 (YNNPACK);
-    a product with a bf16 result runs in float32 on converted operands, at half the rate."""
+    a product with a bf16 result runs in float32 on converted operands, more slowly (see
+    `backend.py` and benchmarks/cpu_matmul.py)."""
     del preferred_element_type
     out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32)
     return out.astype(lhs.dtype)

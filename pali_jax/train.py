@@ -37,7 +37,7 @@ import optax
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from pali_jax import backend, lora, sharding
-from pali_jax.backend import Layout
+from pali_jax.backend import Layout, Policy
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
 from pali_jax.paligemma import PaliGemmaModel, detect_layout, to_layout
@@ -202,10 +202,13 @@ class Trainer:
     train_config: TrainConfig
     dtype: Any = jnp.float32
     mesh: Mesh | None = None
+    policy: Policy = dataclasses.field(default_factory=Policy.host)  # the platform the steps are for
 
     @functools.cached_property
     def model(self) -> PaliGemmaModel:
-        return PaliGemmaModel(self.config, self.dtype, remat=self.train_config.remat, layout=self.layout)
+        return PaliGemmaModel(
+            self.config, self.dtype, remat=self.train_config.remat, layout=self.layout, policy=self.policy
+        )
 
     @functools.cached_property
     def layout(self) -> Layout:

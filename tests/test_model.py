@@ -17,7 +17,6 @@ from transformers import PaliGemmaConfig as HFPaliGemmaConfig
 from parity import assert_parity
 
 from pali_jax import config as cfglib
-from pali_jax import backend
 from pali_jax.backend import CHECKPOINT_LAYOUT, Layout
 from pali_jax.paligemma import abstract_params
 from pali_jax.pretrained import PaliGemma
@@ -115,7 +114,7 @@ def test_every_layout_gives_the_same_logits(tiny, layout):
 
 
 def test_default_layout_is_the_backends_choice(tiny):
-    assert tiny.pg.layout == backend.inference_layout(tiny.pg.dtype)
+    assert tiny.pg.layout == tiny.pg.policy.inference_layout(tiny.pg.dtype)
     back = tiny.pg.checkpoint_params()
     want = PaliGemma.from_pretrained(tiny.hf_dir, layout=CHECKPOINT_LAYOUT).params
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), back, want))

@@ -1,0 +1,111 @@
+"""The projection forms `backend.project` chooses between, on this CPU: one decoder layer's five
+projections (q, kv, attention output, gate/up, down) at 1, 8 and 64 rows.
+
+    python -m benchmarks.cpu_matmul [--repeats 5] [--rows 1 8 64] [--width-scale 1.0]
+
+Forms (x [M, K], the weight stored [K, N] as in the checkpoint, or [N, K] output axes first):
+  left_zero    bf16, w [N, K] @ [x^T | 0] -> [N, M + 1]: the weight as the LEFT operand, with a zero
+               column (what `backend.project` runs on XLA:CPU in bf16 for few rows);
+  dot          bf16, x [M, K] @ w [K, N], the weight as the right operand (checkpoint layout);
+  dot_pad      `dot` with a zero row added when M = 1 (YNNPACK takes only M >= 2);
+  dot_general  bf16, x [M, K] . w [N, K] contracting both last axes (output-first layout, no trick);
+  float32      float32, x [M, K] @ w [K, N] (checkpoint layout).
+Every bf16 form accumulates in float32 (`preferred_element_type`), as the model does.
+
+Prints the CPU model, the instruction-set flags that matter to XLA:CPU's kernels (AVX-512,
+VNNI, AMX, BF16), jax's version, then per form and row count the best and the median ms per
+layer over the repeats (best first: the machine is shared, and the best run is the least disturbed).
+PaliGemma 1 3B widths by default (D 2048, 8 x 256 query heads, 1 kv head, MLP 16384): about
+220 MB of bf16 weights per form; `--width-scale 0.5` halves every width on a crowded machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pali_jax import backend
+
+# (name, K = contracted size, N = output size) of one PaliGemma 1 3B decoder layer.
+LAYER = (("q", 2048, 2048), ("kv", 2048, 512), ("attn_out", 2048, 2048), ("gate_up", 2048, 32768), ("down", 16384, 2048))
+
+
+def _left_zero(x, w_out_first):
+    m = x.shape[0]
+    cols = jnp.concatenate([x.T, jnp.zeros((x.shape[1], 1), x.dtype)], axis=1)
+    return jnp.dot(w_out_first, cols, preferred_element_type=jnp.float32)[:, :m].T.astype(x.dtype)
+
+
+def _dot(x, w):
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _dot_pad(x, w):
+    m = x.shape[0]
+    rows = jnp.concatenate([x, jnp.zeros_like(x)]) if m == 1 else x
+    return jnp.dot(rows, w, preferred_element_type=jnp.float32)[:m].astype(x.dtype)
+
+
+def _dot_general(x, w_out_first):
+    return jax.lax.dot_general(x, w_out_first, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+# form -> (product, weight dtype, weight stored output axes first)
+FORMS = {
+    "left_zero": (_left_zero, jnp.bfloat16, True),
+    "dot": (_dot, jnp.bfloat16, False),
+    "dot_pad": (_dot_pad, jnp.bfloat16, False),
+    "dot_general": (_dot_general, jnp.bfloat16, True),
+    "float32": (_dot, jnp.float32, False),
+}
+
+
+def _layer_program(product):
+    @jax.jit
+    def run(xs, ws):
+        return [product(x, w) for x, w in zip(xs, ws)]
+
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--width-scale", type=float, default=1.0)
+    p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
+    args = p.parse_args()
+    features = backend.cpu_features()
+    print(f"cpu: {backend.cpu_model()}")
+    print(f"flags: {' '.join(sorted(features)) or '(none of the tracked ones)'}")
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s)")
+    shapes = [(n, max(8, int(k * args.width_scale)), max(8, int(o * args.width_scale))) for n, k, o in LAYER]
+    print("layer: " + ", ".join(f"{n} {k}x{o}" for n, k, o in shapes))
+    rng = np.random.default_rng(0)
+    master = [rng.standard_normal((k, o), np.float32) * 0.02 for _, k, o in shapes]
+    print(f"{'form':>12} " + " ".join(f"{f'{m} rows best/median ms':>26}" for m in args.rows))
+    for form in args.forms:
+        product, dtype, out_first = FORMS[form]
+        ws = [jnp.asarray(w.T.copy() if out_first else w, dtype) for w in master]
+        run = _layer_program(product)
+        cells = []
+        for m in args.rows:
+            xs = [jnp.asarray(rng.standard_normal((m, k), np.float32), dtype) for _, k, _ in shapes]
+            jax.block_until_ready(run(xs, ws))  # compile
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(run(xs, ws))
+                times.append(time.perf_counter() - t0)
+            cells.append(f"{min(times) * 1e3:>17.1f} / {statistics.median(times) * 1e3:6.1f}")
+        print(f"{form:>12} " + " ".join(cells), flush=True)
+        del ws
+
+
+if __name__ == "__main__":
+    main()
