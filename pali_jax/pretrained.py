@@ -488,8 +488,12 @@ def _download(hub_id: str) -> Path:
     import huggingface_hub
     from huggingface_hub import errors
 
-    if hub_id.count("/") != 1:
-        raise UserError(f"{hub_id} is not a local directory, and not a hub id of the form org/name")
+    if hub_id.count("/") != 1 or hub_id.startswith(("/", ".", "~")):
+        raise UserError(f"{hub_id} does not exist: not a local path, and not a hub id of the form org/name")
+    try:
+        huggingface_hub.utils.validate_repo_id(hub_id)
+    except errors.HFValidationError:
+        raise UserError(f"{hub_id} does not exist: not a local path, and not a valid hub id") from None
     try:
         return Path(huggingface_hub.snapshot_download(hub_id, allow_patterns=HUB_PATTERNS))
     except errors.GatedRepoError:
