@@ -88,7 +88,8 @@ def check_draw_target(out: str, flag: str = "--draw", formats: tuple[str, ...] |
 
 def draw_attention(pg, image, result, target: Path) -> bool:
     """Writes each generated word's attention over `image` to `target`; False if the answer has no word."""
-    
+    from pali_jax import inspect, plots  # plots needs matplotlib: the `inspect` extra
+
     pieces = [pg.tokenizer.decode([t]) for t in result.token_ids]
     words, maps = inspect.word_attention_maps(result.attentions, pieces, pg.config.num_image_tokens)
     if not words:

@@ -487,11 +487,12 @@ def _download(hub_id: str) -> Path:
     """Fetches the files a model needs from the Hugging Face hub (or its local cache)."""
     import huggingface_hub
     from huggingface_hub import errors
+    from huggingface_hub.utils import validate_repo_id
 
     if hub_id.count("/") != 1 or hub_id.startswith(("/", ".", "~")):
         raise UserError(f"{hub_id} does not exist: not a local path, and not a hub id of the form org/name")
     try:
-        huggingface_hub.utils.validate_repo_id(hub_id)
+        validate_repo_id(hub_id)
     except errors.HFValidationError:
         raise UserError(f"{hub_id} does not exist: not a local path, and not a valid hub id") from None
     try:

@@ -17,7 +17,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import PaliGemmaForConditionalGeneration
 
-from convert.hf_to_flax import main
+from pali_jax import cli
 from pali_jax.hf_weights import load_hf
 from pali_jax.checkpoint import read_params, restore_params
 from pali_jax.paligemma import abstract_params
@@ -33,7 +33,7 @@ def tree_equal(a, b) -> bool:
 
 
 def convert_cli(capsys, *args) -> tuple[int, str]:
-    code = main([str(a) for a in args])
+    code = cli.main(["convert", *map(str, args)])
     return code, capsys.readouterr().err
 
 
