@@ -14,7 +14,7 @@ where it stopped; when every item is answered the file is rewritten in input ord
 ever written when it is absent, empty or such a job's results (`results_file`); everything else
 (the model, every option, every input line) is checked before it is created. An unreadable image is reported on
 stderr with its path and skipped (--stop-on-error ends the run instead). Greedy or sampled
-decoding only: beam search runs in fixed batches (run_generate.py --beams).
+decoding only: beam search runs in fixed batches (pali-jax generate --beams).
 
 From Python: `for record in annotate(pg, ["a.jpg", "b.jpg"], "caption en"): ...` yields the same
 records (see `annotate`). The decoding is `continuous.ContinuousDecoder`'s; the input runs ahead
@@ -160,7 +160,7 @@ def annotate(
     generation = GenerationConfig.resolve(generation_config, options)
     if generation.beams > 1:
         raise GenerationError("beams", f"annotate decodes greedily or by sampling (continuous batching); beams="
-                              f"{generation.beams} needs fixed batches: use run_generate.py --beams or pg.generate")
+                              f"{generation.beams} needs fixed batches: use pali-jax generate --beams or pg.generate")
     if generation.records:
         name = generation.records[0]
         raise GenerationError(name, f"annotate writes text records, not {name}: use pg.generate or pg.generate_ids")

@@ -12,7 +12,7 @@ The run directory gets:
 
     RUN/checkpoints/<step>/   full training states (orbax), every --checkpoint-every steps, the last --keep
     RUN/model/                the final model: pali_jax_config.json + params/ + tokenizer.model, which
-                              PaliGemma.from_pretrained and run_generate.py --model load directly
+                              PaliGemma.from_pretrained and pali-jax generate --model load directly
 
 `--resume` continues from the newest checkpoint exactly as if the run had not stopped (same
 batches, same updates). With --eval, every --eval-every steps prints the held-out loss and the

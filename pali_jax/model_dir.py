@@ -7,7 +7,7 @@ fail fast instead of mixing their files, and temporary siblings left by a killed
 is gone) are removed by the next one (`files.clean_stale`).
 
 `manifest.json` lists every file's size and sha256. `check_sizes` (run on every load) compares the
-sizes, which costs one `stat` per file; `verify` (`python -m convert.verify DIR`) reads and hashes
+sizes, which costs one `stat` per file; `verify` (`pali-jax verify DIR`) reads and hashes
 everything. A directory without a manifest (the bundled demo model, older conversions) still loads.
 """
 
@@ -142,7 +142,7 @@ def check_sizes(root: str | Path) -> bool:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise ModelDirError(f"{root} is incomplete: {name} is missing (see python -m convert.verify)") from None
+            raise ModelDirError(f"{root} is incomplete: {name} is missing (see pali-jax verify)") from None
         if size != entry.get("size"):
             raise ModelDirError(f"{root} is damaged: {name} has {size} bytes, the manifest says {entry.get('size')}")
     return True

@@ -230,7 +230,7 @@ class PaliGemma:
             path = _download(str(path_or_hub_id))
         if path.is_file() and path.suffix == ".npz":
             if mesh is not None:
-                raise UserError("a big_vision .npz loads on one device: convert it first (python -m convert.big_vision)")
+                raise UserError("a big_vision .npz loads on one device: convert it first (pali-jax convert-big-vision)")
             from pali_jax.big_vision_weights import load_big_vision
 
             config, host = load_big_vision(path, dtype)
