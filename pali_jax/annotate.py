@@ -33,6 +33,7 @@ if __name__ == "__main__":  # python -m pali_jax.annotate: `pali-jax annotate`, 
 import argparse
 import dataclasses
 import glob
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -341,8 +342,7 @@ def annotate_to_file(pg: "PaliGemma", items: Iterable[Item | ImageInput], out: s
 
 
 # `annotate`'s keywords that are not generation options
-_JOB_KEYWORDS = frozenset({"generation_config", "slots", "workers", "queue_size", "refill_at", "spare_slots",
-                           "ordered", "stop_on_error", "mask_decoder", "done", "stats"})
+_JOB_KEYWORDS = frozenset(p.name for p in inspect.signature(annotate).parameters.values() if p.kind == p.KEYWORD_ONLY)
 
 
 def run(args: argparse.Namespace) -> JobStats:

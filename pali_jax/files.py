@@ -152,7 +152,7 @@ def jsonl_lines(path: str | os.PathLike, what: str = "file",
     except OSError as e:
         raise error(f"cannot read {what} {path}: {e.strerror}") from None
     if not stat.S_ISREG(mode):
-        raise error(f"{what} {path} is {_kind(mode)}, not a JSONL file")
+        raise error(f"cannot read {what} {path}: it is {_kind(mode)}, not a JSONL file")
     try:
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, start=1):

@@ -490,11 +490,11 @@ def _download(hub_id: str) -> Path:
     from huggingface_hub.utils import validate_repo_id
 
     if hub_id.count("/") != 1 or hub_id.startswith(("/", ".", "~")):
-        raise UserError(f"{hub_id} does not exist: not a local path, and not a hub id of the form org/name")
+        raise UserError(f"{hub_id} is not a local directory, and not a hub id of the form org/name")
     try:
         validate_repo_id(hub_id)
     except errors.HFValidationError:
-        raise UserError(f"{hub_id} does not exist: not a local path, and not a valid hub id") from None
+        raise UserError(f"{hub_id} is not a local directory, and not a valid hub id") from None
     try:
         return Path(huggingface_hub.snapshot_download(hub_id, allow_patterns=HUB_PATTERNS))
     except errors.GatedRepoError:

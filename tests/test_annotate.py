@@ -251,7 +251,7 @@ def test_failed_checks_create_no_output(images, tmp_path, capsys, case):
     argv, message = {
         "max tokens beyond the model": (["--max-tokens", "99999999999999999999999"], "--max-tokens must be <="),
         "a line's max_new_tokens": (["--images", data, "--allow-outside-paths"], f"{data}:1: max_new_tokens must be <="),
-        "no such model": (["--model", tmp_path / "nonexistent"], "does not exist"),
+        "no such model": (["--model", tmp_path / "nonexistent"], "is not a local directory"),
         "no such mask decoder": (["--seg-vae", tmp_path / "vae.npz"], "vae.npz"),
         "stop on a bad image": (["--images", tmp_path / "bad", "--stop-on-error"], "--stop-on-error"),
     }[case]
