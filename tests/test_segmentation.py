@@ -371,8 +371,8 @@ def test_cli_segment_masks(vae, tmp_path, monkeypatch, capsys):
     assert changed[expected & inner].mean() > 0.95 and not changed[~expected & inner].any()
     # Without a decoder: codes, no masks, a warning; --masks-dir then needs --seg-vae.
     monkeypatch.delenv(seg.ENV_VAR)
-    with pytest.raises(SystemExit):
-        rg.main(["--image", str(image), "--prompt", "segment circle", "--masks-dir", str(masks_dir)])
+    assert cli.main(["generate", "--image", str(image), "--prompt", "segment circle", "--masks-dir",
+                     str(masks_dir)]) == 2
     assert "--seg-vae" in capsys.readouterr().err
 
 
