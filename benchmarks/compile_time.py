@@ -81,13 +81,13 @@ def main() -> None:
     import torch
 
     from benchmarks.hf_reference import build, hf_config
-    from convert.hf_to_flax import convert
+    from pali_jax.conversion import convert_hf
     from pali_jax.config import preset
 
     with tempfile.TemporaryDirectory() as tmp:
         build(hf_config(preset(args.preset), args.vision_layers, args.text_layers), torch.float32).save_pretrained(
             Path(tmp) / "hf")
-        convert(Path(tmp) / "hf", Path(tmp) / "flax")
+        convert_hf(Path(tmp) / "hf", Path(tmp) / "flax")
         samples: dict[str, list[dict]] = {name: [] for name in RUNS}
         for repeat in range(args.repeats):  # each repeat starts from an empty cache directory
             for name in RUNS:

@@ -200,7 +200,7 @@ def prepare(preset_name: str, vision_layers: int, text_layers: int, dtypes, root
     import torch
 
     from benchmarks.hf_reference import build, hf_config
-    from convert.hf_to_flax import convert
+    from pali_jax.conversion import convert_hf
     from pali_jax.config import preset
 
     hf_dir = root / preset_name / "hf"
@@ -208,7 +208,7 @@ def prepare(preset_name: str, vision_layers: int, text_layers: int, dtypes, root
     gc.collect()
     paths = {"hf": hf_dir}
     for dtype in dtypes:
-        paths[dtype] = convert(hf_dir, root / preset_name / dtype, dtype)
+        paths[dtype] = convert_hf(hf_dir, root / preset_name / dtype, dtype)
     return paths
 
 

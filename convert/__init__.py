@@ -1,1 +1,1 @@
-"""Checkpoint converters (run as `python -m convert.hf_to_flax`)."""
+"""Thin wrappers of `pali-jax` subcommands, run as `python -m convert.NAME` in a checkout (not installed)."""

@@ -3,41 +3,55 @@
     from pali_jax import PaliGemma
     pg = PaliGemma.from_pretrained("google/paligemma2-3b-pt-224")   # or a local directory
     print(pg.generate("cat.jpg", "caption en")[0].text)
+
+The names below are imported when first used, so that `import pali_jax.cli` (the `pali-jax`
+command's entry) costs no JAX import: the command installs its Ctrl-C handling before the heavy
+imports start.
 """
 
-import sys as _sys
+from __future__ import annotations
 
-# Run as a command (python -m pali_jax.finetune, python -m convert.hf_to_flax, run_generate.py):
-# Ctrl-C during the seconds of imports below ends in one line, like Ctrl-C later (`cli.run_main`,
-# which puts Python's KeyboardInterrupt back once there is work to clean up). Library users keep
-# Python's default.
-_ENTRY_POINTS = ("pali_jax.finetune", "pali_jax.annotate", "convert.hf_to_flax", "convert.verify", "run_generate.py")
-RUN_AS_COMMAND = any(str(a).endswith(_ENTRY_POINTS) for a in getattr(_sys, "orig_argv", [])[1:3])
-if RUN_AS_COMMAND:
-    import os as _os
-    import signal as _signal
+import importlib
+from typing import TYPE_CHECKING, Any
 
-    def _interrupted_early(signum, frame):  # noqa: ARG001
-        _os.write(2, b"error: interrupted\n")
-        _os._exit(130)
+# name -> the module that defines it
+_EXPORTS = {
+    "PRESETS": "config", "GemmaConfig": "config", "PaliGemmaConfig": "config", "SiglipConfig": "config",
+    "preset": "config",
+    "Detection": "detection", "draw_detections": "detection", "parse_detections": "detection",
+    "UserError": "errors",
+    "GenerateOutput": "generate", "StopReason": "generate", "enable_compilation_cache": "generate",
+    "GenerationConfig": "generation_config", "GenerationError": "generation_config",
+    "ForwardOutput": "intermediates",
+    "PaliGemma": "pretrained", "Result": "pretrained",
+    "PaliGemmaProcessor": "processor", "PaliGemmaTokenizer": "processor", "load_image": "processor",
+    "preprocess_images": "processor",
+    "SamplingParams": "sampling",
+    "MaskDecoder": "segmentation", "paste_mask": "segmentation",
+}
+__all__ = sorted(_EXPORTS)
 
-    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
-        _signal.signal(_signal.SIGINT, _interrupted_early)
 
-from pali_jax.config import PRESETS, GemmaConfig, PaliGemmaConfig, SiglipConfig, preset
-from pali_jax.detection import Detection, draw_detections, parse_detections
-from pali_jax.errors import UserError
-from pali_jax.generate import GenerateOutput, StopReason, enable_compilation_cache
-from pali_jax.generation_config import GenerationConfig, GenerationError
-from pali_jax.intermediates import ForwardOutput
-from pali_jax.pretrained import PaliGemma, Result
-from pali_jax.processor import PaliGemmaProcessor, PaliGemmaTokenizer, load_image, preprocess_images
-from pali_jax.sampling import SamplingParams
-from pali_jax.segmentation import MaskDecoder, paste_mask
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pali_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pali_jax.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # once
+    return value
 
-__all__ = [
-    "PRESETS", "Detection", "ForwardOutput", "GemmaConfig", "GenerateOutput", "GenerationConfig", "GenerationError", "MaskDecoder",
-    "PaliGemma", "PaliGemmaConfig", "PaliGemmaProcessor", "PaliGemmaTokenizer", "Result", "SamplingParams",
-    "SiglipConfig", "StopReason", "UserError", "draw_detections", "enable_compilation_cache", "load_image",
-    "parse_detections", "paste_mask", "preprocess_images", "preset",
-]
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eagerly
+    from pali_jax.config import PRESETS, GemmaConfig, PaliGemmaConfig, SiglipConfig, preset  # noqa: F401
+    from pali_jax.detection import Detection, draw_detections, parse_detections  # noqa: F401
+    from pali_jax.errors import UserError  # noqa: F401
+    from pali_jax.generate import GenerateOutput, StopReason, enable_compilation_cache  # noqa: F401
+    from pali_jax.generation_config import GenerationConfig, GenerationError  # noqa: F401
+    from pali_jax.intermediates import ForwardOutput  # noqa: F401
+    from pali_jax.pretrained import PaliGemma, Result  # noqa: F401
+    from pali_jax.processor import PaliGemmaProcessor, PaliGemmaTokenizer, load_image, preprocess_images  # noqa: F401
+    from pali_jax.sampling import SamplingParams  # noqa: F401
+    from pali_jax.segmentation import MaskDecoder, paste_mask  # noqa: F401

@@ -1,17 +1,20 @@
 """Caption, answer, detect or segment over a whole dataset: a resumable job with continuous batching.
 
-    python -m pali_jax.annotate --model MODEL --images DIR_OR_GLOB_OR_JSONL --prompt "caption en" --out results.jsonl
+    pali-jax annotate --model MODEL --images DIR_OR_GLOB_OR_JSONL --prompt "caption en" --out results.jsonl
 
+(`python -m pali_jax.annotate ...` runs the same.)
 Images come from a folder, a glob (`"photos/**/*.jpg"`) or a JSONL file whose lines are
 {"image": "a.jpg", "prompt": "detect cat", "max_new_tokens": 8} (prompt and max_new_tokens
 optional: --prompt and --max-tokens are the defaults; "prefix" is read as the prompt, as in
 fine-tuning data). JSONL image paths are relative to the file's folder and may not leave it unless
 --allow-outside-paths. Each answer is one JSON line in --out as soon as it is done (image, prompt,
 text, token_ids, stop_reason, boxes with masks when --seg-vae is given, timings); a rerun with the
-same --out skips what is there, so a killed job (kill -9 included) resumes where it stopped; when
-every item is answered the file is rewritten in input order. An unreadable image is reported on
+same --out, model and options skips what is there, so a killed job (kill -9 included) resumes
+where it stopped; when every item is answered the file is rewritten in input order. --out is only
+ever written when it is absent, empty or such a job's results (`results_file`); everything else
+(the model, every option, every input line) is checked before it is created. An unreadable image is reported on
 stderr with its path and skipped (--stop-on-error ends the run instead). Greedy or sampled
-decoding only: beam search runs in fixed batches (run_generate.py --beams).
+decoding only: beam search runs in fixed batches (pali-jax generate --beams).
 
 From Python: `for record in annotate(pg, ["a.jpg", "b.jpg"], "caption en"): ...` yields the same
 records (see `annotate`). The decoding is `continuous.ContinuousDecoder`'s; the input runs ahead
@@ -20,21 +23,30 @@ on worker threads (`input_pipeline.Prefetcher`); the file is `results_file.Resul
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # python -m pali_jax.annotate: `pali-jax annotate`, which catches Ctrl-C from here on
+    from pali_jax.cli import console
+
+    sys.exit(console("annotate"))
+
 import argparse
 import dataclasses
 import glob
-import json
+import inspect
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from pali_jax.continuous import MAX_SLOTS, Answer, Counters, Prompt, check_slots, pad_prompt, slot_shape
 from pali_jax.data import outside_path
 from pali_jax.detection import parse_detections
-from pali_jax.errors import UserError
+from pali_jax.errors import UserError, warn_default
+from pali_jax.files import BadLine, jsonl_lines
 from pali_jax.generation_config import GenerationConfig, GenerationError
 from pali_jax.input_pipeline import MAX_QUEUE, MAX_WORKERS, Failed, Prefetcher, check_sizes
 from pali_jax.processor import IMAGE_SUFFIXES, ImageInput, folder_images, load_image, preprocess_images
@@ -57,10 +69,6 @@ class Item:
     source: str = ""  # where it was read from, for messages ("data.jsonl:12")
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 # -- the inputs ----------------------------------------------------------------------------------
 def read_items(spec: str, *, allow_outside: bool = False) -> list[Item]:
     """The items of a folder (its image files, sorted), a `.jsonl` file or a glob pattern."""
@@ -76,19 +84,10 @@ def read_items(spec: str, *, allow_outside: bool = False) -> list[Item]:
 
 
 def _read_jsonl(path: Path, allow_outside: bool) -> list[Item]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     items = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for where, record in jsonl_lines(path, "--images file"):
+        if isinstance(record, BadLine):
+            raise record
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
             raise UserError(f'{where}: expected a JSON object with an "image" path')
         prompt = record.get("prompt", record.get("prefix"))
@@ -143,7 +142,7 @@ def annotate(
     mask_decoder: "MaskDecoder | None" = None,
     done: frozenset[Key] | set[Key] = frozenset(),
     stats: JobStats | None = None,
-    warn: Callable[[str], None] = _warn,
+    warn: Callable[[str], None] = warn_default,
     **options: Any,
 ) -> Iterator[dict]:
     """Answers every item with continuous batching; yields one record (a JSON-ready dict) each.
@@ -162,7 +161,7 @@ def annotate(
     generation = GenerationConfig.resolve(generation_config, options)
     if generation.beams > 1:
         raise GenerationError("beams", f"annotate decodes greedily or by sampling (continuous batching); beams="
-                              f"{generation.beams} needs fixed batches: use run_generate.py --beams or pg.generate")
+                              f"{generation.beams} needs fixed batches: use pali-jax generate --beams or pg.generate")
     if generation.records:
         name = generation.records[0]
         raise GenerationError(name, f"annotate writes text records, not {name}: use pg.generate or pg.generate_ids")
@@ -176,6 +175,13 @@ def annotate(
     all_items = [_as_item(item, i, prompt) for i, item in enumerate(items)]
     todo = [(i, dataclasses.replace(item, max_new_tokens=item.max_new_tokens or generation.max_new_tokens))
             for i, item in enumerate(all_items) if (item.name, item.prompt) not in done]
+    own_limits = {item.max_new_tokens: item.source or item.name for _, item in todo
+                  if all_items[_].max_new_tokens is not None}
+    for limit, source in own_limits.items():
+        try:  # a line's own limit: named by its line, not by the job's option
+            generation.replace(max_new_tokens=limit).check_model(cfg)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
     for limit in {item.max_new_tokens for _, item in todo}:
         generation.replace(max_new_tokens=limit).check_model(cfg)
     stats = JobStats() if stats is None else stats
@@ -275,121 +281,102 @@ def _record(pg: "PaliGemma", item: Item, answer: Answer, size: tuple[int, int], 
 
 
 # -- command line --------------------------------------------------------------------------------
-# GenerationConfig's fields (and the job's sizes) as this command's flags, so that a refused value
-# is named as typed.
-FLAGS = {"max_new_tokens": "--max-tokens", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
-         "beams": "--beams", "seed": "--seed", "slots": "--slots"}
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from pali_jax.cli import OneLineParser
+def parse_args(argv: list[str], prog: str = "pali-jax annotate") -> argparse.Namespace:
+    from pali_jax.cli import OneLineParser, add_generation_arguments
     from pali_jax.segmentation import resolve_vae_path
-    from pali_jax.sharding import add_mesh_arguments
 
-    p = OneLineParser(prog="python -m pali_jax.annotate", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="converted dir, HF checkpoint dir or hub id")
     p.add_argument("--images", required=True, metavar="DIR|GLOB|FILE.jsonl", help="what to answer")
     p.add_argument("--prompt", help='default prompt, e.g. "caption en" (JSONL lines may give their own)')
     p.add_argument("--out", required=True, metavar="RESULTS.jsonl", help="results, one line per image; resumed")
-    p.add_argument("--max-tokens", type=int, default=32, help="new tokens at most (JSONL: max_new_tokens)")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, help="sampling temperature (implies --sample; default 1.0)")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (implies --sample)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (implies --sample)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--beams", type=int, default=1, help="refused above 1: beam search runs in run_generate.py")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_generation_arguments(p)
     p.add_argument("--slots", type=int, default=32, help="decode rows, refilled as answers end")
     p.add_argument("--workers", type=int, default=2, help="threads reading and resizing images")
     p.add_argument("--queue-size", type=int, default=64, help="images prepared ahead of the device")
     p.add_argument("--stop-on-error", action="store_true", help="stop at the first bad image (default: skip it)")
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="let JSONL lines name images outside their file's directory (.. or absolute paths)")
-    p.add_argument("--seg-vae", metavar="PATH", help="big_vision's vae-oid.npz: decode `segment` answers into masks "
-                                                    "(default: $PALI_JAX_SEG_VAE)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--compilation-cache", metavar="DIR", help="persistent XLA cache (default ~/.cache/pali_jax/xla)")
-    p.add_argument("--no-compilation-cache", action="store_true")
-    add_mesh_arguments(p)
     args = p.parse_args(argv)
     for name, limit in (("slots", MAX_SLOTS), ("workers", MAX_WORKERS), ("queue_size", MAX_QUEUE)):
         if not 1 <= getattr(args, name) <= limit:
             p.error(f"--{name.replace('_', '-')} must be in [1, {limit}], got {getattr(args, name)}")
-    if args.sample and args.temperature is None:
-        args.temperature = 1.0
     args.seg_vae = resolve_vae_path(args.seg_vae)
     return args
 
 
-def _error_line(error: UserError) -> str:
-    message, parameter = str(error), getattr(error, "parameter", None)
-    if parameter in FLAGS and message.startswith(parameter):
-        return FLAGS[parameter] + message[len(parameter):]
-    return message
+def job_record(pg: "PaliGemma", generation: GenerationConfig, mask_decoder: "MaskDecoder | None") -> dict:
+    """What makes a job's answers what they are (recorded beside its results file): a resumed job
+    must have the same. (`annotate` refuses beam search and the recording options.)"""
+    options = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_tokens", "cache_length")
+    return {"model": str(pg.path.resolve()) if pg.path is not None else None, "dtype": np.dtype(pg.dtype).name,
+            "masks": mask_decoder is not None, **{name: getattr(generation, name) for name in options}}
 
 
 def annotate_to_file(pg: "PaliGemma", items: Iterable[Item | ImageInput], out: str | os.PathLike,
-                     prompt: str | None = None, *, progress: bool = True, warn: Callable[[str], None] = _warn,
+                     prompt: str | None = None, *, progress: bool = True,
+                     warn: Callable[[str], None] = warn_default, inputs: Iterable[str | os.PathLike] = (),
                      **job: Any) -> JobStats:
     """`annotate` into a results file (see `results_file`): what is in `out` already is skipped,
     each answer is appended as it ends, and the file is put in input order once nothing is left
-    out. `job`: `annotate`'s keywords. Returns what the job did."""
+    out. `job`: `annotate`'s keywords; `inputs`: files the job reads (refused as `out`). Every
+    check runs before `out` is created. Returns what the job did."""
     from tqdm import tqdm
 
     items = [_as_item(item, i, prompt) for i, item in enumerate(items)]
+    options = {k: v for k, v in job.items() if k not in _JOB_KEYWORDS}
+    generation = GenerationConfig.resolve(job.get("generation_config"), options)
+    record = job_record(pg, generation, job.get("mask_decoder") or pg.mask_decoder)
     stats = JobStats()
-    with ResultsFile(out, warn) as results:
+    with ResultsFile(out, record, inputs=inputs, warn=warn) as results:
         records = annotate(pg, items, ordered=False, done=results.done, stats=stats, warn=warn, **job)
         with tqdm(total=len(items) - stats.already_done, unit="img", file=sys.stderr, disable=not progress,
                   smoothing=0.05) as bar:
-            for record in records:
-                results.write(record)
+            for answer in records:
+                results.write(answer)
                 bar.update()
         if not stats.skipped:
             results.finish((item.name, item.prompt) for item in items)
     return stats
 
 
+# `annotate`'s keywords that are not generation options
+_JOB_KEYWORDS = frozenset(p.name for p in inspect.signature(annotate).parameters.values() if p.kind == p.KEYWORD_ONLY)
+
+
 def run(args: argparse.Namespace) -> JobStats:
     """The job of the command line; returns what it did."""
     import jax
 
+    from pali_jax.cli import generation_config, warn
     from pali_jax.generate import enable_compilation_cache
     from pali_jax.pretrained import PaliGemma
     from pali_jax.sharding import mesh_from_args
 
-    generation = GenerationConfig(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, beams=args.beams, seed=args.seed)
+    generation = generation_config(args)
     if generation.beams > 1:
         raise GenerationError("beams", "--beams: annotate decodes greedily or by sampling (continuous batching); "
-                              "beam search runs in fixed batches: use run_generate.py --beams")
+                              "beam search runs in fixed batches: use pali-jax generate --beams")
     items = [_as_item(item, i, args.prompt) for i, item in enumerate(read_items(
         args.images, allow_outside=args.allow_outside_paths))]
-    ResultsFile(args.out, _warn).close()  # a bad --out fails now, not after the model has loaded
+    inputs = [args.images] if Path(args.images).is_file() else []
+    ResultsFile(args.out, None, inputs=inputs).close()  # a bad --out fails now, before the model loads
     mesh = mesh_from_args(args)
     if jax.process_count() > 1:
         raise UserError("annotate runs in one process (--mesh spreads its slots over this host's devices)")
     if not args.no_compilation_cache:
         enable_compilation_cache(args.compilation_cache)
     pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae)
-    stats = annotate_to_file(pg, items, args.out, progress=not args.no_progress, generation_config=generation,
-                             slots=args.slots, workers=args.workers, queue_size=args.queue_size,
-                             stop_on_error=args.stop_on_error)
+    stats = annotate_to_file(pg, items, args.out, progress=not args.no_progress, warn=warn, inputs=inputs,
+                             generation_config=generation, slots=args.slots, workers=args.workers,
+                             queue_size=args.queue_size, stop_on_error=args.stop_on_error)
     rate = stats.answered / stats.wall_s if stats.wall_s else 0.0
     print(f"annotated {stats.answered} images in {stats.wall_s:.1f} s ({rate:.1f} images/s); {stats.skipped} "
           f"skipped, {stats.already_done} already in {args.out}", flush=True)
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line: exit 0, 2 (one line: bad input, disk full, ...), 130 (interrupted)."""
-    from pali_jax.cli import run_main
-
-    def body() -> None:
-        run(parse_args(argv))
-
-    return run_main(body, _error_line)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def command(argv: list[str], prog: str = "pali-jax annotate") -> None:
+    """`pali-jax annotate ARGS` (see the module docstring)."""
+    run(parse_args(argv, prog))

@@ -57,6 +57,7 @@ import numpy as np
 
 from pali_jax.config import PRESETS, GemmaConfig, PaliGemmaConfig, SiglipConfig
 from pali_jax.errors import UserError
+from pali_jax.files import atomic_write
 from pali_jax.paligemma import abstract_params, nest
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
@@ -459,18 +460,12 @@ def save_npz(
     if dtype is not None and dtype not in DTYPES:
         raise BigVisionError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, arr in big_vision_arrays(config, params):
-                if dtype is not None and arr.dtype != DTYPES[dtype]:
-                    arr = arr.astype(DTYPES[dtype])
-                if arr.dtype == BFLOAT16:
-                    arr = arr.view(np.dtype("V2"))  # what big_vision's np.savez writes for bfloat16
-                with zf.open(f"{prefix}{name}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, arr, allow_pickle=False)  # non-contiguous: written in chunks
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(dst) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, arr in big_vision_arrays(config, params):
+            if dtype is not None and arr.dtype != DTYPES[dtype]:
+                arr = arr.astype(DTYPES[dtype])
+            if arr.dtype == BFLOAT16:
+                arr = arr.view(np.dtype("V2"))  # what big_vision's np.savez writes for bfloat16
+            with zf.open(f"{prefix}{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, arr, allow_pickle=False)  # non-contiguous: written in chunks
     return dst

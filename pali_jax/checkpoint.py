@@ -49,7 +49,7 @@ def _deferred_interrupt() -> Iterator[None]:
     into orbax's closed event loop (a traceback apiece). Held back, the write ends, the caller's
     cleanup removes a complete temporary directory, and the process ends in one line. A second
     Ctrl-C leaves at once (its temporary directory is then removed by the next write to the same
-    place, see `model_dir.clean_stale`)."""
+    place, see `files.clean_stale`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

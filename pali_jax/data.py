@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -36,7 +34,8 @@ from typing import TYPE_CHECKING, Callable
 import jax
 import numpy as np
 
-from pali_jax.errors import UserError
+from pali_jax.errors import UserError, warn_default
+from pali_jax.files import BadLine, jsonl_lines
 from pali_jax.processor import ImageInput, PaliGemmaProcessor, ProcessorError, check_text, load_image
 
 if TYPE_CHECKING:
@@ -64,10 +63,6 @@ class Example:
     source: str = ""  # where it came from, for messages ("train.jsonl:12")
 
 
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def outside_path(kind: str, value: str) -> str | None:
     """What is wrong with a data file's `kind` path ("image", "mask") that leaves the file's
     directory (absolute, or through ..), None if it stays inside: a data file from elsewhere must
@@ -78,13 +73,13 @@ def outside_path(kind: str, value: str) -> str | None:
     return None
 
 
-def _parse_line(line: str, base: Path, masks: "MaskDecoder | None" = None, allow_outside: bool = False) -> Example | str:
-    """The example of one JSONL line, or what is wrong with it. The image is decoded once here, so
-    that a truncated or oversized file is reported with its line number before training starts."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        return f"not valid JSON ({e.msg} at column {e.colno})"
+def _parse_line(record: object, base: Path, masks: "MaskDecoder | None" = None,
+                allow_outside: bool = False) -> Example | str:
+    """The example of one JSONL line (parsed, or the `BadLine` it is), or what is wrong with it.
+    The image is decoded once here, so that a truncated or oversized file is reported with its
+    line number before training starts."""
+    if isinstance(record, BadLine):
+        return record.reason
     if not isinstance(record, dict):
         return f"expected a JSON object with {', '.join(FIELDS)}, got {type(record).__name__}"
     fields = FIELDS if "mask" not in record else ("image", "prefix", "mask")
@@ -149,7 +144,7 @@ def read_jsonl(
     path: str | os.PathLike,
     *,
     skip_bad: bool = False,
-    warn: Callable[[str], None] = _warn,
+    warn: Callable[[str], None] = warn_default,
     masks: "MaskDecoder | None" = None,
     allow_outside: bool = False,
 ) -> list[Example]:
@@ -159,24 +154,16 @@ def read_jsonl(
     paths must stay inside the file's directory (no `..`, not absolute) unless `allow_outside`: a
     data file from elsewhere must not make training read arbitrary files."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read data file {path}: {e}") from None
     examples = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        parsed = _parse_line(line, path.parent, masks, allow_outside)
+    for where, record in jsonl_lines(path, "data file", DataError):
+        parsed = _parse_line(record, path.parent, masks, allow_outside)
         if isinstance(parsed, str):
-            message = f"{path}:{number}: {parsed}"
+            message = f"{where}: {parsed}"
             if not skip_bad:
                 raise DataError(message)
             warn(f"skipped {message}")
             continue
-        examples.append(dataclasses.replace(parsed, source=f"{path}:{number}"))
+        examples.append(dataclasses.replace(parsed, source=where))
     if not examples:
         raise DataError(f"{path} holds no usable example")
     return examples
@@ -197,7 +184,7 @@ class Dataset:
         max_length: int | None = None,
         *,
         skip_bad: bool = False,
-        warn: Callable[[str], None] = _warn,
+        warn: Callable[[str], None] = warn_default,
         limit: int | None = None,
     ):
         tok, n_image = processor.tokenizer, processor.num_image_tokens

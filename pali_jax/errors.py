@@ -4,6 +4,14 @@ Command-line entry points catch `UserError` and print its one-line message; anyt
 bug and keeps its traceback.
 """
 
+import warnings
+
 
 class UserError(ValueError):
     """Bad input: the message says what and where, in one line."""
+
+
+def warn_default(message: str) -> None:
+    """How the library reports what it skipped (a bad data line, an unreadable image) when the
+    caller gives no `warn` callback: a Python warning. The commands print one line instead."""
+    warnings.warn(message, UserWarning, stacklevel=3)

@@ -1,6 +1,8 @@
 """Fine-tune PaliGemma on JSONL data.
 
-    python -m pali_jax.finetune --model MODEL --train train.jsonl [--eval eval.jsonl] --out RUN [options]
+    pali-jax finetune --model MODEL --train train.jsonl [--eval eval.jsonl] --out RUN [options]
+
+(`python -m pali_jax.finetune ...` runs the same.)
 
 MODEL is anything `PaliGemma.from_pretrained` loads (a converted directory, an HF checkpoint
 directory, a big_vision .npz, a hub id). Data lines are {"image": ..., "prefix": ..., "suffix": ...},
@@ -10,7 +12,7 @@ The run directory gets:
 
     RUN/checkpoints/<step>/   full training states (orbax), every --checkpoint-every steps, the last --keep
     RUN/model/                the final model: pali_jax_config.json + params/ + tokenizer.model, which
-                              PaliGemma.from_pretrained and run_generate.py --model load directly
+                              PaliGemma.from_pretrained and pali-jax generate --model load directly
 
 `--resume` continues from the newest checkpoint exactly as if the run had not stopped (same
 batches, same updates). With --eval, every --eval-every steps prints the held-out loss and the
@@ -30,12 +32,18 @@ and written by process 0, which alone prints.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # python -m pali_jax.finetune: `pali-jax finetune`, which catches Ctrl-C from here on
+    from pali_jax.cli import console
+
+    sys.exit(console("finetune"))
+
 import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,12 +54,13 @@ import numpy as np
 
 from pali_jax import distributed, sharding
 from pali_jax.backend import training_layout
-from pali_jax.cli import OneLineParser, run_main
+from pali_jax.cli import OneLineParser, warn
 from pali_jax.checkpoint import TrainCheckpointer
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.data import Dataset, Example, read_jsonl
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
+from pali_jax.files import write_text_atomically
 from pali_jax.model_dir import check_destination, write_model_dir
 from pali_jax.pretrained import DTYPES, PaliGemma
 from pali_jax.processor import PaliGemmaProcessor
@@ -167,7 +176,8 @@ def _say(message: str, *, stdout: bool = False) -> None:
 
 def _warn(message: str) -> None:
     """A skipped data line, reported once (by the first process)."""
-    _say(f"warning: {message}")
+    if _speaks():
+        warn(message)
 
 
 def fit(
@@ -227,8 +237,8 @@ def fit(
 
 
 # -- command line ------------------------------------------------------------------------------
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="python -m pali_jax.finetune", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, prog: str = "pali-jax finetune") -> argparse.Namespace:
+    p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="converted dir, HF checkpoint dir or hub id")
     p.add_argument("--train", required=True, help="training data (JSONL)")
     p.add_argument("--eval", help="held-out data (JSONL) for loss and generation metrics")
@@ -341,13 +351,6 @@ def _check_resume_settings(config_file: Path, train_config: TrainConfig) -> None
                         "(resume with the original settings, or start a new --out)")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename: a kill leaves the old or the new."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _prepare_out(out: Path, model: str) -> None:
     """Checks --out before any work: a directory (or nothing yet) that can be written, and whose
     `model/` export would not replace the model being fine-tuned."""
@@ -408,7 +411,7 @@ def run(args: argparse.Namespace) -> RunResult:
         state = trainer.init_state(pg.params)
     pg.params = None  # the state holds the weights now; `evaluate` puts the current ones back
     if _speaks():
-        _write_atomically(out / "train_config.json", json.dumps(dataclasses.asdict(train_config), indent=2))
+        write_text_atomically(out / "train_config.json", json.dumps(dataclasses.asdict(train_config), indent=2))
 
     evaluate, evaluations = None, []  # evaluations: the lines `evaluate` returned
     if eval_data is not None:
@@ -435,13 +438,6 @@ def run(args: argparse.Namespace) -> RunResult:
     return RunResult(model_dir, history, evaluations)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The command line: exit 0, 2 (one line: bad input, disk full, ...) or 130 (interrupted)."""
-    def body() -> None:
-        run(parse_args(argv))
-
-    return run_main(body)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def command(argv: list[str], prog: str = "pali-jax finetune") -> None:
+    """`pali-jax finetune ARGS` (see the module docstring)."""
+    run(parse_args(argv, prog))

@@ -4,10 +4,10 @@ Written by the converters and by fine-tuning's export, read by `PaliGemma.from_p
 directory is written into a temporary sibling `.NAME.tmp-PID` and renamed at the end: it exists
 whole or not at all. A lock file `.NAME.lock` beside it makes two writers of the same destination
 fail fast instead of mixing their files, and temporary siblings left by a killed writer (whose PID
-is gone) are removed by the next one.
+is gone) are removed by the next one (`files.clean_stale`).
 
 `manifest.json` lists every file's size and sha256. `check_sizes` (run on every load) compares the
-sizes, which costs one `stat` per file; `verify` (`python -m convert.verify DIR`) reads and hashes
+sizes, which costs one `stat` per file; `verify` (`pali-jax verify DIR`) reads and hashes
 everything. A directory without a manifest (the bundled demo model, older conversions) still loads.
 """
 
@@ -19,7 +19,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Mapping
 from pali_jax.checkpoint import save_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
+from pali_jax.files import clean_stale, temporary_sibling
 
 CONFIG_FILE = "pali_jax_config.json"  # marks a converted directory
 PARAMS_DIR = "params"
@@ -71,33 +71,6 @@ def check_destination(dst: str | Path, source: str | Path | None = None, *, over
         if any(real.iterdir()) and not is_model_dir(real):
             raise ModelDirError(f"refusing to replace {dst}: it is neither empty nor a pali-jax model directory ({CONFIG_FILE})")
     return dst
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def clean_stale(dst: Path) -> list[Path]:
-    """Removes `.NAME.tmp-PID` / `.NAME.old-PID` siblings of `dst` whose writer process is gone."""
-    pattern = re.compile(rf"\.{re.escape(dst.name)}\.(tmp|old)-(\d+)")
-    removed = []
-    for path in dst.parent.glob(f".{_glob_escape(dst.name)}.*-*"):
-        m = pattern.fullmatch(path.name)
-        if m and not _pid_alive(int(m[2])):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
-
-
-def _glob_escape(name: str) -> str:
-    """`name` with glob metacharacters bracketed, to match it literally."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 @contextlib.contextmanager
@@ -148,11 +121,13 @@ def _read_manifest(root: Path) -> dict[str, dict[str, Any]] | None:
         return None
     try:
         files = json.loads(path.read_text())["files"]
-        if not isinstance(files, dict):
-            raise TypeError
-        return files
     except (OSError, ValueError, KeyError, TypeError):
-        raise ModelDirError(f"{path} is damaged (not a pali-jax manifest)") from None
+        files = None
+    valid = lambda e: (isinstance(e, dict) and isinstance(e.get("sha256"), str)  # noqa: E731
+                       and isinstance(e.get("size"), int) and not isinstance(e.get("size"), bool))
+    if not isinstance(files, dict) or not all(isinstance(k, str) and valid(e) for k, e in files.items()):
+        raise ModelDirError(f"{path} is damaged (not a pali-jax manifest: every file needs its size and sha256)")
+    return files
 
 
 def check_sizes(root: str | Path) -> bool:
@@ -167,7 +142,7 @@ def check_sizes(root: str | Path) -> bool:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise ModelDirError(f"{root} is incomplete: {name} is missing (see python -m convert.verify)") from None
+            raise ModelDirError(f"{root} is incomplete: {name} is missing (see pali-jax verify)") from None
         if size != entry.get("size"):
             raise ModelDirError(f"{root} is damaged: {name} has {size} bytes, the manifest says {entry.get('size')}")
     return True
@@ -258,8 +233,7 @@ def write_model_dir(
         raise ModelDirError(f"cannot create {dst.parent}: {e.strerror}") from None
     if not os.access(dst.parent, os.W_OK | os.X_OK):
         raise ModelDirError(f"cannot write into {dst.parent}: permission denied")
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    tmp, old = temporary_sibling(dst), temporary_sibling(dst, "old")
     with _locked(dst):
         clean_stale(dst)
         check_destination(dst, source, overwrite=overwrite)  # again: another writer may have finished meanwhile

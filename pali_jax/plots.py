@@ -21,6 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from pali_jax.errors import UserError
+from pali_jax.files import atomic_write
 from pali_jax.inspect import LogitLens, Segment, upsample
 
 PANEL_INCHES = 2.2  # one overlay panel of a grid
@@ -30,14 +31,11 @@ def save(fig: Figure, path: str | os.PathLike, *, dpi: int = 100) -> Path:
     """Writes `fig` as a PNG at `path` atomically (a temporary file beside it, then a rename): a
     reader never sees half a picture, and a failed write leaves an older file whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
+        with atomic_write(path) as f:
+            fig.savefig(f, format="png", dpi=dpi)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

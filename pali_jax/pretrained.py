@@ -234,7 +234,7 @@ class PaliGemma:
             path = _download(str(path_or_hub_id))
         if path.is_file() and path.suffix == ".npz":
             if mesh is not None:
-                raise UserError("a big_vision .npz loads on one device: convert it first (python -m convert.big_vision)")
+                raise UserError("a big_vision .npz loads on one device: convert it first (pali-jax convert-big-vision)")
             from pali_jax.big_vision_weights import load_big_vision
 
             config, host = load_big_vision(path, dtype)
@@ -492,9 +492,14 @@ def _download(hub_id: str) -> Path:
     """Fetches the files a model needs from the Hugging Face hub (or its local cache)."""
     import huggingface_hub
     from huggingface_hub import errors
+    from huggingface_hub.utils import validate_repo_id
 
-    if hub_id.count("/") != 1:
+    if hub_id.count("/") != 1 or hub_id.startswith(("/", ".", "~")):
         raise UserError(f"{hub_id} is not a local directory, and not a hub id of the form org/name")
+    try:
+        validate_repo_id(hub_id)
+    except errors.HFValidationError:
+        raise UserError(f"{hub_id} is not a local directory, and not a valid hub id") from None
     try:
         return Path(huggingface_hub.snapshot_download(hub_id, allow_patterns=HUB_PATTERNS))
     except errors.GatedRepoError:

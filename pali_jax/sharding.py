@@ -126,7 +126,7 @@ def abstract_mesh(spec: str | Mapping[str, int] | Sequence[int]) -> AbstractMesh
 
 
 def add_mesh_arguments(parser: argparse.ArgumentParser) -> None:
-    """--mesh and --distributed, as run_generate.py and the fine-tuning entry point take them."""
+    """--mesh and --distributed, as `pali-jax generate`, `annotate` and `finetune` take them."""
     parser.add_argument(
         "--mesh", metavar="SPEC",
         help='device mesh over the axes data, fsdp, tensor, e.g. "fsdp=-1" (every device), "data=2,fsdp=4" or '

@@ -15,7 +15,7 @@ from transformers import PaliGemmaProcessor as HFPaliGemmaProcessor
 
 import hf_models
 from tokenizer_utils import train_tokenizer
-from convert.hf_to_flax import convert
+from pali_jax.conversion import convert_hf
 from pali_jax.pretrained import PaliGemma
 
 # ---- tokenizer fixtures (processor tests) ---------------------------------------------------------
@@ -74,7 +74,7 @@ def checkpoint(tmp_path_factory, tokenizer_dir):
     model = hf_models.build("pg2", seed=3)
     hf_dir = hf_models.save(model, root / "hf")
     shutil.copy(tokenizer_dir / "tokenizer.model", hf_dir / "tokenizer.model")
-    converted = convert(hf_dir, root / "converted")
+    converted = convert_hf(hf_dir, root / "converted")
     from test_processor import hf_image_processor
 
     processor = HFPaliGemmaProcessor(

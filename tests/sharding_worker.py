@@ -53,7 +53,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from convert.hf_to_flax import convert  # noqa: E402
+from pali_jax.conversion import convert_hf  # noqa: E402
 from pali_jax.hf_weights import load_hf  # noqa: E402
 from pali_jax.paligemma import abstract_params  # noqa: E402
 from pali_jax import distributed, finetune, sharding  # noqa: E402
@@ -406,7 +406,7 @@ def main(workdir: Path) -> dict:
     import hf_models
 
     hf_dir = hf_models.save(build_divisible_model(), workdir / "hf", shard_size="100KB")
-    converted = convert(hf_dir, workdir / "converted")
+    converted = convert_hf(hf_dir, workdir / "converted")
     ref = PaliGemma.from_pretrained(hf_dir)
     rng = np.random.default_rng(0)
     inputs = prompts(ref.config, rng)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ import pytest
 
 from pali_jax import PaliGemma
 from pali_jax.backend import CHECKPOINT_LAYOUT
-from pali_jax.annotate import Item, JobStats, annotate, annotate_to_file, main
+from pali_jax import cli
+from pali_jax.annotate import Item, JobStats, annotate, annotate_to_file
 from pali_jax.continuous import _refill_sizes
 from pali_jax.demo import shapes
 
@@ -160,6 +162,7 @@ def test_killed_job_resumes_with_every_image_once(demo, images, tmp_path):
     ({"--slots": "0"}, "--slots must be in [1, 1024], got 0"),
     ({"--workers": "100"}, "--workers must be in [1, 64]"),
     ({"--beams": "2"}, "--beams: annotate decodes greedily or by sampling"),
+    ({"--greedy": "", "--top-k": "3"}, "--greedy conflicts with --temperature"),
     ({"--top-p": "2"}, "--top-p must be in (0, 1]"),
     ({"--images": "{tmp}/nothing"}, "no such folder or .jsonl file"),
     ({"--images": "{tmp}/outside.jsonl"}, "leaves the directory of the data file"),
@@ -174,7 +177,129 @@ def test_bad_arguments_are_one_line(tmp_path, capsys, images, changes, message):
             "--out": str(tmp_path / "r.jsonl")}
     args.update({flag: value and value.format(tmp=tmp_path) for flag, value in changes.items()})
     argv = [x for flag, value in args.items() if value is not None for x in (flag, value) if x != ""]
-    assert main(argv) == 2
+    assert cli.main(["annotate", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
     assert message in err, err
+
+
+# -- nothing lost, whatever --out is -------------------------------------------------------------
+def _cli(capsys, *argv) -> tuple[int, str]:
+    """`pali-jax annotate` on the demo model, in this process: (exit code, stderr)."""
+    code = cli.main(["annotate", "--model", str(DEMO_MODEL), "--no-progress", "--slots", str(SLOTS),
+                     "--no-compilation-cache", *map(str, argv)])
+    return code, capsys.readouterr().err
+
+
+def _one_line(code: int, err: str, message: str) -> None:
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err, err
+
+
+@pytest.mark.parametrize("content", [b'{"model": "x", "lr": 0.001}', b"line 1\nline 2 (no newline)",
+                                     b'{"image": "a.png", "prompt": "caption en"}\n'])
+def test_a_file_that_is_not_this_jobs_results_is_kept(images, tmp_path, capsys, content):
+    """A user's file (no newline at its end, or result-like lines without the job's record) is
+    neither cut nor replaced nor appended to."""
+    out = tmp_path / "settings.json"
+    out.write_bytes(content)
+    code, err = _cli(capsys, "--images", Path(images[0].image).parent, "--prompt", "caption en", "--out", out)
+    _one_line(code, err, "refusing to append to or rewrite it")
+    assert out.read_bytes() == content and sorted(p.name for p in tmp_path.iterdir()) == ["settings.json"]
+
+
+def test_out_that_is_the_input_file_is_refused(images, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"image": i.image, "prompt": i.prompt}) + "\n" for i in images[:3]))
+    before = data.read_bytes()
+    code, err = _cli(capsys, "--images", data, "--allow-outside-paths", "--out", data)
+    _one_line(code, err, "is also an input of this job")
+    assert data.read_bytes() == before
+
+
+def _device(path: Path) -> None:
+    try:
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))  # what /dev/null is
+    except PermissionError:
+        pytest.skip("mknod of a character device needs root")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder"])
+def test_out_that_is_not_a_regular_file_is_refused_unopened(images, tmp_path, capsys, kind):
+    out = tmp_path / "out"
+    {"fifo": os.mkfifo, "device": _device, "folder": os.mkdir}[kind](out)
+    # Held open for reading and writing: an open() by the job would not block this test, it would only
+    # show as a missing refusal.
+    holder = os.open(out, os.O_RDONLY) if kind == "folder" else os.open(out, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        mode = out.lstat().st_mode
+        code, err = _cli(capsys, "--images", Path(images[0].image).parent, "--prompt", "caption en", "--out", out)
+    finally:
+        os.close(holder)
+    _one_line(code, err, {"fifo": "is a FIFO", "device": "is a device", "folder": "is a folder"}[kind])
+    assert out.lstat().st_mode == mode and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("case", ["max tokens beyond the model", "a line's max_new_tokens", "no such model",
+                                  "no such mask decoder", "stop on a bad image"])
+def test_failed_checks_create_no_output(images, tmp_path, capsys, case):
+    folder = Path(images[0].image).parent
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"image": images[0].image, "max_new_tokens": 100000}) + "\n")
+    argv, message = {
+        "max tokens beyond the model": (["--max-tokens", "99999999999999999999999"], "--max-tokens must be <="),
+        "a line's max_new_tokens": (["--images", data, "--allow-outside-paths"], f"{data}:1: max_new_tokens must be <="),
+        "no such model": (["--model", tmp_path / "nonexistent"], "is not a local directory"),
+        "no such mask decoder": (["--seg-vae", tmp_path / "vae.npz"], "vae.npz"),
+        "stop on a bad image": (["--images", tmp_path / "bad", "--stop-on-error"], "--stop-on-error"),
+    }[case]
+    defaults = {"--images": folder, "--prompt": "caption en", "--out": tmp_path / "out.jsonl"}
+    argv = [*argv, *(x for flag, value in defaults.items() if flag not in argv for x in (flag, value))]
+    code, err = _cli(capsys, *argv)
+    _one_line(code, err, message)
+    assert "--max-tokens" not in err or case == "max tokens beyond the model", err
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out.jsonl.job.json").exists()
+
+
+def test_bad_job_settings_through_the_api_create_no_output(demo, images, tmp_path):
+    with pytest.raises(ValueError, match="slots"):
+        annotate_to_file(demo, images[:2], tmp_path / "out.jsonl", slots=0, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_with_other_options_is_refused_and_a_symlink_stays_one(demo, images, tmp_path):
+    target = tmp_path / "real.jsonl"
+    out = tmp_path / "out.jsonl"
+    out.symlink_to(target.name)
+    annotate_to_file(demo, images[:3], out, **JOB, max_new_tokens=8, progress=False)
+    before = target.read_bytes()
+    with pytest.raises(ValueError, match=r"another job \(max_new_tokens: 8 -> 9\)"):
+        annotate_to_file(demo, images[:4], out, **JOB, max_new_tokens=9, progress=False)
+    assert target.read_bytes() == before
+    stats = annotate_to_file(demo, images[:4], out, **JOB, max_new_tokens=8, progress=False)
+    assert (stats.already_done, stats.answered) == (3, 1)
+    assert out.is_symlink() and len(target.read_text().splitlines()) == 4
+
+
+def test_a_killed_runs_temporary_is_removed_by_the_next(demo, images, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".out.jsonl.tmp-{dead.pid}"  # a `finish` killed before its rename
+    stale.write_text("half")
+    annotate_to_file(demo, images[:2], tmp_path / "out.jsonl", **JOB, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.job.json"]
+
+
+def test_a_failed_write_stops_the_job_in_one_line(images, tmp_path):
+    """A file size limit (SIGXFSZ ignored: writes fail with EFBIG) stands for a full disk."""
+    out = tmp_path / "out.jsonl"
+    cmd = (f"{sys.executable} -m pali_jax.annotate --model {DEMO_MODEL} --images {Path(images[0].image).parent} "
+           f"--prompt 'caption en' --out {out} --slots {SLOTS} --no-progress --no-compilation-cache")
+    proc = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 2; exec {cmd}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "XLA_FLAGS": FAST_XLA, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("error: File too large"), proc.stderr
+    complete = out.read_bytes().split(b"\n")[:-1]  # the write that failed may have left part of its line
+    assert out.stat().st_size <= 2048 and complete and all(json.loads(line)["text"] for line in complete)

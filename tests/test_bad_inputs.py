@@ -1,6 +1,6 @@
 """The bad-input matrix: every entry point against hostile files, configs, images, prompts and data.
 
-Entry points: `python -m convert.hf_to_flax`, `python -m convert.verify`, `run_generate.py`,
+Entry points: `pali-jax convert`, `pali-jax verify`, `pali-jax generate`,
 `python -m pali_jax.finetune` (called in-process through their `main`, as the console does) and
 the Python API (`PaliGemma.from_pretrained`, `pg.forward`, `pg.tokenizer`, `pg.generate`, the
 processor and the data reader). Every bad case asserts: exit code 2 (CLI) or `UserError` (API),
@@ -29,9 +29,8 @@ import PIL.ImageOps
 import pytest
 from safetensors.numpy import load_file, save_file
 
-import run_generate
-from convert import hf_to_flax, verify
-from pali_jax import finetune
+from pali_jax import cli, finetune, generate_command
+from pali_jax.model_dir import verify as verify_dir
 from pali_jax.data import read_jsonl
 from pali_jax.errors import UserError
 from pali_jax.model_dir import MANIFEST_FILE
@@ -48,6 +47,13 @@ def assert_one_line_error(code: int, err: str, message: str) -> None:
     assert code == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err and message in err, err
+
+
+def _command(name: str) -> Callable[[list[str]], int]:
+    return lambda argv: cli.main([name, *argv])
+
+
+convert_main, verify_main, generate_main, finetune_main = map(_command, ("convert", "verify", "generate", "finetune"))
 
 
 def call(main: Callable[[list[str]], int], args, capsys) -> tuple[int, str, str]:
@@ -314,7 +320,7 @@ def src(checkpoint, tmp_path) -> Path:
 def test_convert_refuses(src, tmp_path, capsys, case):
     damage, message = CONVERT_BAD[case]
     damage(src)
-    code, out, err = call(hf_to_flax.main, [src, tmp_path / "dst"], capsys)
+    code, out, err = call(convert_main, [src, tmp_path / "dst"], capsys)
     assert_one_line_error(code, err, message)
     assert out == "" and listing(tmp_path) == listing(tmp_path)  # (stable)
     assert not (tmp_path / "dst").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
@@ -349,7 +355,7 @@ def test_convert_refuses_destination(src, tmp_path, capsys, monkeypatch, case):
     work = _cwd_with_files(tmp_path)
     monkeypatch.chdir(work)
     before_src, before_work = listing(src), listing(work)
-    code, _, err = call(hf_to_flax.main, [src, dst.format(src=src), "--overwrite"], capsys)
+    code, _, err = call(convert_main, [src, dst.format(src=src), "--overwrite"], capsys)
     assert_one_line_error(code, err, message)
     assert listing(src) == before_src and listing(work) == before_work
     assert (work / "keep" / "precious.txt").read_text() == "do not delete"
@@ -357,7 +363,7 @@ def test_convert_refuses_destination(src, tmp_path, capsys, monkeypatch, case):
 
 def test_convert_existing_destination_needs_overwrite(src, tmp_path, capsys):
     (tmp_path / "dst").mkdir()
-    code, _, err = call(hf_to_flax.main, [src, tmp_path / "dst"], capsys)
+    code, _, err = call(convert_main, [src, tmp_path / "dst"], capsys)
     assert_one_line_error(code, err, "already exists (pass --overwrite")
 
 
@@ -370,7 +376,7 @@ def test_convert_existing_destination_needs_overwrite(src, tmp_path, capsys):
 def test_convert_bad_arguments(src, tmp_path, capsys, args, message):
     (tmp_path / "file").write_text("x")
     fill = dict(nowhere=tmp_path / "nowhere", dst=tmp_path / "dst", file=tmp_path / "file", src=src)
-    code, _, err = call(hf_to_flax.main, [a.format(**fill) for a in args], capsys)
+    code, _, err = call(convert_main, [a.format(**fill) for a in args], capsys)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "dst").exists()
 
@@ -381,7 +387,7 @@ def test_convert_refuses_a_destination_being_written(src, tmp_path, capsys):
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        code, _, err = call(hf_to_flax.main, [src, tmp_path / "dst"], capsys)
+        code, _, err = call(convert_main, [src, tmp_path / "dst"], capsys)
     finally:
         os.close(fd)
     assert_one_line_error(code, err, "another process is writing")
@@ -392,16 +398,16 @@ def test_convert_overwrite_replaces_a_conversion_and_cleans_stale_temporaries(sr
     """Valid work around the refusals: --overwrite replaces an earlier conversion, and temporary
     directories of killed conversions (dead PIDs) are removed; a live process's one is kept."""
     dst = tmp_path / "dst"
-    assert call(hf_to_flax.main, [src, dst], capsys)[0] == 0
+    assert call(convert_main, [src, dst], capsys)[0] == 0
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (tmp_path / f".dst.tmp-{dead.pid}" / "params").mkdir(parents=True)
     (tmp_path / f".dst.old-{dead.pid}").mkdir()
     (tmp_path / f".dst.tmp-{os.getppid()}").mkdir()  # alive: pytest's parent
-    code, out, err = call(hf_to_flax.main, [src, dst, "--overwrite"], capsys)
+    code, out, err = call(convert_main, [src, dst, "--overwrite"], capsys)
     assert code == 0 and err == "" and out == f"wrote {dst}\n", err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "dst", f".dst.tmp-{os.getppid()}"])
-    assert verify.verify(dst) > 3
+    assert verify_dir(dst) > 3
 
 
 # == 2. loading a converted directory, and convert.verify ======================================
@@ -457,8 +463,10 @@ LOAD_BAD = {
     "zarr metadata damaged": (_no_manifest(lambda d: (d / "params" / "llm.final_norm.scale" / ".zarray").write_text("{")),
                               "cannot restore the parameters"),
     "manifest not json": (_write(MANIFEST_FILE, b"{"), "manifest.json is damaged"),
-    "manifest lists a missing file": (_edit_json(MANIFEST_FILE, lambda m: m["files"].update({"gone.bin": {"size": 1}})),
+    "manifest lists a missing file": (_edit_json(MANIFEST_FILE, lambda m: m["files"].update({"gone.bin": {"size": 1, "sha256": "0" * 64}})),
                                       "gone.bin is missing"),
+    "manifest entries not objects": (_edit_json(MANIFEST_FILE, lambda m: m["files"].update(dict.fromkeys(m["files"], 1))),
+                                     "manifest.json is damaged"),
 }
 
 
@@ -478,11 +486,12 @@ def test_from_pretrained_refuses(converted, case):
     assert message in str(info.value) and "\n" not in str(info.value), info.value
 
 
-@pytest.mark.parametrize("case", ["config a list", "params missing", "chunk truncated", "chunk missing, no manifest"])
+@pytest.mark.parametrize("case", ["config a list", "params missing", "chunk truncated", "chunk missing, no manifest",
+                                  "manifest entries not objects"])
 def test_run_generate_refuses_a_damaged_model(converted, images, capsys, case):
     damage, message = LOAD_BAD[case]
     damage(converted)
-    code, out, err = call(run_generate.main, ["--model", converted, "--image", images["good"], "--no-compilation-cache"], capsys)
+    code, out, err = call(generate_main, ["--model", converted, "--image", images["good"], "--no-compilation-cache"], capsys)
     assert_one_line_error(code, err, message)
     assert out == ""
 
@@ -527,6 +536,7 @@ VERIFY_BAD = {
     "a file added": (_write("params/extra.bin", b"x"), "params/extra.bin, which the manifest does not list"),
     "no manifest": (lambda d: (d / MANIFEST_FILE).unlink(), "has no manifest.json"),
     "manifest damaged": (_write(MANIFEST_FILE, b"[]"), "manifest.json is damaged"),
+    "manifest entries not objects": LOAD_BAD["manifest entries not objects"],
     "not a directory": (lambda d: (shutil.rmtree(d), d.write_text("x")), "is not a directory"),
 }
 
@@ -535,12 +545,12 @@ VERIFY_BAD = {
 def test_verify_finds(converted, capsys, case):
     damage, message = VERIFY_BAD[case]
     damage(converted)
-    code, out, err = call(verify.main, [converted], capsys)
+    code, out, err = call(verify_main, [converted], capsys)
     assert_one_line_error(code, err, message)
 
 
 def test_verify_accepts_a_fresh_conversion_and_a_swapped_chunk_still_loads_sizes(converted, capsys):
-    code, out, err = call(verify.main, [converted], capsys)
+    code, out, err = call(verify_main, [converted], capsys)
     assert code == 0 and err == "" and out.startswith(f"ok: {converted} (")
     _swap(_chunk(converted))  # same size: loading's stat check passes, only verify's hash sees it
     PaliGemma.from_pretrained(converted)
@@ -740,7 +750,7 @@ def test_run_generate_stops_before_any_output_on_a_bad_image(checkpoint, images,
     message = BAD_IMAGES.get(name, "holds no image files")
     args = ["--model", checkpoint["converted"], "--image", images["good"], images[name], "--draw",
             draw_dir / "boxes.png", "--no-compilation-cache"]
-    code, out, err = call(run_generate.main, args, capsys)
+    code, out, err = call(generate_main, args, capsys)
     assert_one_line_error(code, err, message)
     assert out == "" and listing(draw_dir) == []
 
@@ -749,7 +759,7 @@ def test_run_generate_stops_before_any_output_on_a_bad_image(checkpoint, images,
 def test_skip_bad_images_answers_the_good_ones(checkpoint, images, cache_dir, capsys, name):
     args = ["--model", checkpoint["converted"], "--image", images[name], images["good"], "--skip-bad-images",
             "--max-tokens", 3, "--compilation-cache", cache_dir]
-    code, out, err = call(run_generate.main, args, capsys)
+    code, out, err = call(generate_main, args, capsys)
     assert code == 0, err
     assert len(out.splitlines()) == 1  # the good image's answer (alone, so without its path)
     assert err.count("warning: skipped") == 1 and BAD_IMAGES[name] in err and "Traceback" not in err
@@ -758,7 +768,7 @@ def test_skip_bad_images_answers_the_good_ones(checkpoint, images, cache_dir, ca
 def test_skip_bad_images_with_nothing_left(checkpoint, images, capsys):
     args = ["--model", checkpoint["converted"], "--image", images["zero.png"], "--skip-bad-images",
             "--no-compilation-cache"]
-    code, _, err = call(run_generate.main, args, capsys)
+    code, _, err = call(generate_main, args, capsys)
     assert code == 2 and err.endswith("error: no readable image left to answer\n") and "Traceback" not in err
 
 
@@ -768,7 +778,7 @@ def test_skip_bad_images_with_nothing_left(checkpoint, images, capsys):
 ])
 def test_run_generate_refuses_prompts(checkpoint, images, capsys, prompt, message):
     args = ["--model", checkpoint["converted"], "--image", images["good"], "--prompt", prompt, "--no-compilation-cache"]
-    code, out, err = call(run_generate.main, args, capsys)
+    code, out, err = call(generate_main, args, capsys)
     assert_one_line_error(code, err, message)
     assert out == ""
 
@@ -781,21 +791,21 @@ def test_run_generate_refuses_prompts(checkpoint, images, capsys, prompt, messag
 def test_run_generate_refuses_draw_targets(checkpoint, images, tmp_path, capsys, draw, message):
     args = ["--model", checkpoint["converted"], "--image", images["good"], "--draw", draw.format(tmp=tmp_path),
             "--no-compilation-cache"]
-    code, out, err = call(run_generate.main, args, capsys)
+    code, out, err = call(generate_main, args, capsys)
     assert_one_line_error(code, err, message)
     assert listing(tmp_path) == []
 
 
 def test_drawings_of_same_named_images_do_not_collide(tmp_path):
-    paths = run_generate.draw_paths(str(tmp_path / "out.png"), [Path("a/cat.jpg"), Path("b/cat.jpg"), Path("dog.png")])
+    paths = generate_command.draw_paths(str(tmp_path / "out.png"), [Path("a/cat.jpg"), Path("b/cat.jpg"), Path("dog.png")])
     assert [p.name for p in paths] == ["out_cat.png", "out_cat_2.png", "out_dog.png"]
-    assert run_generate.draw_paths(str(tmp_path / "one.jpg"), [Path("x.png")]) == [tmp_path / "one.jpg"]
+    assert generate_command.draw_paths(str(tmp_path / "one.jpg"), [Path("x.png")]) == [tmp_path / "one.jpg"]
 
 
 def test_draw_without_boxes_says_so(checkpoint, images, cache_dir, tmp_path, capsys):
     args = ["--model", checkpoint["converted"], "--image", images["good"], "--draw", tmp_path / "boxes.png",
             "--max-tokens", 3, "--compilation-cache", cache_dir]
-    code, out, err = call(run_generate.main, args, capsys)
+    code, out, err = call(generate_main, args, capsys)
     assert code == 0, err
     assert "no boxes in the answer" in err and not (tmp_path / "boxes.png").exists()
 
@@ -809,7 +819,7 @@ def test_compilation_cache_writable_by_others_is_refused(checkpoint, images, tmp
     cache.mkdir()
     cache.chmod(mode)
     args = ["--model", checkpoint["converted"], "--image", images["good"], "--compilation-cache", cache]
-    code, out, err = call(run_generate.main, args, capsys)
+    code, out, err = call(generate_main, args, capsys)
     assert_one_line_error(code, err, message)
 
 
@@ -822,7 +832,7 @@ def test_compilation_cache_is_created_private(tmp_path):
 
 def test_explicit_compilation_cache_that_cannot_be_made(checkpoint, images, capsys):
     args = ["--model", checkpoint["converted"], "--image", images["good"], "--compilation-cache", READ_ONLY / "xla"]
-    code, out, err = call(run_generate.main, args, capsys)
+    code, out, err = call(generate_main, args, capsys)
     assert_one_line_error(code, err, "cannot use the compilation cache directory")
 
 
@@ -880,7 +890,7 @@ def test_finetune_stops_at_a_bad_line(checkpoint, data, tmp_path, capsys, case):
     line, message = BAD_LINES[case]
     train = _data_file(data, line, f"train-{abs(hash(case))}.jsonl")
     out = tmp_path / "run"
-    code, stdout, err = call(finetune.main, ["--model", checkpoint["converted"], "--train", train, "--out", out], capsys)
+    code, stdout, err = call(finetune_main, ["--model", checkpoint["converted"], "--train", train, "--out", out], capsys)
     assert_one_line_error(code, err, f"{train}:3: ")
     assert message in err and not out.exists()
 
@@ -909,7 +919,7 @@ def test_outside_paths_need_the_allow_flag(data):
 
 def test_a_suffix_longer_than_the_positions_names_its_line(checkpoint, data, tmp_path, capsys):
     train = _data_file(data, _line(suffix=LONG_TEXT), "long.jsonl")
-    code, _, err = call(finetune.main, ["--model", checkpoint["converted"], "--train", train, "--out", tmp_path / "run"],
+    code, _, err = call(finetune_main, ["--model", checkpoint["converted"], "--train", train, "--out", tmp_path / "run"],
                         capsys)
     assert_one_line_error(code, err, f"{train}:3: ")
     assert "exceed the model's positions 8192" in err and not (tmp_path / "run").exists()
@@ -930,7 +940,7 @@ def test_finetune_refuses_data_files(checkpoint, tmp_path, capsys, content, mess
         train.write_bytes(content)
     elif content is not None:
         train.write_text(content)
-    code, _, err = call(finetune.main, ["--model", checkpoint["converted"], "--train", train, "--out", tmp_path / "run"],
+    code, _, err = call(finetune_main, ["--model", checkpoint["converted"], "--train", train, "--out", tmp_path / "run"],
                         capsys)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "run").exists()
@@ -954,7 +964,7 @@ def test_finetune_refuses_data_files(checkpoint, tmp_path, capsys, content, mess
 ])
 def test_finetune_refuses_settings(checkpoint, data, tmp_path, capsys, extra, message):
     train = _data_file(data, GOOD_LINE, "good.jsonl")
-    code, _, err = call(finetune.main, ["--model", checkpoint["converted"], "--train", train, "--out", tmp_path / "run",
+    code, _, err = call(finetune_main, ["--model", checkpoint["converted"], "--train", train, "--out", tmp_path / "run",
                                         *extra], capsys)
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "run").exists()
@@ -975,7 +985,7 @@ def test_finetune_refuses_outputs(checkpoint, data, tmp_path, capsys, case):
         shutil.copytree(checkpoint["converted"], out / "model")
         model, message = out / "model", "is or contains the source"
     before = listing(tmp_path)
-    code, _, err = call(finetune.main, ["--model", model, "--train", train, "--out", out, "--steps", 2], capsys)
+    code, _, err = call(finetune_main, ["--model", model, "--train", train, "--out", out, "--steps", 2], capsys)
     assert_one_line_error(code, err, message)
     assert listing(tmp_path) == before
 
@@ -995,7 +1005,7 @@ def test_resume_with_other_settings_is_refused(checkpoint, data, tmp_path, capsy
     import dataclasses
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(saved)))
     before = (out / "train_config.json").read_text()
-    code, _, err = call(finetune.main, [*base, *changed, "--resume"], capsys)
+    code, _, err = call(finetune_main, [*base, *changed, "--resume"], capsys)
     assert_one_line_error(code, err, "--resume with settings that differ from")
     assert message in err and (out / "train_config.json").read_text() == before
 

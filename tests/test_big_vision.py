@@ -15,9 +15,8 @@ import pytest
 import torch
 
 import hf_models
-from convert import big_vision as cli_from_bv
-from convert import to_big_vision as cli_to_bv
-from convert.hf_to_flax import convert as hf_convert
+from pali_jax import cli
+from pali_jax.conversion import convert_big_vision, convert_hf
 from pali_jax import big_vision_weights as bvw
 from pali_jax.config import PaliGemmaConfig, preset
 from pali_jax.paligemma import abstract_params
@@ -149,9 +148,9 @@ def test_npz_logits_match_hf_path(models, kind, dtype, per_layer, prefix):
     hf_cfg = PaliGemmaConfig.from_hf(m["hf_dir"])  # what shapes cannot tell: the tiny caps and query scale
     out = m["root"] / f"{kind}-from-npz"
     if kind == "pg1":  # Gemma 1: the shapes say everything (no caps, query scale 1/sqrt(head_dim))
-        assert cli_from_bv.main([str(npz), str(out), "--dtype", "float32"]) == 0
+        assert cli.main(["convert-big-vision", str(npz), str(out), "--dtype", "float32"]) == 0
     else:  # the tiny Gemma 2's caps and query scale are no preset's: given as a config
-        cli_from_bv.convert(npz, out, preset=hf_cfg, dtype="float32")
+        convert_big_vision(npz, out, preset=hf_cfg, dtype="float32")
     ours = PaliGemma.from_pretrained(out)
     assert ours.config.vocab_size == ROWS and ours.config.image_token_id == ROWS
     assert ours.config.text.sliding_window is None
@@ -174,9 +173,9 @@ def test_npz_logits_match_hf_path(models, kind, dtype, per_layer, prefix):
 
 def test_round_trip_is_exact(models, tmp_path):
     m = models["pg2"]
-    converted = hf_convert(m["hf_dir"], tmp_path / "ours")
+    converted = convert_hf(m["hf_dir"], tmp_path / "ours")
     npz = tmp_path / "bv.npz"
-    assert cli_to_bv.main([str(converted), str(npz)]) == 0
+    assert cli.main(["export-big-vision", str(converted), str(npz)]) == 0
     # The exported file is what big_vision holds for these weights: names, layouts, bits.
     expected = big_vision_tree(m["model"])
     with np.load(npz, allow_pickle=False) as f:
@@ -186,8 +185,8 @@ def test_round_trip_is_exact(models, tmp_path):
             assert got.dtype == np.float32 and got.shape == value.shape, name
             np.testing.assert_array_equal(got, value, err_msg=name)
     back = tmp_path / "back"
-    assert cli_from_bv.main([str(npz), str(back), "--preset", "paligemma2-3b-224"]) == 2  # shapes differ
-    cli_from_bv.convert(npz, back, preset=PaliGemmaConfig.from_hf(m["hf_dir"]))
+    assert cli.main(["convert-big-vision", str(npz), str(back), "--preset", "paligemma2-3b-224"]) == 2  # shapes differ
+    convert_big_vision(npz, back, preset=PaliGemmaConfig.from_hf(m["hf_dir"]))
     a, b = PaliGemma.from_pretrained(converted), PaliGemma.from_pretrained(back)
     flat_a = dict(jax.tree_util.tree_flatten_with_path(a.params)[0])
     flat_b = dict(jax.tree_util.tree_flatten_with_path(b.params)[0])
@@ -201,11 +200,11 @@ def test_round_trip_is_exact(models, tmp_path):
         np.testing.assert_array_equal(x, y, err_msg=str(key))
     # And npz -> pali-jax -> npz gives the same file contents, in bfloat16 too.
     bf16_npz = tmp_path / "bf16.npz"
-    assert cli_to_bv.main([str(back), str(bf16_npz), "--dtype", "bfloat16"]) == 0
+    assert cli.main(["export-big-vision", str(back), str(bf16_npz), "--dtype", "bfloat16"]) == 0
     again = tmp_path / "again"
-    cli_from_bv.convert(bf16_npz, again, preset=PaliGemmaConfig.from_hf(m["hf_dir"]))
+    convert_big_vision(bf16_npz, again, preset=PaliGemmaConfig.from_hf(m["hf_dir"]))
     again_npz = tmp_path / "again.npz"
-    assert cli_to_bv.main([str(again), str(again_npz)]) == 0
+    assert cli.main(["export-big-vision", str(again), str(again_npz)]) == 0
     with np.load(bf16_npz, allow_pickle=False) as f, np.load(again_npz, allow_pickle=False) as g:
         assert sorted(f.files) == sorted(g.files)
         for name in f.files:
@@ -256,7 +255,7 @@ def test_bad_files(models, tmp_path, capsys):
 
     def run(npz: Path, *options: str) -> str:
         dst = tmp_path / "dst"
-        rc = cli_from_bv.main([str(npz), str(dst), *options])
+        rc = cli.main(["convert-big-vision", str(npz), str(dst), *options])
         assert rc == 2 and not dst.exists()
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
         return _error(capsys)
@@ -282,15 +281,15 @@ def test_bad_files(models, tmp_path, capsys):
     with pytest.raises(bvw.BigVisionError, match="twice"):
         bvw.plan(save_like_big_vision(tmp_path / "twice.npz", twice), preset=hf_cfg)
     # The way back: a directory that is not pali-jax's, an existing output.
-    assert cli_to_bv.main([str(tmp_path / "nothing"), str(tmp_path / "out.npz")]) == 2
+    assert cli.main(["export-big-vision", str(tmp_path / "nothing"), str(tmp_path / "out.npz")]) == 2
     assert "not a pali-jax directory" in _error(capsys)
     (tmp_path / "taken.npz").write_bytes(b"keep")
-    converted = cli_from_bv.convert(good, tmp_path / "converted")
-    assert cli_to_bv.main([str(converted), str(tmp_path / "taken.npz")]) == 2
+    converted = convert_big_vision(good, tmp_path / "converted")
+    assert cli.main(["export-big-vision", str(converted), str(tmp_path / "taken.npz")]) == 2
     assert "already exists" in _error(capsys) and (tmp_path / "taken.npz").read_bytes() == b"keep"
     # An existing DST is kept.
     (tmp_path / "exists").mkdir()
-    assert cli_from_bv.main([str(good), str(tmp_path / "exists")]) == 2
+    assert cli.main(["convert-big-vision", str(good), str(tmp_path / "exists")]) == 2
     assert "already exists" in _error(capsys)
     # float16 files are read (as float32 by default).
     f16 = save_like_big_vision(tmp_path / "f16.npz", tree, np.float16)

@@ -1,13 +1,16 @@
-"""The user-facing half end to end: PaliGemma.generate/stream on images and strings, run_generate.py,
-and loading from the hub cache."""
+"""The user-facing half end to end: PaliGemma.generate/stream on images and strings, the `pali-jax`
+command (its subcommand table, one-line errors, Ctrl-C, the installed wheel), run_generate.py, and
+loading from the hub cache."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import os
+import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +18,7 @@ import PIL.Image
 import pytest
 import torch
 
-import run_generate
-from pali_jax import PaliGemma
+from pali_jax import PaliGemma, cli
 from test_generate import agree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,16 +100,15 @@ def test_bad_inputs(checkpoint, tmp_path, capsys, monkeypatch, args, message):
         args = ["--model", str(checkpoint["converted"]), *args]
     if "--image" not in args:
         args += ["--image", str(checkpoint["images"][0])]
-    with pytest.raises(SystemExit) as exit_info:
-        sys.exit(run_generate.main([*args, "--no-compilation-cache"]))
+    code = cli.main(["generate", *args, "--no-compilation-cache"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2
+    assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_attention_map_draws_each_word(checkpoint, tmp_path, capsys):
     out = tmp_path / "maps.png"
-    code = run_generate.main(["--model", str(checkpoint["converted"]), "--image", *map(str, checkpoint["images"]),
+    code = cli.main(["generate", "--model", str(checkpoint["converted"]), "--image", *map(str, checkpoint["images"]),
                               "--max-tokens", "6", "--attention-map", str(out), "--no-compilation-cache"])
     assert code == 0, capsys.readouterr().err
     texts = capsys.readouterr().out.splitlines()
@@ -156,3 +157,97 @@ def test_mesh_flag_gives_the_same_tokens(checkpoint):
     assert single.returncode == meshed.returncode == 0, single.stderr + meshed.stderr
     tokens = lambda out: [json.loads(line)["token_ids"] for line in out.splitlines()]  # noqa: E731
     assert tokens(meshed.stdout) == tokens(single.stdout)
+
+
+# -- the pali-jax command ------------------------------------------------------------------------
+def test_help_lists_every_subcommand(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in cli.COMMANDS), out
+
+
+@pytest.mark.parametrize("name", sorted(cli.COMMANDS))
+def test_each_subcommand_has_its_help(capsys, name):
+    assert cli.main([name, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: pali-jax {name} ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "no command given"),
+    (["serve"], "unknown command 'serve'"),
+    (["convert"], "the following arguments are required: src, dst"),
+    (["convert-big-vision", "a.npz"], "the following arguments are required: dst"),
+    (["export-big-vision", "a", "b", "--dtype", "float16"], "invalid choice: 'float16'"),
+    (["verify"], "the following arguments are required: dir"),
+    (["verify", "a", "--bogus"], "unrecognized arguments: --bogus"),
+    (["generate", "--bogus"], "unrecognized arguments: --bogus"),
+    (["generate", "--greedy", "--sample"], "not allowed with argument"),
+    (["annotate", "--model", "m"], "the following arguments are required: --images, --out"),
+    (["finetune"], "the following arguments are required"),
+])
+def test_bad_arguments_are_one_line_without_usage(capsys, argv, message):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured.err
+    assert message in captured.err and "usage" not in captured.err, captured.err
+
+
+def test_repository_wrappers_keep_one_line_errors():
+    """`python -m convert.*` (missing or unknown arguments) and run_generate.py: no argparse usage."""
+    commands = [["-m", "convert.verify"], ["-m", "convert.big_vision", "a.npz"], ["-m", "convert.to_big_vision"],
+                ["-m", "convert.hf_to_flax", "a", "b", "--bogus"], [str(ROOT / "run_generate.py"), "--bogus"]]
+    procs = [subprocess.Popen([sys.executable, *c], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in commands]
+    for command, proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and out == "", (command, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and "(see --help)" in err, (command, err)
+
+
+def test_convert_then_verify(checkpoint, tmp_path, capsys):
+    dst = tmp_path / "converted"
+    assert cli.main(["convert", checkpoint["hf_dir"], dst]) == 0
+    assert capsys.readouterr().out == f"wrote {dst}\n"
+    assert cli.main(["verify", dst]) == 0
+    assert capsys.readouterr().out.startswith(f"ok: {dst} (")
+
+
+def test_ctrl_c_during_the_imports_is_one_line():
+    """SIGINT while the command imports JAX (seen through -X importtime): exit 130, one line, no
+    traceback."""
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "pali_jax", "generate"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # one line per imported module, as each import ends
+        lines.append(line)
+        if line.split("|")[-1].strip() == "numpy":  # imported by the command's module only: the handler is in place
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, rest[-2000:]
+    assert rest.endswith("error: interrupted\n") and "Traceback" not in rest, rest[-2000:]
+
+
+def _wheel(tmp_path: Path) -> Path:
+    """The wheel `pip install .` would install, built from a copy of the sources (the checkout stays clean)."""
+    src = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("pali_jax", "convert"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
+    [wheel] = (tmp_path / "dist").glob("pali_jax-*.whl")
+    return wheel
+
+
+def test_wheel_installs_the_command_and_no_convert_package(tmp_path):
+    with zipfile.ZipFile(_wheel(tmp_path)) as wheel:
+        names = wheel.namelist()
+        [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        scripts = wheel.read(entry_points).decode()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"pali_jax"}
+    assert "[console_scripts]\npali-jax = pali_jax.cli:console" in scripts
+    assert "pali_jax/assets/demo/model/pali_jax_config.json" in names

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import hf_models
 import jax
@@ -17,7 +21,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import PaliGemmaForConditionalGeneration
 
-from convert.hf_to_flax import main
+from pali_jax import cli
 from pali_jax.hf_weights import load_hf
 from pali_jax.checkpoint import read_params, restore_params
 from pali_jax.paligemma import abstract_params
@@ -33,7 +37,7 @@ def tree_equal(a, b) -> bool:
 
 
 def convert_cli(capsys, *args) -> tuple[int, str]:
-    code = main([str(a) for a in args])
+    code = cli.main(["convert", *map(str, args)])
     return code, capsys.readouterr().err
 
 
@@ -192,3 +196,49 @@ def test_missing_shard_from_the_command_line(tiny_models, tmp_path):
     assert proc.stderr.startswith("error: ") and "shard model-00002" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "dst").exists()
+
+
+# -- pali-jax export-big-vision: destinations ------------------------------------------------------
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "pali_jax" / "assets" / "demo" / "model"
+
+
+def _export(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(["export-big-vision", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_export_refuses_a_destination_that_is_not_a_regular_file(tmp_path, capsys, kind):
+    out = tmp_path / "out.npz"
+    if kind == "fifo":
+        os.mkfifo(out)
+    else:
+        try:
+            os.mknod(out, 0o600 | stat.S_IFCHR, os.makedev(1, 7))  # what /dev/full is
+        except PermissionError:
+            pytest.skip("mknod of a character device needs root")
+    mode = out.lstat().st_mode
+    code, _, err = _export(capsys, DEMO_MODEL, out, "--overwrite")
+    assert code == 2 and err.count("\n") == 1 and f"is a {'FIFO' if kind == 'fifo' else 'device'}" in err, err
+    assert out.lstat().st_mode == mode and sorted(p.name for p in tmp_path.iterdir()) == ["out.npz"]
+
+
+def test_export_refuses_a_destination_inside_the_source(tmp_path, capsys):
+    src = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL, src)
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    code, _, err = _export(capsys, src, src / "x.npz")
+    assert code == 2 and err.count("\n") == 1 and "lies inside the source" in err, err
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+
+
+def test_export_removes_a_killed_exports_temporary(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".a.npz.tmp-{dead.pid}").write_bytes(b"PK half a zip")
+    (tmp_path / "a.npz").write_bytes(b"an older export")
+    code, out, err = _export(capsys, DEMO_MODEL, tmp_path / "a.npz", "--overwrite")
+    assert code == 0 and out == f"wrote {tmp_path / 'a.npz'}\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]
+    assert zipfile.ZipFile(tmp_path / "a.npz").testzip() is None  # a whole zip

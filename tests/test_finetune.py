@@ -15,7 +15,7 @@ import pytest
 from pali_jax.checkpoint import TrainCheckpointer, restore_params
 from pali_jax.data import DataError, Dataset, Example, read_jsonl
 from pali_jax.demo import shapes
-from pali_jax.finetune import main
+from pali_jax import cli
 from pali_jax.pretrained import PaliGemma
 from pali_jax.processor import PaliGemmaProcessor, PaliGemmaTokenizer
 
@@ -51,7 +51,7 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
+    code = cli.main(["finetune", *map(str, args)])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

@@ -302,10 +302,10 @@ def test_cli_in_real_processes():
 
 @pytest.mark.parametrize("args, message", CLI_CASES, ids=[" ".join(a) for a, _ in CLI_CASES])
 def test_cli_one_line_and_exit_code_2(args, message, capsys):
-    import run_generate
+    from pali_jax import cli
 
     try:
-        code = run_generate.main(_cli_args(args)[1:])
+        code = cli.main(["generate", *_cli_args(args)[1:]])
     except SystemExit as e:  # argparse's own errors leave this way
         code = e.code
     err = capsys.readouterr().err

@@ -290,9 +290,9 @@ def _fake_segment_answer(monkeypatch, label: str = "circle"):
 
 
 def run_generate_module():
-    import run_generate
+    from pali_jax import generate_command
 
-    return run_generate
+    return generate_command
 
 
 def test_generate_fills_masks(vae, monkeypatch, capsys):
@@ -343,7 +343,9 @@ def test_cli_segment_masks(vae, tmp_path, monkeypatch, capsys):
     w, h = 320, 240
     monkeypatch.setenv(seg.ENV_VAR, str(vae["path"]))  # --seg-vae's default
     out_png, masks_dir = tmp_path / "overlay.png", tmp_path / "masks"
-    rc = rg.main(["--image", str(image), "--prompt", "segment circle", "--json", "--draw", str(out_png),
+    from pali_jax import cli
+
+    rc = cli.main(["generate", "--image", str(image), "--prompt", "segment circle", "--json", "--draw", str(out_png),
                   "--masks-dir", str(masks_dir), "--no-compilation-cache"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
@@ -369,8 +371,8 @@ def test_cli_segment_masks(vae, tmp_path, monkeypatch, capsys):
     assert changed[expected & inner].mean() > 0.95 and not changed[~expected & inner].any()
     # Without a decoder: codes, no masks, a warning; --masks-dir then needs --seg-vae.
     monkeypatch.delenv(seg.ENV_VAR)
-    with pytest.raises(SystemExit):
-        rg.main(["--image", str(image), "--prompt", "segment circle", "--masks-dir", str(masks_dir)])
+    assert cli.main(["generate", "--image", str(image), "--prompt", "segment circle", "--masks-dir",
+                     str(masks_dir)]) == 2
     assert "--seg-vae" in capsys.readouterr().err
 
 
