@@ -11,9 +11,9 @@ Stanford PTB tokenizer (Java); `tokenize_captions` runs it when Java is there ("
 Python tokenizer ("simple": lower case, PTB's splits of punctuation and clitics, the PTB
 tokenizer's punctuation tokens dropped) for machines without it. The metrics file names which ran.
 
-VQA: the official VQAv2 evaluation (GT-Vision-Lab/VQA vqaEval.py): the answer's punctuation,
-number words, articles and contractions normalised, the humans' answers' punctuation only when
-they disagree; min(matching humans / 3, 1) averaged over the leave-one-out subsets. DocVQA: ANLS
+VQA: the official VQAv2 evaluation (GT-Vision-Lab/VQA vqaEval.py, as big_vision's vqav2 evaluator):
+when the humans' answers disagree, punctuation, number words, articles and contractions of every
+answer are normalised; min(matching humans / 3, 1) averaged over the leave-one-out subsets. DocVQA: ANLS
 (threshold 0.5, best over the answers, lower-cased and trimmed as the DocVQA evaluation does).
 
 Grounding: big_vision's rule: the answer's first box (bins / 1024 of the image), IoU with the
@@ -289,13 +289,15 @@ def _vqa_strip(text: str) -> str:
 
 def vqa_accuracy(answer: str, human_answers: Sequence[str]) -> float:
     """VQAv2 accuracy of one answer: min(#other humans who gave it / 3, 1), averaged over leaving
-    each human out; a single reference answer counts as a normalised exact match."""
+    each human out. Both sides are normalised only when the humans disagree (the official rule); a
+    single reference answer counts as an exact match (leaving it out would leave nothing)."""
     if not human_answers:
         raise UserError("a VQA answer needs at least one human answer")
-    answer = vqa_digits_articles(vqa_punctuation(_vqa_strip(answer)))
-    humans = list(human_answers)
+    answer = _vqa_strip(answer)
+    humans = [_vqa_strip(h) for h in human_answers]
     if len(set(humans)) > 1:
-        humans = [vqa_punctuation(h) for h in humans]
+        humans = [vqa_digits_articles(vqa_punctuation(h)) for h in humans]
+        answer = vqa_digits_articles(vqa_punctuation(answer))
     if len(humans) == 1:
         return float(humans[0] == answer)
     matches = [h == answer for h in humans]
