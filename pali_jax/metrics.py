@@ -46,6 +46,7 @@ _PTB_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-"}  # PTB's names
 _MARKS = re.compile(r"(\.\.\.|--|[,;:!?\"]|\.$)")  # split off; a full stop only at a token's end
 _CLITIC = re.compile(r"(\w)('s|'m|'d|'ll|'re|'ve|n't)$")
+_PLAIN = re.compile(r"[a-z0-9 ]*")
 _CLITICS = frozenset(("'s", "'m", "'d", "'ll", "'re", "'ve", "n't"))
 
 
@@ -74,6 +75,8 @@ def simple_tokenize(text: str) -> str:
     """A caption as the PTB tokenizer splits it, lower case, its punctuation tokens dropped, in Python
     ("A man's hat." -> "a man 's hat"); quotes and brackets as PTB writes them."""
     text = text.lower()
+    if _PLAIN.fullmatch(text):  # nothing for the tokenizer to split
+        return " ".join(text.split())
     for bracket, name in _BRACKETS.items():
         text = text.replace(bracket, f" {name} ")
     tokens = []
@@ -92,7 +95,8 @@ def tokenize_captions(texts: Sequence[str], tokenizer: str) -> list[str]:
     """Each text as space-joined tokens: "ptb" (pycocoevalcap's Stanford PTB tokenizer, as big_vision)
     or "simple" (`simple_tokenize`)."""
     if tokenizer == "simple":
-        return [simple_tokenize(t) for t in texts]
+        done: dict[str, str] = {}
+        return [done[t] if t in done else done.setdefault(t, simple_tokenize(t)) for t in texts]
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     # One call for every text (one Java start); newlines would split a caption in two.
@@ -101,12 +105,22 @@ def tokenize_captions(texts: Sequence[str], tokenizer: str) -> list[str]:
 
 
 # -- caption scores -------------------------------------------------------------------------------
-def _ngrams(words: Sequence[str], n: int = 4) -> Counter:
-    """Counts of every 1..n-gram (tuples) of `words`."""
-    counts: Counter = Counter()
-    for k in range(1, n + 1):
-        counts.update(tuple(words[i:i + k]) for i in range(len(words) - k + 1))
-    return counts
+Grams = tuple[Counter, Counter, Counter, Counter]  # counts of the 1-, 2-, 3- and 4-grams
+
+
+def _ngrams(words: Sequence[str]) -> Grams:
+    """Counts of the 1..4-grams of `words`, each n-gram a space-joined string (tokens hold no
+    space; a string caches its hash, which the scorers' many lookups reuse)."""
+    return (Counter(words), *(Counter(map(" ".join, zip(*(words[i:] for i in range(k))))) for k in (2, 3, 4)))
+
+
+def _counted(sentences: Iterable[str], cache: dict[str, Grams] | None) -> dict[str, Grams]:
+    """The n-gram counts of each distinct sentence (added to `cache` when given)."""
+    cache = {} if cache is None else cache
+    for s in sentences:
+        if s not in cache:
+            cache[s] = _ngrams(s.split())
+    return cache
 
 
 def _check_pairs(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> None:
@@ -118,69 +132,67 @@ def _check_pairs(candidates: Sequence[str], references: Sequence[Sequence[str]])
         raise UserError("an answer has no reference")
 
 
-def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], sigma: float = 6.0) -> tuple[float, list[float]]:
+def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], sigma: float = 6.0, *,
+            counts: dict[str, Grams] | None = None) -> tuple[float, list[float]]:
     """CIDEr-D of tokenised captions (space-joined tokens): (corpus mean, one score per caption),
-    as pycocoevalcap's Cider."""
+    as pycocoevalcap's Cider. `counts`: n-gram counts already made (see `caption_metrics`)."""
     _check_pairs(candidates, references)
-    ref_counts = [[_ngrams(r.split()) for r in refs] for refs in references]
+    counts = _counted([*candidates, *(r for refs in references for r in refs)], counts)
     df: Counter = Counter()
-    for counts in ref_counts:
-        df.update(set().union(*counts))
+    for refs in references:
+        for k in range(4):
+            df.update(set().union(*(counts[r][k] for r in refs)))
     log_images = math.log(float(len(references)))
+    idf = {gram: log_images - math.log(max(1.0, n)) for gram, n in df.items()}
+    vectors: dict[str, tuple[list[dict], list[float], int]] = {}
 
-    def vector(counts: Counter) -> tuple[dict, list[float], int]:
-        vec: dict = {}
-        norm = [0.0] * 4
-        for gram, tf in counts.items():
-            w = tf * (log_images - math.log(max(1.0, df[gram])))
-            vec[gram] = w
-            norm[len(gram) - 1] += w * w
-        # pycocoevalcap's length: the number of bigrams (its `if n == 1` on 0-based n).
-        length = sum(tf for gram, tf in counts.items() if len(gram) == 2)
-        return vec, [math.sqrt(v) for v in norm], length
+    def vector(sentence: str) -> tuple[list[dict], list[float], int]:
+        """tf-idf weights and their norm per n; the length term (pycocoevalcap counts bigrams there)."""
+        if sentence not in vectors:
+            grams = counts[sentence]
+            vec = [{g: tf * idf.get(g, log_images) for g, tf in grams[k].items()} for k in range(4)]
+            vectors[sentence] = (vec, [math.sqrt(sum(w * w for w in v.values())) for v in vec], sum(grams[1].values()))
+        return vectors[sentence]
 
     scores = []
     denominator = 2 * sigma ** 2
-    for cand, refs in zip(candidates, ref_counts):
-        vec, norm, length = vector(_ngrams(cand.split()))
+    for cand, refs in zip(candidates, references):
+        vec, norm, length = vector(cand)
         total = [0.0] * 4
         for ref in refs:
             rvec, rnorm, rlength = vector(ref)
-            sums = [0.0] * 4
-            for gram, w in vec.items():
-                r = rvec.get(gram)
-                if r is not None:
-                    sums[len(gram) - 1] += min(w, r) * r
             penalty = math.exp(-((length - rlength) ** 2) / denominator)
             for k in range(4):
-                value = sums[k] / (norm[k] * rnorm[k]) if norm[k] != 0 and rnorm[k] != 0 else sums[k]
+                theirs = rvec[k]
+                value = 0.0
+                for gram, w in vec[k].items():
+                    r = theirs.get(gram)
+                    if r is not None:
+                        value += min(w, r) * r
+                if norm[k] != 0 and rnorm[k] != 0:
+                    value /= norm[k] * rnorm[k]
                 total[k] += value * penalty
         scores.append(float(np.mean(total)) / len(refs) * 10.0)
     return float(np.mean(scores)), scores
 
 
-def bleu4(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+def bleu4(candidates: Sequence[str], references: Sequence[Sequence[str]], *,
+          counts: dict[str, Grams] | None = None) -> float:
     """Corpus BLEU-4 of tokenised captions with the closest reference length, as pycocoevalcap's Bleu(4)."""
     _check_pairs(candidates, references)
+    counts = _counted([*candidates, *(r for refs in references for r in refs)], counts)
     tiny, small = 1e-15, 1e-9
     correct, guess = [0] * 4, [0] * 4
     test_total = ref_total = 0
     for cand, refs in zip(candidates, references):
-        words = cand.split()
-        best: dict = {}
-        lengths = []
-        for ref in refs:
-            ref_words = ref.split()
-            lengths.append(len(ref_words))
-            for gram, c in _ngrams(ref_words).items():
-                if c > best.get(gram, 0):
-                    best[gram] = c
-        n = len(words)
+        n = len(cand.split())
         test_total += n
-        ref_total += min((abs(l - n), l) for l in lengths)[1]
-        for gram, c in _ngrams(words).items():
-            correct[len(gram) - 1] += min(best.get(gram, 0), c)
+        ref_total += min((abs(l - n), l) for l in (len(r.split()) for r in refs))[1]
         for k in range(4):
+            best: Counter = Counter()
+            for ref in refs:
+                best |= counts[ref][k]  # the highest count of each n-gram over the references
+            correct[k] += sum(min(best.get(g, 0), c) for g, c in counts[cand][k].items())
             guess[k] += max(0, n - k)
     score = 1.0
     for k in range(4):
@@ -231,7 +243,9 @@ def caption_metrics(candidates: Sequence[str], references: Sequence[Sequence[str
     cands, rest, refs = flat[:len(candidates)], iter(flat[len(candidates):]), []
     for group in references:
         refs.append([next(rest) for _ in group])
-    return {"cider": cider_d(cands, refs)[0], "bleu4": bleu4(cands, refs), "rouge_l": rouge_l(cands, refs),
+    counts = _counted(flat, None)
+    return {"cider": cider_d(cands, refs, counts=counts)[0], "bleu4": bleu4(cands, refs, counts=counts),
+            "rouge_l": rouge_l(cands, refs),
             "count": len(candidates), "caption_tokenizer": tokenizer}
 
 
