@@ -322,19 +322,50 @@ def teacher_forced_logprobs(pg: "PaliGemma", records: Sequence[dict], batch_size
     return out
 
 
+def _scored(record: dict, logprobs: np.ndarray, is_loc: Callable[[int], bool]) -> dict:
+    """`record` with each box's "score", from its generated tokens' log-probabilities."""
+    n = len(logprobs) - (record.get("stop_reason") == "stop_token")  # the end token is no box's
+    scores = box_scores(record["token_ids"][:n], logprobs[:n], is_loc)
+    boxes = record.get("boxes", [])
+    if len(scores) != len(boxes):  # a box the parser skipped: every box gets the answer's probability
+        scores = [float(np.exp(np.sum(logprobs[:n])))] * len(boxes)
+    return {**record, "boxes": [{**b, "score": s} for b, s in zip(boxes, scores)]}
+
+
 def add_box_scores(pg: "PaliGemma", records: list[dict]) -> list[dict]:
-    """Records whose boxes carry "score" (their tokens' probability under `pg`)."""
+    """Records whose boxes carry "score" (their tokens' probability under `pg`, teacher-forced)."""
+    is_loc = _loc_test(pg)
+    return [_scored(r, logp, is_loc) for r, logp in zip(records, teacher_forced_logprobs(pg, records))]
+
+
+def generate_records(pg: "PaliGemma", references: Sequence[Reference], task: str, *, batch_size: int = 32,
+                     max_new_tokens: int | None = None) -> list[dict]:
+    """Greedy answers to the references in fixed batches (`PaliGemma.generate`, the trained weights
+    as they are: fine-tuning's evaluation), as dataset-job records; detection boxes carry their
+    tokens' probability, segmentation boxes their masks (the model's mask decoder)."""
+    from pali_jax.results_file import box_record
+
+    detection = task == "detection"
+    results = pg.generate([r.image for r in references], [r.prompt for r in references], batch_size=batch_size,
+                          max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[task], output_scores=detection)
+    records = []
+    for ref, result in zip(references, results):
+        record = {"image": ref.image, "prompt": ref.prompt, "text": result.text, "token_ids": result.token_ids,
+                  "stop_reason": result.stop_reason, "boxes": [box_record(b) for b in result.boxes]}
+        records.append(_scored(record, result.logprobs, _loc_test(pg)) if detection else record)
+    return records
+
+
+def _loc_test(pg: "PaliGemma") -> Callable[[int], bool]:
+    """Whether a token id is a `<locNNNN>` of the model's tokenizer."""
     sp = pg.tokenizer.sp
-    is_loc = lambda t: 0 <= t < sp.get_piece_size() and sp.id_to_piece(t).startswith("<loc")  # noqa: E731
-    scored = []
-    for record, logp in zip(records, teacher_forced_logprobs(pg, records)):
-        n = len(logp) - (record.get("stop_reason") == "stop_token")  # the end token is no box's
-        scores = box_scores(record["token_ids"][:n], logp[:n], is_loc)
-        boxes = record.get("boxes", [])
-        if len(scores) != len(boxes):  # a box the parser skipped: every box gets the answer's probability
-            scores = [float(np.exp(np.sum(logp)))] * len(boxes)
-        scored.append({**record, "boxes": [{**b, "score": s} for b, s in zip(boxes, scores)]})
-    return scored
+    return lambda t: 0 <= t < sp.get_piece_size() and sp.id_to_piece(t).startswith("<loc")
+
+
+def summary(figures: dict[str, Any]) -> str:
+    """The figures of `score` on one line: "cider 1.0234, bleu4 0.4100, ... of 200"."""
+    shown = [f"{k} {v:.4f}" for k, v in figures.items() if isinstance(v, float)]
+    return ", ".join(shown) + f" of {figures['count']}"
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -441,8 +472,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         result = run(parse_args(argv))
-        shown = {k: v for k, v in result.items() if isinstance(v, (int, float))}
-        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()), flush=True)
+        print(f"{result['task']}: {summary(result)}", flush=True)
 
     return run_main(body)
 
