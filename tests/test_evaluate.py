@@ -361,3 +361,23 @@ def test_teacher_forced_box_scores_equal_generate_scores(tmp_path):
         assert len(record["boxes"]) == 1
         n = len(result.token_ids) - (result.stop_reason == "stop_token")
         assert record["boxes"][0]["score"] == pytest.approx(float(np.exp(np.sum(result.logprobs[:n]))), rel=1e-5)
+
+
+def test_finetune_reports_what_the_command_reports(tmp_path):
+    from pali_jax import finetune
+    from pali_jax.demo.dataset import write_dataset
+
+    data = write_dataset(tmp_path / "data", 3, seed=11)["vqa"]
+    assert evaluate.main(["--model", str(DEMO_MODEL), "--data", str(data), "--task", "vqa", "--out",
+                          str(tmp_path / "m.json"), "--no-progress", "--slots", "4"]) == 0
+    command = json.loads((tmp_path / "m.json").read_text())
+    assert (tmp_path / "m.predictions.jsonl").exists()
+    args = finetune.parse_args(["--model", str(DEMO_MODEL), "--train", str(data), "--eval", str(data), "--eval-task",
+                                "vqa", "--out", str(tmp_path / "run"), "--steps", "1", "--lr", "1e-12",
+                                "--batch-size", "4", "--no-progress"])
+    result = finetune.run(args)
+    lines = [json.loads(x) for x in (tmp_path / "run" / finetune.EVAL_METRICS).read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 1]
+    for key in ("accuracy", "exact_match", "count"):
+        assert lines[0][key] == command[key], key
+    assert f"vqa: accuracy {command['accuracy']:.4f}" in result.evaluations[0]
