@@ -97,11 +97,31 @@ def tokenize_captions(texts: Sequence[str], tokenizer: str) -> list[str]:
     if tokenizer == "simple":
         done: dict[str, str] = {}
         return [done[t] if t in done else done.setdefault(t, simple_tokenize(t)) for t in texts]
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    return _ptb_tokenize(texts)
 
-    # One call for every text (one Java start); newlines would split a caption in two.
-    out = PTBTokenizer().tokenize({i: [{"caption": " ".join(t.split()) or " "}] for i, t in enumerate(texts)})
-    return [out[i][0] for i in range(len(texts))]
+
+def _ptb_tokenize(texts: Sequence[str]) -> list[str]:
+    """pycocoevalcap's PTBTokenizer run as its wrapper runs it (one line per caption, -preserveLines
+    -lowerCase, its punctuation tokens dropped), with the input file in a temporary folder rather
+    than the package's (which may be read-only) and the tokenizer's progress line kept off stderr."""
+    import os
+    import subprocess
+    import tempfile
+
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    jar = os.path.join(os.path.dirname(os.path.abspath(ptbtokenizer.__file__)), ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "captions.txt")
+        with open(source, "w", encoding="utf-8") as f:
+            f.write("\n".join(t.replace("\n", " ") for t in texts))
+        done = subprocess.run(["java", "-cp", jar, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines",
+                               "-lowerCase", source], capture_output=True, check=False)
+    if done.returncode != 0:
+        raise UserError(f"the PTB tokenizer (Java) failed: {done.stderr.decode(errors='replace').strip()[-300:]} "
+                        "(--caption-tokenizer simple needs no Java)")
+    lines = done.stdout.decode("utf-8").split("\n")
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in _PTB_PUNCTUATION) for line in lines[:len(texts)]]
 
 
 # -- caption scores -------------------------------------------------------------------------------

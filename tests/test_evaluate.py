@@ -95,6 +95,15 @@ def test_simple_tokenizer_writes_what_ptb_writes(text):
     assert metrics.simple_tokenize(text) == PTB_TOKENS[text]
 
 
+@pytest.mark.skipif(not metrics.java_available(), reason="the PTB tokenizer runs on Java, not installed here")
+def test_ptb_tokenizer_equals_pycocoevalcaps_wrapper():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    texts = [*PTB_TOKENS, "", "two\nlines", "Mr. Smith's café"]
+    theirs = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
+    assert metrics.tokenize_captions(texts, "ptb") == [theirs[i][0] for i in range(len(texts))]
+
+
 # -- VQA -----------------------------------------------------------------------------------------
 def _humans(*given: str) -> list[str]:
     return [*given, *["other"] * (10 - len(given))]
@@ -329,6 +338,15 @@ def test_bad_input_is_one_line_and_writes_nothing(data, capsys, tmp_path):
            "invalid choice")
     _fails(capsys, ["--predictions", str(preds), "--data", val, "--task", "vqa", "--model", "m", "--out", str(out)],
            out, "not allowed with")
+
+
+def test_model_run_refuses_a_predictions_file_of_other_data_before_loading(data, capsys):
+    out = data / "m.json"
+    _predictions(evaluate.predictions_path(out), {"x.png": "red"}, data)
+    assert evaluate.main(["--model", "no/such/model", "--data", str(data / "val.jsonl"), "--task", "vqa",
+                          "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "answers to other data" in err and err.count("\n") == 1 and not out.exists()
 
 
 def test_coco_caption_file_is_read(tmp_path):
