@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pali_jax.continuous import MAX_SLOTS, Answer, Counters, Prompt, check_slots, pad_prompt, slot_shape
-from pali_jax.data import outside_path
+from pali_jax.data import json_lines, outside_path
 from pali_jax.detection import parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generation_config import GenerationConfig, GenerationError
@@ -76,19 +76,8 @@ def read_items(spec: str, *, allow_outside: bool = False) -> list[Item]:
 
 
 def _read_jsonl(path: Path, allow_outside: bool) -> list[Item]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     items = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for where, record in json_lines(path):
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
             raise UserError(f'{where}: expected a JSON object with an "image" path')
         prompt = record.get("prompt", record.get("prefix"))

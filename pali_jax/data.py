@@ -78,6 +78,24 @@ def outside_path(kind: str, value: str) -> str | None:
     return None
 
 
+def json_lines(path: str | os.PathLike) -> list[tuple[str, object]]:
+    """("file:line", value) of each non-blank line of a JSONL file; an unreadable file or a line
+    that is not JSON raises a `UserError` naming it (the caller checks the values' shape)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    values = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                values.append((f"{path}:{number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return values
+
+
 def _parse_line(line: str, base: Path, masks: "MaskDecoder | None" = None, allow_outside: bool = False) -> Example | str:
     """The example of one JSONL line, or what is wrong with it. The image is decoded once here, so
     that a truncated or oversized file is reported with its line number before training starts."""

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pali_jax import metrics
-from pali_jax.data import outside_path
+from pali_jax.data import json_lines, outside_path
 from pali_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -132,21 +132,10 @@ def read_references(path: str | os.PathLike, task: str, *, prompt: str | None = 
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if path.suffix == ".json":
-        return _coco_references(path, text, task, prompt)
+        return _coco_references(path, task, prompt)
     refs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for where, record in json_lines(path):
         if not isinstance(record, dict):
             raise UserError(f'{where}: expected a JSON object with an "image" path')
         if prompt is not None:
@@ -162,11 +151,15 @@ def read_references(path: str | os.PathLike, task: str, *, prompt: str | None = 
     return refs
 
 
-def _coco_references(path: Path, text: str, task: str, prompt: str | None) -> list[Reference]:
+def _coco_references(path: Path, task: str, prompt: str | None) -> list[Reference]:
     """A COCO annotation file: captions (caption) or bboxes with categories (detection). The detection
     prompt, unless given, names every category: "detect cat ; dog"."""
     if task not in ("caption", "detection"):
         raise UserError(f"{path}: a COCO annotation file gives captions or boxes, not --task {task} references")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     try:
         coco = json.loads(text)
         images = {im["id"]: im["file_name"] for im in coco["images"]}
@@ -199,22 +192,11 @@ def _coco_references(path: Path, text: str, task: str, prompt: str | None) -> li
 # -- predictions ---------------------------------------------------------------------------------
 def read_predictions(path: str | os.PathLike) -> dict[tuple[str, str], dict]:
     """The dataset job's lines of a predictions file, by (image, prompt)."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     out = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
+    for where, record in json_lines(path):
         if not (isinstance(record, dict) and isinstance(record.get("image"), str)
                 and isinstance(record.get("prompt"), str) and isinstance(record.get("text"), str)):
-            raise UserError(f"{path}:{number}: not a prediction line (JSON with image, prompt and text)")
+            raise UserError(f"{where}: not a prediction line (JSON with image, prompt and text)")
         out[os.path.normpath(record["image"]), record["prompt"]] = record
     return out
 
