@@ -53,8 +53,8 @@ def main() -> None:
         gts = {i: r for i, r in enumerate(refs)}
         res = {i: [c] for i, c in enumerate(cands)}
         t0, cpu0 = time.perf_counter(), time.process_time()
-        theirs = {"cider": Cider().compute_score(gts, res)[0], "bleu4": Bleu(4).compute_score(gts, res, verbose=0)[0][3],
-                  "rouge_l": Rouge().compute_score(gts, res)[0]}
+        theirs = {"cider": Cider().compute_score(gts, res)[0],
+                  "bleu4": Bleu(4).compute_score(gts, res, verbose=0)[0][3], "rouge_l": Rouge().compute_score(gts, res)[0]}
         report["pycocoevalcap_s"] = round(time.perf_counter() - t0, 3)
         report["pycocoevalcap_cpu_s"] = round(time.process_time() - cpu0, 3)
         report["max_abs_difference"] = max(abs(float(theirs[k]) - ours[k]) for k in theirs)

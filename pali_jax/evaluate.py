@@ -41,6 +41,7 @@ from pali_jax.errors import UserError
 
 if TYPE_CHECKING:
     from pali_jax.pretrained import PaliGemma
+    from pali_jax.segmentation import MaskDecoder
 
 TASKS = ("caption", "vqa", "docvqa", "refcoco", "detection", "segmentation")
 # The reference field of each task (None: read from "suffix" when the line has no such field).
@@ -72,8 +73,8 @@ class Reference:
 # -- references ----------------------------------------------------------------------------------
 def _box(value: Any, where: str) -> tuple[metrics.Box, str]:
     names = ("xmin", "ymin", "xmax", "ymax")
-    if not (isinstance(value, dict) and all(isinstance(value.get(k), (int, float)) and not isinstance(value.get(k), bool)
-                                            for k in names)):
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not (isinstance(value, dict) and all(number(value.get(k)) for k in names)):
         raise UserError(f'{where}: each box must be {{"xmin", "ymin", "xmax", "ymax", "label"}} in pixels')
     label = value.get("label", "")
     if not isinstance(label, str):
@@ -208,7 +209,8 @@ def match(references: Sequence[Reference], predictions: dict[tuple[str, str], di
     if len(missing) == len(references):
         first = next(iter(predictions), None)
         raise UserError(f"{source} answers none of the references (other data? its first line is for "
-                        f"{first[0] if first else 'nothing'!r}, the references' first image is {references[0].image!r})")
+                        f"{first[0] if first else 'nothing'!r}, the references' first image is "
+                        f"{references[0].image!r})")
     if missing:
         raise UserError(f"{source} has no answer for {len(missing)} of {len(references)} references "
                         f"(first: {missing[0].source}, {missing[0].image!r} / {missing[0].prompt!r})")
@@ -245,8 +247,8 @@ def score(task: str, references: Sequence[Reference], predictions: Sequence[dict
         boxes = [_pred_box(p["boxes"][0]) if p.get("boxes") else None for p in predictions]
         return metrics.grounding_metrics(boxes, [r.boxes[0][0] for r in references])
     if task == "detection":
-        preds = [[(_pred_box(b), str(b.get("label", "")).strip(), float(b.get("score", 1.0))) for b in p.get("boxes", [])]
-                 for p in predictions]
+        preds = [[(_pred_box(b), str(b.get("label", "")).strip(), float(b.get("score", 1.0)))
+                  for b in p.get("boxes", [])] for p in predictions]
         return metrics.detection_map([r.boxes for r in references], preds)
     from pali_jax.segmentation import load_mask, rle_decode
 
@@ -321,15 +323,16 @@ def add_box_scores(pg: "PaliGemma", records: list[dict]) -> list[dict]:
 
 
 def generate_records(pg: "PaliGemma", references: Sequence[Reference], task: str, *, batch_size: int = 32,
-                     max_new_tokens: int | None = None) -> list[dict]:
+                     max_new_tokens: int | None = None, mask_decoder: "MaskDecoder | None" = None) -> list[dict]:
     """Greedy answers to the references in fixed batches (`PaliGemma.generate`, the trained weights
     as they are: fine-tuning's evaluation), as dataset-job records; detection boxes carry their
-    tokens' probability, segmentation boxes their masks (the model's mask decoder)."""
+    tokens' probability, segmentation boxes their masks (`mask_decoder`, default the model's)."""
     from pali_jax.results_file import box_record
 
     detection = task == "detection"
     results = pg.generate([r.image for r in references], [r.prompt for r in references], batch_size=batch_size,
-                          max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[task], output_scores=detection)
+                          max_new_tokens=max_new_tokens or MAX_NEW_TOKENS[task], output_scores=detection,
+                          mask_decoder=mask_decoder)
     records = []
     for ref, result in zip(references, results):
         record = {"image": ref.image, "prompt": ref.prompt, "text": result.text, "token_ids": result.token_ids,
@@ -395,7 +398,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ptb: pycocoevalcap's (Java, as big_vision); simple: Python; auto: ptb when Java is there")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--slots", type=int, default=32, help="the dataset job's decode rows")
-    p.add_argument("--seg-vae", metavar="PATH", help="big_vision's vae-oid.npz (segmentation; default $PALI_JAX_SEG_VAE)")
+    p.add_argument("--seg-vae", metavar="PATH",
+                   help="big_vision's vae-oid.npz (segmentation; default $PALI_JAX_SEG_VAE)")
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="let data lines name images outside their file's directory (.. or absolute paths)")
     p.add_argument("--no-progress", action="store_true")

@@ -17,8 +17,9 @@ batches, same updates). With --eval, every --eval-every steps prints the held-ou
 exact-match rate of greedy answers per task (the prompt's first word), and for `detect` prompts
 the share of target boxes found with IoU >= 0.5; with --eval-task (caption, vqa, docvqa, refcoco,
 detection, segmentation) the task's published metrics instead (`pali_jax.evaluate`: CIDEr, VQA
-accuracy, ANLS, box accuracy, mAP, mask IoU), one JSON line per evaluation in RUN/eval_metrics.jsonl. Mistakes in the input (paths, data lines,
-settings) print one line on stderr and exit with code 2.
+accuracy, ANLS, box accuracy, mAP, mask IoU), one JSON line per evaluation in
+RUN/eval_metrics.jsonl. Mistakes in the input (paths, data lines, settings) print one line on
+stderr and exit with code 2.
 
 `--mesh data=2,fsdp=4` (see pali_jax.sharding) trains on several devices: the model is loaded onto
 its shards, the train state lives there (`Trainer(mesh=...)`), each batch is split over the data and
@@ -54,9 +55,8 @@ from pali_jax.config import PaliGemmaConfig
 from pali_jax.data import Dataset, Example, read_jsonl
 from pali_jax.detection import parse_detections
 from pali_jax.errors import UserError
-from pali_jax.metrics import box_iou
 from pali_jax.evaluate import TASKS, Reference, generate_records, read_references, score, summary
-from pali_jax.metrics import CAPTION_TOKENIZERS, resolve_caption_tokenizer
+from pali_jax.metrics import CAPTION_TOKENIZERS, box_iou, resolve_caption_tokenizer
 from pali_jax.model_dir import check_destination, write_model_dir
 from pali_jax.pretrained import DTYPES, PaliGemma
 from pali_jax.processor import PaliGemmaProcessor
@@ -142,9 +142,10 @@ def evaluate_generation(
 
 
 def task_figures(pg: PaliGemma, references: Sequence[Reference], task: str, batch_size: int,
-                 caption_tokenizer: str = "auto") -> dict[str, Any]:
-    """The published metrics of `task` (`pali_jax.evaluate.score`) for greedy answers to `references`."""
-    records = generate_records(pg, references, task, batch_size=batch_size)
+                 caption_tokenizer: str = "auto", mask_decoder: Any = None) -> dict[str, Any]:
+    """The published metrics of `task` (`pali_jax.evaluate.score`) for greedy answers to `references`
+    (segmentation: masks decoded by `mask_decoder`, the run's --seg-vae)."""
+    records = generate_records(pg, references, task, batch_size=batch_size, mask_decoder=mask_decoder)
     return {"task": task, **score(task, references, records, caption_tokenizer=caption_tokenizer)}
 
 
@@ -441,7 +442,7 @@ def run(args: argparse.Namespace) -> RunResult:
             loss = eval_loss(trainer, state, eval_data)
             pg.params = trainer.inference_params(state)
             if references:
-                figures = task_figures(pg, references, args.eval_task, train_config.batch_size, tokenizer)
+                figures = task_figures(pg, references, args.eval_task, train_config.batch_size, tokenizer, masks)
                 text = f"{args.eval_task}: {summary(figures)}"
                 if _speaks():
                     _append_line(out / EVAL_METRICS, {"step": int(state.step), "eval_loss": loss, **figures})

@@ -220,8 +220,8 @@ def test_detection_map_equals_cocoeval(tmp_path):
             x, y, w, h = (float(v) for v in rng.uniform(0, 200, 4) + [0, 0, 20, 20])
             label = labels[int(rng.integers(3))]
             image_refs.append(((x, y, x + w, y + h), label))
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": labels.index(label) + 1,
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": [x, y, w, h],
+                                "category_id": labels.index(label) + 1, "area": w * h, "iscrowd": 0})
             if rng.uniform() < 0.8:  # found, jittered
                 jx, jy = rng.normal(0, 6, 2)
                 score = float(rng.uniform(0.3, 1))

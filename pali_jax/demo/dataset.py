@@ -14,7 +14,6 @@ default seed 4 gives scenes it never saw.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
