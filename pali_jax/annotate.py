@@ -46,7 +46,7 @@ from pali_jax.continuous import MAX_SLOTS, Answer, Counters, Prompt, check_slots
 from pali_jax.data import outside_path
 from pali_jax.detection import parse_detections
 from pali_jax.errors import UserError, warn_default
-from pali_jax.files import BadLine, jsonl_lines
+from pali_jax.files import jsonl_records
 from pali_jax.generation_config import GenerationConfig, GenerationError
 from pali_jax.input_pipeline import MAX_QUEUE, MAX_WORKERS, Failed, Prefetcher, check_sizes
 from pali_jax.processor import IMAGE_SUFFIXES, ImageInput, folder_images, load_image, preprocess_images
@@ -85,9 +85,7 @@ def read_items(spec: str, *, allow_outside: bool = False) -> list[Item]:
 
 def _read_jsonl(path: Path, allow_outside: bool) -> list[Item]:
     items = []
-    for where, record in jsonl_lines(path, "--images file"):
-        if isinstance(record, BadLine):
-            raise record
+    for where, record in jsonl_records(path, "--images file"):
         if not isinstance(record, dict) or not isinstance(record.get("image"), str):
             raise UserError(f'{where}: expected a JSON object with an "image" path')
         prompt = record.get("prompt", record.get("prefix"))

@@ -56,6 +56,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert-big-vision": ("pali_jax.conversion:big_vision_command", "big_vision .npz -> pali-jax directory"),
     "export-big-vision": ("pali_jax.conversion:export_command", "pali-jax directory -> big_vision .npz"),
     "verify": ("pali_jax.conversion:verify_command", "check a pali-jax directory against its manifest"),
+    "evaluate": ("pali_jax.evaluate:command", "score answers with a task's standard metrics (CIDEr, VQA accuracy, mAP, ...)"),
 }
 
 

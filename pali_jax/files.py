@@ -167,3 +167,11 @@ def jsonl_lines(path: str | os.PathLike, what: str = "file",
         raise error(f"cannot read {what} {path}: not UTF-8 text ({e.reason})") from None
     except OSError as e:
         raise error(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def jsonl_records(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[str, Any]]:
+    """`jsonl_lines` for readers that stop at the first line that is not JSON (raised as its `BadLine`)."""
+    for where, value in jsonl_lines(path, what):
+        if isinstance(value, BadLine):
+            raise value
+        yield where, value

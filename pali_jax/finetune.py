@@ -17,8 +17,11 @@ The run directory gets:
 `--resume` continues from the newest checkpoint exactly as if the run had not stopped (same
 batches, same updates). With --eval, every --eval-every steps prints the held-out loss and the
 exact-match rate of greedy answers per task (the prompt's first word), and for `detect` prompts
-the share of target boxes found with IoU >= 0.5. Mistakes in the input (paths, data lines,
-settings) print one line on stderr and exit with code 2.
+the share of target boxes found with IoU >= 0.5; with --eval-task (caption, vqa, docvqa, refcoco,
+detection, segmentation) the task's published metrics instead (`pali_jax.evaluate`: CIDEr, VQA
+accuracy, ANLS, box accuracy, mAP, mask IoU), one JSON line per evaluation in
+RUN/eval_metrics.jsonl. Mistakes in the input (paths, data lines, settings) print one line on
+stderr and exit with code 2.
 
 `--mesh data=2,fsdp=4` (see pali_jax.sharding) trains on several devices: the model is loaded onto
 its shards, the train state lives there (`Trainer(mesh=...)`), each batch is split over the data and
@@ -58,9 +61,11 @@ from pali_jax.cli import OneLineParser, warn
 from pali_jax.checkpoint import TrainCheckpointer
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.data import Dataset, Example, read_jsonl
-from pali_jax.detection import Detection, parse_detections
+from pali_jax.detection import parse_detections
 from pali_jax.errors import UserError
+from pali_jax.evaluate import TASKS, Reference, generate_records, read_references, score, summary
 from pali_jax.files import write_text_atomically
+from pali_jax.metrics import CAPTION_TOKENIZERS, box_iou, resolve_caption_tokenizer
 from pali_jax.model_dir import check_destination, write_model_dir
 from pali_jax.pretrained import DTYPES, PaliGemma
 from pali_jax.processor import PaliGemmaProcessor
@@ -68,6 +73,7 @@ from pali_jax.segmentation import resolve_vae_path
 from pali_jax.train import OPTIMIZERS, SCHEDULES, TRAINABLE_PRESETS, Trainer, TrainConfig, TrainState
 
 _IOU_THRESHOLD = 0.5
+EVAL_METRICS = "eval_metrics.jsonl"  # in the run directory: one line per evaluation with --eval-task
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -108,19 +114,11 @@ class TaskMetrics:
         return text + (f", IoU>=0.5 {self.box_iou50:.1%} of {self.boxes} boxes" if self.boxes else "")
 
 
-def box_iou(a: Detection, b: Detection) -> float:
-    """Intersection over union of two boxes."""
-    w = max(0.0, min(a.xmax, b.xmax) - max(a.xmin, b.xmin))
-    h = max(0.0, min(a.ymax, b.ymax) - max(a.ymin, b.ymin))
-    inter = w * h
-    union = (a.xmax - a.xmin) * (a.ymax - a.ymin) + (b.xmax - b.xmin) * (b.ymax - b.ymin) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _best_ious(predicted: str, target: str) -> list[float]:
     """For each box of `target`, the best IoU of a predicted box with the same label (0 if none)."""
+    corners = lambda d: (d.xmin, d.ymin, d.xmax, d.ymax)  # noqa: E731
     pred = parse_detections(predicted, 1024, 1024)
-    return [max((box_iou(p, t) for p in pred if p.label == t.label), default=0.0)
+    return [max((box_iou(corners(p), corners(t)) for p in pred if p.label == t.label), default=0.0)
             for t in parse_detections(target, 1024, 1024)]
 
 
@@ -150,6 +148,22 @@ def evaluate_generation(
             mean_iou=float(np.mean(ious)) if ious else 0.0,
         )
     return metrics
+
+
+def task_figures(pg: PaliGemma, references: Sequence[Reference], task: str, batch_size: int,
+                 caption_tokenizer: str = "auto", mask_decoder: Any = None) -> dict[str, Any]:
+    """The published metrics of `task` (`pali_jax.evaluate.score`) for greedy answers to `references`
+    (segmentation: masks decoded by `mask_decoder`, the run's --seg-vae)."""
+    records = generate_records(pg, references, task, batch_size=batch_size, mask_decoder=mask_decoder)
+    return {"task": task, **score(task, references, records, caption_tokenizer=caption_tokenizer)}
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    """One JSON line at the end of `path`, flushed and synced (a run's record of its evaluations)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def eval_loss(trainer: Trainer, state: TrainState, data: Dataset) -> float:
@@ -276,6 +290,11 @@ def parse_args(argv: list[str] | None, prog: str = "pali-jax finetune") -> argpa
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-limit", type=int, default=256, help="held-out examples answered by generation")
+    p.add_argument("--eval-task", choices=TASKS, help="score the --eval answers with this task's published metrics "
+                                                      "(see pali_jax.evaluate); each evaluation's figures also go to "
+                                                      "RUN/eval_metrics.jsonl")
+    p.add_argument("--caption-tokenizer", default="auto", choices=CAPTION_TOKENIZERS,
+                   help="--eval-task caption: ptb (pycocoevalcap, Java), simple (Python), auto (ptb with Java)")
     p.add_argument("--export-dtype", default="float32", choices=tuple(DTYPES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -294,6 +313,8 @@ def parse_args(argv: list[str] | None, prog: str = "pali-jax finetune") -> argpa
                     f"number, got {value}")
     if args.label_smoothing >= 1:
         p.error(f"--label-smoothing must be below 1, got {args.label_smoothing}")
+    if args.eval_task and not args.eval:
+        p.error("--eval-task scores the answers to --eval: give --eval too")
     return args
 
 
@@ -386,6 +407,9 @@ def run(args: argparse.Namespace) -> RunResult:
     read = dict(skip_bad=skip, warn=_warn, allow_outside=args.allow_outside_paths, masks=masks)
     train_examples = read_jsonl(args.train, **read)
     eval_examples = read_jsonl(args.eval, **read) if args.eval else []
+    references = (read_references(args.eval, args.eval_task, allow_outside=args.allow_outside_paths)[: args.eval_limit]
+                  if args.eval_task else [])
+    tokenizer = resolve_caption_tokenizer(args.caption_tokenizer) if args.eval_task == "caption" else "auto"
 
     # The training layout, so that evaluation can run the trained weights as they are.
     pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, layout=training_layout(DTYPES[args.dtype]))
@@ -420,9 +444,16 @@ def run(args: argparse.Namespace) -> RunResult:
         def evaluate(state: TrainState) -> str:
             loss = eval_loss(trainer, state, eval_data)
             pg.params = trainer.inference_params(state)
-            scores = evaluate_generation(pg, answered, batch_size=train_config.batch_size)
+            if references:
+                figures = task_figures(pg, references, args.eval_task, train_config.batch_size, tokenizer, masks)
+                text = f"{args.eval_task}: {summary(figures)}"
+                if _speaks():
+                    _append_line(out / EVAL_METRICS, {"step": int(state.step), "eval_loss": loss, **figures})
+            else:
+                scores = evaluate_generation(pg, answered, batch_size=train_config.batch_size)
+                text = "; ".join(f"{task}: {m.summary()}" for task, m in scores.items())
             pg.params = None
-            line = f"eval loss {loss:.4f}; " + "; ".join(f"{task}: {m.summary()}" for task, m in scores.items())
+            line = f"eval loss {loss:.4f}; {text}"
             evaluations.append(line)
             return line
 
