@@ -27,7 +27,8 @@ if RUN_AS_COMMAND:
 from pali_jax.config import PRESETS, GemmaConfig, PaliGemmaConfig, SiglipConfig, preset
 from pali_jax.detection import Detection, draw_detections, parse_detections
 from pali_jax.errors import UserError
-from pali_jax.generate import GenerateOutput, StopReason, enable_compilation_cache
+from pali_jax.decode import GenerateOutput, StopReason
+from pali_jax.generate import enable_compilation_cache
 from pali_jax.generation_config import GenerationConfig, GenerationError
 from pali_jax.intermediates import ForwardOutput
 from pali_jax.pretrained import PaliGemma, Result

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pali_jax.errors import UserError
-from pali_jax.generate import jit_model_program
+from pali_jax.decode import jit_model_program
 from pali_jax.masks import PrefixLM
 from pali_jax.paligemma import PaliGemmaModel
 

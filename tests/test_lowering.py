@@ -14,7 +14,8 @@ import pytest
 from pali_jax.backend import CHECKPOINT_LAYOUT, Layout
 from pali_jax.beam_search import BeamSearch
 from pali_jax.config import preset
-from pali_jax.generate import Generator, prepare_prompts
+from pali_jax.decode import prepare_prompts
+from pali_jax.generate import Generator
 from pali_jax.generation_config import GenerationConfig
 from pali_jax.paligemma import PaliGemmaModel, to_layout
 from pali_jax.sampling import SamplingParams

@@ -274,7 +274,8 @@ CODES = tuple(range(3, 115, 7))
 def _fake_segment_answer(monkeypatch, label: str = "circle"):
     """Makes every generation answer `<loc>x4 <seg>x16 label` (the model's part is tested elsewhere;
     this checks what is done with the answer)."""
-    from pali_jax.generate import GenerateOutput, Generator, StopReason
+    from pali_jax.decode import GenerateOutput, StopReason
+    from pali_jax.generate import Generator
 
     def fake(self, params, pixels, *args, **kwargs):
         tok = fake.tokenizer
@@ -319,7 +320,7 @@ def test_annotate_records_carry_the_generate_masks(vae):
     from pali_jax import PaliGemma
     from pali_jax.annotate import Item, _record
     from pali_jax.continuous import Answer
-    from pali_jax.generate import StopReason
+    from pali_jax.decode import StopReason
 
     pg = PaliGemma.from_pretrained(run_generate_module().DEMO_DIR / "model")
     tok = pg.tokenizer
