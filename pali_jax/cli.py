@@ -9,7 +9,9 @@
          directories) runs on the way out, and tracebacks of orbax's worker threads are muted
     141  stdout closed early (`| head -1`): no message, like any Unix filter
 
-Anything else is a bug and keeps its traceback.
+Anything else is a bug and keeps its traceback. The library's own warnings (`warnings.warn` in
+pali_jax) show as one line on stderr, `warning: <message>`: what the user should know, not where
+in the code it was said.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pali_jax
 from pali_jax.errors import UserError
@@ -69,10 +73,23 @@ def _closed_loop_hook(kind, value, tb) -> None:
         sys.__excepthook__(kind, value, tb)
 
 
+_LIBRARY = Path(pali_jax.__file__).resolve().parent
+_show_warning_python = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """pali_jax's warnings as `warning: <message>` on stderr; others as Python shows them."""
+    if not Path(filename).resolve().is_relative_to(_LIBRARY):
+        _show_warning_python(message, category, filename, lineno, file, line)
+        return
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def run_main(body: Callable[[], int | None], describe: Callable[[UserError], str] = str) -> int:
     """Runs `body` and returns its exit code (see the module docstring)."""
     threading.excepthook = _orbax_thread_hook
     sys.excepthook = _closed_loop_hook
+    warnings.showwarning = _show_warning
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, cleanup must run
     try:

@@ -17,7 +17,7 @@ program is the plain one, with no extra output.
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -46,8 +46,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
 
     The directory is created private (mode 0700): XLA loads executables from it, so a directory
     that others can write is refused (`UserError`). When the default directory cannot be created
-    or written (a read-only HOME), a warning is printed once and the run goes on uncached; an
-    explicit `path` that cannot be used is an error.
+    or written (a read-only HOME), a warning is issued once (`warnings.warn`) and the run goes on
+    uncached; an explicit `path` that cannot be used is an error.
     """
     global _cache_warned
     explicit = bool(path)
@@ -63,8 +63,8 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path | No
         if explicit:
             raise UserError(f"cannot use the compilation cache directory ({reason})") from None
         if not _cache_warned:
-            print(f"warning: cannot use the compilation cache ({reason}); running without it "
-                  "(--compilation-cache DIR picks another directory)", file=sys.stderr)
+            warnings.warn(f"cannot use the compilation cache ({reason}); running without it "
+                          "(--compilation-cache DIR picks another directory)")
             _cache_warned = True
         return None
     info = path.stat()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -408,15 +408,14 @@ _warned_no_masks = False
 
 def _add_masks(results: list[Result], images: list, decoder: "MaskDecoder | None", prompts: list[str]) -> list[Result]:
     """The results with `Detection.mask` of their segmentation boxes filled (one decoder call for
-    all), or, without a decoder, as they are, said once per process how to get masks."""
+    all), or, without a decoder, as they are, with a warning once per process saying how to get masks."""
     global _warned_no_masks
     if decoder is None:
         coded = any(d.seg_codes is not None for res in results for d in res.boxes)
         if not _warned_no_masks and (coded or any(p.lstrip().startswith("segment") for p in prompts)):
             _warned_no_masks = True
-            print("warning: segment answers carry 16 <seg> codes per box, not masks: pass mask_decoder= (CLI: "
-                  "--seg-vae PATH or PALI_JAX_SEG_VAE) with big_vision's vae-oid.npz to decode them (see README)",
-                  file=sys.stderr)
+            warnings.warn("segment answers carry 16 <seg> codes per box, not masks: pass mask_decoder= (CLI: "
+                          "--seg-vae PATH or PALI_JAX_SEG_VAE) with big_vision's vae-oid.npz to decode them (see README)")
         return results
     boxes = decoder.add_masks([res.boxes for res in results], [image.size for image in images])
     return [dataclasses.replace(res, boxes=b) for res, b in zip(results, boxes)]
