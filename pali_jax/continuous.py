@@ -16,12 +16,13 @@ slots; when the index reaches the cache's end, the decode step shifts every row 
 of the oldest live row (`_compact`). The cache holds one whole row plus spare slots (`SlotShape`;
 16 by default), so a shift always frees at least the spare slots.
 
-Refills run R prompts at once, R a power of two up to the slot count. On the demo model (2 CPU
-cores), a refill costs about 2.5 ms + 1.2 ms per row (3.7 ms for one prompt, 40 ms for 32), and
-answers end after 1 to 12 tokens: prefill is most of the work, and few large refills beat many
-small ones. So a decode call returns once `refill_at` slots are free, and the free slots are
-refilled in the binary digits of their number, largest first, until fewer than `refill_at` are
-left: those wait for the next refill (none wait once the input is exhausted).
+Refills run R prompts at once, R a power of two up to the slot count. Prefill is most of the
+work (a prompt is many tokens, an answer often a few), and a refill call has a fixed cost besides
+its per-row one: few large refills beat many small ones (`benchmarks/annotate.py` runs a job and
+reports its refills, decode calls and device time). So a decode call returns once `refill_at`
+slots are free, and the free slots are refilled in the binary digits of their number, largest
+first, until fewer than `refill_at` are left: those wait for the next refill (none wait once the
+input is exhausted).
 
 A slot's answer equals `Generator.generate` on its prompt alone: same prompt bucket, same prefill,
 the same tokens fed back; greedy tokens are identical (tests/test_annotate.py), logits equal to
@@ -55,8 +56,8 @@ from pali_jax.sampling import SamplingParams, sample_rows
 
 MAX_SLOTS = 1024  # decode rows; memory is checked too, this bounds the host's bookkeeping
 # Default spare cache slots. Each one is attended by every decode step, and a shift (a copy of the
-# whole cache, about one decode step) comes at most every `spare` steps: on the demo model (32
-# slots, 32-token prompts, buffer 32) a step costs 5.3 ms with 64 spare slots and 3.9 with 16.
+# whole cache, about one decode step) comes at most every `spare` steps: beyond a few, more spare
+# slots cost each step more than the rarer shifts save (`benchmarks/annotate.py` times a job).
 DEFAULT_SPARE = 16
 
 
