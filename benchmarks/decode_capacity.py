@@ -24,7 +24,7 @@ import numpy as np
 from benchmarks import report
 from pali_jax import backend
 from pali_jax.config import PaliGemmaConfig
-from pali_jax.generate import MIN_TEXT_BUCKET
+from pali_jax.decode import MIN_TEXT_BUCKET
 from pali_jax.paligemma import PaliGemmaModel, to_layout
 from pali_jax.pretrained import PaliGemma
 

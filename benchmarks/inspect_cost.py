@@ -8,7 +8,7 @@
   the same program.
 * Time, side by side in one process (medians of interleaved runs, compile excluded): `generate_ids`
   with output_attentions / output_scores off, on, and off again.
-* Memory of output_attentions from shapes (`generate.decode_bytes`, nothing allocated), for
+* Memory of output_attentions from shapes (`decode.decode_bytes`, nothing allocated), for
   PaliGemma 1 3B at full depth (18 layers, 8 heads) and a "caption en" prompt: the prefill's
   [L, N, T, S] and one [L, N, S] per new token, float32, per row.
 """
@@ -25,7 +25,7 @@ import numpy as np
 
 from benchmarks import report
 from pali_jax.config import preset
-from pali_jax.generate import MIN_NEW_TOKENS_BUCKET, MIN_TEXT_BUCKET, bucket, decode_bytes, prepare_prompts
+from pali_jax.decode import MIN_NEW_TOKENS_BUCKET, MIN_TEXT_BUCKET, bucket, decode_bytes, prepare_prompts
 from pali_jax.generation_config import GenerationConfig
 from pali_jax.pretrained import PaliGemma
 

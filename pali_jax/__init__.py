@@ -20,7 +20,7 @@ _EXPORTS = {
     "preset": "config",
     "Detection": "detection", "draw_detections": "detection", "parse_detections": "detection",
     "UserError": "errors",
-    "GenerateOutput": "generate", "StopReason": "generate", "enable_compilation_cache": "generate",
+    "GenerateOutput": "decode", "StopReason": "decode", "enable_compilation_cache": "generate",
     "GenerationConfig": "generation_config", "GenerationError": "generation_config",
     "ForwardOutput": "intermediates",
     "PaliGemma": "pretrained", "Result": "pretrained",
@@ -48,7 +48,8 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from pali_jax.config import PRESETS, GemmaConfig, PaliGemmaConfig, SiglipConfig, preset  # noqa: F401
     from pali_jax.detection import Detection, draw_detections, parse_detections  # noqa: F401
     from pali_jax.errors import UserError  # noqa: F401
-    from pali_jax.generate import GenerateOutput, StopReason, enable_compilation_cache  # noqa: F401
+    from pali_jax.decode import GenerateOutput, StopReason  # noqa: F401
+    from pali_jax.generate import enable_compilation_cache  # noqa: F401
     from pali_jax.generation_config import GenerationConfig, GenerationError  # noqa: F401
     from pali_jax.intermediates import ForwardOutput  # noqa: F401
     from pali_jax.pretrained import PaliGemma, Result  # noqa: F401

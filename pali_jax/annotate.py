@@ -44,6 +44,7 @@ import numpy as np
 
 from pali_jax.continuous import MAX_SLOTS, Answer, Counters, Prompt, check_slots, pad_prompt, slot_shape
 from pali_jax.data import outside_path
+from pali_jax.decode import refuse_records
 from pali_jax.detection import parse_detections
 from pali_jax.errors import UserError, warn_default
 from pali_jax.files import jsonl_records
@@ -160,9 +161,7 @@ def annotate(
     if generation.beams > 1:
         raise GenerationError("beams", f"annotate decodes greedily or by sampling (continuous batching); beams="
                               f"{generation.beams} needs fixed batches: use pali-jax generate --beams or pg.generate")
-    if generation.records:
-        name = generation.records[0]
-        raise GenerationError(name, f"annotate writes text records, not {name}: use pg.generate or pg.generate_ids")
+    refuse_records(generation, "annotate writes text records, not {name}: use pg.generate or pg.generate_ids")
     cfg = pg.config
     generation.check_model(cfg)
     check_sizes(workers, queue_size)

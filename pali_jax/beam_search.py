@@ -1,4 +1,5 @@
-"""Beam search over the KV cache: one jitted prefill + `lax.while_loop`, like `generate.py`.
+"""Beam search over the KV cache: one jitted prefill + `lax.while_loop` over the decode core
+(`pali_jax.decode`), like `generate.py`.
 
 Each prompt keeps `beams` hypotheses. A step extends every live hypothesis by every token and
 keeps the `beams` best candidates per prompt by length-normalised score, `sum(log p) / len**alpha`
@@ -7,7 +8,7 @@ hypothesis that emits a stop token is finished: it then only extends with paddin
 The cache rows are reordered by a gather along the batch axis after every step.
 
 Under a mesh (`pali_jax.sharding`) the prompts, the cache and its B * beams rows are split over
-the batch axes as in `generate.py`, and the hypotheses the host reads are made whole on every device.
+the batch axes, and the hypotheses the host reads are made whole on every device (`decode.placed`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pali_jax import sharding
+from pali_jax import decode
+from pali_jax.decode import DecodeStatics, GenerateOutput, jit_model_program
 from pali_jax.generation_config import GenerationConfig, GenerationError
-from pali_jax.generate import GenerateOutput, _Statics, jit_model_program, prefill, prepare_prompts, stop_reasons
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import PaliGemmaModel
 
@@ -49,16 +50,6 @@ class BeamSearch:
         self.mesh = mesh  # params placed by pali_jax.sharding on this mesh; None: one device
         self._run = jit_model_program(self._run_impl, model.policy, static_argnums=(0, 1))
 
-    def _pinned(self, state: BeamState) -> BeamState:
-        """Under a mesh: the cache in its layout (XLA cannot infer one for the loop's carry, nor
-        after the row gather) and the hypotheses whole on every device, where the host reads them."""
-        if self.mesh is None:
-            return state
-        hypotheses = {k: getattr(state, k) for k in ("tokens", "logprob", "lengths", "done")}
-        return state.replace(
-            cache=sharding.constrain_cache(state.cache, self.mesh), **sharding.replicate(hypotheses, self.mesh)
-        )
-
     def _select(self, state: BeamState, logits, stop_tokens, alpha) -> BeamState:
         """Extends every hypothesis by every token and keeps the best `n` per prompt."""
         b, n, _ = state.tokens.shape
@@ -80,67 +71,53 @@ class BeamSearch:
         rows = (jnp.arange(b)[:, None] * n + beam).reshape(-1)  # [B*n] cache rows to keep
         c = state.cache
         cache = c.map_rows(lambda x, axis: jnp.take(x, rows, axis=axis))
-        return self._pinned(BeamState(
+        return decode.placed(BeamState(
             step=state.step + 1,
             tokens=tokens,
             logprob=jnp.take_along_axis(total.reshape(b, -1), flat, axis=1),
             lengths=take(state.lengths) + (~was_done),
             done=was_done | jnp.isin(token, stop_tokens),
             cache=cache,
-        ))
+        ), self.mesh)
 
-    def _run_impl(self, statics: _Statics, beams: int, params, pixels, ids, types, mask, max_new_tokens, stop_tokens, alpha):
+    def _run_impl(self, statics: DecodeStatics, beams: int, params, pixels, ids, types, mask, max_new_tokens, stop_tokens, alpha):
         cfg = self.model.cfg
         batch = ids.shape[0]
-        logits, cache, _ = prefill(self.model, self.mesh, statics.cache_length, params, pixels, ids, types, mask)
+        logits, cache, _ = decode.prefill(self.model, self.mesh, statics.cache_length, params, pixels, ids, types, mask)
         # Every beam starts from the same prompt: copy the cache, and let only beam 0 compete at
         # the first step so that the n beams do not start as n copies of one hypothesis.
         cache = cache.map_rows(lambda x, axis: jnp.repeat(x, beams, axis=axis))
         start = jnp.where(jnp.arange(beams) == 0, 0.0, -jnp.inf)
-        state = self._pinned(BeamState(
+        state = decode.placed(BeamState(
             step=jnp.zeros((), jnp.int32),
             tokens=jnp.full((batch, beams, statics.buffer), cfg.pad_token_id, jnp.int32),
             logprob=jnp.broadcast_to(start, (batch, beams)),
             lengths=jnp.zeros((batch, beams), jnp.int32),
             done=jnp.zeros((batch, beams), bool),
             cache=cache,
-        ))
+        ), self.mesh)
         state = self._select(state, jnp.repeat(logits, beams, axis=0), stop_tokens, alpha)
 
         def body(s: BeamState) -> BeamState:
-            prev = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=2).reshape(-1, 1)  # [B*n, 1]
-            step_logits, cache = self.model.apply(
-                {"params": params}, prev, s.cache, ~s.done.reshape(-1, 1), method=PaliGemmaModel.step
-            )
-            return self._select(s.replace(cache=cache), step_logits[:, 0], stop_tokens, alpha)
-
-        def running(s: BeamState):
-            return (s.step < max_new_tokens) & ~s.done.all() & (s.cache.index < s.cache.length)
+            last = jax.lax.dynamic_index_in_dim(s.tokens, s.step - 1, axis=2).reshape(-1)  # [B*n]
+            step_logits, cache, _ = decode.step(self.model, params, last, s.cache, ~s.done.reshape(-1))
+            return self._select(s.replace(cache=cache), step_logits, stop_tokens, alpha)
 
         # The loop's carried state takes whatever layout XLA picks: make the result readable again.
-        return self._pinned(jax.lax.while_loop(running, body, state))
+        return decode.placed(jax.lax.while_loop(
+            lambda s: decode.running(s.step, max_new_tokens, s.done, s.cache), body, state
+        ), self.mesh)
 
-    def search(
-        self,
-        params,
-        pixel_values,
-        input_ids,
-        token_type_ids=None,
-        attention_mask=None,
-        *,
-        generation_config: GenerationConfig | None = None,
-        **options: Any,
-    ) -> GenerateOutput:
+    def search(self, params, pixel_values, input_ids, token_type_ids=None, attention_mask=None, *,
+               generation_config: GenerationConfig | None = None, **options: Any) -> GenerateOutput:
         """The best of `beams` hypotheses per prompt; `GenerateOutput.scores` holds its normalised
         log-probability. `options` are `GenerationConfig` fields overriding `generation_config`'s
         (beams, max_new_tokens, length_penalty, stop_tokens, cache_length; sampling is refused)."""
         generation = GenerationConfig.resolve(generation_config, options)
         if generation.do_sample:
             raise GenerationError("temperature", "beam search is deterministic: drop temperature / top_k / top_p")
-        if generation.records:
-            name = generation.records[0]
-            raise GenerationError(name, f"{name} is for greedy or sampled decoding, not beam search")
-        statics, ids, types, mask, stops = prepare_prompts(
+        decode.refuse_records(generation, "{name} is for greedy or sampled decoding, not beam search")
+        statics, ids, types, mask, stops = decode.prepare_prompts(
             self.model.cfg, input_ids, token_type_ids, attention_mask, generation, dtype=self.model.dtype,
             mesh=self.mesh,
         )
@@ -157,5 +134,5 @@ class BeamSearch:
         n = int(lengths.max())
         tokens = np.asarray(state.tokens)[rows, best, :n]
         return GenerateOutput(
-            tokens, lengths, stop_reasons(done, lengths, generation.max_new_tokens), scores=score[rows, best]
+            tokens, lengths, decode.stop_reasons(done, lengths, generation.max_new_tokens), scores=score[rows, best]
         )

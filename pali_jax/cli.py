@@ -24,6 +24,9 @@ Anything else is a bug and keeps its traceback.
 
 This module imports nothing heavy at its top (the package's `__init__` is lazy too): what runs
 before the early Ctrl-C handler is installed is Python's own start.
+
+The library's own warnings (`warnings.warn` in pali_jax) show as one line on stderr,
+`warning: <message>`: what the user should know, not where in the code it was said.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pali_jax.errors import UserError
@@ -155,11 +160,24 @@ def _closed_loop_hook(kind, value, tb) -> None:
         sys.__excepthook__(kind, value, tb)
 
 
+_LIBRARY = Path(__file__).resolve().parent
+_show_warning_python = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """pali_jax's warnings as `warning: <message>` on stderr; others as Python shows them."""
+    if not Path(filename).resolve().is_relative_to(_LIBRARY):
+        _show_warning_python(message, category, filename, lineno, file, line)
+        return
+    print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def run_main(body: Callable[[], int | None], *, process: bool = False) -> int:
     """Runs `body` and returns its exit code (see the module docstring). `process`: this is the
     whole process (`console`): after an interrupt, leave at once instead of unwinding further."""
     threading.excepthook = _orbax_thread_hook
     sys.excepthook = _closed_loop_hook
+    warnings.showwarning = _show_warning
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, cleanup must run

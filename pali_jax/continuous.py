@@ -16,12 +16,13 @@ slots; when the index reaches the cache's end, the decode step shifts every row 
 of the oldest live row (`_compact`). The cache holds one whole row plus spare slots (`SlotShape`;
 16 by default), so a shift always frees at least the spare slots.
 
-Refills run R prompts at once, R a power of two up to the slot count. On the demo model (2 CPU
-cores), a refill costs about 2.5 ms + 1.2 ms per row (3.7 ms for one prompt, 40 ms for 32), and
-answers end after 1 to 12 tokens: prefill is most of the work, and few large refills beat many
-small ones. So a decode call returns once `refill_at` slots are free, and the free slots are
-refilled in the binary digits of their number, largest first, until fewer than `refill_at` are
-left: those wait for the next refill (none wait once the input is exhausted).
+Refills run R prompts at once, R a power of two up to the slot count. Prefill is most of the
+work (a prompt is many tokens, an answer often a few), and a refill call has a fixed cost besides
+its per-row one: few large refills beat many small ones (`benchmarks/annotate.py` runs a job and
+reports its refills, decode calls and device time). So a decode call returns once `refill_at`
+slots are free, and the free slots are refilled in the binary digits of their number, largest
+first, until fewer than `refill_at` are left: those wait for the next refill (none wait once the
+input is exhausted).
 
 A slot's answer equals `Generator.generate` on its prompt alone: same prompt bucket, same prefill,
 the same tokens fed back; greedy tokens are identical (tests/test_annotate.py), logits equal to
@@ -45,11 +46,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pali_jax import sharding
+from pali_jax import decode
 from pali_jax.config import PaliGemmaConfig
-from pali_jax.generate import (
-    MIN_NEW_TOKENS_BUCKET, MIN_TEXT_BUCKET, StopReason, bucket, decode_bytes, jit_model_program, prefill,
-)
+from pali_jax.decode import MIN_NEW_TOKENS_BUCKET, StopReason, bucket, decode_bytes, jit_model_program
 from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import PaliGemmaModel
@@ -57,8 +56,8 @@ from pali_jax.sampling import SamplingParams, sample_rows
 
 MAX_SLOTS = 1024  # decode rows; memory is checked too, this bounds the host's bookkeeping
 # Default spare cache slots. Each one is attended by every decode step, and a shift (a copy of the
-# whole cache, about one decode step) comes at most every `spare` steps: on the demo model (32
-# slots, 32-token prompts, buffer 32) a step costs 5.3 ms with 64 spare slots and 3.9 with 16.
+# whole cache, about one decode step) comes at most every `spare` steps: beyond a few, more spare
+# slots cost each step more than the rarer shifts save (`benchmarks/annotate.py` times a job).
 DEFAULT_SPARE = 16
 
 
@@ -122,15 +121,9 @@ class Counters:
     device_s: float = 0.0  # host waiting on refill + decode results
 
 
-def text_bucket(cfg: PaliGemmaConfig, length: int) -> int:
-    """The padded prompt length (image tokens included) of a prompt of `length` tokens: the
-    buckets `generate.prepare_prompts` uses."""
-    return cfg.num_image_tokens + bucket(max(length - cfg.num_image_tokens, 1), MIN_TEXT_BUCKET)
-
-
 def pad_prompt(cfg: PaliGemmaConfig, ids: list[int], types: list[int]) -> tuple[np.ndarray, ...]:
-    """ids, types, mask [P] of one prompt, left-padded to its bucket as `generate` pads it."""
-    extra = text_bucket(cfg, len(ids)) - len(ids)
+    """ids, types, mask [P] of one prompt, left-padded to its bucket (`decode.prompt_bucket`)."""
+    extra = decode.prompt_bucket(cfg, len(ids)) - len(ids)
     ids = np.array([cfg.pad_token_id] * extra + list(ids), np.int32)
     types = np.array([0] * extra + list(types), np.int32)
     mask = np.array([0] * extra + [1] * (len(ids) - extra), np.int32)
@@ -149,7 +142,7 @@ def slot_shape(
 ) -> SlotShape:
     """The sizes for `rows` slots, prompts of at most `prompt_tokens` real tokens and answers of
     at most `max_new_tokens`; `spare` cache slots (default `DEFAULT_SPARE`)."""
-    prompt, buffer = text_bucket(cfg, prompt_tokens), bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
+    prompt, buffer = decode.prompt_bucket(cfg, prompt_tokens), bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
     spare = DEFAULT_SPARE if spare is None else spare
     if isinstance(spare, bool) or not isinstance(spare, int) or not 1 <= spare <= 1 << 16:
         raise GenerationError("spare_slots", f"spare_slots must be an int in [1, 65536], got {spare!r}")
@@ -180,33 +173,25 @@ class ContinuousDecoder:
         self._decode = jit_model_program(self._decode_impl, model.policy, static_argnums=0, donate_argnums=2)
 
     # -- traced pieces -------------------------------------------------------------------------
-    def _placed(self, slots: Slots) -> Slots:
-        """Under a mesh: the cache's rows over the batch axes, what the host reads whole everywhere."""
-        if self.mesh is None:
-            return slots
-        small = {k: getattr(slots, k) for k in ("tokens", "lengths", "limits", "done", "keys")}
-        cache = sharding.constrain_cache(slots.cache, self.mesh)
-        return slots.replace(cache=cache, **sharding.replicate(small, self.mesh))
-
     def _init_impl(self, shape: SlotShape) -> Slots:
         self.traces += 1
         cfg = self.model.cfg
         cache = KVCache.init(cfg.text, shape.rows, shape.cache_length, self.model.dtype, self.model.layout.stacked)
-        return self._placed(Slots(
+        return decode.placed(Slots(
             cache=cache.replace(index=jnp.int32(shape.prompt)),  # room to write a prompt before the index
             tokens=jnp.full((shape.rows, shape.buffer), cfg.pad_token_id, jnp.int32),
             lengths=jnp.zeros((shape.rows,), jnp.int32),
             limits=jnp.zeros((shape.rows,), jnp.int32),
             done=jnp.ones((shape.rows,), bool),
             keys=jnp.zeros((shape.rows, 2), jnp.uint32),
-        ))
+        ), self.mesh)
 
     def _refill_impl(self, shape: SlotShape, params, slots: Slots, pixels, ids, types, mask, rows, limits, items,
                      key, sampling: SamplingParams, stop_tokens) -> Slots:
         """Prompts [R, P] into slots `rows` [R] (free ones): prefill, first token, copy."""
         self.traces += 1
         r, p = ids.shape
-        logits, fresh, _ = prefill(self.model, self.mesh, p, params, pixels, ids, types, mask)
+        logits, fresh, _ = decode.prefill(self.model, self.mesh, p, params, pixels, ids, types, mask)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, items)  # [R, 2]
         first = sample_rows(logits, jax.vmap(jax.random.fold_in)(keys, jnp.zeros((r,), jnp.int32)), sampling)
         cache = slots.cache
@@ -223,14 +208,14 @@ class ContinuousDecoder:
             valid=cache.valid.at[rows].set(valid), positions=cache.positions.at[rows].set(fresh.positions),
         )
         answer = jnp.full((r, shape.buffer), self.model.cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
-        return self._placed(slots.replace(
+        return decode.placed(slots.replace(
             cache=cache,
             tokens=slots.tokens.at[rows].set(answer),
             lengths=slots.lengths.at[rows].set(1),
             limits=slots.limits.at[rows].set(limits),
             done=slots.done.at[rows].set(jnp.isin(first, stop_tokens) | (limits <= 1)),
             keys=slots.keys.at[rows].set(keys),
-        ))
+        ), self.mesh)
 
     @staticmethod
     def _compact(shape: SlotShape, slots: Slots) -> Slots:
@@ -248,18 +233,14 @@ class ContinuousDecoder:
         ))
 
     def _step(self, shape: SlotShape, params, slots: Slots, sampling, stop_tokens) -> Slots:
-        prev = jnp.take_along_axis(slots.tokens, slots.lengths[:, None] - 1, axis=1)  # [B, 1]
-        logits, cache = self.model.apply(
-            {"params": params}, prev, slots.cache, ~slots.done[:, None], method=PaliGemmaModel.step
-        )
-        if self.mesh is not None:  # keeps the loop's carried cache in its layout
-            cache = sharding.constrain_cache(cache, self.mesh)
-        token = sample_rows(logits[:, 0], jax.vmap(jax.random.fold_in)(slots.keys, slots.lengths), sampling)
+        last = jnp.take_along_axis(slots.tokens, slots.lengths[:, None] - 1, axis=1)[:, 0]  # [B]
+        logits, cache, _ = decode.step(self.model, params, last, slots.cache, ~slots.done)
+        token = sample_rows(logits, jax.vmap(jax.random.fold_in)(slots.keys, slots.lengths), sampling)
         at = jnp.where(slots.done, shape.buffer, slots.lengths)  # ended rows write nothing (dropped)
         tokens = slots.tokens.at[jnp.arange(shape.rows), at].set(token, mode="drop")
         lengths = slots.lengths + ~slots.done
         done = slots.done | jnp.isin(token, stop_tokens) | (lengths >= slots.limits)
-        return self._placed(slots.replace(cache=cache, tokens=tokens, lengths=lengths, done=done))
+        return decode.placed(slots.replace(cache=cache, tokens=tokens, lengths=lengths, done=done), self.mesh)
 
     def _decode_impl(self, shape: SlotShape, params, slots: Slots, steps, finish_target, sampling, stop_tokens):
         """Up to `steps` steps; stops early once `finish_target` rows live at the start have ended,
@@ -269,19 +250,18 @@ class ContinuousDecoder:
         slots = jax.lax.cond(
             slots.cache.index >= slots.cache.length, lambda s: self._compact(shape, s), lambda s: s, slots
         )
-        steps = jnp.minimum(steps, slots.cache.length - slots.cache.index)
         live = ~slots.done
 
         def running(carry):
             i, _, s = carry
-            return (i < steps) & ~s.done.all() & ((live & s.done).sum() < finish_target)
+            return decode.running(i, steps, s.done, s.cache) & ((live & s.done).sum() < finish_target)
 
         def body(carry):
             i, used, s = carry
             return i + 1, used + (~s.done).sum(dtype=jnp.int32), self._step(shape, params, s, sampling, stop_tokens)
 
         steps_run, used, slots = jax.lax.while_loop(running, body, (jnp.int32(0), jnp.int32(0), slots))
-        return steps_run, used, self._placed(slots)
+        return steps_run, used, decode.placed(slots, self.mesh)
 
     # -- host API ------------------------------------------------------------------------------
     def check(self, shape: SlotShape) -> None:
@@ -314,10 +294,8 @@ class ContinuousDecoder:
         """
         counters = Counters() if counters is None else counters
         refill_at = min(max(1, shape.rows // 8 if refill_at is None else refill_at), shape.rows)
-        cfg = self.model.cfg
         sampling, key = generation.sampling_params(), generation.prng_key()
-        stops = sorted(set(cfg.eos_token_ids) | set(generation.stop_tokens))
-        stops = jnp.asarray(stops + [-1] * (bucket(len(stops), 8) - len(stops)), jnp.int32)
+        stops = decode.stop_tokens(self.model.cfg, generation)
         slots = self._init(shape)
         owner: list[tuple[Prompt, float] | None] = [None] * shape.rows
         waiting: deque[Prompt] = deque()

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pali_jax.errors import UserError
-from pali_jax.generate import jit_model_program
+from pali_jax.decode import jit_model_program
 from pali_jax.masks import PrefixLM
 from pali_jax.paligemma import PaliGemmaModel
 
@@ -276,7 +276,7 @@ def _lens_program(module: PaliGemmaModel, top_k: int):
 
         return jax.lax.map(layer, (hidden, final))
 
-    return jit_model_program(run)
+    return jit_model_program(run, module.policy)
 
 
 def logit_lens(pg: "PaliGemma", hidden_states, *, top_k: int = 5, token_ids=None) -> LogitLens:
@@ -330,7 +330,7 @@ def _pixel_grad(module, params, pixels, ids, types, mask, target) -> jax.Array:
 
 @functools.cache
 def _saliency_program(module: PaliGemmaModel):
-    return jit_model_program(functools.partial(_pixel_grad, module))
+    return jit_model_program(functools.partial(_pixel_grad, module), module.policy)
 
 
 @functools.cache
@@ -347,7 +347,7 @@ def _ig_program(module: PaliGemmaModel, steps: int):
         f = lambda x: _target_log_prob(module, params, x, ids, types, mask, target)  # noqa: E731
         return (pixels - baseline) * total / steps, f(pixels), f(baseline)
 
-    return jit_model_program(run)
+    return jit_model_program(run, module.policy)
 
 
 PixelReduce = Literal["max", "sum"] | None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -26,9 +26,10 @@ from pali_jax.beam_search import BeamSearch
 from pali_jax.checkpoint import read_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.continuous import ContinuousDecoder
+from pali_jax.decode import GenerateOutput, jit_model_program, refuse_records
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
-from pali_jax.generate import GenerateOutput, Generator, jit_model_program
+from pali_jax.generate import Generator
 from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory
 from pali_jax.intermediates import INTERMEDIATES, ForwardOutput, forward_output, recorded_bytes
 from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config
@@ -67,49 +68,6 @@ def _batches(n: int, batch_size: int | None) -> list[slice]:
     """Consecutive row ranges of at most `batch_size` rows (None: one range of all n)."""
     step = batch_size or max(n, 1)
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
-
-
-def _concatenate(outputs: list[GenerateOutput], pad: int) -> GenerateOutput:
-    """Batches' outputs as one, their token axes padded to the longest."""
-    if len(outputs) == 1:
-        return outputs[0]
-    n = max(out.tokens.shape[1] for out in outputs)
-
-    def join(arrays: list[np.ndarray | None], value) -> np.ndarray | None:
-        if arrays[0] is None:
-            return None
-        widths = lambda x: [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2)  # noqa: E731
-        return np.concatenate([np.pad(x, widths(x), constant_values=value) if x.ndim > 1 else x for x in arrays])
-
-    attentions = prefill_attentions = prompt_start = None
-    if outputs[0].attentions is not None:
-        attentions, prefill_attentions, prompt_start = _align_slots(outputs, n)
-    return GenerateOutput(
-        join([out.tokens for out in outputs], pad),
-        join([out.lengths for out in outputs], 0),
-        [reason for out in outputs for reason in out.stop_reason],
-        join([out.logits for out in outputs], 0.0),
-        join([out.scores for out in outputs], 0.0),
-        attentions=attentions, prefill_attentions=prefill_attentions, prompt_start=prompt_start,
-        logprobs=join([out.logprobs for out in outputs], 0.0),
-    )
-
-
-def _align_slots(outputs: list[GenerateOutput], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batches' recorded attentions on one slot axis: each batch's slots shifted right by the
-    difference of its prompt bucket T to the longest (more left padding), so that new token j sits
-    at slot T_max + j in every row, and padded with zeros on the right to the longest cache."""
-    prompts = [out.prefill_attentions.shape[3] for out in outputs]  # T of each batch
-    t_max = max(prompts)
-    s_max = max(out.attentions.shape[-1] + t_max - t for out, t in zip(outputs, prompts))
-    steps, prefills, starts = [], [], []
-    for out, t in zip(outputs, prompts):
-        shift, s = t_max - t, out.attentions.shape[-1]
-        slots = [(shift, s_max - s - shift)]
-        steps.append(np.pad(out.attentions, [(0, 0), (0, n - out.attentions.shape[1]), (0, 0), (0, 0), *slots]))
-        prefills.append(np.pad(out.prefill_attentions, [(0, 0), (0, 0), (0, 0), (shift, 0), *slots]))
-        starts.append(out.prompt_start + shift)
-    return np.concatenate(steps), np.concatenate(prefills), np.concatenate(starts)
 
 
 class _TextPieces:
@@ -331,16 +289,8 @@ class PaliGemma:
         logits, recorded = self.module.apply({"params": params}, pixels, ids, types, mask, mutable=[INTERMEDIATES])
         return forward_output(logits, recorded[INTERMEDIATES], attentions=attentions, hidden_states=hidden_states)
 
-    def generate_ids(
-        self,
-        pixel_values,
-        input_ids,
-        token_type_ids=None,
-        attention_mask=None,
-        *,
-        generation_config: GenerationConfig | None = None,
-        **options: Any,
-    ) -> GenerateOutput:
+    def generate_ids(self, pixel_values, input_ids, token_type_ids=None, attention_mask=None, *,
+                     generation_config: GenerationConfig | None = None, **options: Any) -> GenerateOutput:
         """Decodes left-padded prompts given as arrays; `options` are `GenerationConfig` fields
         (max_new_tokens, temperature, top_k, top_p, beams, seed, stop_tokens, ...) overriding
         `generation_config`'s. Greedy unless a sampling option is given; beams > 1 runs beam search.
@@ -355,7 +305,7 @@ class PaliGemma:
             self._decode(pixels[rows], ids[rows], part(token_type_ids, rows), part(attention_mask, rows), generation)
             for rows in _batches(len(ids), generation.batch_size)
         ]
-        return _concatenate(outputs, self.config.pad_token_id)
+        return GenerateOutput.concatenate(outputs, self.config.pad_token_id)
 
     def _decode(self, pixels, ids, types, mask, generation: GenerationConfig) -> GenerateOutput:
         """One batch through beam search or the greedy / sampling decoder."""
@@ -365,7 +315,7 @@ class PaliGemma:
     # -- images and strings --------------------------------------------------------------------
     def _encode(self, images: Sequence[ImageInput], prompts: Sequence[str]):
         """Pixels and left-padded token ids of one batch. Prompt length against the model's
-        positions is checked with the answer's length, in `generate.prepare_prompts`."""
+        positions is checked with the answer's length, in `decode.prepare_prompts`."""
         pixels = preprocess_images(list(images), self.config.image_size).astype(self.dtype)
         batch = self.tokenizer(list(prompts), num_image_tokens=self.config.num_image_tokens)
         return pixels, batch
@@ -404,10 +354,10 @@ class PaliGemma:
             pixels, enc = self._encode(loaded[rows], prompts[rows])
             out = self._decode(pixels, enc.input_ids, enc.token_type_ids, enc.attention_mask, generation)
             for row, image in enumerate(loaded[rows]):
-                ids = out.tokens[row, : out.lengths[row]].tolist()
+                ids = out.row_tokens(row)
                 text = self.tokenizer.decode(ids)
                 results.append(Result(text, ids, parse_detections(text, *image.size), out.stop_reason[row].name.lower(),
-                                      **_recorded_of_row(out, row)))
+                                      **out.row_records(row)))
             results[rows] = _add_masks(results[rows], loaded[rows], mask_decoder or self.mask_decoder, prompts[rows])
         return results
 
@@ -429,9 +379,9 @@ class PaliGemma:
         """
         single = isinstance(prompts, str) and not isinstance(images, (list, tuple))
         generation, loaded, prompts = self._start(images, prompts, generation_config, options)
-        if generation.beams > 1 or generation.records:
-            name = "beams" if generation.beams > 1 else generation.records[0]
-            raise GenerationError(name, f"stream decodes greedily or by sampling: {name} is for generate")
+        if generation.beams > 1:
+            raise GenerationError("beams", "stream decodes greedily or by sampling: beams is for generate")
+        refuse_records(generation, "stream decodes greedily or by sampling: {name} is for generate")
         steps = []  # every batch's decoder, created (and so checked) now; each runs when reached
         for rows in _batches(len(prompts), generation.batch_size):
             pixels, enc = self._encode(loaded[rows], prompts[rows])
@@ -458,31 +408,19 @@ class PaliGemma:
                 yield tail
 
 
-def _recorded_of_row(out: GenerateOutput, row: int) -> dict[str, np.ndarray]:
-    """`Result`'s recorded fields of one row: the cache's slots cut to the row's own positions."""
-    n = int(out.lengths[row])
-    fields = {} if out.logprobs is None else {"logprobs": out.logprobs[row, :n]}
-    if out.attentions is not None:
-        start, prompt = int(out.prompt_start[row]), out.prefill_attentions.shape[3]
-        fields["attentions"] = out.attentions[row, :n, ..., start : prompt + n - 1]
-        fields["prefill_attentions"] = out.prefill_attentions[row, :, :, start:, start:prompt]
-    return fields
-
-
 _warned_no_masks = False
 
 
 def _add_masks(results: list[Result], images: list, decoder: "MaskDecoder | None", prompts: list[str]) -> list[Result]:
     """The results with `Detection.mask` of their segmentation boxes filled (one decoder call for
-    all), or, without a decoder, as they are, said once per process how to get masks."""
+    all), or, without a decoder, as they are, with a warning once per process saying how to get masks."""
     global _warned_no_masks
     if decoder is None:
         coded = any(d.seg_codes is not None for res in results for d in res.boxes)
         if not _warned_no_masks and (coded or any(p.lstrip().startswith("segment") for p in prompts)):
             _warned_no_masks = True
-            print("warning: segment answers carry 16 <seg> codes per box, not masks: pass mask_decoder= (CLI: "
-                  "--seg-vae PATH or PALI_JAX_SEG_VAE) with big_vision's vae-oid.npz to decode them (see README)",
-                  file=sys.stderr)
+            warnings.warn("segment answers carry 16 <seg> codes per box, not masks: pass mask_decoder= (CLI: "
+                          "--seg-vae PATH or PALI_JAX_SEG_VAE) with big_vision's vae-oid.npz to decode them (see README)")
         return results
     boxes = decoder.add_masks([res.boxes for res in results], [image.size for image in images])
     return [dataclasses.replace(res, boxes=b) for res, b in zip(results, boxes)]

@@ -58,7 +58,7 @@ from pali_jax.hf_weights import load_hf  # noqa: E402
 from pali_jax.paligemma import abstract_params  # noqa: E402
 from pali_jax import distributed, finetune, sharding  # noqa: E402
 from pali_jax.config import PaliGemmaConfig  # noqa: E402
-from pali_jax.generate import prepare_prompts  # noqa: E402
+from pali_jax.decode import prepare_prompts  # noqa: E402
 from pali_jax.generation_config import GenerationConfig  # noqa: E402
 from pali_jax.pretrained import PaliGemma  # noqa: E402
 from pali_jax.sampling import SamplingParams  # noqa: E402

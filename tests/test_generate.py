@@ -10,7 +10,8 @@ import torch
 from pali_jax.backend import CHECKPOINT_LAYOUT
 from pali_jax.beam_search import BeamSearch
 from pali_jax.generation_config import GenerationConfig
-from pali_jax.generate import MIN_TEXT_BUCKET, Generator, StopReason, bucket, prepare_prompts
+from pali_jax.decode import MIN_TEXT_BUCKET, StopReason, bucket, prepare_prompts
+from pali_jax.generate import Generator
 from pali_jax.pretrained import PaliGemma
 from pali_jax.sampling import SamplingParams
 from test_model import make_inputs

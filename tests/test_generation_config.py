@@ -15,7 +15,7 @@ import pytest
 
 from pali_jax import GenerationConfig, PaliGemma, UserError, preprocess_images
 from pali_jax import generation_config as gc_module
-from pali_jax.generate import StopReason
+from pali_jax.decode import StopReason
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "pali_jax" / "assets" / "demo"

@@ -14,7 +14,8 @@ import torch
 from parity import assert_parity
 from pali_jax.backend import CHECKPOINT_LAYOUT
 from pali_jax.errors import UserError
-from pali_jax.generate import MIN_TEXT_BUCKET, Generator, prepare_prompts
+from pali_jax.decode import MIN_TEXT_BUCKET, prepare_prompts
+from pali_jax.generate import Generator
 from pali_jax.generation_config import GenerationConfig
 from pali_jax import intermediates
 from pali_jax.intermediates import ForwardOutput

@@ -16,7 +16,7 @@ from jax._src.cudnn import fused_attention_stablehlo
 
 from pali_jax.backend import CHECKPOINT_LAYOUT, Policy
 from pali_jax.config import preset
-from pali_jax.generate import prepare_prompts
+from pali_jax.decode import prepare_prompts
 from pali_jax.generation_config import GenerationConfig
 from pali_jax.paligemma import PaliGemmaModel, to_layout
 from pali_jax.pretrained import PaliGemma

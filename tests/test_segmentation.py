@@ -4,6 +4,7 @@ the paste-back, mask -> training tokens, and COCO run-length encoding."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -274,7 +275,8 @@ CODES = tuple(range(3, 115, 7))
 def _fake_segment_answer(monkeypatch, label: str = "circle"):
     """Makes every generation answer `<loc>x4 <seg>x16 label` (the model's part is tested elsewhere;
     this checks what is done with the answer)."""
-    from pali_jax.generate import GenerateOutput, Generator, StopReason
+    from pali_jax.decode import GenerateOutput, StopReason
+    from pali_jax.generate import Generator
 
     def fake(self, params, pixels, *args, **kwargs):
         tok = fake.tokenizer
@@ -295,7 +297,7 @@ def run_generate_module():
     return generate_command
 
 
-def test_generate_fills_masks(vae, monkeypatch, capsys):
+def test_generate_fills_masks(vae, monkeypatch):
     from pali_jax import PaliGemma, pretrained
 
     _fake_segment_answer(monkeypatch)
@@ -303,10 +305,12 @@ def test_generate_fills_masks(vae, monkeypatch, capsys):
     image = sorted((run_generate_module().DEMO_DIR / "images").glob("*.png"))[0]
     w, h = PIL.Image.open(image).size
     pg = PaliGemma.from_pretrained(run_generate_module().DEMO_DIR / "model")
-    [plain] = pg.generate(image, "segment circle")
-    assert plain.boxes[0].seg_codes == CODES and plain.boxes[0].mask is None
-    [again] = pg.generate([image, image], "segment circle")[:1]
-    assert capsys.readouterr().err.count("--seg-vae") == 1  # said once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        [plain] = pg.generate(image, "segment circle")
+        assert plain.boxes[0].seg_codes == CODES and plain.boxes[0].mask is None
+        [again] = pg.generate([image, image], "segment circle")[:1]
+    assert sum("--seg-vae" in str(w.message) for w in caught) == 1  # said once
     [res] = pg.generate(image, "segment circle", mask_decoder=vae["model"])
     expected = seg.paste_mask(vae["model"].decode([CODES])[0], LOCS, h, w)
     assert expected.any() and not expected.all()
@@ -319,7 +323,7 @@ def test_annotate_records_carry_the_generate_masks(vae):
     from pali_jax import PaliGemma
     from pali_jax.annotate import Item, _record
     from pali_jax.continuous import Answer
-    from pali_jax.generate import StopReason
+    from pali_jax.decode import StopReason
 
     pg = PaliGemma.from_pretrained(run_generate_module().DEMO_DIR / "model")
     tok = pg.tokenizer
