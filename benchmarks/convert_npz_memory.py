@@ -27,7 +27,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from pali_jax.big_vision_weights import big_vision_arrays
+from pali_jax.weights.big_vision import big_vision_arrays
 from pali_jax.config import preset
 from pali_jax.paligemma import abstract_params
 

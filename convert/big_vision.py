@@ -3,10 +3,11 @@
     python -m convert.big_vision SRC.npz DST [--preset NAME] [--tokenizer paligemma_tokenizer.model]
         [--dtype auto|float32|bfloat16] [--no-final-logit-softcap] [--overwrite]
 
-Names, layouts, vocabulary and config: see `pali_jax.big_vision_weights`. The preset (default: the
+Names, layouts, vocabulary and config: see `pali_jax.weights.big_vision`. The preset (default: the
 one whose shapes match) decides what the shapes cannot (soft caps, PaliGemma 2 28B's query scale).
-Every array of SRC must be used and every parameter filled; arrays are read one at a time. DST is
-written into a temporary sibling directory and renamed at the end: it exists whole or not at all.
+Every array of SRC must be used and every parameter filled, every value finite; arrays are read
+one at a time. The tokenizer must load and fit the model before anything is read or written. DST
+is written into a temporary sibling directory and renamed at the end: it exists whole or not at all.
 Bad input prints one line and exits with code 2.
 """
 
@@ -16,9 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from pali_jax.big_vision_weights import BigVisionError, load_big_vision
 from pali_jax.cli import run_main
-from pali_jax.model_dir import check_destination, write_model_dir
+from pali_jax.model_dir import check_destination, check_tokenizer, write_model_dir
+from pali_jax.weights import WeightError, big_vision, to_host
 
 # Looked for beside SRC when --tokenizer is not given: big_vision's name, then transformers'.
 TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
@@ -38,12 +39,14 @@ def convert(
     src = Path(src)
     dst = check_destination(dst, src, overwrite=overwrite)  # before any reading: fail fast
     if tokenizer is not None and not Path(tokenizer).is_file():
-        raise BigVisionError(f"tokenizer {tokenizer} does not exist")
+        raise WeightError(f"tokenizer {tokenizer} does not exist")
     if tokenizer is None:
         tokenizer = next((src.parent / n for n in TOKENIZER_NAMES if (src.parent / n).is_file()), None)
-    cfg, params = load_big_vision(src, dtype, preset, final_logit_softcap=final_logit_softcap)
+    plan = big_vision.plan(src, dtype, preset, final_logit_softcap=final_logit_softcap)
+    if tokenizer is not None:
+        check_tokenizer(Path(tokenizer), plan.config, "the checkpoint's config")
     extra = {"tokenizer.model": Path(tokenizer)} if tokenizer is not None else None
-    return write_model_dir(dst, cfg, params, None, extra, overwrite=overwrite)
+    return write_model_dir(dst, plan.config, to_host(plan), None, extra, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
 
 SRC is an HF checkpoint directory: config.json plus model.safetensors, or shards listed in
 model.safetensors.index.json, in any key layout transformers has written. Tensors are read one at
-a time (`pali_jax.hf_weights`), so peak memory is the output plus one tensor; coverage is strict,
+a time (`pali_jax.weights`), so peak memory is the output plus one tensor; coverage is strict,
 and integer or non-finite weights are refused. A tokenizer.model beside the weights must load and
 fit the model's vocabulary. DST is written into a temporary sibling and renamed at the end (it
 exists whole or not at all), with a manifest (`python -m convert.verify DST` checks it). DST may
@@ -20,42 +20,18 @@ import sys
 from pathlib import Path
 
 from pali_jax.cli import run_main
-from pali_jax.config import PaliGemmaConfig
-from pali_jax.errors import UserError
-from pali_jax.hf_weights import ConversionError, load_hf
-from pali_jax.model_dir import check_destination, write_model_dir
-from pali_jax.processor import PaliGemmaTokenizer
-
-
-def check_tokenizer(src: Path, config: PaliGemmaConfig) -> None:
-    """Refuses a tokenizer.model that would only fail later (at the first prompt): unreadable, or
-    with ids outside the model's embedding, or special ids other than config.json's."""
-    path = src / "tokenizer.model"
-    if not path.exists():
-        return  # arrays-only use (generate_ids) needs none; text prompts will say it is missing
-    try:
-        tok = PaliGemmaTokenizer(path, image_token_id=config.image_token_id)
-    except UserError as e:
-        raise ConversionError(f"{e} (delete it to convert without a tokenizer)") from None
-    if tok.vocab_size > config.vocab_size:
-        raise ConversionError(
-            f"{path} has {tok.vocab_size} pieces, more than the model's vocabulary of {config.vocab_size}: "
-            "it is another model's tokenizer"
-        )
-    if (tok.bos_id, tok.eos_id) != (config.bos_token_id, config.eos_token_ids[0]):
-        raise ConversionError(
-            f"{path} has <bos>/<eos> ids {tok.bos_id}/{tok.eos_id}, config.json says "
-            f"{config.bos_token_id}/{config.eos_token_ids[0]}: it is another model's tokenizer"
-        )
+from pali_jax.model_dir import check_destination, check_tokenizer, write_model_dir
+from pali_jax.weights import hf, to_host
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Converts SRC into a pali-jax directory DST (orbax params, config, tokenizer files, manifest)."""
     src = Path(src)
     dst = check_destination(dst, src, overwrite=overwrite)  # before any reading: fail fast
-    cfg, params = load_hf(src, dtype)
-    check_tokenizer(src, cfg)
-    return write_model_dir(dst, cfg, params, src, overwrite=overwrite)
+    plan = hf.plan(src, dtype)
+    if (src / "tokenizer.model").exists():  # else arrays-only use (generate_ids); text prompts will say it is missing
+        check_tokenizer(src / "tokenizer.model", plan.config)
+    return write_model_dir(dst, plan.config, to_host(plan), src, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

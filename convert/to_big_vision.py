@@ -5,7 +5,7 @@
 CONVERTED_DIR is what `convert.hf_to_flax`, `convert.big_vision` or fine-tuning's export wrote
 (pali_jax_config.json + params/). OUT.npz gets big_vision's names (`params/img/...`,
 `params/llm/...`) and layouts, bfloat16 stored as 2-byte void, and the embedding table's first
-257152 rows (no `<image>` row, no padding rows; see `pali_jax.big_vision_weights`). Arrays are
+257152 rows (no `<image>` row, no padding rows; see `pali_jax.weights.big_vision`). Arrays are
 written one at a time into a temporary file beside OUT.npz, renamed at the end.
 """
 
@@ -16,21 +16,22 @@ import json
 import sys
 from pathlib import Path
 
-from pali_jax.big_vision_weights import BigVisionError, save_npz
 from pali_jax.checkpoint import read_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.cli import run_main
 from pali_jax.paligemma import abstract_params
 from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR
+from pali_jax.weights import WeightError
+from pali_jax.weights.big_vision import save_npz
 
 
 def export(src: str | Path, dst: str | Path, *, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Writes the model of a pali-jax directory as a big_vision `.npz`."""
     src, dst = Path(src), Path(dst)
     if not (src / CONFIG_FILE).is_file():
-        raise BigVisionError(f"{src} is not a pali-jax directory (no {CONFIG_FILE})")
+        raise WeightError(f"{src} is not a pali-jax directory (no {CONFIG_FILE})")
     if dst.exists() and not overwrite:
-        raise BigVisionError(f"{dst} already exists (pass --overwrite to replace it)")
+        raise WeightError(f"{dst} already exists (pass --overwrite to replace it)")
     config = PaliGemmaConfig.from_dict(json.loads((src / CONFIG_FILE).read_text()))
     abstract = abstract_params(config)
     params = read_params(src / PARAMS_DIR, _stored_dtypes(src / PARAMS_DIR, abstract))

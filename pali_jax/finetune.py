@@ -53,10 +53,11 @@ from pali_jax.data import Dataset, Example, read_jsonl
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.model_dir import check_destination, write_model_dir
-from pali_jax.pretrained import DTYPES, PaliGemma
+from pali_jax.pretrained import PaliGemma
 from pali_jax.processor import PaliGemmaProcessor
 from pali_jax.segmentation import resolve_vae_path
 from pali_jax.train import OPTIMIZERS, SCHEDULES, TRAINABLE_PRESETS, Trainer, TrainConfig, TrainState
+from pali_jax.weights import DTYPES
 
 _IOU_THRESHOLD = 0.5
 

@@ -18,10 +18,10 @@ from safetensors.numpy import load_file, save_file
 from transformers import PaliGemmaForConditionalGeneration
 
 from convert.hf_to_flax import main
-from pali_jax.hf_weights import load_hf
 from pali_jax.checkpoint import read_params, restore_params
 from pali_jax.paligemma import abstract_params
 from pali_jax.pretrained import PaliGemma
+from pali_jax.weights import load
 from parity import assert_parity
 from test_model import hf_forward, make_inputs
 
@@ -77,14 +77,14 @@ def test_key_layouts(tiny_models, tmp_path, layout):
         tensors = load_file(src / "model.safetensors")
         tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"]
         save_file(tensors, src / "model.safetensors")
-    _, params = load_hf(src, "float32")
+    _, params = load(src, "float32")
     assert tree_equal(params, jax.tree.map(np.asarray, tiny.pg.checkpoint_params()))
 
 
 def test_bfloat16_checkpoint(tmp_path, capsys):
     model = hf_models.build("pg1", seed=7)
     src = hf_models.save(model, tmp_path / "bf16", dtype=torch.bfloat16)
-    _, params = load_hf(src)  # auto: the checkpoint's own dtype
+    _, params = load(src)  # auto: the checkpoint's own dtype
     assert all(x.dtype == ml_dtypes.bfloat16 for x in jax.tree.leaves(params))
     code, err = convert_cli(capsys, src, tmp_path / "f32", "--dtype", "float32")
     assert code == 0, err
