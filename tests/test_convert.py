@@ -19,6 +19,7 @@ from transformers import PaliGemmaForConditionalGeneration
 
 from convert.hf_to_flax import main
 from pali_jax.checkpoint import read_params, restore_params
+from pali_jax.errors import UserError
 from pali_jax.paligemma import abstract_params
 from pali_jax.pretrained import PaliGemma
 from pali_jax.weights import load
@@ -192,3 +193,32 @@ def test_missing_shard_from_the_command_line(tiny_models, tmp_path):
     assert proc.stderr.startswith("error: ") and "shard model-00002" in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_refused(tiny_models, tmp_path, capsys, value):
+    """One NaN (or infinity) anywhere: one line from the converter (exit 2, nothing written) and
+    from from_pretrained, as for a big_vision .npz (tests/test_big_vision.py)."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["pg1"].hf_dir, src)
+    tensors = load_file(src / "model.safetensors")
+    key = "language_model.model.layers.1.mlp.down_proj.weight"
+    tensors[key] = tensors[key].copy()
+    tensors[key][3, 2] = value
+    save_file(tensors, src / "model.safetensors")
+    message = f"tensor {key!r} holds NaN or infinite values: the checkpoint is damaged"
+    code, err = convert_cli(capsys, src, tmp_path / "dst")
+    assert code == 2 and err == f"error: {message}\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    with pytest.raises(UserError) as info:
+        PaliGemma.from_pretrained(src)
+    assert str(info.value) == message
+
+
+def test_rows_read_in_blocks_give_the_same_arrays(tiny_models, monkeypatch):
+    """Tensors read a few rows at a time (as full-size embeddings are) give what whole reads give."""
+    src = tiny_models["pg2"].hf_dir
+    _, whole = load(src, "float32")
+    monkeypatch.setattr("pali_jax.weights.materialise.BLOCK_BYTES", 1000)
+    _, blocks = load(src, "float32")
+    assert tree_equal(whole, blocks)

@@ -306,7 +306,7 @@ def save_npz(
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, arr in big_vision_arrays(config, params):
                 if dtype is not None and arr.dtype != DTYPES[dtype]:
-                    arr = arr.astype(DTYPES[dtype])
+                    arr = arr.astype(np.dtype(DTYPES[dtype]))
                 if arr.dtype == BFLOAT16:
                     arr = arr.view(np.dtype("V2"))  # what big_vision's np.savez writes for bfloat16
                 with zf.open(f"{prefix}{name}.npy", "w", force_zip64=True) as f:

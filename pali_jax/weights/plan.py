@@ -24,9 +24,11 @@ from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
 from pali_jax.paligemma import abstract_params
 
-# What a load may ask for; every source is read into one of these.
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-BFLOAT16 = DTYPES["bfloat16"]
+# The dtypes a user may name (loading, running, exporting); every source is read into one of them.
+# jax's own scalar types, as the rest of the library passes them (they hash unlike numpy's dtypes,
+# and a jitted function keyed on a dtype would compile again for the other kind).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
 
 class WeightError(UserError):
@@ -93,11 +95,11 @@ def resolve_dtype(dtype: str | None, stored: Sequence[np.dtype]) -> np.dtype:
     """The output dtype: "float32" / "bfloat16", or None / "auto" for the dtype most tensors are
     stored in (float16 and float64 are read as float32: the model runs in float32 or bfloat16)."""
     if dtype in (None, "auto"):
-        common = Counter(stored).most_common(1)[0][0] if stored else DTYPES["float32"]
-        return common if common in DTYPES.values() else DTYPES["float32"]
+        common = Counter(stored).most_common(1)[0][0] if stored else np.dtype(np.float32)
+        return common if common in (np.float32, BFLOAT16) else np.dtype(np.float32)
     if dtype not in DTYPES:
         raise WeightError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
-    return DTYPES[dtype]
+    return np.dtype(DTYPES[dtype])
 
 
 def _floating(dtype: np.dtype) -> bool:
