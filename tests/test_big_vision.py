@@ -287,6 +287,9 @@ def test_bad_files(models, tmp_path, capsys):
     assert "unexpected array 'llm/layers/attn/extra/w'" in run(save_like_big_vision(tmp_path / "extra.npz", extra))
     wrong = dict(tree, **{"llm/final_norm/scale": np.zeros(7, np.float32)})
     assert "llm/final_norm/scale" in run(save_like_big_vision(tmp_path / "wrong.npz", wrong))
+    rank = dict(tree, **{"llm/layers/mlp/gating_einsum": np.zeros((2, 3), np.float32)})  # no transpose fits it
+    assert "'llm/layers/mlp/gating_einsum' has shape (2, 3), which does not fit" in run(
+        save_like_big_vision(tmp_path / "rank.npz", rank))
     (tmp_path / "junk.npz").write_bytes(b"junk")
     assert "not an .npz" in run(tmp_path / "junk.npz")
     assert "does not exist" in run(tmp_path / "absent.npz")

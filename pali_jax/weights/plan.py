@@ -106,6 +106,15 @@ def _floating(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype == BFLOAT16
 
 
+def _layout_shape(piece: Piece) -> tuple[int, ...] | None:
+    """The shape `piece.transform` gives its tensor (None: it cannot take that shape). The layout
+    transforms only reshape and transpose, so this reads no data."""
+    try:
+        return jax.eval_shape(piece.transform, jax.ShapeDtypeStruct(piece.tensor.shape, jnp.float32)).shape
+    except (TypeError, ValueError):  # a reshape or transpose that does not fit the stored shape
+        return None
+
+
 def make_plan(config: PaliGemmaConfig, pieces: list[Piece], dtype: str | None, model: str) -> Plan:
     """Checks `pieces` against `config`'s model (`model` names it in messages, e.g. "config.json's
     model"); see `Plan`."""
@@ -120,11 +129,11 @@ def make_plan(config: PaliGemmaConfig, pieces: list[Piece], dtype: str | None, m
         leaf = leaves.get(piece.path)
         if leaf is None:
             raise WeightError(f"{piece.name} maps to {where}, which {model} lacks")
-        # The layout transforms only reshape and transpose: check the shape they will produce.
-        out_shape = jax.eval_shape(piece.transform, jax.ShapeDtypeStruct(tensor.shape, jnp.float32)).shape
         part_shape = tuple(n for axis, n in enumerate(leaf.shape) if axis not in piece.ints())
-        if out_shape != part_shape or any(piece.index[axis] >= leaf.shape[axis] for axis in piece.ints()):
-            raise WeightError(f"{piece.name} has shape {tensor.shape}, which does not fit {where} {leaf.shape} of {model}")
+        if _layout_shape(piece) != part_shape or any(piece.index[axis] >= leaf.shape[axis] for axis in piece.ints()):
+            raise WeightError(
+                f"{piece.name} has shape {tensor.shape}, which does not fit {where} {leaf.shape} of {model}"
+            )
         flags = filled.setdefault(piece.path, np.zeros(leaf.shape[: depth[piece.path]], bool))
         part = flags[piece.index]
         if part.any():
