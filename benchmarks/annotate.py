@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from benchmarks import report
 from pali_jax.annotate import Item, JobStats, annotate
 from pali_jax.pretrained import PaliGemma
 
@@ -166,9 +167,13 @@ def main(argv=None) -> None:
     p.add_argument("--check-all", action="store_true")
     p.add_argument("--warm-all", action="store_true",
                    help="wide: warm up on the whole set (steady state: a long job compiles each refill size once)")
+    report.add_arguments(p)
     args = p.parse_args(argv)
-    report = run_demo(args) if args.which == "demo" else run_wide(args)
-    print(json.dumps(report, indent=1))
+    result = run_demo(args) if args.which == "demo" else run_wide(args)
+    print(json.dumps(result, indent=1))
+    report.write(args, f"annotate_{args.which}", ["figure", "value"], report.flatten(result),
+                 note="fixed_*: run_generate.py's fixed batches; job_*: pali_jax.annotate; ratio: fixed_s / job_s; "
+                      "occupancy: live rows / rows over decode steps.")
 
 
 if __name__ == "__main__":

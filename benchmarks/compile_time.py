@@ -6,8 +6,8 @@ and how many programs 20 different prompt lengths compile.
 
 Converts a random model once, then starts `python -m benchmarks.compile_time --child` four times:
 without a cache, then with one fresh cache directory (the first process fills it, the next two
-read it); --repeats rounds of that, reporting medians (single rounds moved between 0.36 and 0.71
-warm / cold on this machine). Each child loads the model as run_generate.py does (each decoder
+read it); --repeats rounds of that, reporting medians (single rounds vary on a shared machine).
+Each child loads the model as run_generate.py does (each decoder
 layer on its own weights, the default layout) unless --stacked.
 """
 
@@ -22,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks import report
 
 import numpy as np
 
@@ -70,6 +72,7 @@ def main() -> None:
     p.add_argument("--stacked", action="store_true", help="load with stacked decoder layers (backend.CHECKPOINT_LAYOUT)")
     p.add_argument("--repeats", type=int, default=5, help="rounds of the four processes; medians are reported")
     p.add_argument("--json", type=Path)
+    report.add_arguments(p)
     args = p.parse_args()
     if args.child:
         child(args.child[0], None if args.child[1] == "-" else args.child[1], args.stacked)
@@ -105,6 +108,10 @@ def main() -> None:
           f"programs for 20 prompt lengths (1..200 text tokens): {result['programs_compiled']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
+    rows = [(name.replace("_", " "), r["to_first_token_s"], r["load_s"], r["first_call_s"]) for name, r in runs.items()]
+    report.write(args, "compile_time", ["persistent cache", "first token after launch, s", "load, s", "first call, s"],
+                 rows, note=f"Medians of {args.repeats} rounds; warm / cold: {result['warm_over_cold']:.2f}; "
+                            f"programs compiled for 20 prompt lengths (1..200 text tokens): {result['programs_compiled']}.")
 
 
 if __name__ == "__main__":

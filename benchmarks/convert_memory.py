@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import report
 from benchmarks.hf_reference import build, hf_config
 from pali_jax.config import preset
 
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--parity", action="store_true", help="compare float32 logits against transformers")
     p.add_argument("--workdir", type=Path, help="where checkpoints go (default: a temporary directory)")
     p.add_argument("--json", type=Path, help="write the figures here")
+    report.add_arguments(p)
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(dir=args.workdir))
@@ -75,6 +77,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
+        report.write(args, "convert_memory", ["figure", "value"], report.flatten(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

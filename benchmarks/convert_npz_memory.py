@@ -27,9 +27,10 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from pali_jax.weights.big_vision import big_vision_arrays
+from benchmarks import report
 from pali_jax.config import preset
 from pali_jax.paligemma import abstract_params
+from pali_jax.weights.big_vision import big_vision_arrays
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _CHUNK = 16 << 20  # elements per random chunk
@@ -70,6 +71,7 @@ def main() -> None:
     p.add_argument("--text-layers", type=int)
     p.add_argument("--workdir", type=Path, help="where files go (default: a temporary directory)")
     p.add_argument("--json", type=Path, help="write the figures here")
+    report.add_arguments(p)
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(dir=args.workdir))
@@ -104,6 +106,7 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         if args.json:
             args.json.write_text(json.dumps(result, indent=2))
+        report.write(args, "convert_npz_memory", ["figure", "value"], report.flatten(result))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from benchmarks import report
 from pali_jax import backend
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.generate import MIN_TEXT_BUCKET
@@ -34,6 +35,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=DEMO, help="a converted directory (only its config is used)")
     p.add_argument("--runs", type=int, default=7)
+    report.add_arguments(p)
     args = p.parse_args()
     cfg = PaliGemmaConfig.from_dict(json.loads((args.model / "pali_jax_config.json").read_text()))
     cfg = dataclasses.replace(cfg, eos_token_ids=(cfg.image_token_id,), text=dataclasses.replace(cfg.text, max_positions=1 << 16))
@@ -44,7 +46,7 @@ def main() -> None:
     layout = backend.inference_layout(np.float32)
     pg = PaliGemma(cfg, jax.device_put(to_layout(params, backend.CHECKPOINT_LAYOUT, layout)), layout=layout)
     prompt = cfg.num_image_tokens + MIN_TEXT_BUCKET
-    results = {}
+    results, rows = {}, []
     for capacity in (32, 1024):
         def run(n: int) -> float:
             t0 = time.perf_counter()
@@ -57,7 +59,10 @@ def main() -> None:
         first = statistics.median(run(1) for _ in range(args.runs))
         results[capacity] = (full - first) / 31 * 1e3
         print(f"cache for {capacity:>4} new tokens ({prompt + capacity:>5} slots): decode {results[capacity]:.3f} ms/token")
+        rows.append((capacity, prompt + capacity, results[capacity], results[capacity] / results[32]))
     print(f"ratio 1024 / 32: {results[1024] / results[32]:.3f}")
+    report.write(args, "decode_capacity", ["cache for new tokens", "cache slots", "decode ms/token", "against 32"], rows,
+                 note=f"Demo model shapes, random weights, 32 tokens, medians of {args.runs}.")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import report
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "pali_jax" / "assets" / "demo"
 IMAGE = DEMO / "images" / "shapes_0.png"
@@ -114,34 +116,59 @@ def api(hf_dir: Path, flax_dir: Path, runs: int) -> dict:
     return result
 
 
+def write_report(args, result: dict) -> None:
+    """docs/performance.md's full_depth section: pali-jax against transformers, one row per figure."""
+    rows = []
+    if "api" in result:
+        ours, theirs = result["api"]["pali_jax"], result["api"]["transformers"]
+        for o, t in zip(ours["rows"], theirs["rows"]):
+            rows.append((f"API, batch {o['batch']}: time to first token, s", f"{o['ttft_s']:.2f}", f"{t['ttft_s']:.2f}"))
+            rows.append((f"API, batch {o['batch']}: decode, ms/token", f"{o['decode_ms_per_token']:.0f}",
+                         f"{t['decode_ms_per_token']:.0f}"))
+            rows.append((f"API, batch {o['batch']}: 32 tokens, s", f"{o['batch'] / o['captions_per_s']:.2f}",
+                         f"{t['batch'] / t['captions_per_s']:.2f}"))
+        rows.append(("API: load, s", f"{ours['load_s']:.1f}", f"{theirs['load_s']:.1f}"))
+        rows.append(("API: peak RSS, GB", f"{ours['peak_rss_bytes'] / 1e9:.1f}", f"{theirs['peak_rss_bytes'] / 1e9:.1f}"))
+        rows.append(("API: same greedy tokens at batch 1", ours["rows"][0]["tokens"] == theirs["rows"][0]["tokens"], ""))
+    if "process" in result:
+        w = result["process"]
+        tf = statistics.median(w["transformers"])
+        rows.append(("whole process, empty compilation cache, s", f"{statistics.median(w['cold']):.1f}", f"{tf:.1f}"))
+        rows.append(("whole process, warm compilation cache, s", f"{statistics.median(w['warm']):.1f}", f"{tf:.1f}"))
+    report.write(args, "full_depth", ["figure", "pali-jax", "transformers"], rows,
+                 note=f"PaliGemma 1 3B, 27 + 18 layers, random bfloat16 weights; medians of {args.runs}.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, required=True, help="where the checkpoints are built and kept")
     p.add_argument("--runs", type=int, default=2)
     p.add_argument("--skip-api", action="store_true")
     p.add_argument("--skip-process", action="store_true")
+    report.add_arguments(p)
     args = p.parse_args()
     hf_dir, flax_dir = build(args.work)
-    report: dict = {}
+    result: dict = {}
     if not args.skip_api:
-        report["api"] = api(hf_dir, flax_dir, args.runs)
-        ours, theirs = report["api"]["pali_jax"]["rows"], report["api"]["transformers"]["rows"]
+        result["api"] = api(hf_dir, flax_dir, args.runs)
+        ours, theirs = result["api"]["pali_jax"]["rows"], result["api"]["transformers"]["rows"]
         for o, t in zip(ours, theirs):
             print(f"batch {o['batch']}: TTFT {o['ttft_s']:.2f} / {t['ttft_s']:.2f} s ({o['ttft_s'] / t['ttft_s']:.2f}x); "
                   f"decode {o['decode_ms_per_token']:.0f} / {t['decode_ms_per_token']:.0f} ms/token "
                   f"({o['decode_ms_per_token'] / t['decode_ms_per_token']:.2f}x); 32 tokens "
                   f"{o['batch'] / o['captions_per_s']:.2f} / {t['batch'] / t['captions_per_s']:.2f} s "
                   f"({t['captions_per_s'] / o['captions_per_s']:.2f}x); first call +{o['first_call_extra_s']:.1f} s")
-        print(f"load {report['api']['pali_jax']['load_s']:.1f} / {report['api']['transformers']['load_s']:.1f} s; "
-              f"peak RSS {report['api']['pali_jax']['peak_rss_bytes'] / 1e9:.1f} / "
-              f"{report['api']['transformers']['peak_rss_bytes'] / 1e9:.1f} GB; same tokens at batch 1: "
+        print(f"load {result['api']['pali_jax']['load_s']:.1f} / {result['api']['transformers']['load_s']:.1f} s; "
+              f"peak RSS {result['api']['pali_jax']['peak_rss_bytes'] / 1e9:.1f} / "
+              f"{result['api']['transformers']['peak_rss_bytes'] / 1e9:.1f} GB; same tokens at batch 1: "
               f"{ours[0]['tokens'] == theirs[0]['tokens']}")
     if not args.skip_process:
-        w = report["process"] = whole_process(hf_dir, flax_dir, args.runs)
+        w = result["process"] = whole_process(hf_dir, flax_dir, args.runs)
         cold, warm, tf = (statistics.median(w[k]) for k in ("cold", "warm", "transformers"))
         print(f"whole process: run_generate.py cold cache {cold:.1f} s ({cold / tf:.2f}x), warm {warm:.1f} s "
               f"({warm / tf:.2f}x), transformers script {tf:.1f} s; runs {w}")
-    (args.work / "full_depth.json").write_text(json.dumps(report, indent=2))
+    (args.work / "full_depth.json").write_text(json.dumps(result, indent=2))
+    write_report(args, result)
 
 
 if __name__ == "__main__":

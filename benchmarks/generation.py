@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import report
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.pretrained import PaliGemma
 
@@ -238,6 +239,32 @@ def print_table(result: dict) -> None:
             print(f"{'':<18} {run['dtype']:<9} greedy tokens at batch 1 equal: {run['same_tokens']}")
 
 
+def write_report(args, result: dict) -> None:
+    """docs/performance.md's generation section: cells are pali-jax / transformers (floor)."""
+    rows = []
+    for run in result["runs"]:
+        impls = [run[name] for name in IMPLS if name in run]
+        for i, batch in enumerate(args.batch):
+            floor = run["floors"][i]
+
+            def both(key, scale=1.0, digits=1, floor_key=None):
+                cells = " / ".join(f"{r['rows'][i][key] * scale:.{digits}f}" for r in impls)
+                return cells + (f" ({floor[floor_key] * scale:.{digits}f})" if floor_key else "")
+
+            rows.append((run["preset"], run["dtype"], batch, both("ttft_s", 1e3, 0, "ttft_s"),
+                         both("decode_ms_per_token", 1.0, 1) + f" ({floor['decode_s'] * 1e3:.1f})",
+                         both("captions_per_s", 1.0, 2, "captions_per_s"),
+                         " / ".join(f"{r['peak_rss_bytes'] / 1e9:.1f}" for r in impls),
+                         run.get("same_tokens", "-") if batch == 1 else "-"))
+    names = " / ".join(n for n in IMPLS if n in args.impls)
+    rates = ", ".join(f"{d} {r / 1e9:.0f}" for d, r in result["matmul_rate"].items())
+    report.write(args, "generation", ["preset", "dtype", "batch", "TTFT ms", "decode ms/token", "captions/s",
+                                      "peak RSS GB", "same greedy tokens"], rows,
+                 note=f"Cells: {names} (floor or ceiling). {args.vision_layers} vision + {args.text_layers} text layers, "
+                      f"{args.prompt_tokens} prompt tokens, {args.new_tokens} new tokens, medians of {args.runs}; "
+                      f"read bandwidth {result['read_bandwidth'] / 1e9:.1f} GB/s, matmul GFLOP/s {rates}.")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--child", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
@@ -251,6 +278,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--json", type=Path, default=Path("generation_benchmark.json"))
+    report.add_arguments(p)
     args = p.parse_args()
     if args.child:
         Path(args.child[1]).write_text(json.dumps(child(json.loads(args.child[0]))))
@@ -281,6 +309,7 @@ def main() -> None:
     print_table(result)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"\nwritten: {args.json}")
+    write_report(args, result)
 
 
 if __name__ == "__main__":

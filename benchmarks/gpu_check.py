@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import report
 from benchmarks.generation import decode_bytes, inputs, median_time
 from pali_jax import backend
 from pali_jax.config import preset
@@ -105,6 +106,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--json", type=Path)
+    report.add_arguments(p)
     args = p.parse_args()
     print(f"devices: {jax.devices()}")
     bandwidth = copy_bandwidth()
@@ -126,6 +128,13 @@ def main() -> None:
                   f"{ref['captions_per_s_batch64']:.1f} captions/s at batch 64")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    rows = [(name, impl, r[impl]["ttft_ms"], r[impl]["decode_ms_per_token"], r["hbm_floor_decode_ms"],
+             r[impl]["captions_per_s_batch64"], r[impl].get("compile_s", "-"))
+            for name, r in results.items() for impl in ("pali_jax", "transformers") if r[impl]]
+    report.write(args, "gpu_check", ["model", "implementation", "TTFT ms", "decode ms/token", "HBM floor ms/token",
+                                     "captions/s at batch 64", "compile s"], rows,
+                 note=f"bfloat16, random weights, medians of {args.runs}; measured copy bandwidth "
+                      f"{bandwidth / 1e12:.2f} TB/s.")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 6): run from the repository root on a machine with an NVIDIA GPU and JAX's CUDA
+# GPU check: run from the repository root on a machine with an NVIDIA GPU and JAX's CUDA
 # build (plus torch with CUDA for transformers' figures). Finishes in a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."

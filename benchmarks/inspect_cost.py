@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from benchmarks import report
 from pali_jax.config import preset
 from pali_jax.generate import MIN_NEW_TOKENS_BUCKET, MIN_TEXT_BUCKET, bucket, decode_bytes, prepare_prompts
 from pali_jax.generation_config import GenerationConfig
@@ -80,10 +81,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--skip-wide", action="store_true", help="skip PaliGemma 1 3B widths (2 + 2 layers)")
+    report.add_arguments(parser)
     args = parser.parse_args()
+    rows = []
     for dtype in ("float32", "bfloat16"):
         pg = PaliGemma.from_pretrained(DEMO_MODEL, dtype=dtype)
-        print(f"demo {dtype}: flags-off generate program {program_hash(pg, GenerationConfig(max_new_tokens=16))}")
+        digest = program_hash(pg, GenerationConfig(max_new_tokens=16))
+        print(f"demo {dtype}: flags-off generate program {digest}")
+        rows.append((f"demo model, {dtype}: StableHLO hash of the flags-off generate program", f"`{digest}`"))
     models = [("demo model, float32, batch 8, 16 tokens", PaliGemma.from_pretrained(DEMO_MODEL), 8, 16)]
     if not args.skip_wide:
         from benchmarks.annotate import wide_model
@@ -93,9 +98,16 @@ def main() -> None:
         t = side_by_side(pg, batch, new_tokens, args.runs)
         print(f"{name}: off {t['off'] * 1e3:.1f} ms, on {t['on'] * 1e3:.1f} ms ({t['on'] / t['off']:.2f}x), "
               f"off again {t['off again'] * 1e3:.1f} ms ({t['off again'] / t['off']:.2f}x)")
-    for rows in (1, 8):
-        print(f"output_attentions, PaliGemma 1 3B (18 layers x 8 heads), 'caption en', 32 new tokens, {rows} row(s): "
-              f"{attention_bytes(rows) / 1e6:.1f} MB")
+        rows.append((f"{name}: generate_ids ms, recording off / on / off again",
+                     f"{t['off'] * 1e3:.1f} / {t['on'] * 1e3:.1f} / {t['off again'] * 1e3:.1f}"))
+    for rows_ in (1, 8):
+        megabytes = attention_bytes(rows_) / 1e6
+        print(f"output_attentions, PaliGemma 1 3B (18 layers x 8 heads), 'caption en', 32 new tokens, {rows_} row(s): "
+              f"{megabytes:.1f} MB")
+        rows.append((f"output_attentions memory, PaliGemma 1 3B, 'caption en', 32 new tokens, {rows_} row(s), MB",
+                     round(megabytes, 1)))
+    report.write(args, "inspect_cost", ["what", "measured"], rows,
+                 note=f"Times are medians of {args.runs} interleaved runs, compile excluded; memory is from shapes.")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import report
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "pali_jax" / "assets" / "demo" / "model"
 FINETUNE_ARGS = ("--steps", "8", "--batch-size", "4", "--lr", "1e-3", "--checkpoint-every", "2", "--keep", "2",
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetunes", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="kill_points.json")
+    report.add_arguments(parser)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     records = []
@@ -255,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     summary = {kind: sum(r["kind"] == kind for r in records) for kind in ("conversion", "finetune")}
     print(f"{len(records)} trials ({summary}); {len(bad)} left an unusable state or printed a traceback", flush=True)
     Path(args.out).write_text(json.dumps({"trials": records, "failures": len(bad)}, indent=1))
+    rows = [(r["kind"], r["signal"], f"{r['delay_s']:.3f}", r.get("from", "launch"), r["exit"],
+             "; ".join(r["problems"]) or "none") for r in records]
+    report.write(args, "kill_points", ["run", "signal", "after s", "counted from", "exit", "problems"], rows,
+                 note=f"{len(records)} trials, {len(bad)} left an unusable state or printed a traceback.")
     return 1 if bad else 0
 
 

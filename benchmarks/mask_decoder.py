@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from benchmarks import report
 from pali_jax.segmentation import MaskDecoder
 
 
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--vae", help="vae-oid.npz (default: random weights of its shapes)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--runs", type=int, default=20)
+    report.add_arguments(p)
     args = p.parse_args()
     decoder = MaskDecoder.from_npz(args.vae) if args.vae else MaskDecoder(random_weights())
     rng = np.random.default_rng(0)
@@ -58,6 +60,10 @@ def main() -> None:
         results.append({"batch": batch, "median_ms_per_call": round(median * 1e3, 3),
                         "median_ms_per_mask": round(median * 1e3 / batch, 3), "runs": args.runs})
     print(json.dumps(results, indent=2))
+    report.write(args, "mask_decoder", ["batch", "ms per call", "ms per mask"],
+                 [(r["batch"], r["median_ms_per_call"], r["median_ms_per_mask"]) for r in results],
+                 note=f"{'vae-oid.npz' if args.vae else 'Random weights of vae-oid.npz shapes'}; medians of "
+                      f"{args.runs} calls after compiling.")
 
 
 if __name__ == "__main__":

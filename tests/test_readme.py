@@ -2,7 +2,7 @@
 
 Real checkpoints cannot be downloaded here: the hub id the README uses is served from a local hub
 cache that holds a tiny model under that name, and `cat.jpg`, `dog.jpg` and `photos/` are real
-photographs from scikit-image. The set-up commands are checked against `.ci/run`, which runs them.
+photographs from scikit-image, and `train.jsonl` holds the README's own training line. The set-up commands are checked against `.ci/run`, which runs them.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def sandbox(tmp_path_factory, checkpoint):
     (work / "photos").mkdir()
     for name in ("coffee", "rocket"):
         PIL.Image.fromarray(getattr(skimage.data, name)()).save(work / "photos" / f"{name}.png")
+    [example] = blocks("json")  # the README's training line, used by its fine-tuning command
+    (work / "train.jsonl").write_text(example.strip() + "\n" + example.replace("cat.jpg", "dog.jpg").strip() + "\n")
     shutil.copytree(checkpoint["hf_dir"], work / HUB_ID.split("/")[1])  # the README's local HF directory
     cache = _hub_cache(root, HUB_ID, checkpoint["hf_dir"])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(root / "home"),

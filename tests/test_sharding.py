@@ -239,7 +239,7 @@ def test_cache_and_batch_specs_fall_back():
 
 @pytest.mark.parametrize("mesh", ["fsdp=8", "tensor=8"])
 def test_28b_bfloat16_fits_eight_ways(mesh):
-    """The issue's note: PaliGemma 2 28B in bfloat16, per-device parameter memory, no weights."""
+    """PaliGemma 2 28B in bfloat16 fits eight devices: per-device parameter memory, no weights."""
     cfg = preset("paligemma2-28b-224")
     report = sharding.memory_report(sharding.abstract_sharded_params(cfg, sharding.abstract_mesh(mesh), jnp.bfloat16))
     print("\n".join(report.lines()))
