@@ -28,9 +28,9 @@ import ml_dtypes
 import numpy as np
 
 from benchmarks import report
-from pali_jax.big_vision_weights import big_vision_arrays
 from pali_jax.config import preset
 from pali_jax.paligemma import abstract_params
+from pali_jax.weights.big_vision import big_vision_arrays
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _CHUNK = 16 << 20  # elements per random chunk

@@ -11,9 +11,9 @@ in the repository run the same commands.)
 
 HF: SRC is a checkpoint directory (config.json plus model.safetensors, or shards listed in
 model.safetensors.index.json), in any key layout transformers has written; tensors are read one at
-a time (`hf_weights`), coverage is strict, and integer or non-finite weights are refused. A
+a time (`pali_jax.weights`), coverage is strict, and integer or non-finite weights are refused. A
 tokenizer.model beside the weights must load and fit the model's vocabulary. big_vision: names,
-layouts, vocabulary and config are `big_vision_weights`'; the preset (default: the one whose
+layouts, vocabulary and config are `pali_jax.weights.big_vision`'s; the preset (default: the one whose
 shapes match) decides what the shapes cannot (soft caps, PaliGemma 2 28B's query scale).
 
 A directory DST is written into a temporary sibling and renamed at the end (it exists whole or not
@@ -33,52 +33,29 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from pali_jax.big_vision_weights import BigVisionError, load_big_vision, save_npz
 from pali_jax.checkpoint import read_params
 from pali_jax.cli import OneLineParser
-from pali_jax.config import PaliGemmaConfig
-from pali_jax.errors import UserError
 from pali_jax.files import check_output
-from pali_jax.hf_weights import ConversionError, load_hf
-from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, check_destination, read_model_config, verify, write_model_dir
+from pali_jax.model_dir import (
+    CONFIG_FILE, PARAMS_DIR, check_destination, check_tokenizer, read_model_config, verify, write_model_dir,
+)
 from pali_jax.paligemma import abstract_params
-from pali_jax.processor import PaliGemmaTokenizer
+from pali_jax.weights import WeightError, big_vision, hf, to_host
 
 # Looked for beside SRC.npz when no tokenizer is given: big_vision's name, then transformers'.
 TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
 
 
 # -- Hugging Face -> pali-jax --------------------------------------------------------------------
-def check_tokenizer(src: Path, config: PaliGemmaConfig) -> None:
-    """Refuses a tokenizer.model that would only fail later (at the first prompt): unreadable, or
-    with ids outside the model's embedding, or special ids other than config.json's."""
-    path = src / "tokenizer.model"
-    if not path.exists():
-        return  # arrays-only use (generate_ids) needs none; text prompts will say it is missing
-    try:
-        tok = PaliGemmaTokenizer(path, image_token_id=config.image_token_id)
-    except UserError as e:
-        raise ConversionError(f"{e} (delete it to convert without a tokenizer)") from None
-    if tok.vocab_size > config.vocab_size:
-        raise ConversionError(
-            f"{path} has {tok.vocab_size} pieces, more than the model's vocabulary of {config.vocab_size}: "
-            "it is another model's tokenizer"
-        )
-    if (tok.bos_id, tok.eos_id) != (config.bos_token_id, config.eos_token_ids[0]):
-        raise ConversionError(
-            f"{path} has <bos>/<eos> ids {tok.bos_id}/{tok.eos_id}, config.json says "
-            f"{config.bos_token_id}/{config.eos_token_ids[0]}: it is another model's tokenizer"
-        )
-
-
 def convert_hf(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Converts the HF checkpoint SRC into a pali-jax directory DST (orbax params, config,
     tokenizer files, manifest)."""
     src = Path(src)
     dst = check_destination(dst, src, overwrite=overwrite)  # before any reading: fail fast
-    cfg, params = load_hf(src, dtype)
-    check_tokenizer(src, cfg)
-    return write_model_dir(dst, cfg, params, src, overwrite=overwrite)
+    plan = hf.plan(src, dtype)
+    if (src / "tokenizer.model").exists():  # else arrays-only use (generate_ids); text prompts will say it is missing
+        check_tokenizer(src / "tokenizer.model", plan.config)
+    return write_model_dir(dst, plan.config, to_host(plan), src, overwrite=overwrite)
 
 
 # -- big_vision -> pali-jax ----------------------------------------------------------------------
@@ -97,28 +74,30 @@ def convert_big_vision(
     src = Path(src)
     dst = check_destination(dst, src, overwrite=overwrite)  # before any reading: fail fast
     if tokenizer is not None and not Path(tokenizer).is_file():
-        raise BigVisionError(f"tokenizer {tokenizer} does not exist")
+        raise WeightError(f"tokenizer {tokenizer} does not exist")
     if tokenizer is None:
         tokenizer = next((src.parent / n for n in TOKENIZER_NAMES if (src.parent / n).is_file()), None)
-    cfg, params = load_big_vision(src, dtype, preset, final_logit_softcap=final_logit_softcap)
+    plan = big_vision.plan(src, dtype, preset, final_logit_softcap=final_logit_softcap)
+    if tokenizer is not None:  # it must load and fit before anything is read or written
+        check_tokenizer(Path(tokenizer), plan.config, "the checkpoint's config")
     extra = {"tokenizer.model": Path(tokenizer)} if tokenizer is not None else None
-    return write_model_dir(dst, cfg, params, None, extra, overwrite=overwrite)
+    return write_model_dir(dst, plan.config, to_host(plan), None, extra, overwrite=overwrite)
 
 
 # -- pali-jax -> big_vision ----------------------------------------------------------------------
 def export_big_vision(src: str | Path, dst: str | Path, *, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Writes the model of a pali-jax directory as a big_vision `.npz`: big_vision's names
     (`params/img/...`, `params/llm/...`) and layouts, bfloat16 stored as 2-byte void, and the
-    embedding table's first 257152 rows (see `big_vision_weights`)."""
+    embedding table's first 257152 rows (see `pali_jax.weights.big_vision`)."""
     src, dst = Path(src), Path(dst)
     if not (src / CONFIG_FILE).is_file():
-        raise BigVisionError(f"{src} is not a pali-jax directory (no {CONFIG_FILE})")
+        raise WeightError(f"{src} is not a pali-jax directory (no {CONFIG_FILE})")
     real = check_output(dst, "the output", sources=[src])
     if real.exists() and not overwrite:
-        raise BigVisionError(f"{dst} already exists (pass --overwrite to replace it)")
+        raise WeightError(f"{dst} already exists (pass --overwrite to replace it)")
     config = read_model_config(src)
     params = read_params(src / PARAMS_DIR, _stored_dtypes(src / PARAMS_DIR, abstract_params(config)))
-    save_npz(real, config, params, dtype=dtype)
+    big_vision.save_npz(real, config, params, dtype=dtype)
     return dst
 
 

@@ -67,10 +67,11 @@ from pali_jax.evaluate import TASKS, Reference, generate_records, read_reference
 from pali_jax.files import write_text_atomically
 from pali_jax.metrics import CAPTION_TOKENIZERS, box_iou, resolve_caption_tokenizer
 from pali_jax.model_dir import check_destination, write_model_dir
-from pali_jax.pretrained import DTYPES, PaliGemma
+from pali_jax.pretrained import PaliGemma
 from pali_jax.processor import PaliGemmaProcessor
 from pali_jax.segmentation import resolve_vae_path
 from pali_jax.train import OPTIMIZERS, SCHEDULES, TRAINABLE_PRESETS, Trainer, TrainConfig, TrainState
+from pali_jax.weights import DTYPES
 
 _IOU_THRESHOLD = 0.5
 EVAL_METRICS = "eval_metrics.jsonl"  # in the run directory: one line per evaluation with --eval-task

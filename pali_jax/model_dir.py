@@ -28,6 +28,7 @@ from pali_jax.checkpoint import save_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
 from pali_jax.files import clean_stale, temporary_sibling
+from pali_jax.processor import PaliGemmaTokenizer
 
 CONFIG_FILE = "pali_jax_config.json"  # marks a converted directory
 PARAMS_DIR = "params"
@@ -208,6 +209,23 @@ def check_room(parent: Path, host_params: Any) -> None:
     if limit != resource.RLIM_INFINITY and largest > limit:
         raise ModelDirError(f"the file size limit (ulimit -f) is {limit} bytes, and the largest parameter array "
                             f"needs {largest}: raise the limit")
+
+
+def check_tokenizer(path: Path, config: PaliGemmaConfig, config_source: str = "config.json") -> None:
+    """Refuses a tokenizer model a converted directory would carry to fail later (at the first
+    prompt): unreadable or not sentencepiece, with ids outside the model's embedding, or with
+    special ids other than the config's (`config_source` names where the config came from)."""
+    tok = PaliGemmaTokenizer(path, image_token_id=config.image_token_id)
+    if tok.vocab_size > config.vocab_size:
+        raise ModelDirError(
+            f"{path} has {tok.vocab_size} pieces, more than the model's vocabulary of {config.vocab_size}: "
+            "it is another model's tokenizer"
+        )
+    if (tok.bos_id, tok.eos_id) != (config.bos_token_id, config.eos_token_ids[0]):
+        raise ModelDirError(
+            f"{path} has <bos>/<eos> ids {tok.bos_id}/{tok.eos_id}, {config_source} says "
+            f"{config.bos_token_id}/{config.eos_token_ids[0]}: it is another model's tokenizer"
+        )
 
 
 def write_model_dir(

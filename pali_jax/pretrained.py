@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from pali_jax import hf_weights, sharding
+from pali_jax import sharding, weights
 from pali_jax.backend import CHECKPOINT_LAYOUT, Layout, Policy
 from pali_jax.beam_search import BeamSearch
 from pali_jax.checkpoint import read_params
@@ -35,11 +35,11 @@ from pali_jax.intermediates import INTERMEDIATES, ForwardOutput, forward_output,
 from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
+from pali_jax.weights import DTYPES
 
 if TYPE_CHECKING:
     from pali_jax.segmentation import MaskDecoder
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # What a hub download fetches: exactly the files the loader reads or a conversion carries over;
 # never PyTorch .bin duplicates, code, or anything else a repository may hold.
 HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors",
@@ -166,8 +166,8 @@ class PaliGemma:
         policy: Policy | None = None,
     ) -> "PaliGemma":
         """Loads a converted directory, an HF checkpoint directory (converted in memory), a
-        big_vision `.npz` (read in memory, `pali_jax.big_vision_weights`; its tokenizer.model is
-        looked for beside it) or a hub id.
+        big_vision `.npz` (read in memory, `pali_jax.weights`; its tokenizer.model is looked for
+        beside it) or a hub id.
 
         dtype: "float32" or "bfloat16" (parameters and activations). sliding_window=False turns
         Gemma 2's sliding window off on every layer (big_vision's behaviour; see README).
@@ -190,25 +190,19 @@ class PaliGemma:
         path = Path(path_or_hub_id).expanduser()
         if not path.exists():
             path = _download(str(path_or_hub_id))
-        if path.is_file() and path.suffix == ".npz":
-            if mesh is not None:
-                raise UserError("a big_vision .npz loads on one device: convert it first (pali-jax convert-big-vision)")
-            from pali_jax.big_vision_weights import load_big_vision
-
-            config, host = load_big_vision(path, dtype)
-            params = jax.tree.map(jnp.asarray, host)
-            path = path.parent  # where its tokenizer.model is looked for
-        elif (path / CONFIG_FILE).exists():
+        npz = path.is_file() and path.suffix == ".npz"
+        if (path / CONFIG_FILE).exists():
             config = read_model_config(path)
             if mesh is not None:
                 params = sharding.restore_sharded(path / PARAMS_DIR, config, mesh, DTYPES[dtype])
             else:  # host arrays: split below as views, then made device arrays (in place on CPU)
                 params = read_params(path / PARAMS_DIR, abstract_params(config, DTYPES[dtype]))
-        elif (path / "config.json").exists() and mesh is not None:
-            config, params = sharding.load_hf_sharded(path, mesh, dtype)
-        elif (path / "config.json").exists():
-            config, host = hf_weights.load_hf(path, dtype)
-            params = jax.tree.map(jnp.asarray, host)
+        elif npz or (path / "config.json").exists():
+            config, params = weights.load(path, dtype, mesh=mesh)
+            if mesh is None:
+                params = jax.tree.map(jnp.asarray, params)
+            if npz:
+                path = path.parent  # where its tokenizer.model is looked for
         else:
             raise UserError(f"{path} is neither a pali-jax directory ({CONFIG_FILE}) nor an HF checkpoint (config.json)")
         if not sliding_window:

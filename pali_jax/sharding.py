@@ -35,14 +35,13 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pali_jax import hf_weights
 from pali_jax.checkpoint import restore_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.distributed import initialize_distributed
 from pali_jax.errors import UserError
 from pali_jax.kv_cache import KVCache
 from pali_jax.backend import Layout
-from pali_jax.paligemma import abstract_params, axes_table, nest, path_key
+from pali_jax.paligemma import abstract_params, axes_table, path_key
 
 AXES = ("data", "fsdp", "tensor")
 # Tensors with fewer elements stay whole on every device: splitting a norm scale or a bias saves
@@ -267,7 +266,7 @@ def shard_params(params: Any, mesh: Mesh, min_elements: int | None = None) -> An
     """Places a tree that every process holds whole (numpy or jax arrays) onto its shards.
 
     Each process copies only its own devices' slices. For checkpoints too large for one host,
-    load with `load_hf_sharded` or `restore_sharded` instead.
+    load with `weights.load(..., mesh=mesh)` or `restore_sharded` instead.
     """
     shardings = param_shardings(params, mesh, min_elements)
     return jax.tree.map(
@@ -374,52 +373,6 @@ def restore_sharded(
     Each process reads only the stored chunks that overlap its own devices' shards (orbax stores a
     leaf as one chunk up to 2 GiB, larger leaves in chunks of at most 2 GiB), never the model."""
     return restore_params(path, abstract_sharded_params(cfg, mesh, dtype, min_elements))
-
-
-def _update_slice(buffer: jax.Array, value: jax.Array, start: jax.Array) -> jax.Array:
-    """buffer with `value` (same rank) written at `start`."""
-    return jax.lax.dynamic_update_slice(buffer, value, tuple(start))
-
-
-def load_hf_sharded(
-    src: str | Path, mesh: Mesh, dtype: str | None = None, min_elements: int | None = None
-) -> tuple[PaliGemmaConfig, Any]:
-    """Reads an HF PaliGemma checkpoint straight onto the mesh: (config, sharded params).
-
-    Safetensors tensors are read one at a time (after `hf_weights.plan` checked them all).
-    A whole-leaf tensor (embedding, projector) is placed shard by shard; a per-layer tensor is placed
-    likewise and written into its stacked [L, ...] leaf, which lives only on the devices (zeros,
-    sharded, updated in place). So no host ever holds more than one checkpoint tensor (plus its
-    converted copy), and each process copies only its own devices' slices of it. dtype as in
-    `hf_weights.load_hf`.
-    """
-    p = hf_weights.plan(src, dtype)
-    specs = {path: partition_spec("/".join(path), leaf.shape, mesh, min_elements) for path, leaf in p.leaves.items()}
-    arrays: dict[tuple[str, ...], jax.Array] = {}
-    writers: dict[tuple[str, ...], Any] = {}
-    for placement in p.placements:
-        path, index, leaf = placement.path, placement.index, p.leaves[placement.path]
-        spec = tuple(specs[path]) + (None,) * (len(leaf.shape) - len(specs[path]))
-        value = placement.read().astype(p.dtype)
-        hf_weights.check_finite(placement.key, value)
-        if not index:
-            arrays[path] = jax.make_array_from_callback(leaf.shape, NamedSharding(mesh, specs[path]), lambda i, v=value: v[i])
-            continue
-        # A part of a stacked leaf (one layer; one of k/v or gate/up): give it the leaf's rank (size
-        # 1 on the indexed axes, which the rules never split) so that it keeps the leaf's layout and
-        # the write below moves no data between devices.
-        ints = [axis for axis, i in enumerate(index) if isinstance(i, int)]
-        value = np.expand_dims(value, ints)
-        part_spec = _canonical(tuple(None if axis in ints else s for axis, s in enumerate(spec)))
-        placed = jax.make_array_from_callback(value.shape, NamedSharding(mesh, part_spec), lambda i, v=value: v[i])
-        del value
-        if path not in arrays:
-            sharding = NamedSharding(mesh, specs[path])
-            arrays[path] = jax.jit(lambda s=leaf.shape: jnp.zeros(s, p.dtype), out_shardings=sharding)()
-            writers[path] = jax.jit(_update_slice, donate_argnums=0, out_shardings=sharding)
-        start = np.array([i if isinstance(i, int) else 0 for i in index] + [0] * (len(leaf.shape) - len(index)), np.int32)
-        arrays[path] = writers[path](arrays[path], placed, start)
-    return p.config, nest(arrays)
 
 
 # -- memory accounting -----------------------------------------------------------------------------

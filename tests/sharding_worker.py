@@ -54,20 +54,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pali_jax.conversion import convert_hf  # noqa: E402
-from pali_jax.hf_weights import load_hf  # noqa: E402
 from pali_jax.paligemma import abstract_params  # noqa: E402
-from pali_jax import distributed, finetune, sharding  # noqa: E402
+from pali_jax import distributed, finetune, sharding, weights  # noqa: E402
 from pali_jax.config import PaliGemmaConfig  # noqa: E402
 from pali_jax.decode import prepare_prompts  # noqa: E402
 from pali_jax.generation_config import GenerationConfig  # noqa: E402
 from pali_jax.pretrained import PaliGemma  # noqa: E402
 from pali_jax.sampling import SamplingParams  # noqa: E402
 from pali_jax.train import TrainConfig, Trainer  # noqa: E402
+from pali_jax.weights import materialise  # noqa: E402
+from pali_jax.weights.big_vision import save_npz  # noqa: E402
+from pali_jax.weights.npz import Member  # noqa: E402
 
 # Small enough that the tiny model's matrices are split, large enough that norms and biases stay
 # replicated: the per-device bytes check then has both kinds. Set for the whole process (every
 # loader, the Trainer and the fine-tuning entry point read it).
 sharding.MIN_SHARDED_ELEMENTS = 2048
+# Likewise small blocks of rows: loaders then read and place the tiny tensors (embedding rows,
+# big_vision's stacked layers) in several blocks, as they do full-size ones.
+materialise.BLOCK_BYTES = 16384
 # mesh spec -> which loader places the parameters (both paths are covered across the meshes).
 MESHES = {"8,1,1": "hf", "1,8,1": "orbax", "2,2,2": "hf", "1,1,2": "orbax"}
 BATCH, NEW_TOKENS, BEAMS = 8, 8, 3
@@ -198,7 +203,7 @@ def check_generation(ref: PaliGemma, hf_dir: Path, converted: Path, inputs: dict
         start = time.perf_counter()
         mesh = sharding.make_mesh(spec)
         if loader == "hf":
-            cfg, params = sharding.load_hf_sharded(hf_dir, mesh, "float32")
+            cfg, params = weights.load(hf_dir, "float32", mesh=mesh)
         else:
             cfg = ref.config
             params = sharding.restore_sharded(converted / "params", cfg, mesh)
@@ -337,12 +342,15 @@ def check_multihost_finetune(workdir: Path) -> dict:
     return {"params_diff": max_diff(first, want), "resumed_params_diff": max_diff(resumed, first)}
 
 
-def check_loading(ref: PaliGemma, hf_dir: Path, converted: Path, inputs: dict) -> dict:
+def check_loading(ref: PaliGemma, hf_dir: Path, converted: Path, npz: Path, inputs: dict) -> dict:
     """from_pretrained(mesh=...) on both kinds of directory, in the default (per-layer) layout, and
-    its generation; and a bfloat16 sharded restore."""
+    its generation; a big_vision .npz onto a mesh against the same file on one device; and a
+    bfloat16 sharded restore."""
     mesh = sharding.make_mesh("fsdp=-1")
     from_hf = PaliGemma.from_pretrained(hf_dir, mesh=mesh)
     from_orbax = PaliGemma.from_pretrained(converted, mesh=mesh)
+    npz_one = PaliGemma.from_pretrained(npz)
+    npz_mesh = PaliGemma.from_pretrained(npz, mesh=sharding.make_mesh("1,4,2"))
     bf16 = sharding.restore_sharded(converted / "params", ref.config, mesh, jnp.bfloat16)
     want_bf16 = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), ref.checkpoint_params())
     return {
@@ -354,6 +362,10 @@ def check_loading(ref: PaliGemma, hf_dir: Path, converted: Path, inputs: dict) -
         "default_layout_split_leaves": split_count(from_orbax.params),
         "default_layout_tokens_equal": bool(np.array_equal(generate_under(from_orbax, inputs)[1].tokens,
                                                            generate_under(ref, inputs)[1].tokens)),
+        "npz_params_equal": max_diff(npz_mesh.params, npz_one.params) == 0.0,
+        "npz_split_leaves": split_count(npz_mesh.params),
+        "npz_tokens_equal": bool(np.array_equal(generate_under(npz_mesh, inputs)[1].tokens,
+                                                generate_under(npz_one, inputs)[1].tokens)),
     }
 
 
@@ -408,6 +420,7 @@ def main(workdir: Path) -> dict:
     hf_dir = hf_models.save(build_divisible_model(), workdir / "hf", shard_size="100KB")
     converted = convert_hf(hf_dir, workdir / "converted")
     ref = PaliGemma.from_pretrained(hf_dir)
+    npz = save_npz(workdir / "pg.npz", ref.config, ref.checkpoint_params())
     rng = np.random.default_rng(0)
     inputs = prompts(ref.config, rng)
     batches = [training_batch(ref.config, rng) for _ in range(2)]
@@ -416,7 +429,7 @@ def main(workdir: Path) -> dict:
     result["generation"], want = check_generation(ref, hf_dir, converted, inputs)
     result["training"] = check_training(ref.config, host_params, batches)
     result["finetune"] = check_finetune(workdir, hf_dir, ref)
-    result["loading"] = check_loading(ref, hf_dir, converted, inputs)
+    result["loading"] = check_loading(ref, hf_dir, converted, npz, inputs)
     result["fallbacks"] = check_fallbacks()
     # Single-device references for the multi-host processes.
     np.savez(workdir / "reference.npz", **inputs, tokens=want.tokens, lengths=want.lengths, logits=want.logits)
@@ -434,9 +447,9 @@ def child(workdir: Path) -> dict:
     ref = dict(np.load(workdir / "reference.npz", allow_pickle=False))
     hf_dir, converted = workdir / "hf", workdir / "converted"
     mesh = sharding.make_mesh("2,2,2")  # one mesh over both processes' devices
-    cfg, params = sharding.load_hf_sharded(hf_dir, mesh, "float32")
+    cfg, params = weights.load(hf_dir, "float32", mesh=mesh)
     restored = sharding.restore_sharded(converted / "params", cfg, mesh)
-    _, host = load_hf(hf_dir, "float32")  # to check this process's shards (tiny: fine on every host)
+    _, host = weights.load(hf_dir, "float32")  # to check this process's shards (tiny: fine on every host)
     _, got = generate_under(PaliGemma(cfg, params, jnp.float32, hf_dir, mesh), ref)
     return {
         "process": jax.process_index(),
@@ -447,8 +460,25 @@ def child(workdir: Path) -> dict:
         "orbax_shards_diff": shards_diff(restored, host),
         "tokens_equal": bool(np.array_equal(got.tokens, ref["tokens"]) and np.array_equal(got.lengths, ref["lengths"])),
         "logits_diff": float(np.abs(got.logits - ref["logits"]).max()),
+        **child_npz(workdir),
         "finetune": child_finetune(workdir),
     }
+
+
+def child_npz(workdir: Path) -> dict:
+    """The big_vision .npz onto tensor=8 across both processes: the embedding's rows are split
+    between them, and each reads only its own half of them."""
+    reads = []
+    read = Member.read
+    Member.read = lambda self, start, stop: reads.append((self.name, start, stop)) or read(self, start, stop)
+    try:
+        _, params = weights.load(workdir / "pg.npz", "float32", mesh=sharding.make_mesh("1,1,8"))
+    finally:
+        Member.read = read
+    _, host = weights.load(workdir / "pg.npz", "float32")
+    return {"npz_shards_diff": shards_diff(params, host), "npz_split_leaves": split_count(params),
+            "npz_embedding_rows_read": [[start, stop] for name, start, stop in reads
+                                        if name == "llm/embedder/input_embedding"]}
 
 
 def child_finetune(workdir: Path) -> dict:

@@ -4,8 +4,10 @@ weights loaded through the HF path; the round trip HF -> pali-jax -> npz -> pali
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import jax
@@ -17,8 +19,11 @@ import torch
 import hf_models
 from pali_jax import cli
 from pali_jax.conversion import convert_big_vision, convert_hf
-from pali_jax import big_vision_weights as bvw
+from pali_jax.weights import WeightError, to_host
+from pali_jax.weights import big_vision as bvw
+from pali_jax.weights.npz import Member
 from pali_jax.config import PaliGemmaConfig, preset
+from pali_jax.errors import UserError
 from pali_jax.paligemma import abstract_params
 from pali_jax.pretrained import PaliGemma
 
@@ -165,7 +170,8 @@ def test_npz_logits_match_hf_path(models, kind, dtype, per_layer, prefix):
         direct = PaliGemma.from_pretrained(npz)
         config, host = direct.config, direct.checkpoint_params()
     else:
-        config, host = bvw.load_big_vision(npz, "float32", hf_cfg)
+        plan = bvw.plan(npz, "float32", hf_cfg)
+        config, host = plan.config, to_host(plan)
     assert config == ours.config
     for (keys, a), b in zip(jax.tree_util.tree_flatten_with_path(host)[0], jax.tree.leaves(ours.checkpoint_params())):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(keys))
@@ -212,11 +218,11 @@ def test_round_trip_is_exact(models, tmp_path):
             assert f[name].tobytes() == g[name].tobytes(), name
 
 
-def _fake_members(cfg: PaliGemmaConfig) -> dict[str, bvw.Member]:
+def _fake_members(cfg: PaliGemmaConfig) -> dict[str, Member]:
     """Headers of a big_vision file for a full-size config, without any data."""
     abstract = abstract_params(cfg)
     zeros = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), BF16), s.shape), abstract)
-    return {name: bvw.Member(Path("fake.npz"), name + ".npy", name, arr.shape, BF16, False)
+    return {name: Member(Path("fake.npz"), name + ".npy", name, arr.shape, BF16, False)
             for name, arr in bvw.big_vision_arrays(cfg, zeros)}
 
 
@@ -248,17 +254,30 @@ def _error(capsys) -> str:
     return err
 
 
+def _refused(capsys, npz: Path, *options: str) -> str:
+    """pali-jax convert-big-vision NPZ DST: exit 2, one line, nothing written beside NPZ."""
+    before = sorted(npz.parent.iterdir())
+    dst = npz.parent / "dst"
+    rc = cli.main(["convert-big-vision", str(npz), str(dst), *options])
+    assert rc == 2 and not dst.exists()
+    assert sorted(npz.parent.iterdir()) == before  # no temporary left
+    return _error(capsys)
+
+
+def _refused_by_from_pretrained(npz: Path) -> str:
+    with pytest.raises(UserError) as info:
+        PaliGemma.from_pretrained(npz)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
 def test_bad_files(models, tmp_path, capsys):
     m = models["pg1"]
     tree = big_vision_tree(m["model"])
     hf_cfg = PaliGemmaConfig.from_hf(m["hf_dir"])
 
     def run(npz: Path, *options: str) -> str:
-        dst = tmp_path / "dst"
-        rc = cli.main(["convert-big-vision", str(npz), str(dst), *options])
-        assert rc == 2 and not dst.exists()
-        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
-        return _error(capsys)
+        return _refused(capsys, npz, *options)
 
     missing = dict(tree)
     del missing["llm/layers/mlp/linear"]
@@ -267,18 +286,21 @@ def test_bad_files(models, tmp_path, capsys):
     assert "unexpected array 'llm/layers/attn/extra/w'" in run(save_like_big_vision(tmp_path / "extra.npz", extra))
     wrong = dict(tree, **{"llm/final_norm/scale": np.zeros(7, np.float32)})
     assert "llm/final_norm/scale" in run(save_like_big_vision(tmp_path / "wrong.npz", wrong))
+    rank = dict(tree, **{"llm/layers/mlp/gating_einsum": np.zeros((2, 3), np.float32)})  # no transpose fits it
+    assert "'llm/layers/mlp/gating_einsum' has shape (2, 3), which does not fit" in run(
+        save_like_big_vision(tmp_path / "rank.npz", rank))
     (tmp_path / "junk.npz").write_bytes(b"junk")
     assert "not an .npz" in run(tmp_path / "junk.npz")
     assert "does not exist" in run(tmp_path / "absent.npz")
     ints = dict(tree, **{"img/head/bias": np.zeros(64, np.int32)})
-    assert "dtype int32" in run(save_like_big_vision(tmp_path / "ints.npz", ints, dtype=None))
+    assert "is int32: PaliGemma weights are floating point" in run(save_like_big_vision(tmp_path / "ints.npz", ints, dtype=None))
     # A good file whose shapes are not the preset's: one line, nothing written.
     good = save_like_big_vision(tmp_path / "good.npz", tree)
     assert "preset's shapes" in run(good, "--preset", "paligemma-3b-224")
     assert "unknown preset" in run(good, "--preset", "paligemma-9b")
     # Layers given twice (stacked and per layer).
     twice = dict(tree, **{"llm/layers/0/mlp/linear": tree["llm/layers/mlp/linear"][0]})
-    with pytest.raises(bvw.BigVisionError, match="twice"):
+    with pytest.raises(WeightError, match="twice"):
         bvw.plan(save_like_big_vision(tmp_path / "twice.npz", twice), preset=hf_cfg)
     # The way back: a directory that is not pali-jax's, an existing output.
     assert cli.main(["export-big-vision", str(tmp_path / "nothing"), str(tmp_path / "out.npz")]) == 2
@@ -293,14 +315,93 @@ def test_bad_files(models, tmp_path, capsys):
     assert "already exists" in _error(capsys)
     # float16 files are read (as float32 by default).
     f16 = save_like_big_vision(tmp_path / "f16.npz", tree, np.float16)
-    cfg, params = bvw.load_big_vision(f16, preset=hf_cfg)
+    params = to_host(bvw.plan(f16, preset=hf_cfg))
     assert params["llm"]["layers"]["mlp"]["linear"].dtype == np.float32
     np.testing.assert_array_equal(params["llm"]["layers"]["mlp"]["linear"],
                                   tree["llm/layers/mlp/linear"].astype(np.float16).astype(np.float32))
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_values_are_refused(models, tmp_path, capsys, value):
+    tree = big_vision_tree(models["pg1"]["model"])
+    tree["llm/layers/mlp/linear"] = tree["llm/layers/mlp/linear"].copy()
+    tree["llm/layers/mlp/linear"][1, 3, 5] = value
+    npz = save_like_big_vision(tmp_path / "bad.npz", tree)
+    message = "'llm/layers/mlp/linear' holds NaN or infinite values: the checkpoint is damaged"
+    assert message in _refused(capsys, npz)
+    assert message in _refused_by_from_pretrained(npz)
+
+
+def _with_member(tree: dict[str, np.ndarray], path: Path, name: str, header_shape: tuple[int, ...]) -> Path:
+    """The tree as an .npz whose member `name` holds its real data under a header claiming `header_shape`."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for key, value in tree.items():
+            with zf.open(f"params/{key}.npy", "w") as f:
+                value = np.ascontiguousarray(value, np.float32)
+                shape = header_shape if key == name else value.shape
+                np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": shape})
+                f.write(value.tobytes())
+    return path
+
+
+def _flip_last_byte(src: Path, dst: Path, entry: str) -> Path:
+    """A copy of `src` with the last data byte of `entry` changed (its CRC-32 no longer matches)."""
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as zf:
+        info = zf.getinfo(entry)
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    data[info.header_offset + 30 + name_len + extra_len + info.file_size - 1] ^= 0x01
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_damaged_files_are_refused(models, tmp_path, capsys):
+    tree = big_vision_tree(models["pg1"]["model"])
+    # A header claiming 95 GiB for a member of a few kilobytes: refused before anything is allocated.
+    huge = _with_member(tree, tmp_path / "huge.npz", "llm/embedder/input_embedding", (100000000, 256))
+    message = "'params/llm/embedder/input_embedding.npy' is damaged: its header says (100000000, 256) float32"
+    assert message in _refused(capsys, huge) and message in _refused_by_from_pretrained(huge)
+    # One byte flipped in a member's data: the zip's CRC-32 says so.
+    good = save_like_big_vision(tmp_path / "good.npz", tree)
+    flipped = _flip_last_byte(good, tmp_path / "flipped.npz", "params/llm/layers/mlp/linear.npy")
+    message = "member params/llm/layers/mlp/linear.npy is damaged (Bad CRC-32"
+    assert message in _refused(capsys, flipped) and message in _refused_by_from_pretrained(flipped)
+    # Strings and Python objects are no weights.
+    strings = save_like_big_vision(tmp_path / "strings.npz", dict(tree, **{"img/head/bias": np.array(["x"] * 64)}))
+    assert "'img/head/bias' is <U1: PaliGemma weights are floating point" in _refused(capsys, strings)
+    objects = dict(tree, **{"img/head/bias": np.array([None] * 64, object)})
+    np.savez(tmp_path / "objects.npz", **{"params/" + k: v for k, v in objects.items()})
+    assert "'img/head/bias' is object: PaliGemma weights are floating point" in _refused(capsys, tmp_path / "objects.npz")
+
+
+def test_tokenizer_loads_before_anything_is_written(models, tokenizer_dir, tmp_path, capsys):
+    npz = save_like_big_vision(tmp_path / "pt.npz", big_vision_tree(models["pg1"]["model"]))
+    (tmp_path / "notes.txt").write_text("not a sentencepiece model\n")
+    assert "cannot load tokenizer model" in _refused(capsys, npz, "--tokenizer", str(tmp_path / "notes.txt"))
+    out = convert_big_vision(npz, tmp_path / "converted", tokenizer=tokenizer_dir / "tokenizer.model")
+    assert (out / "tokenizer.model").read_bytes() == (tokenizer_dir / "tokenizer.model").read_bytes()
+    assert PaliGemma.from_pretrained(out).tokenizer.vocab_size == ROWS
+
+
+def test_host_memory_is_checked_before_allocating(models, tmp_path, monkeypatch):
+    npz = save_like_big_vision(tmp_path / "pt.npz", big_vision_tree(models["pg1"]["model"]))
+    monkeypatch.setattr("pali_jax.weights.materialise.free_memory", lambda device: (1000, "available host memory"))
+    with pytest.raises(WeightError, match="GiB in float32, more than the 0.0 GiB of available host memory: load it"):
+        to_host(bvw.plan(npz))
+
+
+def test_blocks_of_rows_give_the_same_arrays(models, tmp_path, monkeypatch):
+    """Members read a few rows at a time (as full-size ones are) give what whole reads give."""
+    npz = save_like_big_vision(tmp_path / "pt.npz", big_vision_tree(models["pg1"]["model"]))
+    whole = to_host(bvw.plan(npz))
+    monkeypatch.setattr("pali_jax.weights.materialise.BLOCK_BYTES", 1000)
+    blocks = to_host(bvw.plan(npz))
+    for (keys, a), b in zip(jax.tree_util.tree_flatten_with_path(whole)[0], jax.tree.leaves(blocks)):
+        np.testing.assert_array_equal(a, b, err_msg=str(keys))
+
+
 def test_library_does_not_import_convert():
-    code = ("import sys, pali_jax.big_vision_weights, pali_jax.segmentation; "
+    code = ("import sys, pali_jax.weights, pali_jax.segmentation; "
             "bad = [m for m in sys.modules if m == 'convert' or m.startswith('convert.')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -22,10 +22,11 @@ from safetensors.numpy import load_file, save_file
 from transformers import PaliGemmaForConditionalGeneration
 
 from pali_jax import cli
-from pali_jax.hf_weights import load_hf
 from pali_jax.checkpoint import read_params, restore_params
+from pali_jax.errors import UserError
 from pali_jax.paligemma import abstract_params
 from pali_jax.pretrained import PaliGemma
+from pali_jax.weights import load
 from parity import assert_parity
 from test_model import hf_forward, make_inputs
 
@@ -81,14 +82,14 @@ def test_key_layouts(tiny_models, tmp_path, layout):
         tensors = load_file(src / "model.safetensors")
         tensors["language_model.lm_head.weight"] = tensors["language_model.model.embed_tokens.weight"]
         save_file(tensors, src / "model.safetensors")
-    _, params = load_hf(src, "float32")
+    _, params = load(src, "float32")
     assert tree_equal(params, jax.tree.map(np.asarray, tiny.pg.checkpoint_params()))
 
 
 def test_bfloat16_checkpoint(tmp_path, capsys):
     model = hf_models.build("pg1", seed=7)
     src = hf_models.save(model, tmp_path / "bf16", dtype=torch.bfloat16)
-    _, params = load_hf(src)  # auto: the checkpoint's own dtype
+    _, params = load(src)  # auto: the checkpoint's own dtype
     assert all(x.dtype == ml_dtypes.bfloat16 for x in jax.tree.leaves(params))
     code, err = convert_cli(capsys, src, tmp_path / "f32", "--dtype", "float32")
     assert code == 0, err
@@ -242,3 +243,32 @@ def test_export_removes_a_killed_exports_temporary(tmp_path, capsys):
     assert code == 0 and out == f"wrote {tmp_path / 'a.npz'}\n", err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]
     assert zipfile.ZipFile(tmp_path / "a.npz").testzip() is None  # a whole zip
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_weights_are_refused(tiny_models, tmp_path, capsys, value):
+    """One NaN (or infinity) anywhere: one line from the converter (exit 2, nothing written) and
+    from from_pretrained, as for a big_vision .npz (tests/test_big_vision.py)."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_models["pg1"].hf_dir, src)
+    tensors = load_file(src / "model.safetensors")
+    key = "language_model.model.layers.1.mlp.down_proj.weight"
+    tensors[key] = tensors[key].copy()
+    tensors[key][3, 2] = value
+    save_file(tensors, src / "model.safetensors")
+    message = f"tensor {key!r} holds NaN or infinite values: the checkpoint is damaged"
+    code, err = convert_cli(capsys, src, tmp_path / "dst")
+    assert code == 2 and err == f"error: {message}\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    with pytest.raises(UserError) as info:
+        PaliGemma.from_pretrained(src)
+    assert str(info.value) == message
+
+
+def test_rows_read_in_blocks_give_the_same_arrays(tiny_models, monkeypatch):
+    """Tensors read a few rows at a time (as full-size embeddings are) give what whole reads give."""
+    src = tiny_models["pg2"].hf_dir
+    _, whole = load(src, "float32")
+    monkeypatch.setattr("pali_jax.weights.materialise.BLOCK_BYTES", 1000)
+    _, blocks = load(src, "float32")
+    assert tree_equal(whole, blocks)

@@ -103,9 +103,11 @@ def test_finetune_entry_point_under_a_mesh(worker):
 
 
 def test_sharded_loading(worker):
-    """from_pretrained(mesh=...) from HF safetensors and from orbax; a sharded bfloat16 restore."""
+    """from_pretrained(mesh=...) from HF safetensors, from orbax and from a big_vision .npz (against
+    the same .npz on one device); a sharded bfloat16 restore."""
     r = worker["loading"]
     assert r["from_pretrained_hf_equal"] and r["from_pretrained_orbax_equal"], r
+    assert r["npz_params_equal"] and r["npz_split_leaves"] > 0 and r["npz_tokens_equal"], r
     assert r["bf16_equal"] and r["bf16_split_leaves"] > 0, r
     # The fast (per-layer) layout under a mesh: its weights split too, and the same tokens.
     assert "stacked=False" in r["default_layout"] and r["default_layout_split_leaves"] > 0, r
@@ -114,13 +116,17 @@ def test_sharded_loading(worker):
 
 def test_multihost_loading_and_generation(worker):
     """2 processes x 4 devices, one mesh: each process holds and fills only its own shards (from
-    safetensors and from orbax), and together they generate what one device does."""
+    safetensors, from orbax and from a big_vision .npz), and together they generate what one
+    device does. Under tensor=8 the .npz embedding's 2000 rows are split between the processes:
+    each reads only its own 1000."""
     reports = worker["multihost"]
     assert [r["process"] for r in reports] == [0, 1]
     for r in reports:
         assert r["joined"] and r["local_shards"] and r["split_leaves"] > 0, r
         assert r["hf_shards_diff"] == 0.0 and r["orbax_shards_diff"] == 0.0, r
+        assert r["npz_shards_diff"] == 0.0 and r["npz_split_leaves"] > 0, r
         assert r["tokens_equal"] and r["logits_diff"] <= 1e-4, r
+    assert [r["npz_embedding_rows_read"] for r in reports] == [[[0, 1000]], [[1000, 2000]]]
 
 
 def test_multihost_finetune(worker):

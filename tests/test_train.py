@@ -13,7 +13,7 @@ from transformers import PaliGemmaForConditionalGeneration
 
 import hf_models
 from parity import assert_parity, errors
-from pali_jax.hf_weights import _target
+from pali_jax.weights.hf import target
 from pali_jax import lora
 from pali_jax.pretrained import PaliGemma
 from pali_jax.train import Trainer, TrainConfig, TrainConfigError, suffix_nll
@@ -74,9 +74,9 @@ def test_loss_and_grads_match_transformers(plain_models, kind, remat):
     # HF gradients in our layout: the converter's re-layouts are linear, so they apply to gradients.
     expected = jax.tree.map(lambda x: np.full(x.shape, np.nan), grads["params"])
     for name, grad in ref_grads.items():
-        target = _target(name, pg.config)
-        if target is not None:
-            path, index, transform = target
+        found = target(name, pg.config)
+        if found is not None:
+            path, index, transform = found
             leaf = expected
             for key in path:
                 leaf = leaf[key]

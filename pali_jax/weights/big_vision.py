@@ -35,9 +35,10 @@ cannot tell: the soft caps (Gemma 2: 50 / 30) and the query scale (PaliGemma 2 2
 final_logits_softcap=0.0, so checkpoints fine-tuned there expect no cap (the published pt / mix
 checkpoints are the ones HF converted with the cap, which stays the default).
 
-Reading is strict (every member used, every parameter filled, every shape checked before any
-data is read) and one member at a time, large ones in slices of their leading axis straight from
-the zip stream (np.load cannot memory-map an npz), so memory peaks at the output plus one slice.
+This module holds only the names and layouts: the members are read by `weights.npz`, and checked
+and loaded (strictly: every member used, every parameter filled, every shape checked before any
+data is read; one member, or a block of its rows, at a time) by `weights.plan` and
+`weights.materialise`, as every other source.
 """
 
 from __future__ import annotations
@@ -52,117 +53,17 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 
 from pali_jax.config import PRESETS, GemmaConfig, PaliGemmaConfig, SiglipConfig
-from pali_jax.errors import UserError
 from pali_jax.files import atomic_write
-from pali_jax.paligemma import abstract_params, nest
+from pali_jax.weights.npz import Member, read_members
+from pali_jax.weights.plan import BFLOAT16, DTYPES, LeafPath, Piece, Plan, WeightError, make_plan, same
 
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": BFLOAT16}
-_CHUNK_BYTES = 64 << 20
 _PREFIXES = ("params/",)
 
 
-class BigVisionError(UserError):
-    """A big_vision checkpoint that cannot be read or written (one line: which member, why)."""
-
-
-# -- the npz container, one member at a time ---------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Member:
-    """One array of an `.npz`: its zip entry and `.npy` header (no data read)."""
-
-    path: Path
-    entry: str  # the zip entry, "<name>.npy"
-    name: str  # the array's key, with any "params/" prefix removed
-    shape: tuple[int, ...]
-    dtype: np.dtype  # as stored (bfloat16 already recovered from void)
-    fortran_order: bool
-
-    def read(self) -> np.ndarray:
-        """The whole array, in its stored dtype."""
-        return np.concatenate(list(self.slices())) if self.shape else next(self.slices())
-
-    def slices(self, max_bytes: int = _CHUNK_BYTES) -> Iterator[np.ndarray]:
-        """The array in consecutive slices of its leading axis (each about `max_bytes`), read
-        straight from the zip stream. Fortran-ordered arrays come whole."""
-        with zipfile.ZipFile(self.path) as zf, zf.open(self.entry) as f:
-            version = np.lib.format.read_magic(f)
-            _read_header(f, version)
-            if self.fortran_order or len(self.shape) == 0:
-                count = math.prod(self.shape)
-                raw = _read_exact(f, count * self.dtype.itemsize, self)
-                order = "F" if self.fortran_order else "C"
-                yield np.frombuffer(raw, self.dtype).reshape(self.shape, order=order).copy()
-                return
-            row = math.prod(self.shape[1:]) * self.dtype.itemsize
-            step = max(1, max_bytes // max(row, 1))
-            for start in range(0, self.shape[0], step):
-                n = min(step, self.shape[0] - start)
-                buf = bytearray(n * row)
-                if f.readinto(memoryview(buf)) != len(buf):
-                    raise BigVisionError(f"{self.path}: member {self.entry} is truncated")
-                yield np.frombuffer(buf, self.dtype).reshape((n, *self.shape[1:]))
-
-
-def _read_header(f, version):
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(f)
-    return np.lib.format.read_array_header_2_0(f)
-
-
-def _read_exact(f, n: int, member: Member) -> bytes:
-    raw = f.read(n)
-    if len(raw) != n:
-        raise BigVisionError(f"{member.path}: member {member.entry} is truncated")
-    return raw
-
-
-def _stored_dtype(dtype: np.dtype, where: str) -> np.dtype:
-    if dtype.kind == "V" and dtype.itemsize == 2 and dtype.fields is None:
-        return BFLOAT16  # how numpy saves bfloat16: as 2-byte void
-    if dtype in (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16):
-        return dtype
-    raise BigVisionError(f"{where} has dtype {dtype}; expected float32, float16 or bfloat16 (2-byte void)")
-
-
-def read_members(path: str | os.PathLike) -> dict[str, Member]:
-    """The arrays of an `.npz` by key (a leading `params/` removed), from the headers alone."""
-    path = Path(path)
-    try:
-        zf = zipfile.ZipFile(path)
-    except FileNotFoundError:
-        raise BigVisionError(f"{path} does not exist") from None
-    except (zipfile.BadZipFile, OSError) as e:
-        raise BigVisionError(f"{path} is not an .npz file ({' '.join(str(e).split())})") from None
-    members: dict[str, Member] = {}
-    with zf:
-        for entry in zf.namelist():
-            if not entry.endswith(".npy"):
-                raise BigVisionError(f"{path}: member {entry!r} is not a .npy array")
-            try:
-                with zf.open(entry) as f:
-                    version = np.lib.format.read_magic(f)
-                    shape, fortran, dtype = _read_header(f, version)
-            except (ValueError, OSError, zipfile.BadZipFile) as e:
-                raise BigVisionError(f"{path}: member {entry!r} is not a readable .npy ({' '.join(str(e).split())})") from None
-            key = entry[: -len(".npy")]
-            name = next((key[len(p):] for p in _PREFIXES if key.startswith(p)), key)
-            if name in members:
-                raise BigVisionError(f"{path}: {name!r} appears twice (with and without params/)")
-            members[name] = Member(path, entry, name, tuple(shape), _stored_dtype(dtype, f"{path}: {key}"), fortran)
-    if not members:
-        raise BigVisionError(f"{path} holds no arrays")
-    return members
-
-
 # -- names and layouts -------------------------------------------------------------------------
-LeafPath = tuple[str, ...]
-
-
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """How one big_vision array fills a pali-jax leaf: the leaf, the layer it fills (None: the whole
@@ -217,16 +118,12 @@ def rule_for(name: str) -> Rule | None:
     return None
 
 
-def _target_shape(shape: tuple[int, ...], perm: tuple[int, ...] | None) -> tuple[int, ...]:
-    return shape if perm is None else tuple(shape[p] for p in perm)
-
-
 # -- config from shapes ------------------------------------------------------------------------
 def _shape(members: dict[str, Member], *names: str) -> tuple[int, ...]:
     for n in names:
         if n in members:
             return members[n].shape
-    raise BigVisionError(f"{next(iter(members.values())).path}: no {names[0]!r} (not a big_vision PaliGemma checkpoint?)")
+    raise WeightError(f"{next(iter(members.values())).path}: no {names[0]!r} (not a big_vision PaliGemma checkpoint?)")
 
 
 def _depth(members: dict[str, Member], pattern: re.Pattern, stacked_name: str, index_groups: tuple[int, ...]) -> int:
@@ -235,9 +132,9 @@ def _depth(members: dict[str, Member], pattern: re.Pattern, stacked_name: str, i
     layers = {next(int(m[g]) for g in index_groups if m[g] is not None)
               for n in members if (m := pattern.fullmatch(n)) and any(m[g] is not None for g in index_groups)}
     if not layers:
-        raise BigVisionError(f"{next(iter(members.values())).path}: no {stacked_name!r} and no per-layer arrays")
+        raise WeightError(f"{next(iter(members.values())).path}: no {stacked_name!r} and no per-layer arrays")
     if layers != set(range(len(layers))):
-        raise BigVisionError(f"{next(iter(members.values())).path}: layers {sorted(layers)} are not 0..{len(layers) - 1}")
+        raise WeightError(f"{next(iter(members.values())).path}: layers {sorted(layers)} are not 0..{len(layers) - 1}")
     return len(layers)
 
 
@@ -248,7 +145,7 @@ def _layer_shape(members: dict[str, Member], suffix: str, stacked: str) -> tuple
     for name, member in members.items():
         if name.endswith("/" + suffix) and name != stacked:
             return member.shape
-    raise BigVisionError(f"{next(iter(members.values())).path}: no {stacked!r} (not a big_vision PaliGemma checkpoint?)")
+    raise WeightError(f"{next(iter(members.values())).path}: no {stacked!r} (not a big_vision PaliGemma checkpoint?)")
 
 
 def config_from_shapes(
@@ -261,12 +158,12 @@ def config_from_shapes(
     or None: the preset whose shapes match, else Gemma defaults) decides soft caps, query scale,
     norm epsilons and token ids. The sliding window is off (big_vision has none)."""
     if "llm/layers/attn/qkv_einsum/w" in members or any("qkv_einsum" in n for n in members):
-        raise BigVisionError("the checkpoint has a combined qkv_einsum (kv heads = heads, Gemma 7B): not a PaliGemma")
+        raise WeightError("the checkpoint has a combined qkv_einsum (kv heads = heads, Gemma 7B): not a PaliGemma")
     patch_h, patch_w, channels, v_width = _shape(members, "img/embedding/kernel")
     _, num_patches, _ = _shape(members, "img/pos_embedding")
     side = math.isqrt(num_patches)
     if patch_h != patch_w or channels != 3 or side * side != num_patches:
-        raise BigVisionError(f"img/embedding/kernel {patch_h}x{patch_w}x{channels} or pos_embedding of {num_patches} "
+        raise WeightError(f"img/embedding/kernel {patch_h}x{patch_w}x{channels} or pos_embedding of {num_patches} "
                              "patches is not a square RGB ViT")
     v_depth = _depth(members, _VIT_BLOCK, "img/Transformer/encoderblock/LayerNorm_0/scale", (1,))
     vit = "img/Transformer/encoderblock/"
@@ -283,7 +180,7 @@ def config_from_shapes(
     vision = SiglipConfig(width=v_width, depth=v_depth, mlp_dim=v_mlp, num_heads=v_heads, patch_size=patch_h,
                           image_size=side * patch_h)
     if vision.head_dim != v_head_dim:
-        raise BigVisionError(f"ViT attention {v_heads} x {v_head_dim} does not split width {v_width}")
+        raise WeightError(f"ViT attention {v_heads} x {v_head_dim} does not split width {v_width}")
     shapes = dict(vocab_size=vocab, width=width, depth=depth, mlp_dim=mlp, num_heads=heads, num_kv_heads=kv_heads,
                   head_dim=head_dim, post_norms=post_norms)
     base = _base_config(preset, vision, shapes)
@@ -308,7 +205,7 @@ def _base_config(preset: str | PaliGemmaConfig | None, vision: SiglipConfig, sha
     wanted = {k: v for k, v in shapes.items() if k != "vocab_size"}
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise BigVisionError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+            raise WeightError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
         preset = PRESETS[preset]
     if isinstance(preset, PaliGemmaConfig):
         got = _text_shapes(preset.text)
@@ -316,7 +213,7 @@ def _base_config(preset: str | PaliGemmaConfig | None, vision: SiglipConfig, sha
         if preset.vision.width != vision.width or preset.vision.depth != vision.depth:
             diff.append(f"vision {preset.vision.width}x{preset.vision.depth} (checkpoint: {vision.width}x{vision.depth})")
         if diff:
-            raise BigVisionError(f"the checkpoint does not have the preset's shapes: {'; '.join(diff)}")
+            raise WeightError(f"the checkpoint does not have the preset's shapes: {'; '.join(diff)}")
         return preset
     for cfg in PRESETS.values():  # the published shapes: take the matching preset's caps and query scale
         if _text_shapes(cfg.text) == wanted and cfg.vision.width == vision.width:
@@ -328,25 +225,11 @@ def _base_config(preset: str | PaliGemmaConfig | None, vision: SiglipConfig, sha
 
 
 # -- reading -----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """A checked conversion: every member placed, every leaf (and each of its layers) filled, every
-    shape right; made from the headers alone, before any data is read."""
-
-    config: PaliGemmaConfig
-    dtype: np.dtype
-    leaves: dict[LeafPath, jax.ShapeDtypeStruct]
-    placements: list[tuple[Member, Rule]]
-
-
-def _resolve_dtype(dtype: str | None, members: dict[str, Member]) -> np.dtype:
-    if dtype in (None, "auto"):
-        stored = [m.dtype for m in members.values()]
-        common = max(set(stored), key=stored.count)
-        return DTYPES["float32"] if common == np.dtype(np.float16) else common
-    if dtype not in DTYPES:
-        raise BigVisionError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
-    return DTYPES[dtype]
+def _piece(member: Member, rule: Rule) -> Piece:
+    keeps_rows = rule.perm is None or rule.perm[0] == 0
+    transform = same if rule.perm is None else (lambda a, perm=rule.perm: a.transpose(perm))
+    index = () if rule.layer is None else (rule.layer,)
+    return Piece(f"{member.path}: {member.name!r}", member, rule.path, index, transform, keeps_rows)
 
 
 def plan(
@@ -356,61 +239,20 @@ def plan(
     *,
     final_logit_softcap: bool = True,
 ) -> Plan:
-    """Checks a big_vision `.npz` against the model its shapes describe; see `Plan`.
+    """Checks a big_vision `.npz` against the model its shapes describe, from the headers alone.
 
-    dtype: "float32", "bfloat16", or None / "auto" for the file's own (float16 files: float32)."""
-    members = read_members(src)
-    cfg = config_from_shapes(members, preset, final_logit_softcap=final_logit_softcap)
-    leaves = {tuple(k.key for k in p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_params(cfg))[0]}
-    filled: dict[LeafPath, np.ndarray] = {}  # per leaf: which layers are filled (one flag if unstacked)
-    placements = []
-    for name in sorted(members):
-        member = members[name]
-        rule = rule_for(name)
-        if rule is None or rule.path not in leaves:
-            raise BigVisionError(f"{member.path}: unexpected array {name!r} (not a parameter of this PaliGemma)")
-        leaf = leaves[rule.path]
-        want = leaf.shape if rule.layer is None else leaf.shape[1:]
-        got = _target_shape(member.shape, rule.perm)
-        if got != want or (rule.layer is not None and rule.layer >= leaf.shape[0]):
-            raise BigVisionError(f"{member.path}: {name!r} has shape {member.shape}, which does not fit "
-                                 f"{'/'.join(rule.path)} {leaf.shape} of the model its shapes describe")
-        flags = filled.setdefault(rule.path, np.zeros(leaf.shape[0] if leaf.shape else 1, bool))
-        part = slice(None) if rule.layer is None else rule.layer
-        if flags[part].any():
-            raise BigVisionError(f"{member.path}: {'/'.join(rule.path)} is given twice (stacked and per layer?)")
-        flags[part] = True
-        placements.append((member, rule))
-    for path in leaves:
-        if path not in filled or not filled[path].all():
-            raise BigVisionError(f"{src}: no array for {'/'.join(path)} (or for some of its layers)")
-    return Plan(cfg, _resolve_dtype(dtype, members), leaves, placements)
-
-
-def load_big_vision(
-    src: str | os.PathLike,
-    dtype: str | None = None,
-    preset: str | PaliGemmaConfig | None = None,
-    *,
-    final_logit_softcap: bool = True,
-) -> tuple[PaliGemmaConfig, dict[str, Any]]:
-    """Reads a big_vision `.npz` into (config, nested dict of numpy arrays in pali-jax's layout).
-
+    dtype: "float32", "bfloat16", or None / "auto" for the file's own (float16 files: float32).
     preset: what shapes cannot tell (see `config_from_shapes`); final_logit_softcap=False for
     checkpoints fine-tuned with big_vision's configs (final_logits_softcap=0.0)."""
-    p = plan(src, dtype, preset, final_logit_softcap=final_logit_softcap)
-    arrays = {path: np.empty(leaf.shape, p.dtype) for path, leaf in p.leaves.items()}
-    for member, rule in p.placements:
-        out = arrays[rule.path] if rule.layer is None else arrays[rule.path][rule.layer]
-        if rule.perm is not None and rule.perm[0] != 0:  # the leading axis moves: the member whole
-            out[...] = member.read().transpose(rule.perm)
-            continue
-        start = 0  # slices of the leading axis, which stays the leading axis
-        for part in member.slices():
-            view = part if rule.perm is None else part.transpose(rule.perm)
-            out[start : start + len(part)] = view
-            start += len(part)
-    return p.config, nest(arrays)
+    members = read_members(src, _PREFIXES)
+    cfg = config_from_shapes(members, preset, final_logit_softcap=final_logit_softcap)
+    pieces = []
+    for name in sorted(members):
+        rule = rule_for(name)
+        if rule is None:
+            raise WeightError(f"{src}: unexpected array {name!r} (not a parameter of this PaliGemma)")
+        pieces.append(_piece(members[name], rule))
+    return make_plan(cfg, pieces, dtype, "the model its shapes describe")
 
 
 # -- writing -----------------------------------------------------------------------------------
@@ -429,14 +271,14 @@ def big_vision_arrays(config: PaliGemmaConfig, params: Any) -> Iterator[tuple[st
         path = "/".join(str(k.key) for k in keys)
         arr = leaf if isinstance(leaf, np.ndarray) else np.asarray(leaf)
         if path.startswith("llm/layers_"):
-            raise BigVisionError("the tree holds split decoder layers (llm/layers_0/...): save the stacked tree")
+            raise WeightError("the tree holds split decoder layers (llm/layers_0/...): save the stacked tree")
         if path == "llm/embedder/input_embedding":
             rows = min(arr.shape[0], config.image_token_id)  # no <image> row, no padding rows
             yield path, arr[:rows]
         elif path.startswith("llm/layers/"):
             rest = path[len("llm/layers/"):]
             if rest not in _OURS_TO_BV_LLM:
-                raise BigVisionError(f"unexpected parameter {path}")
+                raise WeightError(f"unexpected parameter {path}")
             bv, perm = _OURS_TO_BV_LLM[rest]
             yield f"llm/layers/{bv}", arr if perm is None else arr.transpose(_inverse(_stacked(perm)))
         elif m := re.fullmatch(r"img/Transformer/encoderblock/(Dense_[01]/(kernel|bias))", path):
@@ -458,12 +300,12 @@ def save_npz(
     `dst`, renamed at the end). dtype: None keeps each leaf's, else "float32" / "bfloat16"."""
     dst = Path(dst)
     if dtype is not None and dtype not in DTYPES:
-        raise BigVisionError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+        raise WeightError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(dst) as out, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, arr in big_vision_arrays(config, params):
             if dtype is not None and arr.dtype != DTYPES[dtype]:
-                arr = arr.astype(DTYPES[dtype])
+                arr = arr.astype(np.dtype(DTYPES[dtype]))
             if arr.dtype == BFLOAT16:
                 arr = arr.view(np.dtype("V2"))  # what big_vision's np.savez writes for bfloat16
             with zf.open(f"{prefix}{name}.npy", "w", force_zip64=True) as f:
