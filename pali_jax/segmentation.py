@@ -22,7 +22,6 @@ squared-L2 nearest neighbour), and its evaluator's paste-back (`paste_mask`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -149,12 +148,15 @@ class MaskDecoder:
 
     def __init__(self, weights: Mapping[str, np.ndarray], source: str = "weights"):
         self.source = source
-        get = functools.partial(_member, weights, source)
-        codebook = np.asarray(get(CODEBOOK), np.float32)
+        if not isinstance(weights, Mapping):
+            raise SegmentationError(f"weights must be a mapping of names to arrays, got {type(weights).__name__}")
+        optional = {n + p for n in _encoder_names() for p in (".weight", ".bias")}
+        needed = [CODEBOOK, *(n + p for n in _decoder_names() for p in (".weight", ".bias"))]
+        # Every tensor used is checked as data here, so that nothing later converts a bad one.
+        weights = {name: _tensor(weights, source, name) for name in [*needed, *sorted(optional & set(weights))]}
+        codebook = weights[CODEBOOK]
         if codebook.ndim != 2 or codebook.shape[0] != CODEBOOK_SIZE:
             raise SegmentationError(f"{source}: {CODEBOOK} has shape {codebook.shape}, expected [{CODEBOOK_SIZE}, dim]")
-        for name in _decoder_names():
-            get(name + ".weight"), get(name + ".bias")
         dim = codebook.shape[1]
         features = (weights[_DECODER_CONVS[0] + ".weight"].shape[0],
                     *(weights[n + ".weight"].shape[1] for n in _DECODER_UP))
@@ -192,11 +194,14 @@ class MaskDecoder:
         """Reads big_vision's `vae-oid.npz` (or a file with the same member names)."""
         path = Path(path).expanduser()
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            npz = np.load(path, allow_pickle=False)
+            if not isinstance(npz, np.lib.npyio.NpzFile):  # a .npy file: one bare array
+                raise ValueError("not an .npz archive of named arrays")
+            with npz:
                 weights = {name: npz[name] for name in npz.files}
         except FileNotFoundError:
             raise SegmentationError(f"mask VAE file not found: {path} (download it from {DEFAULT_URL})") from None
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:  # BadZipFile: a CRC error too
             raise SegmentationError(f"cannot read mask VAE {path}: {' '.join(str(e).split())[:200]}") from None
         return cls(weights, str(path))
 
@@ -286,11 +291,24 @@ class MaskDecoder:
         return f"{text} {label}" if label else text
 
 
-def _member(weights: Mapping[str, np.ndarray], source: str, name: str) -> np.ndarray:
+def _tensor(weights: Mapping[str, np.ndarray], source: str, name: str) -> np.ndarray:
+    """weights[name] as float32, refused unless it is there, numeric, finite and of its rank (a conv
+    kernel 4, a bias 1, the codebook 2)."""
     try:
-        return weights[name]
+        value = weights[name]
     except KeyError:
         raise SegmentationError(f"{source} has no tensor {name!r}: not big_vision's mask VAE (vae-oid.npz)?") from None
+    array = np.asarray(value) if isinstance(value, (np.ndarray, np.generic)) else None
+    if array is None or array.dtype.kind not in "fiu":
+        what = f"dtype {array.dtype}" if array is not None else type(value).__name__
+        raise SegmentationError(f"{source}: tensor {name!r} holds {what}, expected float numbers")
+    rank = 4 if name.endswith(".weight") else 1 if name.endswith(".bias") else 2
+    if array.ndim != rank or array.size == 0:
+        raise SegmentationError(f"{source}: tensor {name!r} has shape {list(array.shape)}, expected {rank} non-empty axes")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise SegmentationError(f"{source}: tensor {name!r} holds NaN or infinite values: the file is damaged")
+    return array
 
 
 def _check_shapes(module: nn.Module, params: dict, input_shape: tuple[int, ...], source: str) -> None:

@@ -156,6 +156,38 @@ def test_bad_vae_files(tmp_path, vae):
         decoder_only.encode(np.zeros((1, 64, 64)))
 
 
+def _one_line_refusal(path, match):
+    with pytest.raises(UserError, match=match) as e:
+        seg.MaskDecoder.from_npz(path)
+    assert "\n" not in str(e.value)
+
+
+def test_vae_files_are_checked_as_data(tmp_path, vae):
+    """Strings, NaN, wrong ranks, a bare .npy and a damaged archive: one line each, at load."""
+    bad = {
+        "text": dict(vae["weights"], **{"decoder.4.bias": np.array(["a"] * 128)}),
+        "nan": dict(vae["weights"], **{"decoder.12.weight": np.full((1, 16, 1, 1), np.nan, np.float32)}),
+        "inf_encoder": dict(vae["weights"], **{"encoder.0.bias": np.full(16, np.inf, np.float32)}),
+        "rank": dict(vae["weights"], **{"decoder.0.weight": np.zeros(128, np.float32)}),
+        "bools": dict(vae["weights"], **{"_vq_vae._embedding": np.zeros((128, DIM), bool)}),
+    }
+    messages = {"text": "'decoder.4.bias' holds dtype <U1", "nan": "'decoder.12.weight' holds NaN",
+                "inf_encoder": "'encoder.0.bias' holds NaN or infinite", "rank": r"'decoder.0.weight' has shape \[128\]",
+                "bools": "holds dtype bool"}
+    for name, weights in bad.items():
+        np.savez(tmp_path / f"{name}.npz", **weights)
+        _one_line_refusal(tmp_path / f"{name}.npz", messages[name])
+    np.save(tmp_path / "bare.npy", vae["weights"]["decoder.0.bias"])
+    _one_line_refusal(tmp_path / "bare.npy", "not an .npz archive")
+    # One flipped byte inside a stored member: zip's CRC check refuses it.
+    data = bytearray(vae["path"].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "crc.npz").write_bytes(bytes(data))
+    _one_line_refusal(tmp_path / "crc.npz", "Bad CRC-32")
+    with pytest.raises(UserError, match="mapping of names to arrays, got list"):
+        seg.MaskDecoder([1, 2])
+
+
 def _blob_masks(rng, n, size=64):
     yy, xx = np.mgrid[:size, :size]
     masks = []
