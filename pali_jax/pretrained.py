@@ -33,7 +33,7 @@ from pali_jax.generation_config import GenerationConfig, GenerationError, check_
 from pali_jax.intermediates import INTERMEDIATES, ForwardOutput, forward_output
 from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
-from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
+from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, numeric_array, preprocess_images, texts
 
 if TYPE_CHECKING:
     from pali_jax.segmentation import MaskDecoder
@@ -144,26 +144,10 @@ class _TextPieces:
         return piece
 
 
-def _numbers(name: str, value: Any, kinds: str) -> np.ndarray:
-    """`value` as a numpy array whose dtype kind is one of `kinds` ("f" float, "i" / "u" int, "b"
-    bool), or a one-line refusal naming what it is."""
-    array = None
-    if not isinstance(value, (str, bytes)) and value is not None:
-        try:
-            array = np.asarray(value)
-        except (ValueError, TypeError):  # ragged nested lists, objects numpy cannot hold
-            pass
-    if array is None or array.dtype.kind not in kinds:
-        what = f"an array of {array.dtype}" if array is not None else type(value).__name__
-        kind = "integers" if "f" not in kinds else "numbers"
-        raise UserError(f"{name} must be an array of {kind}, got {what}")
-    return array
-
-
 def _pair(images, prompts) -> tuple[list, list[str]]:
     """One image per prompt; a single image or a single prompt is repeated to match the other."""
     images = list(images) if isinstance(images, (list, tuple)) else [images]
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = texts("prompts", prompts)
     if len(images) == 1 and len(prompts) > 1:
         images = images * len(prompts)
     if len(prompts) == 1 and len(images) > 1:
@@ -286,8 +270,8 @@ class PaliGemma:
     def _check(self, pixel_values, input_ids, token_type_ids=None, attention_mask=None):
         """The model inputs checked and as the programs take them: pixels [B, H, W, 3] in the model's
         dtype, ids [B, T] int32, token types and mask None or [B, T] int32 of 0 / 1."""
-        pixels = _numbers("pixel_values", pixel_values, "fiu")
-        ids = _numbers("input_ids", input_ids, "iu")
+        pixels = numeric_array("pixel_values", pixel_values, "fiu")
+        ids = numeric_array("input_ids", input_ids, "iu")
         size = self.config.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3) or not pixels.shape[0]:
             raise UserError(f"pixel_values must be [B, {size}, {size}, 3] with B >= 1, got {list(pixels.shape)}")
@@ -306,7 +290,7 @@ class PaliGemma:
             raise UserError(f"input_ids must lie in [0, {self.config.vocab_size})")
         flags = []
         for name, value in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
-            flag = None if value is None else _numbers(name, value, "biu")
+            flag = None if value is None else numeric_array(name, value, "biu")
             if flag is not None and (flag.shape != ids.shape or not np.isin(flag, (0, 1)).all()):
                 raise UserError(f"{name} must be None or [B, T] = {list(ids.shape)} of 0 / 1, got {list(flag.shape)}")
             flags.append(None if flag is None else flag.astype(np.int32))
