@@ -91,8 +91,15 @@ def draw_detections(
 
     Detections with a ``mask`` (of the image's size) get it overlaid in a translucent colour of
     their own, their box and label drawn in that colour."""
-    canvas = (PIL.Image.fromarray(image) if isinstance(image, np.ndarray) else image).convert("RGB")
+    if not isinstance(image, (PIL.Image.Image, np.ndarray)):
+        raise UserError(f"image must be a PIL image or a uint8 [H, W, 3] array, got {type(image).__name__}")
+    if isinstance(detections, Detection) or not isinstance(detections, Iterable):
+        raise UserError(f"detections must be a list of Detection, got {type(detections).__name__}")
     detections = list(detections)
+    for i, det in enumerate(detections):
+        if not isinstance(det, Detection):
+            raise UserError(f"detections[{i}] must be a Detection, got {type(det).__name__}")
+    canvas = (PIL.Image.fromarray(image) if isinstance(image, np.ndarray) else image).convert("RGB")
     colors = []
     pixels = None
     for k, det in enumerate(detections):

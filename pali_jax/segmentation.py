@@ -380,7 +380,7 @@ def _check_shapes(module: nn.Module, params: dict, input_shape: tuple[int, ...],
 
 def _unit_mask(mask) -> np.ndarray:
     """A mask as float32 [H, W] in [0, 1]."""
-    m = np.asarray(mask)
+    m = numeric_array("a mask", mask, "biuf")
     if m.ndim == 3 and m.shape[-1] in (1, 3, 4):
         m = m[..., 0]
     if m.ndim != 2 or m.size == 0:
@@ -413,6 +413,8 @@ def resize_antialiased(image: np.ndarray, height: int, width: int) -> np.ndarray
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask image file (PNG, ...) as bool [H, W]: nonzero pixels of its first channel (or of L)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise SegmentationError(f"a mask file must be a path, got {type(path).__name__}")
     try:
         with PIL.Image.open(path) as img:
             arr = np.asarray(img.convert("L") if img.mode not in ("1", "L", "I", "I;16", "F") else img)

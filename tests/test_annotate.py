@@ -109,7 +109,7 @@ def test_beam_search_is_refused_in_one_line(demo, images):
         annotate(demo, images[:2], beams=2)
 
 
-def test_arguments_are_checked_before_anything_runs(demo, images):
+def test_arguments_are_checked_before_anything_runs(demo, images, tmp_path):
     path = images[0].image
     for items, prompt, message in (
         (5, "caption en", "^items must be an image .* or a list of them, got int$"),
@@ -120,6 +120,9 @@ def test_arguments_are_checked_before_anything_runs(demo, images):
     ):
         with pytest.raises(UserError, match=message):
             annotate(demo, items, prompt, **JOB)
+    with pytest.raises(UserError, match="^items must be an image .* got int$"):
+        annotate_to_file(demo, 5, tmp_path / "r.jsonl", "caption en", **JOB)
+    assert list(tmp_path.iterdir()) == []
     # A single path is one item, as in PaliGemma.generate (not its characters): here already done.
     stats = JobStats()
     annotate(demo, path, "caption en", **JOB, done={(path, "caption en")}, stats=stats)

@@ -266,6 +266,16 @@ def test_images_in_memory_obey_the_file_limits(monkeypatch):
     assert preprocess_images(np.zeros((9, 11, 3), np.uint8), SIZE).shape == (1, SIZE, SIZE, 3)
 
 
+def test_draw_detections_checks_its_arguments():
+    box = Detection(1, 1, 5, 5, "cat")
+    for image, detections, message in ((None, [box], "image must be a PIL image .* got NoneType"),
+                                       ("cat.png", [box], "got str"),
+                                       (np.zeros((8, 8, 3), np.uint8), box, "detections must be a list of Detection"),
+                                       (np.zeros((8, 8, 3), np.uint8), [box, "dog"], r"detections\[1\] must be a Detection")):
+        with pytest.raises(UserError, match=message):
+            draw_detections(image, detections)
+
+
 def test_parse_detections_checks_its_arguments():
     with pytest.raises(UserError, match="^text must be a string .*, got bytes$"):
         parse_detections(b"<loc0000>", 10, 10)

@@ -315,7 +315,7 @@ def test_paste_mask(vae, locs, h, w):
     assert not got[:, :max(x1, 0)].any() and not got[:, x2:].any() and not got[:y1].any() and not got[y2:].any()
 
 
-def test_paste_mask_checks_its_arguments():
+def test_mask_functions_check_their_arguments(vae):
     logits = np.ones((64, 64), np.float32)
     locs = (0, 0, 512, 512)
     for args, message in (
@@ -331,6 +331,10 @@ def test_paste_mask_checks_its_arguments():
         with pytest.raises(UserError, match=message) as e:
             seg.paste_mask(*args)
         assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="a mask must be an array of numbers, got NoneType"):
+        vae["model"].mask_tokens(None)
+    with pytest.raises(UserError, match="a mask file must be a path, got int"):
+        seg.load_mask(5)
     assert seg.paste_mask(logits, np.array(locs), 10, 10).sum() == 25
 
 
