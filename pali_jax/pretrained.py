@@ -291,8 +291,10 @@ class PaliGemma:
         flags = []
         for name, value in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
             flag = None if value is None else numeric_array(name, value, "biu")
-            if flag is not None and (flag.shape != ids.shape or not np.isin(flag, (0, 1)).all()):
-                raise UserError(f"{name} must be None or [B, T] = {list(ids.shape)} of 0 / 1, got {list(flag.shape)}")
+            if flag is not None and flag.shape != ids.shape:
+                raise UserError(f"{name} must be None or [B, T] = {list(ids.shape)}, got {list(flag.shape)}")
+            if flag is not None and not np.isin(flag, (0, 1)).all():
+                raise UserError(f"{name} must hold 0 / 1, got {flag.min()}..{flag.max()}")
             flags.append(None if flag is None else flag.astype(np.int32))
         return pixels.astype(self.dtype, copy=False), ids.astype(np.int32, copy=False), *flags
 
