@@ -50,7 +50,7 @@ from pali_jax.errors import UserError, warn_default
 from pali_jax.files import jsonl_records
 from pali_jax.generation_config import GenerationConfig, GenerationError
 from pali_jax.input_pipeline import MAX_QUEUE, MAX_WORKERS, Failed, Prefetcher, check_sizes
-from pali_jax.processor import IMAGE_SUFFIXES, ImageInput, folder_images, load_image, preprocess_images
+from pali_jax.processor import IMAGE_SUFFIXES, ImageInput, folder_images, image_list, load_image, preprocess_images
 from pali_jax.results_file import Key, ResultsFile, box_record
 
 if TYPE_CHECKING:
@@ -103,9 +103,22 @@ def _read_jsonl(path: Path, allow_outside: bool) -> list[Item]:
     return items
 
 
+def _item_list(items: Iterable[Item | ImageInput] | Item | ImageInput, prompt: str | None) -> list[Item]:
+    """`items` checked and as `Item`s; one image or `Item` alone is one item (as in `PaliGemma.generate`)."""
+    if prompt is not None and not isinstance(prompt, str):
+        raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
+    items = [items] if isinstance(items, Item) else image_list(items, "items")
+    return [_as_item(item, i, prompt) for i, item in enumerate(items)]
+
+
 def _as_item(item: Item | ImageInput, position: int, prompt: str | None) -> Item:
     """`item` as an `Item` with its name and prompt (default `prompt`) filled in, checked."""
     item = item if isinstance(item, Item) else Item(item)
+    if not isinstance(item.image, ImageInput):
+        raise UserError(f"items[{position}] must be an image path, PIL image, numpy array or Item, "
+                        f"got {type(item.image).__name__}")
+    if item.prompt is not None and not isinstance(item.prompt, str):
+        raise UserError(f"items[{position}]: the prompt must be a string, got {type(item.prompt).__name__}")
     name = item.name or (os.fspath(item.image) if isinstance(item.image, (str, os.PathLike)) else f"#{position}")
     item = dataclasses.replace(item, prompt=item.prompt if item.prompt is not None else prompt, name=name)
     if item.prompt is None:
@@ -169,7 +182,7 @@ def annotate(
     if refill_at is not None and (isinstance(refill_at, bool) or not isinstance(refill_at, int)
                                   or not 1 <= refill_at <= slots):
         raise GenerationError("refill_at", f"refill_at must be an int in [1, slots={slots}], got {refill_at!r}")
-    all_items = [_as_item(item, i, prompt) for i, item in enumerate(items)]
+    all_items = _item_list(items, prompt)
     todo = [(i, dataclasses.replace(item, max_new_tokens=item.max_new_tokens or generation.max_new_tokens))
             for i, item in enumerate(all_items) if (item.name, item.prompt) not in done]
     own_limits = {item.max_new_tokens: item.source or item.name for _, item in todo
@@ -321,7 +334,7 @@ def annotate_to_file(pg: "PaliGemma", items: Iterable[Item | ImageInput], out: s
     check runs before `out` is created. Returns what the job did."""
     from tqdm import tqdm
 
-    items = [_as_item(item, i, prompt) for i, item in enumerate(items)]
+    items = _item_list(items, prompt)
     options = {k: v for k, v in job.items() if k not in _JOB_KEYWORDS}
     generation = GenerationConfig.resolve(job.get("generation_config"), options)
     record = job_record(pg, generation, job.get("mask_decoder") or pg.mask_decoder)

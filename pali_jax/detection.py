@@ -17,6 +17,9 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
+from pali_jax.errors import UserError
+from pali_jax.processor import check_image_size
+
 _LOC = r"<loc(\d{4})>"
 # A box, then any <segNNN> codes, then the label up to the next ";" or "<" (start of the next box).
 _DETECTION_RE = re.compile(_LOC * 4 + r"(?P<seg>(?:<seg\d{3}>)*)(?P<label>[^;<]*)")
@@ -52,6 +55,9 @@ def parse_detections(text: str, image_width: int, image_height: int) -> list[Det
     a bin above 1023. A missing label gives ``""``. ``seg_codes`` is set only when exactly 16
     ``<segNNN>`` tokens (each below 128) follow the box. Swapped corners are put in order.
     """
+    if not isinstance(text, str):
+        raise UserError(f"text must be a string (a PaliGemma answer), got {type(text).__name__}")
+    check_image_size(image_width, image_height)
     detections = []
     for match in _DETECTION_RE.finditer(text):
         y0, x0, y1, x1 = (int(match.group(i)) for i in range(1, 5))
@@ -85,8 +91,15 @@ def draw_detections(
 
     Detections with a ``mask`` (of the image's size) get it overlaid in a translucent colour of
     their own, their box and label drawn in that colour."""
-    canvas = (PIL.Image.fromarray(image) if isinstance(image, np.ndarray) else image).convert("RGB")
+    if not isinstance(image, (PIL.Image.Image, np.ndarray)):
+        raise UserError(f"image must be a PIL image or a uint8 [H, W, 3] array, got {type(image).__name__}")
+    if isinstance(detections, Detection) or not isinstance(detections, Iterable):
+        raise UserError(f"detections must be a list of Detection, got {type(detections).__name__}")
     detections = list(detections)
+    for i, det in enumerate(detections):
+        if not isinstance(det, Detection):
+            raise UserError(f"detections[{i}] must be a Detection, got {type(det).__name__}")
+    canvas = (PIL.Image.fromarray(image) if isinstance(image, np.ndarray) else image).convert("RGB")
     colors = []
     pixels = None
     for k, det in enumerate(detections):

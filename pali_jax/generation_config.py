@@ -10,8 +10,8 @@ It is what `Generator.generate` / `stream`, `BeamSearch.search`, `PaliGemma.gene
   integers accepted; bools, floats, NaN and inf refused), floats finite and in range.
 
 `check_model` checks what depends on the model (positions, vocabulary) and `check_memory` what
-depends on the machine (the KV cache and output buffer against free device or host memory), both
-before anything is allocated or compiled. Each refusal is a `GenerationError` (a `UserError`)
+depends on the machine (the KV cache and output buffer, or what `program_bytes` measures of a
+compiled program, against free device or host memory), both before anything is allocated. Each refusal is a `GenerationError` (a `UserError`)
 naming its parameter, so command-line tools can name their own flag instead.
 """
 
@@ -21,7 +21,7 @@ import dataclasses
 import math
 import numbers
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -237,6 +237,33 @@ def free_memory(device: jax.Device | None = None) -> tuple[int, str]:
         return int(fields["MemAvailable"].split()[0]) * 1024, "available host memory"
     except (OSError, KeyError, ValueError):
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available host memory"
+
+
+def _device_bytes(tree: Any) -> int:
+    """Bytes one device holds of `tree`'s arrays: a jax array's shard on it (all of it unsharded),
+    a host array's whole size."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, jax.Array):
+            total += leaf.addressable_shards[0].data.nbytes
+        elif hasattr(leaf, "nbytes"):
+            total += leaf.nbytes
+    return total
+
+
+def program_bytes(program: Callable, *args: Any, resident: Any = ()) -> int:
+    """Bytes one device allocates to run `program` (a `jax.jit` function) on `args` (arrays or
+    `jax.ShapeDtypeStruct`s), from XLA's own memory analysis of the compiled program: its
+    arguments, its outputs (less those aliased to donated arguments) and its temporaries, less
+    `resident`, arguments already in memory (a model's params: counted in the free memory's
+    use). Compiling allocates nothing, and a call with the same shapes afterwards reuses this
+    compiled program (jit's cache), so checking the real shape costs no second compile."""
+    stats = program.lower(*args).compile().memory_analysis()
+    if stats is None:  # a backend without the analysis: nothing to measure against
+        return 0
+    total = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+             + stats.temp_size_in_bytes)
+    return max(0, total - _device_bytes(resident))
 
 
 def _gib(n: int) -> str:

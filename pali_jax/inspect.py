@@ -368,13 +368,12 @@ def pixel_map(grad, reduce: PixelReduce) -> np.ndarray:
 
 def _attribution_inputs(pg: "PaliGemma", pixel_values, input_ids, token_type_ids, attention_mask, target_mask):
     """Checked device arrays (pixels, ids, types, mask, target) for the attribution programs."""
-    pixels, ids = pg._check(pixel_values, input_ids)
-    types = np.zeros(ids.shape, np.int32) if token_type_ids is None else np.asarray(token_type_ids, np.int32)
-    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    pixels, ids, types, mask = pg._check(pixel_values, input_ids, token_type_ids, attention_mask)
+    types = np.zeros(ids.shape, np.int32) if types is None else types
+    mask = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
     target = np.asarray(target_mask)
-    for name, value in (("token_type_ids", types), ("attention_mask", mask), ("target_mask", target)):
-        if value.shape != ids.shape:
-            raise UserError(f"{name} must be {list(ids.shape)} like input_ids, got {list(value.shape)}")
+    if target.shape != ids.shape:
+        raise UserError(f"target_mask must be {list(ids.shape)} like input_ids, got {list(target.shape)}")
     if target.dtype != bool:
         raise UserError(f"target_mask must be bool, got {target.dtype}")
     if not target.any(axis=1).all():

@@ -25,8 +25,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pali_jax.config import PaliGemmaConfig
-
 INTERMEDIATES = "intermediates"
 
 Recorded = dict[str, Any]  # the INTERMEDIATES collection returned by `apply`
@@ -55,19 +53,6 @@ class ForwardOutput:
     vision_attentions: tuple[jax.Array, ...] | None = None
     vision_hidden_states: tuple[jax.Array, ...] | None = None
     image_features: jax.Array | None = None
-
-
-def recorded_bytes(cfg: PaliGemmaConfig, batch: int, length: int, *, attentions: bool, hidden_states: bool,
-                   itemsize: int) -> int:
-    """Bytes a `ForwardOutput` of `batch` rows of `length` tokens holds (attentions float32, hidden
-    states in the activation dtype), from the shapes alone."""
-    text, vision, p = cfg.text, cfg.vision, cfg.num_image_tokens
-    total = batch * p * text.width * itemsize  # image_features
-    if attentions:
-        total += 4 * batch * (text.depth * text.num_heads * length**2 + vision.depth * vision.num_heads * p**2)
-    if hidden_states:
-        total += itemsize * batch * ((text.depth + 1) * length * text.width + (vision.depth + 1) * p * vision.width)
-    return total
 
 
 def _value(recorded: Recorded, *path: str) -> jax.Array:

@@ -30,11 +30,11 @@ from pali_jax.decode import GenerateOutput, jit_model_program, refuse_records
 from pali_jax.detection import Detection, parse_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import Generator
-from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory
-from pali_jax.intermediates import INTERMEDIATES, ForwardOutput, forward_output, recorded_bytes
+from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory, program_bytes
+from pali_jax.intermediates import INTERMEDIATES, ForwardOutput, forward_output
 from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
-from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, preprocess_images
+from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, numeric_array, preprocess_images, texts
 from pali_jax.weights import DTYPES
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class _TextPieces:
 def _pair(images, prompts) -> tuple[list, list[str]]:
     """One image per prompt; a single image or a single prompt is repeated to match the other."""
     images = list(images) if isinstance(images, (list, tuple)) else [images]
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    prompts = texts("prompts", prompts)
     if len(images) == 1 and len(prompts) > 1:
         images = images * len(prompts)
     if len(prompts) == 1 and len(images) > 1:
@@ -224,13 +224,15 @@ class PaliGemma:
         return to_layout(jax.tree.map(lambda x: x, self.params), self.layout, CHECKPOINT_LAYOUT)
 
     # -- model calls ---------------------------------------------------------------------------
-    def _check(self, pixel_values, input_ids) -> tuple[np.ndarray, np.ndarray]:
-        pixels = np.asarray(pixel_values, np.float32)
-        ids = np.asarray(input_ids, np.int32)
+    def _check(self, pixel_values, input_ids, token_type_ids=None, attention_mask=None):
+        """The model inputs checked and as the programs take them: pixels [B, H, W, 3] in the model's
+        dtype, ids [B, T] int32, token types and mask None or [B, T] int32 of 0 / 1."""
+        pixels = numeric_array("pixel_values", pixel_values, "fiu")
+        ids = numeric_array("input_ids", input_ids, "iu")
         size = self.config.image_size
-        if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
-            raise UserError(f"pixel_values must be [B, {size}, {size}, 3], got {list(pixels.shape)}")
-        if ids.ndim != 2 or ids.shape[0] != pixels.shape[0]:
+        if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3) or not pixels.shape[0]:
+            raise UserError(f"pixel_values must be [B, {size}, {size}, 3] with B >= 1, got {list(pixels.shape)}")
+        if ids.ndim != 2 or ids.shape[0] != pixels.shape[0] or not ids.shape[1]:
             raise UserError(f"input_ids must be [B, T] with B = {pixels.shape[0]}, got {list(ids.shape)}")
         counts = (ids == self.config.image_token_id).sum(axis=1)
         if (counts != self.config.num_image_tokens).any():
@@ -239,10 +241,19 @@ class PaliGemma:
                 f"got {counts.tolist()}"
             )
         # The <image> id may lie past the table (big_vision checkpoints): its positions take image features.
+        # Checked before the cast to int32, which would wrap a huge id into the vocabulary.
         text_ids = np.where(ids == self.config.image_token_id, 0, ids)
         if text_ids.max() >= self.config.vocab_size or ids.min() < 0:
             raise UserError(f"input_ids must lie in [0, {self.config.vocab_size})")
-        return pixels.astype(self.dtype), ids
+        flags = []
+        for name, value in (("token_type_ids", token_type_ids), ("attention_mask", attention_mask)):
+            flag = None if value is None else numeric_array(name, value, "biu")
+            if flag is not None and flag.shape != ids.shape:
+                raise UserError(f"{name} must be None or [B, T] = {list(ids.shape)}, got {list(flag.shape)}")
+            if flag is not None and not np.isin(flag, (0, 1)).all():
+                raise UserError(f"{name} must hold 0 / 1, got {flag.min()}..{flag.max()}")
+            flags.append(None if flag is None else flag.astype(np.int32))
+        return pixels.astype(self.dtype, copy=False), ids.astype(np.int32, copy=False), *flags
 
     def forward(
         self,
@@ -264,20 +275,24 @@ class PaliGemma:
         for name, flag in (("output_attentions", output_attentions), ("output_hidden_states", output_hidden_states)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise UserError(f"{name} must be a bool, got {flag!r}")
-        pixels, ids = self._check(pixel_values, input_ids)
-        if not (output_attentions or output_hidden_states):
-            return self._forward({"params": self.params}, pixels, ids, token_type_ids, attention_mask)
-        need = recorded_bytes(self.config, *ids.shape, attentions=bool(output_attentions),
-                              hidden_states=bool(output_hidden_states), itemsize=jnp.dtype(self.dtype).itemsize)
+        pixels, ids, types, mask = self._check(pixel_values, input_ids, token_type_ids, attention_mask)
+        record = bool(output_attentions or output_hidden_states)
+        if record:
+            program, args = self._forward_recorded, (self.params, pixels, ids, types, mask, bool(output_attentions),
+                                                     bool(output_hidden_states))
+        else:
+            program, args = self._forward, ({"params": self.params}, pixels, ids, types, mask)
+        # What XLA allocates for this very shape (the compile is the one the call then reuses).
+        devices = 1 if self.mesh is None else self.mesh.devices.size
+        rows = f"{ids.shape[0]} row{'s' * (ids.shape[0] != 1)} of {ids.shape[1]} tokens"
         check_memory(
-            need, f"the recorded intermediates ({ids.shape[0]} row{'s' * (ids.shape[0] != 1)} of {ids.shape[1]} tokens)",
-            "output_attentions" if output_attentions else "output_hidden_states",
-            devices=1 if self.mesh is None else self.mesh.devices.size, task="forward",
-            advice="pass fewer rows or tokens per call, or ask for fewer intermediates",
+            program_bytes(program, *args, resident=self.params) * devices,
+            f"the forward pass ({rows}: its outputs{', recorded intermediates' * record} and XLA's temporaries)",
+            "output_attentions" if output_attentions else "output_hidden_states" if record else "input_ids",
+            devices=devices, task="forward",
+            advice="pass fewer rows or tokens per call" + ", or ask for fewer intermediates" * record,
         )
-        return self._forward_recorded(
-            self.params, pixels, ids, token_type_ids, attention_mask, bool(output_attentions), bool(output_hidden_states)
-        )
+        return program(*args)
 
     def _forward_recorded_impl(self, params, pixels, ids, types, mask, attentions: bool, hidden_states: bool):
         logits, recorded = self.module.apply({"params": params}, pixels, ids, types, mask, mutable=[INTERMEDIATES])
@@ -293,10 +308,10 @@ class PaliGemma:
         """
         generation = GenerationConfig.resolve(generation_config, options)
         generation.check_model(self.config)
-        pixels, ids = self._check(pixel_values, input_ids)
-        part = lambda x, rows: None if x is None else np.asarray(x)[rows]  # noqa: E731
+        pixels, ids, types, mask = self._check(pixel_values, input_ids, token_type_ids, attention_mask)
+        part = lambda x, rows: None if x is None else x[rows]  # noqa: E731
         outputs = [
-            self._decode(pixels[rows], ids[rows], part(token_type_ids, rows), part(attention_mask, rows), generation)
+            self._decode(pixels[rows], ids[rows], part(types, rows), part(mask, rows), generation)
             for rows in _batches(len(ids), generation.batch_size)
         ]
         return GenerateOutput.concatenate(outputs, self.config.pad_token_id)

@@ -12,7 +12,7 @@ Prompt layout (one example)::
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,6 +38,11 @@ class ProcessorError(UserError):
 # decode to 1.2 GB: it is refused from its header, before any pixel is decoded. 100 megapixels is
 # above any camera's output; set this module attribute to change the limit.
 MAX_IMAGE_PIXELS = 100_000_000
+# The longest side decoded: PIL's resize allocates filter weights in proportion to the input side
+# (32 bytes a pixel for bicubic), so a 1 x 100,000,000 image within the pixel limit would still ask
+# for gigabytes. No camera or scanner approaches a million pixels a side.
+MAX_IMAGE_SIDE = 1_000_000
+MAX_INPUT_SIDE = 4096  # the largest model input side `preprocess_images` makes (models use 224 to 896)
 IMAGE_TOKEN_TEXT = "<image>"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})  # what a folder offers
 
@@ -70,17 +75,50 @@ def _own_pixel_limit() -> Iterator[None]:
         PIL.Image.MAX_IMAGE_PIXELS = saved
 
 
+def _check_pixels(width: int, height: int, what: str) -> None:
+    """Refuses an image above `MAX_IMAGE_PIXELS` or `MAX_IMAGE_SIDE`, whatever it came as (file,
+    PIL image, array), before it is decoded, converted or resized."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ProcessorError(
+            f"{what} is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} "
+            "(pali_jax.processor.MAX_IMAGE_PIXELS): refusing to decode it"
+        )
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ProcessorError(
+            f"{what} is {width}x{height} pixels, a side longer than the limit of {MAX_IMAGE_SIDE:,} "
+            "(pali_jax.processor.MAX_IMAGE_SIDE): refusing to decode it"
+        )
+
+
+def numeric_array(name: str, value: object, kinds: str) -> np.ndarray:
+    """`value` as a numpy array whose dtype kind is one of `kinds` ("f" float, "i" / "u" int, "b"
+    bool; an empty array passes whatever its dtype), or a one-line refusal naming what it is."""
+    array = None
+    if not isinstance(value, (str, bytes)) and value is not None:
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError):  # ragged rows, objects numpy cannot hold
+            pass
+    if array is None or (array.size and array.dtype.kind not in kinds):
+        what = f"an array of {array.dtype}" if array is not None else type(value).__name__
+        raise ProcessorError(f"{name} must be an array of {'numbers' if 'f' in kinds else 'integers'}, got {what}")
+    return array
+
+
+def check_image_size(width: int, height: int, what: str = "the image") -> None:
+    """Refuses a (width, height) that is not two ints >= 1 within `MAX_IMAGE_PIXELS`."""
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ProcessorError(f"{what}'s {name} must be an int >= 1, got {value!r} ({type(value).__name__})")
+    _check_pixels(int(width), int(height), what)
+
+
 def _load_image_file(path: str | os.PathLike) -> PIL.Image.Image:
     """Open an image file the way transformers' ``load_image`` does: EXIF transpose, then plain RGB."""
     try:
         with _own_pixel_limit():
             with PIL.Image.open(path) as image:
-                width, height = image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise ProcessorError(
-                        f"image {os.fspath(path)} is {width}x{height} pixels, more than the limit of "
-                        f"{MAX_IMAGE_PIXELS:,} (pali_jax.processor.MAX_IMAGE_PIXELS): refusing to decode it"
-                    )
+                _check_pixels(*image.size, f"image {os.fspath(path)}")
                 # exif_transpose and convert both force a full decode, so truncated files fail here.
                 return PIL.ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError:
@@ -96,6 +134,7 @@ def _load_image_file(path: str | os.PathLike) -> PIL.Image.Image:
 
 def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """transformers' ``convert_to_rgb``: transparency is composited onto white, other modes use PIL."""
+    _check_pixels(*image.size, "the PIL image")
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     try:
         if has_alpha:
@@ -119,6 +158,7 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
         raise ProcessorError(
             f"image array must have shape [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {list(array.shape)}"
         )
+    _check_pixels(array.shape[1], array.shape[0], "the image array")
     if np.issubdtype(array.dtype, np.floating):
         if not (np.isfinite(array).all() and array.min() >= 0.0 and array.max() <= 1.0):
             raise ProcessorError(
@@ -148,6 +188,21 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
     raise ProcessorError(f"unsupported image type {type(image).__name__}: expected a path, PIL image or numpy array")
 
 
+def image_list(images: ImageInput | Iterable[ImageInput], name: str = "images") -> list:
+    """One image (a path, PIL image or [H, W(, C)] array) as a list of it; a list, tuple, other
+    iterable or [B, H, W, C] array as a list of its elements (checked when each is loaded).
+    Anything else is refused naming what it is: a single path string is one image, never a
+    sequence of characters."""
+    if isinstance(images, (str, os.PathLike, PIL.Image.Image)) or (
+        isinstance(images, np.ndarray) and images.ndim in (2, 3)
+    ):
+        return [images]
+    if isinstance(images, (bytes, dict)) or not isinstance(images, Iterable):
+        raise ProcessorError(f"{name} must be an image (path, PIL image, numpy array) or a list of them, "
+                             f"got {type(images).__name__}")
+    return list(images)
+
+
 def preprocess_images(images: ImageInput | Sequence[ImageInput], size: int) -> np.ndarray:
     """Turn images into SigLIP pixel values ``[B, size, size, 3]`` float32 in [-1, 1].
 
@@ -170,12 +225,9 @@ def preprocess_images(images: ImageInput | Sequence[ImageInput], size: int) -> n
     Raises:
         ProcessorError: an unreadable file (named in the message), an unsupported array or PIL mode.
     """
-    if size <= 0:
-        raise ProcessorError(f"image size must be positive, got {size}")
-    if isinstance(images, (str, os.PathLike, PIL.Image.Image)) or (
-        isinstance(images, np.ndarray) and images.ndim in (2, 3)
-    ):
-        images = [images]
+    if isinstance(size, (bool, np.bool_)) or not isinstance(size, (int, np.integer)) or not 0 < size <= MAX_INPUT_SIDE:
+        raise ProcessorError(f"image size must be an int in [1, {MAX_INPUT_SIDE}], got {size!r}")
+    images = image_list(images)
     if len(images) == 0:
         raise ProcessorError("no images given")
     batch = np.empty((len(images), size, size, 3), np.float32)
@@ -218,6 +270,19 @@ def check_text(text: str, what: str = "prompt") -> None:
         raise ProcessorError(f"the {what} must be a string, got {type(text).__name__}")
     if IMAGE_TOKEN_TEXT in text:
         raise ProcessorError(f"the {what} contains {IMAGE_TOKEN_TEXT!r}: the image tokens are added automatically; remove it")
+
+
+def texts(name: str, value: str | Sequence[str]) -> list[str]:
+    """A string as a list of it; a list or tuple of strings as a list; anything else (bytes, a
+    number, None) refused in one line naming what it is."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise ProcessorError(f"{name} must be a string or a list of strings, got {type(value).__name__}")
+    for i, text in enumerate(value):
+        if not isinstance(text, str):
+            raise ProcessorError(f"{name}[{i}] must be a string, got {type(text).__name__}")
+    return list(value)
 
 
 class PaliGemmaTokenizer:
@@ -317,10 +382,7 @@ class PaliGemmaTokenizer:
             pad_to_max_length: pad to ``max_length`` instead of to the longest example.
             truncate: cut over-long examples (see ``_truncate``) instead of raising.
         """
-        if isinstance(prefixes, str):
-            prefixes = [prefixes]
-        if isinstance(suffixes, str):
-            suffixes = [suffixes]
+        prefixes, suffixes = texts("prompts", prefixes), None if suffixes is None else texts("suffixes", suffixes)
         if suffixes is not None and len(suffixes) != len(prefixes):
             raise ProcessorError(f"got {len(suffixes)} suffixes for {len(prefixes)} prefixes")
         if len(prefixes) == 0:

@@ -22,7 +22,7 @@ squared-L2 nearest neighbour), and its evaluator's paste-back (`paste_mask`).
 from __future__ import annotations
 
 import dataclasses
-import functools
+import math
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -36,6 +36,8 @@ import PIL.Image
 
 from pali_jax.detection import Detection
 from pali_jax.errors import UserError
+from pali_jax.generation_config import check_memory, program_bytes
+from pali_jax.processor import check_image_size, numeric_array
 
 NUM_CODES = 16  # <segNNN> tokens per mask: a 4x4 latent grid
 CODEBOOK_SIZE = 128
@@ -137,6 +139,17 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# Rows per compiled call of the decoder or encoder: a larger batch runs in chunks of this many, so
+# XLA's temporaries stay bounded whatever a caller passes (`MaskDecoder._check_memory` measures
+# them from the compiled chunk); only the host result grows with the batch.
+CHUNK_ROWS = 256
+
+
+def _chunk_rows(n: int) -> int:
+    """Rows of each compiled call for a batch of n: its power-of-two bucket, at most `CHUNK_ROWS`."""
+    return min(_bucket(max(n, 1)), CHUNK_ROWS)
+
+
 # -- the model ---------------------------------------------------------------------------------
 class MaskDecoder:
     """big_vision's segmentation VQ-VAE (`vae-oid.npz`): `decode` codes -> 64x64 logits, and
@@ -149,12 +162,15 @@ class MaskDecoder:
 
     def __init__(self, weights: Mapping[str, np.ndarray], source: str = "weights"):
         self.source = source
-        get = functools.partial(_member, weights, source)
-        codebook = np.asarray(get(CODEBOOK), np.float32)
+        if not isinstance(weights, Mapping):
+            raise SegmentationError(f"weights must be a mapping of names to arrays, got {type(weights).__name__}")
+        optional = {n + p for n in _encoder_names() for p in (".weight", ".bias")}
+        needed = [CODEBOOK, *(n + p for n in _decoder_names() for p in (".weight", ".bias"))]
+        # Every tensor used is checked as data here, so that nothing later converts a bad one.
+        weights = {name: _tensor(weights, source, name) for name in [*needed, *sorted(optional & set(weights))]}
+        codebook = weights[CODEBOOK]
         if codebook.ndim != 2 or codebook.shape[0] != CODEBOOK_SIZE:
             raise SegmentationError(f"{source}: {CODEBOOK} has shape {codebook.shape}, expected [{CODEBOOK_SIZE}, dim]")
-        for name in _decoder_names():
-            get(name + ".weight"), get(name + ".bias")
         dim = codebook.shape[1]
         features = (weights[_DECODER_CONVS[0] + ".weight"].shape[0],
                     *(weights[n + ".weight"].shape[1] for n in _DECODER_UP))
@@ -168,6 +184,7 @@ class MaskDecoder:
         self._decoder = _Decoder(features)
         _check_shapes(self._decoder, self._decoder_params, (1, 4, 4, dim), source)
         self._decode = jax.jit(self._decode_impl)
+        self._resident = jax.device_put((self._decoder_params, codebook))  # placed once, not at every call
 
         self.has_encoder = all(n + ".weight" in weights and n + ".bias" in weights for n in _encoder_names())
         if self.has_encoder:
@@ -186,17 +203,21 @@ class MaskDecoder:
             if latent.shape != (1, 4, 4, dim):
                 raise SegmentationError(f"{source}: the encoder gives latents {latent.shape}, expected (1, 4, 4, {dim})")
             self._encode = jax.jit(self._encode_impl)
+            self._resident_encoder = jax.device_put((self._encoder_params, codebook))
 
     @classmethod
     def from_npz(cls, path: str | os.PathLike) -> "MaskDecoder":
         """Reads big_vision's `vae-oid.npz` (or a file with the same member names)."""
         path = Path(path).expanduser()
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            npz = np.load(path, allow_pickle=False)
+            if not isinstance(npz, np.lib.npyio.NpzFile):  # a .npy file: one bare array
+                raise ValueError("not an .npz archive of named arrays")
+            with npz:
                 weights = {name: npz[name] for name in npz.files}
         except FileNotFoundError:
             raise SegmentationError(f"mask VAE file not found: {path} (download it from {DEFAULT_URL})") from None
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:  # BadZipFile: a CRC error too
             raise SegmentationError(f"cannot read mask VAE {path}: {' '.join(str(e).split())[:200]}") from None
         return cls(weights, str(path))
 
@@ -207,14 +228,50 @@ class MaskDecoder:
 
     def decode(self, codes: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
         """Codes [B, 16] (ints in [0, 128), row-major over the 4x4 grid) -> mask logits [B, 64, 64]
-        float32, about [-1, 1]; > 0 is inside. One jitted call for the whole batch."""
-        codes = _check_codes(codes)
-        if codes.shape[0] == 0:
+        float32, about [-1, 1]; > 0 is inside. One jitted call per `CHUNK_ROWS` rows; a batch whose
+        result or program would not fit in memory is refused before anything runs."""
+        codes = numeric_array("codes", codes, "iu")
+        if codes.ndim != 2 or codes.shape[1] != NUM_CODES:
+            raise SegmentationError(f"codes must be [B, {NUM_CODES}] integers, got shape {list(codes.shape)}")
+        if not len(codes):
             return np.zeros((0, MASK_SIZE, MASK_SIZE), np.float32)
-        n = codes.shape[0]
-        padded = np.zeros((_bucket(n), NUM_CODES), np.int32)
-        padded[:n] = codes
-        return np.asarray(self._decode(self._decoder_params, self.codebook, padded))[:n]
+        self._check_memory(self._decode, self._resident, codes.shape, np.int32, "codes")  # before a pass over them
+        if codes.min() < 0 or codes.max() >= CODEBOOK_SIZE:
+            raise SegmentationError(f"codes must lie in [0, {CODEBOOK_SIZE}), got {codes.min()}..{codes.max()}")
+        return self._run_chunked(self._decode, self._resident, codes.astype(np.int32, copy=False))
+
+    def _check_memory(self, program, resident, shape: tuple[int, ...], dtype, parameter: str) -> None:
+        """Refuses a batch of `shape` whose host result, or whose chunk program (XLA's own count of
+        what it allocates), exceeds free memory; both together on CPU, where they share it."""
+        n = shape[0]
+        rows = _chunk_rows(n)
+        chunk = jax.ShapeDtypeStruct((rows, *shape[1:]), dtype)
+        device_need = program_bytes(program, *resident, chunk, resident=resident)
+        out = jax.eval_shape(program, *resident, chunk)
+        host_need = n * out.dtype.itemsize * math.prod(out.shape[1:])
+        host = jax.local_devices(backend="cpu")[0]
+        on_cpu = jax.devices()[0].platform == "cpu"
+        what = f"{n} row{'s' * (n != 1)} of {parameter} ({rows} per compiled call)"
+        advice = f"pass fewer {parameter} per call"
+        check_memory(host_need + device_need * on_cpu, f"the results of {what}", parameter, device=host,
+                     task="the mask VAE", advice=advice)
+        if not on_cpu:
+            check_memory(device_need, f"the program of {what}", parameter, task="the mask VAE", advice=advice)
+
+    @staticmethod
+    def _run_chunked(program, resident, inputs: np.ndarray) -> np.ndarray:
+        """`program(*resident, chunk)` over `inputs` [B, ...] in chunks of `CHUNK_ROWS` rows at most
+        (a smaller batch padded to a power of two), into one host array."""
+        n = inputs.shape[0]
+        rows = _chunk_rows(n)
+        out_shape = jax.eval_shape(program, *resident, jax.ShapeDtypeStruct((rows, *inputs.shape[1:]), inputs.dtype))
+        out = np.empty((n, *out_shape.shape[1:]), out_shape.dtype)
+        for start in range(0, n, rows):
+            chunk = inputs[start : start + rows]
+            padded = np.zeros((rows, *inputs.shape[1:]), inputs.dtype)
+            padded[: len(chunk)] = chunk
+            out[start : start + len(chunk)] = np.asarray(program(*resident, padded))[: len(chunk)]
+        return out
 
     def add_masks(self, boxes: Sequence[list[Detection]], sizes: Sequence[tuple[int, int]]) -> list[list[Detection]]:
         """Each image's boxes (`sizes`: its (width, height)) with the `<seg>` codes of those that carry
@@ -241,13 +298,13 @@ class MaskDecoder:
         if not self.has_encoder:
             raise SegmentationError(f"{self.source} holds no encoder weights (encoder.0 ... encoder.10): "
                                     "it can decode masks but not encode them")
-        masks = np.asarray(masks, np.float32)
+        masks = numeric_array("masks", masks, "biuf")
         if masks.ndim != 3 or masks.shape[1:] != (MASK_SIZE, MASK_SIZE):
             raise SegmentationError(f"masks must be [B, {MASK_SIZE}, {MASK_SIZE}], got {list(masks.shape)}")
-        n = masks.shape[0]
-        padded = np.zeros((_bucket(max(n, 1)), MASK_SIZE, MASK_SIZE), np.float32)
-        padded[:n] = masks
-        return np.asarray(self._encode(self._encoder_params, self.codebook, padded))[:n]
+        if not len(masks):
+            return np.zeros((0, NUM_CODES), np.int32)
+        self._check_memory(self._encode, self._resident_encoder, masks.shape, np.float32, "masks")
+        return self._run_chunked(self._encode, self._resident_encoder, masks.astype(np.float32, copy=False))
 
     def mask_tokens(self, mask: np.ndarray, box: Sequence[float] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """A mask of an image -> (4 `<loc>` bins y1, x1, y2, x2; 16 codes), as big_vision's
@@ -286,11 +343,24 @@ class MaskDecoder:
         return f"{text} {label}" if label else text
 
 
-def _member(weights: Mapping[str, np.ndarray], source: str, name: str) -> np.ndarray:
+def _tensor(weights: Mapping[str, np.ndarray], source: str, name: str) -> np.ndarray:
+    """weights[name] as float32, refused unless it is there, numeric, finite and of its rank (a conv
+    kernel 4, a bias 1, the codebook 2)."""
     try:
-        return weights[name]
+        value = weights[name]
     except KeyError:
         raise SegmentationError(f"{source} has no tensor {name!r}: not big_vision's mask VAE (vae-oid.npz)?") from None
+    array = np.asarray(value) if isinstance(value, (np.ndarray, np.generic)) else None
+    if array is None or array.dtype.kind not in "fiu":
+        what = f"dtype {array.dtype}" if array is not None else type(value).__name__
+        raise SegmentationError(f"{source}: tensor {name!r} holds {what}, expected float numbers")
+    rank = 4 if name.endswith(".weight") else 1 if name.endswith(".bias") else 2
+    if array.ndim != rank or array.size == 0:
+        raise SegmentationError(f"{source}: tensor {name!r} has shape {list(array.shape)}, expected {rank} non-empty axes")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise SegmentationError(f"{source}: tensor {name!r} holds NaN or infinite values: the file is damaged")
+    return array
 
 
 def _check_shapes(module: nn.Module, params: dict, input_shape: tuple[int, ...], source: str) -> None:
@@ -308,21 +378,9 @@ def _check_shapes(module: nn.Module, params: dict, input_shape: tuple[int, ...],
             raise SegmentationError(f"{source}: {where} has shape {shape}, expected {tuple(leaf.shape)}")
 
 
-def _check_codes(codes) -> np.ndarray:
-    try:
-        arr = np.asarray(codes)
-    except ValueError:
-        raise SegmentationError("codes must be a [B, 16] array of ints (rows of unequal length?)") from None
-    if arr.ndim != 2 or arr.shape[1] != NUM_CODES or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise SegmentationError(f"codes must be [B, {NUM_CODES}] integers, got shape {list(arr.shape)} of {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() >= CODEBOOK_SIZE):
-        raise SegmentationError(f"codes must lie in [0, {CODEBOOK_SIZE}), got {arr.min()}..{arr.max()}")
-    return arr.astype(np.int32)
-
-
 def _unit_mask(mask) -> np.ndarray:
     """A mask as float32 [H, W] in [0, 1]."""
-    m = np.asarray(mask)
+    m = numeric_array("a mask", mask, "biuf")
     if m.ndim == 3 and m.shape[-1] in (1, 3, 4):
         m = m[..., 0]
     if m.ndim != 2 or m.size == 0:
@@ -355,6 +413,8 @@ def resize_antialiased(image: np.ndarray, height: int, width: int) -> np.ndarray
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask image file (PNG, ...) as bool [H, W]: nonzero pixels of its first channel (or of L)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise SegmentationError(f"a mask file must be a path, got {type(path).__name__}")
     try:
         with PIL.Image.open(path) as img:
             arr = np.asarray(img.convert("L") if img.mode not in ("1", "L", "I", "I;16", "F") else img)
@@ -386,13 +446,18 @@ def paste_mask(logits: np.ndarray, locs: Sequence[int], height: int, width: int)
     int() (x2 <= x1 or y2 <= y1, e.g. swapped corners) gives an empty mask, as big_vision counts
     it invalid. Parts of a box outside the image are cut off.
     """
+    check_image_size(width, height)
+    locs = locs.tolist() if isinstance(locs, np.ndarray) else locs
+    if isinstance(locs, (str, bytes)) or not isinstance(locs, Sequence) or len(locs) != 4 or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in locs):
+        raise SegmentationError(f"locs must be 4 <loc> bins (ints: y1, x1, y2, x2), got {locs!r}")
+    m = numeric_array("mask logits", logits, "fiu").astype(np.float32)
+    if m.shape != (MASK_SIZE, MASK_SIZE):
+        raise SegmentationError(f"mask logits must be [{MASK_SIZE}, {MASK_SIZE}], got {list(m.shape)}")
     out = np.zeros((height, width), bool)
     x1, y1, x2, y2 = mask_box(locs, height, width)
     if x2 <= x1 or y2 <= y1:
         return out
-    m = np.asarray(logits, np.float32)
-    if m.shape != (MASK_SIZE, MASK_SIZE):
-        raise SegmentationError(f"mask logits must be [{MASK_SIZE}, {MASK_SIZE}], got {list(m.shape)}")
     inside = np.asarray(PIL.Image.fromarray(m).resize((x2 - x1, y2 - y1), resample=PIL.Image.BILINEAR)) > 0.0
     ys, xs = slice(max(y1, 0), min(y2, height)), slice(max(x1, 0), min(x2, width))
     out[ys, xs] = inside[ys.start - y1 : ys.stop - y1, xs.start - x1 : xs.stop - x1]

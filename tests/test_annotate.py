@@ -22,6 +22,7 @@ from pali_jax import cli
 from pali_jax.annotate import Item, JobStats, annotate, annotate_to_file
 from pali_jax.continuous import _refill_sizes
 from pali_jax.demo import shapes
+from pali_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL = ROOT / "pali_jax" / "assets" / "demo" / "model"
@@ -108,6 +109,26 @@ def test_sampling_is_reproducible(demo, images):
 def test_beam_search_is_refused_in_one_line(demo, images):
     with pytest.raises(ValueError, match="beam search runs in fixed batches|needs fixed batches"):
         annotate(demo, images[:2], beams=2)
+
+
+def test_arguments_are_checked_before_anything_runs(demo, images, tmp_path):
+    path = images[0].image
+    for items, prompt, message in (
+        (5, "caption en", "^items must be an image .* or a list of them, got int$"),
+        (None, "caption en", "got NoneType$"),
+        ([path, 5], "caption en", r"^items\[1\] must be an image path, PIL image, numpy array or Item, got int$"),
+        ([Item(path, prompt=b"caption en")], None, r"^items\[0\]: the prompt must be a string, got bytes$"),
+        ([path], b"caption en", "^prompt must be a string, got bytes$"),
+    ):
+        with pytest.raises(UserError, match=message):
+            annotate(demo, items, prompt, **JOB)
+    with pytest.raises(UserError, match="^items must be an image .* got int$"):
+        annotate_to_file(demo, 5, tmp_path / "r.jsonl", "caption en", **JOB)
+    assert list(tmp_path.iterdir()) == []
+    # A single path is one item, as in PaliGemma.generate (not its characters): here already done.
+    stats = JobStats()
+    annotate(demo, path, "caption en", **JOB, done={(path, "caption en")}, stats=stats)
+    assert stats.already_done == 1
 
 
 def test_bad_image_is_skipped_with_its_path_or_stops_the_job(demo, images, tmp_path):

@@ -112,6 +112,26 @@ def test_memory_is_checked_from_shapes(pg, arrays, monkeypatch):
     assert compiled(pg) == before
 
 
+def test_program_bytes_is_xla_s_own_count_less_what_is_resident():
+    import jax
+    import jax.numpy as jnp
+
+    def f(weights, x):  # a [1000, 1000] temporary: the outer product, then reduced
+        return (jnp.tanh(x[:, None] * x[None, :]) @ weights).sum(0)
+
+    weights, x = jnp.ones((1000, 8), jnp.float32), np.ones(1000, np.float32)
+    program = jax.jit(f)
+    stats = program.lower(weights, x).compile().memory_analysis()
+    total = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+    assert gc_module.program_bytes(program, weights, x) == total
+    assert total >= weights.nbytes + x.nbytes + 8 * 4  # at least its inputs and output
+    assert gc_module.program_bytes(program, weights, jax.ShapeDtypeStruct(x.shape, x.dtype)) == total  # shapes suffice
+    assert gc_module.program_bytes(program, weights, x, resident=weights) == total - weights.nbytes
+    # A donated input reused for the output is not counted twice.
+    donated = jax.jit(lambda a: a * 2, donate_argnums=0)
+    assert gc_module.program_bytes(donated, jnp.ones(1000, jnp.float32)) <= 2 * 4000
+
+
 def test_free_memory_reads_the_host_on_cpu():
     import jax
 

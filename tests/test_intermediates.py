@@ -17,7 +17,6 @@ from pali_jax.errors import UserError
 from pali_jax.decode import MIN_TEXT_BUCKET, prepare_prompts
 from pali_jax.generate import Generator
 from pali_jax.generation_config import GenerationConfig
-from pali_jax import intermediates
 from pali_jax.intermediates import ForwardOutput
 from pali_jax.pretrained import PaliGemma
 from pali_jax.processor import load_image
@@ -124,17 +123,38 @@ def test_stacked_layout_records_the_same(tiny_models):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
 
 
+def _analysis_bytes(pg, *args) -> int:
+    """XLA's own count for the recorded forward of `args`: arguments + outputs + temporaries, less the params."""
+    stats = pg._forward_recorded.lower(pg.params, *args, True, False).compile().memory_analysis()
+    params = sum(x.nbytes for x in jax.tree.leaves(pg.params))
+    return stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes - params
+
+
 def test_recording_more_than_memory_holds_is_refused_before_it_runs(tiny_models, monkeypatch):
     from pali_jax import generation_config
 
     pg = tiny_models["pg1"].pg
-    inputs = _inputs(pg)
-    need = intermediates.recorded_bytes(pg.config, 2, inputs[1].shape[1], attentions=True, hidden_states=False,
-                                        itemsize=4)
+    pixels, ids, types, mask = _inputs(pg)
+    need = _analysis_bytes(pg, pixels, ids, types, mask)
+    # What the check measures is all XLA allocates, which the recorded outputs alone understate.
+    outputs = 4 * 2 * ids.shape[1] ** 2 * pg.config.text.depth * pg.config.text.num_heads
+    assert need > outputs
     monkeypatch.setattr(generation_config, "free_memory", lambda device=None: (need - 1, "available host memory"))
-    with pytest.raises(UserError, match=r"^forward needs .* recorded intermediates \(2 rows of 24 tokens\)"):
-        pg.forward(*inputs, output_attentions=True)
-    assert isinstance(pg.forward(*inputs, output_hidden_states=True), ForwardOutput)  # smaller: it fits
+    with pytest.raises(UserError, match=r"^forward needs .* for the forward pass \(2 rows of 24 tokens: its outputs, "
+                                        r"recorded intermediates and XLA's temporaries\), more than .* fewer rows") as e:
+        pg.forward(pixels, ids, types, mask, output_attentions=True)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(generation_config, "free_memory", lambda device=None: (need, "available host memory"))
+    assert isinstance(pg.forward(pixels, ids, types, mask, output_attentions=True), ForwardOutput)
+
+
+def test_the_plain_forward_is_checked_too(tiny_models, monkeypatch):
+    from pali_jax import generation_config
+
+    pg = tiny_models["pg1"].pg
+    monkeypatch.setattr(generation_config, "free_memory", lambda device=None: (1000, "available host memory"))
+    with pytest.raises(UserError, match=r"^forward needs .* \(2 rows of 24 tokens: its outputs and XLA's temporaries"):
+        pg.forward(*_inputs(pg))
 
 
 @pytest.mark.parametrize("flag", ["output_attentions", "output_hidden_states"])

@@ -14,10 +14,13 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from pali_jax.detection import Detection, draw_detections, parse_detections
 from pali_jax.errors import UserError
+from pali_jax import processor
 from pali_jax.processor import (
     PaliGemmaProcessor,
     PaliGemmaTokenizer,
     ProcessorError,
+    image_list,
+    load_image,
     preprocess_images,
 )
 from tokenizer_utils import LOC_TOKENS, SEG_TOKENS
@@ -232,8 +235,56 @@ def test_bad_image_inputs_raise(bad, match):
 def test_bad_image_arguments_raise():
     with pytest.raises(ProcessorError, match="no images"):
         preprocess_images([], SIZE)
-    with pytest.raises(ProcessorError, match="positive"):
-        preprocess_images(_noise, 0)
+    for size in (0, True, 224.0, "224", 10**6):
+        with pytest.raises(ProcessorError, match=r"^image size must be an int in \[1, 4096\], got "):
+            preprocess_images(_noise, size)
+    for images, name in ((5, "int"), (None, "NoneType"), (b"a.png", "bytes"), ({"a": 1}, "dict")):
+        with pytest.raises(ProcessorError, match=f"^images must be an image .* or a list of them, got {name}$"):
+            preprocess_images(images, SIZE)
+
+
+def test_one_path_string_is_one_image():
+    assert image_list("a.png") == ["a.png"]  # never its characters
+    assert image_list(Path("a.png")) == [Path("a.png")]
+    assert len(image_list(np.zeros((2, 4, 4, 3), np.uint8))) == 2 and len(image_list(np.zeros((4, 4)))) == 1
+    assert image_list(iter(["a.png", "b.png"])) == ["a.png", "b.png"]
+
+
+def test_images_in_memory_obey_the_file_limits(monkeypatch):
+    """Arrays and PIL images are held to the pixel and side limits of files, before any conversion."""
+    # 1 x 100,000,000 pixels (within the pixel limit, but PIL's resize would ask for gigabytes of
+    # filter weights); a broadcast view, so the test itself holds no memory.
+    long = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (1, 100_000_000, 3))
+    with pytest.raises(ProcessorError, match=r"^the image array is 100000000x1 pixels, a side longer than the limit"):
+        load_image(long)
+    monkeypatch.setattr(processor, "MAX_IMAGE_PIXELS", 99)
+    for image, what in ((np.zeros((10, 10, 3), np.uint8), "the image array"),
+                        (np.zeros((10, 10), np.float32), "the image array"),
+                        (PIL.Image.new("RGB", (10, 10)), "the PIL image")):
+        with pytest.raises(ProcessorError, match=f"^{what} is 10x10 pixels, more than the limit of 99"):
+            preprocess_images([image], SIZE)
+    assert preprocess_images(np.zeros((9, 11, 3), np.uint8), SIZE).shape == (1, SIZE, SIZE, 3)
+
+
+def test_draw_detections_checks_its_arguments():
+    box = Detection(1, 1, 5, 5, "cat")
+    for image, detections, message in ((None, [box], "image must be a PIL image .* got NoneType"),
+                                       ("cat.png", [box], "got str"),
+                                       (np.zeros((8, 8, 3), np.uint8), box, "detections must be a list of Detection"),
+                                       (np.zeros((8, 8, 3), np.uint8), [box, "dog"], r"detections\[1\] must be a Detection")):
+        with pytest.raises(UserError, match=message):
+            draw_detections(image, detections)
+
+
+def test_parse_detections_checks_its_arguments():
+    with pytest.raises(UserError, match="^text must be a string .*, got bytes$"):
+        parse_detections(b"<loc0000>", 10, 10)
+    for width, height, bad in ((0, 10, "width"), (10, 2.5, "height"), (True, 10, "width"), ("10", 10, "width")):
+        with pytest.raises(UserError, match=f"^the image's {bad} must be an int >= 1"):
+            parse_detections("cat", width, height)
+    with pytest.raises(UserError, match="more than the limit"):
+        parse_detections("cat", 10**5, 10**5)
+    assert parse_detections("<loc0000><loc0000><loc0512><loc0512> cat", np.int64(100), 100)[0].xmax == 50
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------
@@ -412,6 +463,13 @@ def test_bad_text_arguments(tokenizer, tmp_path):
         tokenizer(["ocr"], num_image_tokens=1, padding_side="middle")
     with pytest.raises(ProcessorError, match="no prompts"):
         tokenizer([], num_image_tokens=1)
+    for prompts, message in ((b"caption en", "prompts must be a string or a list of strings, got bytes"),
+                             (None, "prompts must be a string or a list of strings, got NoneType"),
+                             (["ocr", 5], r"prompts\[1\] must be a string, got int")):
+        with pytest.raises(ProcessorError, match=f"^{message}$"):
+            tokenizer(prompts, num_image_tokens=1)
+    with pytest.raises(ProcessorError, match=r"^suffixes\[0\] must be a string, got bytes$"):
+        tokenizer(["ocr"], [b"x"], num_image_tokens=1)
     with pytest.raises(ProcessorError, match="tokenizer model not found"):
         PaliGemmaTokenizer(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")

@@ -132,10 +132,52 @@ def test_decoder_matches_torch(vae):
 
 def test_decoder_rejects_bad_codes(vae):
     for bad in (np.zeros((2, 15), int), np.full((1, 16), 128), np.full((1, 16), -1), np.zeros(16, int),
-                np.zeros((1, 16), np.float32)):
+                np.zeros((1, 16), np.float32), None, "codes", [[1] * 16, [2] * 15], np.full((1, 16), 2**32 + 1)):
         with pytest.raises(UserError) as e:
             vae["model"].decode(bad)
         assert "\n" not in str(e.value)
+
+
+def test_decoding_runs_in_chunks(vae, monkeypatch):
+    codes = np.random.default_rng(2).integers(0, 128, (11, 16))
+    ref = _torch_decode(vae["torch_decoder"], vae["weights"]["_vq_vae._embedding"], codes)
+    monkeypatch.setattr(seg, "CHUNK_ROWS", 4)  # 4 + 4 + 3 rows, the last chunk padded
+    ours = vae["model"].decode(codes)
+    assert ours.shape == (11, 64, 64) and np.abs(ours - ref).max() <= 1e-5
+    masks = (ours > 0).astype(np.float32)
+    np.testing.assert_array_equal(vae["model"].encode(masks), np.concatenate(
+        [vae["model"].encode(masks[i : i + 1]) for i in range(11)]))
+
+
+def test_a_batch_beyond_memory_is_refused_before_it_runs(vae, monkeypatch):
+    from pali_jax import generation_config
+
+    model = vae["model"]
+    # 10**8 rows would need 1.6 TB of results: refused from the shape (a broadcast view: no memory used).
+    huge = np.broadcast_to(np.zeros((1, 16), np.int32), (10**8, 16))
+    with pytest.raises(UserError, match=r"^the mask VAE needs .* GiB for the results of 100000000 rows of codes "
+                                        r"\(256 per compiled call\), more than .*: pass fewer codes per call$"):
+        model.decode(huge)
+    with pytest.raises(UserError, match="10000000000 rows of masks"):  # 640 GB of codes
+        model.encode(np.broadcast_to(np.zeros((1, 64, 64), np.float32), (10**10, 64, 64)))
+    # The check counts the chunk program as XLA compiles it (arguments, outputs, temporaries), not
+    # only the results: 3 rows (a chunk of 4) need their 3 results plus that program.
+    program = model._decode.lower(*model._resident, jax.ShapeDtypeStruct((4, 16), jnp.int32)).compile()
+    stats = program.memory_analysis()
+    assert stats.temp_size_in_bytes > 3 * 64 * 64 * 4
+    resident = sum(x.nbytes for x in jax.tree.leaves(model._resident))
+    need = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes - resident
+    default = jax.devices()[0].platform
+    need += 3 * 64 * 64 * 4 if default == "cpu" else 0  # on CPU the results share the program's memory
+    codes = np.zeros((3, 16), np.int32)
+    for free, refused in ((need - 1, True), (need, False)):
+        monkeypatch.setattr(generation_config, "free_memory", lambda device, free=free: (
+            free if device.platform == default else 2**50, "memory"))
+        if refused:
+            with pytest.raises(UserError, match="3 rows of codes"):
+                model.decode(codes)
+        else:
+            assert model.decode(codes).shape == (3, 64, 64)
 
 
 def test_bad_vae_files(tmp_path, vae):
@@ -155,6 +197,38 @@ def test_bad_vae_files(tmp_path, vae):
     assert not decoder_only.has_encoder
     with pytest.raises(UserError, match="no encoder"):
         decoder_only.encode(np.zeros((1, 64, 64)))
+
+
+def _one_line_refusal(path, match):
+    with pytest.raises(UserError, match=match) as e:
+        seg.MaskDecoder.from_npz(path)
+    assert "\n" not in str(e.value)
+
+
+def test_vae_files_are_checked_as_data(tmp_path, vae):
+    """Strings, NaN, wrong ranks, a bare .npy and a damaged archive: one line each, at load."""
+    bad = {
+        "text": dict(vae["weights"], **{"decoder.4.bias": np.array(["a"] * 128)}),
+        "nan": dict(vae["weights"], **{"decoder.12.weight": np.full((1, 16, 1, 1), np.nan, np.float32)}),
+        "inf_encoder": dict(vae["weights"], **{"encoder.0.bias": np.full(16, np.inf, np.float32)}),
+        "rank": dict(vae["weights"], **{"decoder.0.weight": np.zeros(128, np.float32)}),
+        "bools": dict(vae["weights"], **{"_vq_vae._embedding": np.zeros((128, DIM), bool)}),
+    }
+    messages = {"text": "'decoder.4.bias' holds dtype <U1", "nan": "'decoder.12.weight' holds NaN",
+                "inf_encoder": "'encoder.0.bias' holds NaN or infinite", "rank": r"'decoder.0.weight' has shape \[128\]",
+                "bools": "holds dtype bool"}
+    for name, weights in bad.items():
+        np.savez(tmp_path / f"{name}.npz", **weights)
+        _one_line_refusal(tmp_path / f"{name}.npz", messages[name])
+    np.save(tmp_path / "bare.npy", vae["weights"]["decoder.0.bias"])
+    _one_line_refusal(tmp_path / "bare.npy", "not an .npz archive")
+    # One flipped byte inside a stored member: zip's CRC check refuses it.
+    data = bytearray(vae["path"].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "crc.npz").write_bytes(bytes(data))
+    _one_line_refusal(tmp_path / "crc.npz", "Bad CRC-32")
+    with pytest.raises(UserError, match="mapping of names to arrays, got list"):
+        seg.MaskDecoder([1, 2])
 
 
 def _blob_masks(rng, n, size=64):
@@ -240,6 +314,29 @@ def test_paste_mask(vae, locs, h, w):
     np.testing.assert_array_equal(got, _expected_paste(logits, locs, h, w))
     x1, y1, x2, y2 = seg.mask_box(locs, h, w)
     assert not got[:, :max(x1, 0)].any() and not got[:, x2:].any() and not got[:y1].any() and not got[y2:].any()
+
+
+def test_mask_functions_check_their_arguments(vae):
+    logits = np.ones((64, 64), np.float32)
+    locs = (0, 0, 512, 512)
+    for args, message in (
+        ((logits, locs, 0, 10), "height must be an int >= 1"),
+        ((logits, locs, 10, 2.5), "width must be an int >= 1"),
+        ((logits, locs, 10**5, 10**5), "more than the limit"),
+        ((logits, "0 0 512 512", 10, 10), "locs must be 4 <loc> bins"),
+        ((logits, (0, 0, 512), 10, 10), "locs must be 4 <loc> bins"),
+        ((logits, (0.0, 0, 512, 512), 10, 10), "locs must be 4 <loc> bins"),
+        ((None, locs, 10, 10), "mask logits must be an array of numbers, got NoneType"),
+        ((logits[:8], locs, 10, 10), r"mask logits must be \[64, 64\]"),
+    ):
+        with pytest.raises(UserError, match=message) as e:
+            seg.paste_mask(*args)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="a mask must be an array of numbers, got NoneType"):
+        vae["model"].mask_tokens(None)
+    with pytest.raises(UserError, match="a mask file must be a path, got int"):
+        seg.load_mask(5)
+    assert seg.paste_mask(logits, np.array(locs), 10, 10).sum() == 25
 
 
 def test_paste_mask_geometry():
