@@ -5,19 +5,39 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import PIL.Image
 import pytest
+from hostile import (  # noqa: F401  (fixtures)
+    BAD_DATA_LINES,
+    GOOD_LINE,
+    LONG_TEXT,
+    READ_ONLY,
+    _data_file,
+    _line,
+    assert_one_line_error,
+    call,
+    data,
+    finetune_main,
+    images,
+    listing,
+)
 
+from benchmarks import kill_points
+from pali_jax import cli, finetune
 from pali_jax.checkpoint import TrainCheckpointer, restore_params
 from pali_jax.data import DataError, Dataset, Example, read_jsonl
 from pali_jax.demo import shapes
-from pali_jax import cli
 from pali_jax.pretrained import PaliGemma
 from pali_jax.processor import PaliGemmaProcessor, PaliGemmaTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +214,140 @@ def test_missing_model_is_a_one_line_error(data_dir, tmp_path, capsys):
     code, _, stderr = run(capsys, "--model", tmp_path / "nothing-here", "--train", data_dir / "train.jsonl",
                           "--out", tmp_path / "run")
     assert code == 2 and stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA_LINES))
+def test_finetune_stops_at_a_bad_line(checkpoint, data, tmp_path, capsys, case):
+    line, message = BAD_DATA_LINES[case]
+    train = _data_file(data, line, f"train-{abs(hash(case))}.jsonl")
+    out = tmp_path / "run"
+    code, stdout, err = call(finetune_main, ["--model", checkpoint["converted"], "--train", train, "--out", out], capsys)
+    assert_one_line_error(code, err, f"{train}:3: ")
+    assert message in err and not out.exists()
+
+
+def test_a_suffix_longer_than_the_positions_names_its_line(checkpoint, data, tmp_path, capsys):
+    train = _data_file(data, _line(suffix=LONG_TEXT), "long.jsonl")
+    code, _, err = call(finetune_main, ["--model", checkpoint["converted"], "--train", train, "--out", tmp_path / "run"],
+                        capsys)
+    assert_one_line_error(code, err, f"{train}:3: ")
+    assert "exceed the model's positions 8192" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "data file not found"),
+    ("", "holds no usable example"),
+    ("\n\n  \n", "holds no usable example"),
+    (b"\xff\xfe\x00binary", "cannot read data file"),
+    ("folder", "cannot read data file"),
+])
+def test_finetune_refuses_data_files(checkpoint, tmp_path, capsys, content, message):
+    train = tmp_path / "train.jsonl"
+    if content == "folder":
+        train.mkdir()
+    elif isinstance(content, bytes):
+        train.write_bytes(content)
+    elif content is not None:
+        train.write_text(content)
+    code, _, err = call(finetune_main, ["--model", checkpoint["converted"], "--train", train, "--out", tmp_path / "run"],
+                        capsys)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "nan"], "--lr must be a finite positive number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite positive number, got inf"),
+    (["--lr=-1e-3"], "--lr must be a finite positive number"),
+    (["--lr", "0"], "--lr must be a finite positive number"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite non-negative number, got nan"),
+    (["--weight-decay=-0.1"], "--weight-decay must be a finite non-negative number"),
+    (["--momentum", "inf"], "--momentum must be a finite"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite"),
+    (["--label-smoothing", "nan"], "--label-smoothing must be a finite"),
+    (["--label-smoothing", "1.5"], "--label-smoothing must be below 1"),
+    (["--lr", "fast"], "invalid float value: 'fast'"),
+    (["--max-length", "100000"], "max_length 100000 exceeds the model's 8192 positions"),
+    (["--max-length", "0"], "--max-length must be positive"),
+    (["--keep", "0"], "--keep must be positive"),
+])
+def test_finetune_refuses_settings(checkpoint, data, tmp_path, capsys, extra, message):
+    train = _data_file(data, GOOD_LINE, "good.jsonl")
+    code, _, err = call(finetune_main, ["--model", checkpoint["converted"], "--train", train, "--out", tmp_path / "run",
+                                        *extra], capsys)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["out is a file", "out under a read-only folder", "model is the export target"])
+def test_finetune_refuses_outputs(checkpoint, data, tmp_path, capsys, case):
+    train = _data_file(data, GOOD_LINE, "good.jsonl")
+    model = checkpoint["converted"]
+    if case == "out is a file":
+        out = tmp_path / "run"
+        out.write_text("x")
+        message = "exists and is not a directory"
+    elif case == "out under a read-only folder":
+        out, message = READ_ONLY / "pali-jax-run", "Operation not permitted"
+    else:  # --out RUN with --model RUN/model: the export would replace the weights being trained
+        out = tmp_path / "run"
+        shutil.copytree(checkpoint["converted"], out / "model")
+        model, message = out / "model", "is or contains the source"
+    before = listing(tmp_path)
+    code, _, err = call(finetune_main, ["--model", model, "--train", train, "--out", out, "--steps", 2], capsys)
+    assert_one_line_error(code, err, message)
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("changed, message", [
+    (["--lr", "2e-3"], "learning_rate: 0.001 -> 0.002"),
+    (["--steps", "40"], "steps: 20 -> 40"),
+    (["--lr", "2e-3", "--batch-size", "2"], "batch_size: 4 -> 2; learning_rate: 0.001 -> 0.002"),
+])
+def test_resume_with_other_settings_is_refused(checkpoint, data, tmp_path, capsys, changed, message):
+    train = _data_file(data, GOOD_LINE, "good.jsonl")
+    out = tmp_path / "run"
+    (out / "checkpoints" / "10").mkdir(parents=True)
+    base = ["--model", checkpoint["converted"], "--train", train, "--out", out, "--steps", 20, "--batch-size", 4,
+            "--lr", "1e-3"]
+    saved = finetune._train_config(finetune.parse_args([str(a) for a in base]))
+    import dataclasses
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(saved)))
+    before = (out / "train_config.json").read_text()
+    code, _, err = call(finetune_main, [*base, *changed, "--resume"], capsys)
+    assert_one_line_error(code, err, "--resume with settings that differ from")
+    assert message in err and (out / "train_config.json").read_text() == before
+
+
+@pytest.fixture(scope="module")
+def shapes_data(tmp_path_factory) -> Path:
+    return kill_points.make_shapes_data(tmp_path_factory.mktemp("shapes"))
+
+
+def test_finetune_interrupted_then_resumed_gives_the_uninterrupted_result(shapes_data, tmp_path):
+    """Ctrl-C in the middle of fine-tuning: one line, exit 130; --resume then ends with the
+    uninterrupted run's loss and exported weights."""
+    reference = kill_points.finetune_reference(kill_points.DEMO_MODEL, shapes_data, tmp_path / "reference")
+    record = kill_points.finetune_trial(kill_points.DEMO_MODEL, shapes_data, tmp_path / "run", 0.7 * reference[0],
+                                        signal.SIGINT, reference)
+    assert record["problems"] == [], record
+    assert record["exit"] in (0, 130) and record["max_rel_weight_diff"] <= 1e-6
+
+
+def test_a_diverging_loss_stops_in_one_line(shapes_data, tmp_path):
+    """--lr 1e30 is finite, so it passes the checks; the loss then becomes NaN/inf, which stops the
+    run (exit 2, the step named) before a NaN checkpoint or export is written. --resume on a run
+    directory without checkpoints says that it starts from step 0."""
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        kill_points.finetune_command(kill_points.DEMO_MODEL, shapes_data, out, "--lr", "1e30", "--resume"),
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=kill_points._env(),
+    )
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0] == f"warning: --resume: no checkpoint in {out / 'checkpoints'} yet, starting from step 0"
+    assert lines[-1].startswith("error: the loss became") and "lower --lr" in lines[-1], lines
+    assert not (out / "model").exists()
+    saved = [p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()] if (out / "checkpoints").exists() else []
+    step = int(lines[-1].split(" at step ")[1].split()[0])
+    assert all(int(s) < step for s in saved)

@@ -6,15 +6,15 @@ import jax
 import numpy as np
 import pytest
 import torch
+from test_paligemma import make_inputs
 
 from pali_jax.backend import CHECKPOINT_LAYOUT
 from pali_jax.beam_search import BeamSearch
-from pali_jax.generation_config import GenerationConfig
 from pali_jax.decode import MIN_TEXT_BUCKET, StopReason, bucket, prepare_prompts
 from pali_jax.generate import Generator
+from pali_jax.generation_config import GenerationConfig
 from pali_jax.pretrained import PaliGemma
 from pali_jax.sampling import SamplingParams
-from test_model import make_inputs
 
 NEW_TOKENS = 24
 TIE = 1e-4  # HF top-2 logits closer than this may legitimately flip under float32 rounding
@@ -233,3 +233,10 @@ def test_bad_generate_arguments(tiny_models):
         pg.generate_ids(pixels, ids, temperature=-1)
     with pytest.raises(ValueError, match="left-padded"):
         pg.generate_ids(pixels, ids, attention_mask=np.pad(np.ones_like(ids[:, 1:]), ((0, 0), (0, 1))))
+
+
+def test_compilation_cache_is_created_private(tmp_path):
+    from pali_jax.generate import enable_compilation_cache
+
+    path = enable_compilation_cache(tmp_path / "new" / "cache")
+    assert path.stat().st_mode & 0o777 == 0o700

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from hostile import ROOT
+
 PACKAGE = Path(__file__).resolve().parents[1] / "pali_jax"
 
 
@@ -75,3 +77,19 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_pickle_anywhere():
+    """Weights come from safetensors and orbax only: no module loads pickles (np.load must say
+    allow_pickle=False; no pickle / torch.load / joblib)."""
+    offenders = []
+    for path in sorted([*ROOT.glob("pali_jax/**/*.py"), *ROOT.glob("convert/*.py"), *ROOT.glob("benchmarks/*.py"),
+                        *ROOT.glob("tests/*.py"), ROOT / "run_generate.py"]):
+        if path.name == Path(__file__).name:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if ("np.load(" in code and "allow_pickle=False" not in code) or "import pickle" in code \
+                    or "torch.load(" in code or "joblib" in code or "allow_pickle=True" in code:
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []

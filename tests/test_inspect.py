@@ -17,7 +17,7 @@ from pali_jax import inspect as ins
 from pali_jax import plots
 from pali_jax.errors import UserError
 from pali_jax.pretrained import PaliGemma
-from test_model import make_inputs
+from test_paligemma import make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 

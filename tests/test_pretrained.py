@@ -7,8 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hostile import (  # noqa: F401  (fixtures)
+    CONVERT_BAD,
+    LOAD_BAD,
+    LONG_TEXT,
+    ROOT,
+    converted,
+    images,
+    src,
+    tiny_pg,
+)
 
 from pali_jax import PaliGemma, UserError, preprocess_images
+from pali_jax.model_dir import MANIFEST_FILE
 
 DEMO = Path(__file__).resolve().parent.parent / "pali_jax" / "assets" / "demo"
 IMAGE = DEMO / "images" / "shapes_0.png"
@@ -91,3 +102,138 @@ def test_model_arrays_are_checked(pg, arrays, method, case, message):
     else:
         mask = "all"
     _refused(lambda: getattr(pg, method)(pixels, ids, types, mask), message)
+
+
+@pytest.mark.parametrize("case", sorted(LOAD_BAD))
+def test_from_pretrained_refuses(converted, case):
+    damage, message = LOAD_BAD[case]
+    damage(converted)
+    with pytest.raises(UserError) as info:
+        PaliGemma.from_pretrained(converted)
+    assert message in str(info.value) and "\n" not in str(info.value), info.value
+
+
+@pytest.mark.parametrize("path, message", [
+    ("{tmp}/empty", "neither a pali-jax directory"),
+    ("{tmp}/a/b/c", "not a local directory, and not a hub id"),
+    ("nobody/no-such-model", "cannot download nobody/no-such-model"),
+    ("", "neither a pali-jax directory"),
+])
+def test_from_pretrained_refuses_paths(tmp_path, monkeypatch, path, message):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=message):
+        PaliGemma.from_pretrained(path.format(tmp=tmp_path))
+
+
+def test_from_pretrained_refuses_a_bad_dtype(checkpoint):
+    with pytest.raises(UserError, match="unknown dtype 'float16'"):
+        PaliGemma.from_pretrained(checkpoint["converted"], dtype="float16")
+
+
+@pytest.mark.parametrize("case", ["NaN weight", "int32 weight", "config heads 'four'", "safetensors truncated to half"])
+def test_from_pretrained_of_an_hf_dir_refuses(src, case):
+    damage, message = CONVERT_BAD[case]
+    damage(src)
+    with pytest.raises(UserError) as info:
+        PaliGemma.from_pretrained(src)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_demo_model_has_no_manifest_and_loads():
+    demo = ROOT / "pali_jax" / "assets" / "demo" / "model"
+    assert not (demo / MANIFEST_FILE).exists()
+    assert PaliGemma.from_pretrained(demo).config.text.depth == 3
+
+
+@pytest.mark.parametrize("image, message", [
+    ("folder.png", "is a directory"),
+    ("missing.png", "image file not found"),
+    (3, "unsupported image type int"),
+    (np.zeros((4, 4, 3), np.float32) + 2, "float image values must lie in [0, 1]"),
+    (np.full((4, 4, 3), np.nan, np.float32), "float image values"),
+    (np.zeros((4, 4, 2), np.uint8), "image array must have shape"),
+    (np.zeros((0, 4, 3), np.uint8), "image array must have shape"),
+    (np.zeros((4, 4, 3), np.int64), "dtype must be uint8 or floating"),
+])
+def test_generate_refuses_images(tiny_pg, images, image, message):
+    if isinstance(image, str):
+        image = images.get(image, images["good"].parent / image)
+    with pytest.raises(UserError) as info:
+        tiny_pg.generate(image, "caption en")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_prompt_too_long_for_the_positions(tiny_pg, images):
+    with pytest.raises(UserError) as info:
+        tiny_pg.generate(images["good"], LONG_TEXT, max_new_tokens=8)
+    message = str(info.value)
+    assert "exceed the model's 8192 positions" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("prompt", ["<image>", "caption en <image>", "<image><image> what is this?"])
+def test_image_token_text_in_a_prompt_is_refused(tiny_pg, images, prompt):
+    with pytest.raises(UserError, match="contains '<image>'"):
+        tiny_pg.generate(images["good"], prompt)
+
+
+@pytest.mark.parametrize("prompt", [None, 3, b"caption en"])
+def test_non_string_prompts_are_refused(tiny_pg, images, prompt):
+    with pytest.raises(UserError):
+        tiny_pg.generate(images["good"], [prompt])
+
+
+def test_image_and_prompt_counts_must_match(tiny_pg, images):
+    with pytest.raises(UserError, match="got 2 images for 3 prompts"):
+        tiny_pg.generate([images["good"]] * 2, ["a", "b", "c"])
+    with pytest.raises(UserError, match="got 0 images for 0 prompts"):
+        tiny_pg.generate([], [])
+
+
+@pytest.mark.parametrize("case", ["pixels 3-D", "pixels wrong size", "ids 1-D", "batch mismatch", "no image tokens",
+                                  "ids out of vocab", "negative ids"])
+def test_forward_refuses_arrays(tiny_pg, case):
+    c = tiny_pg.config
+    pixels = np.zeros((1, c.image_size, c.image_size, 3), np.float32)
+    ids = np.array([[c.image_token_id] * c.num_image_tokens + [c.bos_token_id, 5]], np.int32)
+    if case == "pixels 3-D":
+        pixels = pixels[0]
+    elif case == "pixels wrong size":
+        pixels = np.zeros((1, 8, 8, 3), np.float32)
+    elif case == "ids 1-D":
+        ids = ids[0]
+    elif case == "batch mismatch":
+        ids = np.repeat(ids, 2, axis=0)
+    elif case == "no image tokens":
+        ids = ids[:, c.num_image_tokens:]
+    elif case == "ids out of vocab":
+        ids[0, -1] = c.vocab_size
+    else:
+        ids[0, -1] = -1
+    with pytest.raises(UserError):
+        tiny_pg.forward(pixels, ids)
+
+
+def test_hub_downloads_fetch_only_what_the_loader_reads(monkeypatch, tmp_path):
+    import fnmatch
+
+    import huggingface_hub
+
+    from pali_jax import pretrained
+
+    asked = {}
+
+    def fake_download(repo_id, allow_patterns=None, **kwargs):
+        asked["patterns"] = allow_patterns
+        raise huggingface_hub.errors.OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    with pytest.raises(UserError, match="cannot download someone/model"):
+        PaliGemma.from_pretrained("someone/model")
+    wanted = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+              "tokenizer.model", "tokenizer_config.json"]
+    unwanted = ["pytorch_model.bin", "model.pkl", "modeling_paligemma.py", "evil.json", "sub/model.safetensors",
+                "flax_model.msgpack", "model.onnx"]
+    matches = lambda name: any(fnmatch.fnmatch(name, p) for p in asked["patterns"])  # noqa: E731
+    assert asked["patterns"] == pretrained.HUB_PATTERNS
+    assert all(matches(n) for n in wanted) and not any(matches(n) for n in unwanted)

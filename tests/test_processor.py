@@ -8,13 +8,19 @@ import PIL.Image
 import pytest
 import sentencepiece as spm
 import skimage.data
+from hostile import BAD_IMAGES, GOOD_IMAGES, _write, converted, images, tiny_pg  # noqa: F401  (fixtures)
+from tokenizer_utils import LOC_TOKENS, SEG_TOKENS
 from transformers import GemmaTokenizer
 from transformers import PaliGemmaProcessor as HFPaliGemmaProcessor
-from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import (
+    SiglipImageProcessorPil,
+)
 
+from pali_jax import processor
 from pali_jax.detection import Detection, draw_detections, parse_detections
 from pali_jax.errors import UserError
-from pali_jax import processor
+from pali_jax.model_dir import MANIFEST_FILE
+from pali_jax.pretrained import PaliGemma
 from pali_jax.processor import (
     PaliGemmaProcessor,
     PaliGemmaTokenizer,
@@ -23,7 +29,6 @@ from pali_jax.processor import (
     load_image,
     preprocess_images,
 )
-from tokenizer_utils import LOC_TOKENS, SEG_TOKENS
 
 NUM_IMAGE_TOKENS = 16
 SIZE = 224
@@ -560,3 +565,49 @@ def test_draw_detections_marks_box_edges():
     assert red[25:40, 50:60].any()  # label tab above the box
     assert np.array_equal(image, np.full((100, 200, 3), 255, np.uint8))  # input untouched
     assert np.array_equal(np.asarray(draw_detections(PIL.Image.fromarray(image), dets, color=(255, 0, 0))), out)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_IMAGES))
+def test_load_image_refuses(images, name):
+    with pytest.raises(UserError) as info:
+        load_image(images[name])
+    assert BAD_IMAGES[name] in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("case", sorted(GOOD_IMAGES))
+def test_odd_images_load_right(tmp_path, case):
+    write, check = GOOD_IMAGES[case]
+    path = write(tmp_path)
+    image = load_image(path)
+    assert image.mode == "RGB" and check(image), (image.size, image.getpixel((0, 0)))
+    pixels = preprocess_images(path, 16)
+    assert pixels.shape == (1, 16, 16, 3) and np.isfinite(pixels).all() and np.abs(pixels).max() <= 1
+
+
+def test_loc_tokens_are_tokens_and_eos_is_text(tiny_pg):
+    """`<loc0001>` is one token (as in transformers); `<eos>` / `<bos>` stay literal text (a
+    prompt cannot end itself early); an empty prompt is `<image>`s, `<bos>`, then the newline."""
+    tok = tiny_pg.tokenizer
+    loc = tok.encode("detect <loc0001>")
+    assert tok.sp.piece_to_id("<loc0001>") in loc
+    ids = tok(["stop <eos> here <bos>"], num_image_tokens=tiny_pg.config.num_image_tokens).input_ids[0].tolist()
+    assert tok.eos_id not in ids and ids.count(tok.bos_id) == 1
+    empty = tok([""], num_image_tokens=tiny_pg.config.num_image_tokens).input_ids[0].tolist()
+    assert empty == [tiny_pg.config.image_token_id] * tiny_pg.config.num_image_tokens + [tok.bos_id] + tok.encode("\n")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "tokenizer.model").unlink(), "no tokenizer.model"),
+    (_write("tokenizer.model", b""), "cannot load tokenizer model"),
+    (_write("tokenizer.model", b"\x08\x01random-bytes" * 40), "cannot load tokenizer model"),
+])
+def test_tokenizer_problems_are_one_line(converted, images, damage, message):
+    """A converted directory whose tokenizer is missing or damaged loads (arrays still work) and
+    says so at the first text prompt."""
+    damage(converted)
+    (converted / MANIFEST_FILE).unlink()  # as if written without one; else loading refuses the resized file
+    loaded = PaliGemma.from_pretrained(converted)
+    with pytest.raises(UserError, match=message):
+        loaded.tokenizer
+    with pytest.raises(UserError, match=message):
+        loaded.generate(images["good"], "caption en")

@@ -17,7 +17,7 @@ from pali_jax.weights.hf import target
 from pali_jax import lora
 from pali_jax.pretrained import PaliGemma
 from pali_jax.train import Trainer, TrainConfig, TrainConfigError, suffix_nll
-from test_model import make_inputs
+from test_paligemma import make_inputs
 
 
 def batch_of(pg, batch: int = 2, n_prefix: int = 4, n_suffix: int = 6, seed: int = 3) -> dict[str, np.ndarray]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -18,17 +20,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import torch
+from hostile import (
+    CONVERT_BAD,
+    DESTINATIONS,
+    _cwd_with_files,
+    assert_one_line_error,
+    call,
+    convert_main,
+    listing,
+    src,  # noqa: F401  (fixtures)
+)
+from parity import assert_parity
 from safetensors.numpy import load_file, save_file
+from test_paligemma import hf_forward, make_inputs
 from transformers import PaliGemmaForConditionalGeneration
 
+from benchmarks import kill_points
 from pali_jax import cli
 from pali_jax.checkpoint import read_params, restore_params
 from pali_jax.errors import UserError
+from pali_jax.model_dir import verify, verify_dir
 from pali_jax.paligemma import abstract_params
 from pali_jax.pretrained import PaliGemma
 from pali_jax.weights import load
-from parity import assert_parity
-from test_model import hf_forward, make_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tree_equal(a, b) -> bool:
@@ -272,3 +288,109 @@ def test_rows_read_in_blocks_give_the_same_arrays(tiny_models, monkeypatch):
     monkeypatch.setattr("pali_jax.weights.materialise.BLOCK_BYTES", 1000)
     _, blocks = load(src, "float32")
     assert tree_equal(whole, blocks)
+
+
+@pytest.mark.parametrize("case", sorted(CONVERT_BAD))
+def test_convert_refuses(src, tmp_path, capsys, case):
+    damage, message = CONVERT_BAD[case]
+    damage(src)
+    code, out, err = call(convert_main, [src, tmp_path / "dst"], capsys)
+    assert_one_line_error(code, err, message)
+    assert out == "" and listing(tmp_path) == listing(tmp_path)  # (stable)
+    assert not (tmp_path / "dst").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case", sorted(DESTINATIONS))
+def test_convert_refuses_destination(src, tmp_path, capsys, monkeypatch, case):
+    dst, message = DESTINATIONS[case]
+    work = _cwd_with_files(tmp_path)
+    monkeypatch.chdir(work)
+    before_src, before_work = listing(src), listing(work)
+    code, _, err = call(convert_main, [src, dst.format(src=src), "--overwrite"], capsys)
+    assert_one_line_error(code, err, message)
+    assert listing(src) == before_src and listing(work) == before_work
+    assert (work / "keep" / "precious.txt").read_text() == "do not delete"
+
+
+def test_convert_existing_destination_needs_overwrite(src, tmp_path, capsys):
+    (tmp_path / "dst").mkdir()
+    code, _, err = call(convert_main, [src, tmp_path / "dst"], capsys)
+    assert_one_line_error(code, err, "already exists (pass --overwrite")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{nowhere}", "{dst}"], "is not a directory"),
+    (["{file}", "{dst}"], "is not a directory"),
+    (["{src}", "{dst}", "--dtype", "float16"], "unknown dtype 'float16'"),
+    (["{src}", "{dst}", "--dtype", ""], "unknown dtype ''"),
+])
+def test_convert_bad_arguments(src, tmp_path, capsys, args, message):
+    (tmp_path / "file").write_text("x")
+    fill = dict(nowhere=tmp_path / "nowhere", dst=tmp_path / "dst", file=tmp_path / "file", src=src)
+    code, _, err = call(convert_main, [a.format(**fill) for a in args], capsys)
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_convert_refuses_a_destination_being_written(src, tmp_path, capsys):
+    """A second writer of the same destination fails at once (the lock), leaving the first's work."""
+    lock = tmp_path / ".dst.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        code, _, err = call(convert_main, [src, tmp_path / "dst"], capsys)
+    finally:
+        os.close(fd)
+    assert_one_line_error(code, err, "another process is writing")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_convert_overwrite_replaces_a_conversion_and_cleans_stale_temporaries(src, tmp_path, capsys):
+    """Valid work around the refusals: --overwrite replaces an earlier conversion, and temporary
+    directories of killed conversions (dead PIDs) are removed; a live process's one is kept."""
+    dst = tmp_path / "dst"
+    assert call(convert_main, [src, dst], capsys)[0] == 0
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".dst.tmp-{dead.pid}" / "params").mkdir(parents=True)
+    (tmp_path / f".dst.old-{dead.pid}").mkdir()
+    (tmp_path / f".dst.tmp-{os.getppid()}").mkdir()  # alive: pytest's parent
+    code, out, err = call(convert_main, [src, dst, "--overwrite"], capsys)
+    assert code == 0 and err == "" and out == f"wrote {dst}\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "dst", f".dst.tmp-{os.getppid()}"])
+    assert verify_dir(dst) > 3
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_conversion_killed_at_a_random_point(checkpoint, tmp_path, trial):
+    """SIGKILL / SIGINT somewhere in the reading and writing: DST absent or complete, SIGINT in
+    one line, and the next conversion succeeds and cleans up after the killed one."""
+    rng = np.random.default_rng(100 + trial)
+    sig = (signal.SIGKILL, signal.SIGINT, signal.SIGKILL)[trial]
+    record = kill_points.conversion_trial(checkpoint["hf_dir"], tmp_path / "work", float(rng.uniform(1.0, 4.0)), sig)
+    assert record["problems"] == [], record
+
+
+def test_two_conversions_racing_into_one_destination(checkpoint, tmp_path):
+    """Both start before either finishes: one writes DST, the other fails in one line; DST verifies."""
+    dst = tmp_path / "dst"
+    cmd = [sys.executable, "-m", "convert.hf_to_flax", str(checkpoint["hf_dir"]), str(dst)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    [err] = [err for code, err in results if code == 2]
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert any(m in err for m in ("already exists", "another process is writing", "appeared while")), err
+    assert verify(dst) > 3 and sorted(p.name for p in tmp_path.iterdir()) == ["dst"]
+
+
+def test_full_disk_is_one_line_and_leaves_nothing(checkpoint, tmp_path):
+    """A file size limit (`ulimit -f`, SIGXFSZ ignored so that writes fail instead of killing)
+    smaller than the largest parameter array stands for a full disk."""
+    convert = f"{sys.executable} -m convert.hf_to_flax {checkpoint['hf_dir']} {tmp_path / 'dst'}"
+    proc = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 100; exec {convert}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "ulimit -f" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
