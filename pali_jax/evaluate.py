@@ -414,7 +414,6 @@ def _answer(args: argparse.Namespace, references: Sequence[Reference], path: Pat
     """The dataset job over the references into `path` (resumed), then its lines in reference order."""
     from pali_jax.annotate import Item, annotate_to_file
     from pali_jax.pretrained import PaliGemma
-    from pali_jax.results_file import ResultsFile
     from pali_jax.segmentation import resolve_vae_path
 
     if path.exists():  # a file of other data fails now, not after the model has loaded
@@ -423,7 +422,6 @@ def _answer(args: argparse.Namespace, references: Sequence[Reference], path: Pat
         if unknown:
             raise UserError(f"{path} holds answers to other data ({len(unknown)} not in {args.data}): "
                             "move it away or choose another --out")
-    ResultsFile(path, lambda m: None).close()
     vae = resolve_vae_path(args.seg_vae)
     if args.task == "segmentation" and vae is None:
         raise UserError("--task segmentation decodes masks with big_vision's VQ-VAE: give --seg-vae vae-oid.npz")
