@@ -1,10 +1,27 @@
-"""Shared pytest fixtures: the tiny tokenizer and tiny transformers PaliGemma models."""
+"""Shared pytest fixtures: the tiny tokenizer and tiny transformers PaliGemma models.
+
+The session runs with HOME in a temporary folder (no test writes to the real home: the commands'
+default compilation cache lives there), and that folder's compilation cache is JAX's for every
+test, xdist worker and subprocess: the same tiny programs are compiled by many tests, and a
+compiled program is read back instead of compiled again.
+"""
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import os
 import shutil
+import tempfile
 from pathlib import Path
+
+if "PALI_JAX_TEST_HOME" not in os.environ:  # the first process (xdist's controller): its workers inherit it
+    os.environ["PALI_JAX_TEST_HOME"] = tempfile.mkdtemp(prefix="pali-jax-test-home-")
+    atexit.register(shutil.rmtree, os.environ["PALI_JAX_TEST_HOME"], ignore_errors=True)
+os.environ["HOME"] = os.environ["PALI_JAX_TEST_HOME"]
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["HOME"], ".cache", "pali_jax", "xla")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import PIL.Image
 import pytest
