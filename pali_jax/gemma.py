@@ -83,13 +83,18 @@ def write(layer_cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array
     return jax.lax.dynamic_update_slice(layer_cache, new.astype(layer_cache.dtype), (0, index, 0, 0))
 
 
-class Attention(nn.Module):
-    """Multi-query / grouped-query attention with RoPE, soft-capping and an optional cache."""
+class _Projections(nn.Module):
+    """What a sublayer built of `Einsum` projections is given: its config, dtype, weight layout and
+    backend policy."""
 
     cfg: GemmaConfig
     dtype: jnp.dtype = jnp.float32
     layout: Layout = Layout()
     policy: Policy = Policy()
+
+
+class Attention(_Projections):
+    """Multi-query / grouped-query attention with RoPE, soft-capping and an optional cache."""
 
     def setup(self):
         c, dt, lay, pol = self.cfg, self.dtype, self.layout, self.policy
@@ -129,13 +134,8 @@ class Attention(nn.Module):
         return self.out_proj(out), layer_kv
 
 
-class FeedForward(nn.Module):
+class FeedForward(_Projections):
     """GeGLU: `linear(gelu(x @ gate) * (x @ up))`."""
-
-    cfg: GemmaConfig
-    dtype: jnp.dtype = jnp.float32
-    layout: Layout = Layout()
-    policy: Policy = Policy()
 
     def setup(self):
         c, dt, lay, pol = self.cfg, self.dtype, self.layout, self.policy

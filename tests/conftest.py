@@ -1,9 +1,9 @@
 """Shared pytest fixtures: the tiny tokenizer and tiny transformers PaliGemma models.
 
-The session runs with HOME in a temporary folder (no test writes to the real home: the commands'
-default compilation cache lives there), and that folder's compilation cache is JAX's for every
-test, xdist worker and subprocess: the same tiny programs are compiled by many tests, and a
-compiled program is read back instead of compiled again.
+The session runs with HOME in a temporary folder, for every test, xdist worker and subprocess: no
+test writes to the real home (the commands' default compilation cache lives there). XLA compiles
+with cheap code generation: every program here runs on tiny arrays, and compiling is most of the
+suite's time.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ if "PALI_JAX_TEST_HOME" not in os.environ:  # the first process (xdist's control
     os.environ["PALI_JAX_TEST_HOME"] = tempfile.mkdtemp(prefix="pali-jax-test-home-")
     atexit.register(shutil.rmtree, os.environ["PALI_JAX_TEST_HOME"], ignore_errors=True)
 os.environ["HOME"] = os.environ["PALI_JAX_TEST_HOME"]
-os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["HOME"], ".cache", "pali_jax", "xla")
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+_CHEAP_CODEGEN = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if _CHEAP_CODEGEN not in os.environ.get("XLA_FLAGS", ""):  # before jax is imported anywhere
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CHEAP_CODEGEN}".strip()
 
 import PIL.Image
 import pytest

@@ -288,7 +288,7 @@ def test_finetune_refuses_outputs(checkpoint, data, tmp_path, capsys, case):
         out.write_text("x")
         message = "exists and is not a directory"
     elif case == "out under a read-only folder":
-        out, message = READ_ONLY / "pali-jax-run", "Operation not permitted"
+        out, message = READ_ONLY / "pali-jax-run", "is not a writable folder"
     else:  # --out RUN with --model RUN/model: the export would replace the weights being trained
         out = tmp_path / "run"
         shutil.copytree(checkpoint["converted"], out / "model")
