@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from benchmarks import report
 from pali_jax import metrics
 
 
@@ -38,11 +39,12 @@ def main() -> None:
     p.add_argument("--references", type=int, default=5)
     p.add_argument("--tokenizer", default="simple", choices=("simple", "ptb"))
     p.add_argument("--compare", action="store_true", help="also time pycocoevalcap on the same tokens")
+    report.add_arguments(p)
     args = p.parse_args()
     cands, refs = synthetic(args.captions, args.references)
     t0, cpu0 = time.perf_counter(), time.process_time()
     ours = metrics.caption_metrics(cands, refs, args.tokenizer)
-    report = {"captions": args.captions, "references_each": args.references, "tokenizer": args.tokenizer,
+    figures = {"captions": args.captions, "references_each": args.references, "tokenizer": args.tokenizer,
               "scoring_s": round(time.perf_counter() - t0, 3), "scoring_cpu_s": round(time.process_time() - cpu0, 3),
               **{k: ours[k] for k in ("cider", "bleu4", "rouge_l")}}
     if args.compare:
@@ -55,10 +57,12 @@ def main() -> None:
         t0, cpu0 = time.perf_counter(), time.process_time()
         theirs = {"cider": Cider().compute_score(gts, res)[0],
                   "bleu4": Bleu(4).compute_score(gts, res, verbose=0)[0][3], "rouge_l": Rouge().compute_score(gts, res)[0]}
-        report["pycocoevalcap_s"] = round(time.perf_counter() - t0, 3)
-        report["pycocoevalcap_cpu_s"] = round(time.process_time() - cpu0, 3)
-        report["max_abs_difference"] = max(abs(float(theirs[k]) - ours[k]) for k in theirs)
-    print(json.dumps(report, indent=1))
+        figures["pycocoevalcap_s"] = round(time.perf_counter() - t0, 3)
+        figures["pycocoevalcap_cpu_s"] = round(time.process_time() - cpu0, 3)
+        figures["max_abs_difference"] = max(abs(float(theirs[k]) - ours[k]) for k in theirs)
+    print(json.dumps(figures, indent=1))
+    report.write(args, "caption_metrics", ["figure", "value"], [[k, v] for k, v in figures.items()],
+                 note=f"{args.captions} synthetic captions x {args.references} references, scored end to end.")
 
 
 if __name__ == "__main__":
