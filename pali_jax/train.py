@@ -41,6 +41,7 @@ from pali_jax.backend import Layout, Policy
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
 from pali_jax.paligemma import PaliGemmaModel, detect_layout, to_layout
+from pali_jax.weights.plan import DTYPES
 
 Reduction = Literal["example", "token"]
 TRAINABLE_PRESETS: dict[str, tuple[str, ...]] = {
@@ -51,7 +52,6 @@ TRAINABLE_PRESETS: dict[str, tuple[str, ...]] = {
 }
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BATCH_KEYS = ("pixel_values", "input_ids", "token_type_ids", "attention_mask", "loss_mask")
 
 
