@@ -3,6 +3,10 @@ projections (q, kv, attention output, gate/up, down) at 1, 8 and 64 rows.
 
     python -m benchmarks.cpu_matmul [--repeats 5] [--rows 1 8 64] [--width-scale 1.0]
 
+Each form is compiled twice, with XLA's defaults and as `backend.Policy` compiles every CPU program
+(consistent arithmetic: `xla_cpu_enable_platform_dependent_math` off), timed interleaved, and its
+error against float64 reported; the table goes into docs/performance.md.
+
 Forms (x [M, K], the weight stored [K, N] as in the checkpoint, or [N, K] output axes first):
   left_zero    bf16, w [N, K] @ [x^T | 0] -> [N, M + 1]: the weight as the LEFT operand, with a zero
                column (what `backend.project` runs on XLA:CPU in bf16 for few rows);
@@ -29,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import report
 from pali_jax import backend
 
 # (name, K = contracted size, N = output size) of one PaliGemma 1 3B decoder layer.
@@ -65,12 +70,33 @@ FORMS = {
 }
 
 
-def _layer_program(product):
-    @jax.jit
+CONSISTENT = {"xla_cpu_enable_platform_dependent_math": False}  # what backend.Policy asks on CPU
+
+
+def _layer_program(product, options):
     def run(xs, ws):
         return [product(x, w) for x, w in zip(xs, ws)]
 
-    return run
+    return jax.jit(run, compiler_options=options)
+
+
+def _time(run, xs, ws, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(run(xs, ws))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _error(outs, xs, ws, out_first: bool) -> float:
+    """Largest relative max-abs error of the layer's products against float64 on the same operands."""
+    worst = 0.0
+    for out, x, w in zip(outs, xs, ws):
+        w64 = np.asarray(w, np.float64)
+        exact = np.asarray(x, np.float64) @ (w64.T if out_first else w64)
+        worst = max(worst, float(np.abs(np.asarray(out, np.float64) - exact).max() / np.abs(exact).max()))
+    return worst
 
 
 def main() -> None:
@@ -79,6 +105,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--width-scale", type=float, default=1.0)
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
+    report.add_arguments(p)
     args = p.parse_args()
     features = backend.cpu_features()
     print(f"cpu: {backend.cpu_model()}")
@@ -88,23 +115,30 @@ def main() -> None:
     print("layer: " + ", ".join(f"{n} {k}x{o}" for n, k, o in shapes))
     rng = np.random.default_rng(0)
     master = [rng.standard_normal((k, o), np.float32) * 0.02 for _, k, o in shapes]
-    print(f"{'form':>12} " + " ".join(f"{f'{m} rows best/median ms':>26}" for m in args.rows))
+    columns = ["form", "rows", "ms/layer default (best / median)", "ms/layer consistent (best / median)",
+               "rel. error default", "rel. error consistent"]
+    print(" | ".join(columns))
+    rows = []
     for form in args.forms:
         product, dtype, out_first = FORMS[form]
         ws = [jnp.asarray(w.T.copy() if out_first else w, dtype) for w in master]
-        run = _layer_program(product)
-        cells = []
+        default, consistent = _layer_program(product, None), _layer_program(product, CONSISTENT)
         for m in args.rows:
             xs = [jnp.asarray(rng.standard_normal((m, k), np.float32), dtype) for _, k, _ in shapes]
-            jax.block_until_ready(run(xs, ws))  # compile
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                jax.block_until_ready(run(xs, ws))
-                times.append(time.perf_counter() - t0)
-            cells.append(f"{min(times) * 1e3:>17.1f} / {statistics.median(times) * 1e3:6.1f}")
-        print(f"{form:>12} " + " ".join(cells), flush=True)
+            errors = [_error(run(xs, ws), xs, ws, out_first) for run in (default, consistent)]  # compiles both
+            times = ([], [])
+            for _ in range(args.repeats):  # interleaved, so both see the same machine
+                for run, into in zip((default, consistent), times):
+                    into.extend(_time(run, xs, ws, 1))
+            cells = [f"{min(t) * 1e3:.1f} / {statistics.median(t) * 1e3:.1f}" for t in times]
+            rows.append([form, m, *cells, f"{errors[0]:.1e}", f"{errors[1]:.1e}"])
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)
         del ws
+    report.write(args, "cpu_matmul", columns, rows, note=(
+        f"CPU flags: {' '.join(sorted(features)) or 'none tracked'}. One PaliGemma 1 3B decoder layer's five "
+        "products per form; 'consistent' is the program compiled as backend.Policy compiles every CPU program "
+        "(xla_cpu_enable_platform_dependent_math off); errors are the largest max-abs error over the five "
+        "products relative to the largest exact value (float64 on the same operands)."))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,12 @@ A policy decides:
   of every bf16 weight out of the decode loop (XLA:CPU computes all non-YNNPACK bf16 ops in
   float32): a bf16 model would then run on a float32 copy of its weights. CPU inference programs
   are compiled without that pass (float32 programs compile to the same code either way; checked
-  by tests/test_generate.py). Other platforms get no options.
+  by tests/test_generate.py). Every CPU program (inference and training) is also compiled with
+  `xla_cpu_enable_platform_dependent_math` off, which asks YNNPACK (XLA:CPU's matmul library) for
+  consistent arithmetic: results that do not depend on the CPU's instruction set (with it on, an
+  AVX512-BF16 CPU accumulates bf16 products its own way, farther from float64). Its cost and its
+  error are measured per form both ways by benchmarks/cpu_matmul.py (docs/performance.md).
+  Other platforms get no options.
 * `attention_kernel`: the einsum form (`attention.py`) everywhere except CUDA in half precision
   without Gemma 2's soft cap (which `jax.nn.dot_product_attention` cannot apply), where cuDNN's
   fused kernel runs (`jax.nn.dot_product_attention(implementation="cudnn")`). Not timed on a GPU
@@ -155,11 +160,15 @@ class Policy:
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         return "cudnn" if self.platform == "cuda" and half and softcap is None else "einsum"
 
-    def compiler_options(self) -> dict[str, str] | None:
-        """XLA options for every inference program (see module docstring: invariant code motion)."""
-        if self.platform == "cpu":
-            return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-        return None
+    def compiler_options(self, inference: bool = True) -> dict[str, str | bool] | None:
+        """XLA options for every program that runs the model: inference (generation, beam search,
+        forward passes) or, with `inference=False`, training (see module docstring)."""
+        if self.platform != "cpu":
+            return None
+        options: dict[str, str | bool] = {"xla_cpu_enable_platform_dependent_math": False}
+        if inference:
+            options["xla_disable_hlo_passes"] = "while-loop-invariant-code-motion"
+        return options
 
 
 def training_layout(dtype) -> Layout:

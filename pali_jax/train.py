@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, NamedTuple
 
 import flax.struct
 import flax.traverse_util as traverse_util
@@ -314,8 +314,7 @@ class Trainer:
         return lora.merge(self.model, params, state.variables["lora"]) if "lora" in state.variables else params
 
     # -- loss and steps ------------------------------------------------------------------------
-    @functools.partial(jax.jit, static_argnums=0)
-    def _eval_terms(self, variables: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def _eval_impl(self, variables: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         return self._host_readable(self._loss_terms(variables, batch))
 
     def _host_readable(self, tree: Any) -> Any:
@@ -334,10 +333,12 @@ class Trainer:
         total, weight = self._loss_terms(variables, batch)
         return total / jnp.maximum(weight, 1.0)
 
-    @functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
     def step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         """One optimizer update over `batch` (PaliGemmaProcessor fields + loss_mask, [batch_size, T]).
         The state's buffers are donated: use the returned state only."""
+        return programs(self.policy).step(self, state, batch)
+
+    def _step_impl(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         flat = traverse_util.flatten_dict(state.variables)
         trained = {k: v for k, v in flat.items() if self.is_trainable(k)}
         frozen = {k: v for k, v in flat.items() if k not in trained}
@@ -370,5 +371,22 @@ class Trainer:
     def eval_terms(self, state: TrainState, batch: Mapping[str, Any]) -> tuple[float, float]:
         """(loss sum, weight) of one batch (as `place_batch` takes it) under the current weights,
         the same on every process; add them up over batches."""
-        total, weight = self._eval_terms(state.variables, self.place_batch(batch))
+        total, weight = programs(self.policy).eval(self, state.variables, self.place_batch(batch))
         return float(total), float(weight)
+
+
+class TrainingPrograms(NamedTuple):
+    step: Any  # jit of Trainer._step_impl(trainer, state, batch), the trainer static, the state donated
+    eval: Any  # jit of Trainer._eval_impl(trainer, variables, batch)
+
+
+@functools.cache
+def programs(policy: Policy) -> TrainingPrograms:
+    """The jitted training programs for `policy`'s platform, with its compiler options for training
+    (`backend.Policy.compiler_options`). One per policy, the trainer a static argument, so equal
+    trainers (a resumed run's) reuse what was compiled."""
+    options = policy.compiler_options(inference=False)
+    return TrainingPrograms(
+        jax.jit(Trainer._step_impl, static_argnums=0, donate_argnums=1, compiler_options=options),
+        jax.jit(Trainer._eval_impl, static_argnums=0, compiler_options=options),
+    )

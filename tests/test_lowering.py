@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from jax._src.cudnn import fused_attention_stablehlo
 
+from pali_jax import train
 from pali_jax.backend import CHECKPOINT_LAYOUT, Policy
 from pali_jax.config import preset
 from pali_jax.decode import prepare_prompts
@@ -100,6 +101,7 @@ def test_inference_programs_are_the_platforms_own(kind, platform, layout):
             _check_program(text, fused, zero_column=platform == "cpu" and name != "forward")
             options = _compiler_options(program)
             assert ("xla_disable_hlo_passes" in options) == (platform == "cpu"), options
+            assert ("xla_cpu_enable_platform_dependent_math" in options) == (platform == "cpu"), options
         except AssertionError as e:
             raise AssertionError(f"{name} for {platform}: {e}") from e
 
@@ -108,6 +110,7 @@ def test_inference_programs_are_the_platforms_own(kind, platform, layout):
     ("pg2", "all", 0, "cuda"),
     ("pg1", "lora", 2, "cuda"),
     ("pg1", "lora", 2, "tpu"),
+    ("pg1", "lora", 2, "cpu"),
 ])
 def test_train_step_is_the_platforms_own(kind, trainable, lora_rank, platform):
     """The bfloat16 train step of a process on `platform`: cuDNN's attention forward and backward on
@@ -118,7 +121,9 @@ def test_train_step_is_the_platforms_own(kind, trainable, lora_rank, platform):
     state = trainer.init_state(params)
     batch = dict(pixel_values=pixels, input_ids=ids, token_type_ids=np.zeros_like(ids),
                  attention_mask=np.ones_like(ids), loss_mask=np.ones_like(ids, bool))
-    text = Trainer.step.trace(trainer, state, batch).lower(lowering_platforms=(platform,)).as_text()
+    program = train.programs(trainer.policy).step.trace(trainer, state, batch)
+    text = program.lower(lowering_platforms=(platform,)).as_text()
+    assert ("xla_cpu_enable_platform_dependent_math" in _compiler_options(program)) == (platform == "cpu")
     fused = platform == "cuda" and kind == "pg1"
     assert (CUDNN_ATTENTION in text) == fused
     assert ("__cudnn$fmhaScaleBiasSoftmaxBackward" in text) == fused
