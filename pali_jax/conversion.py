@@ -26,14 +26,9 @@ may not be anything but a regular file, nor lie inside the directory it is expor
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import jax
-import ml_dtypes
-import numpy as np
-
-from pali_jax.checkpoint import read_params
+from pali_jax.checkpoint import read_params, stored_dtypes
 from pali_jax.cli import OneLineParser
 from pali_jax.files import check_output
 from pali_jax.model_dir import (
@@ -96,24 +91,9 @@ def export_big_vision(src: str | Path, dst: str | Path, *, dtype: str | None = N
     if real.exists() and not overwrite:
         raise WeightError(f"{dst} already exists (pass --overwrite to replace it)")
     config = read_model_config(src)
-    params = read_params(src / PARAMS_DIR, _stored_dtypes(src / PARAMS_DIR, abstract_params(config)))
+    params = read_params(src / PARAMS_DIR, stored_dtypes(src / PARAMS_DIR, abstract_params(config)))
     big_vision.save_npz(real, config, params, dtype=dtype)
     return dst
-
-
-def _stored_dtypes(params_dir: Path, abstract):
-    """`abstract` with each leaf's dtype as stored (so reading maps the files, casting nothing)."""
-
-    def stored(keys, leaf):
-        meta = params_dir / ".".join(str(k.key) for k in keys) / ".zarray"
-        try:
-            name = json.loads(meta.read_text())["dtype"]
-            dtype = np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
-        except (OSError, KeyError, TypeError, ValueError):
-            dtype = leaf.dtype
-        return jax.ShapeDtypeStruct(leaf.shape, dtype)
-
-    return jax.tree_util.tree_map_with_path(stored, abstract)
 
 
 # -- the commands --------------------------------------------------------------------------------
