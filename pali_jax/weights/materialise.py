@@ -98,12 +98,13 @@ def quantized_leaves(plan: Plan, quant: Quantization | None) -> dict[LeafPath, _
     return out
 
 
-def _check_rows(piece: Piece, q: _Quantized) -> None:
-    """A block of rows must hold whole groups: the rows never run along a contracted axis."""
-    ints = piece.ints()
-    row_axis = next(axis for axis in range(len(q.qvalue.shape)) if axis not in ints)
-    if piece.keeps_rows and row_axis in q.contracted:
-        raise WeightError(f"{piece.name}: cannot quantize it by blocks of rows (its rows are contracted)")
+def _whole(piece: Piece, q: "_Quantized | None") -> Piece:
+    """The piece, read whole where it is quantised along its rows (a block of rows would hold part
+    of each scale's inputs): big_vision's unstacked kernels [in, out]."""
+    if q is None or not piece.keeps_rows:
+        return piece
+    row_axis = next(axis for axis in range(len(q.qvalue.shape)) if axis not in piece.ints())
+    return dataclasses.replace(piece, keeps_rows=False) if row_axis in q.contracted else piece
 
 
 def check_finite(piece: Piece, values: np.ndarray) -> None:
@@ -133,8 +134,7 @@ def to_host(plan: Plan, quant: Quantization | None = None) -> dict[str, Any]:
     arrays = {path: np.empty(shape, dtype) for path, (shape, dtype) in shapes.items()}
     for piece in plan.pieces:
         q = quantized.get(piece.path)
-        if q is not None:
-            _check_rows(piece, q)
+        piece = _whole(piece, q)
         # the piece's indexed axes are kept (size 1) in a quantised block, dropped in a float one
         index = tuple(slice(i, i + 1) if isinstance(i, int) else i for i in piece.index) if q else piece.index
         row_axis = next(a for a in range(len(q.qvalue.shape)) if a not in piece.ints()) if q else 0
@@ -170,7 +170,7 @@ def to_mesh(plan: Plan, mesh: Mesh, min_elements: int | None = None, quant: Quan
         # (path, leaf shape, dtype, spec) of each array this piece writes into
         targets = [(piece.path, leaf.shape, plan.dtype, spec)]
         if q is not None:
-            _check_rows(piece, q)
+            piece = _whole(piece, q)
             sspec = tuple(scale_spec(spec, q.qvalue.shape, q.qscale.shape, mesh, "/".join(piece.path)))
             targets = [((*piece.path, QVALUE), q.qvalue.shape, q.qvalue.dtype, spec),
                        ((*piece.path, SCALE), q.qscale.shape, q.qscale.dtype, sspec + (None,) * (len(leaf.shape) - len(sspec)))]
