@@ -377,7 +377,8 @@ def run(args: argparse.Namespace) -> JobStats:
         raise UserError("annotate runs in one process (--mesh spreads its slots over this host's devices)")
     if not args.no_compilation_cache:
         enable_compilation_cache(args.compilation_cache)
-    pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae)
+    pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae,
+                                   quantize=args.quantize, group_size=args.group_size)
     stats = annotate_to_file(pg, items, args.out, progress=not args.no_progress, warn=warn, inputs=inputs,
                              generation_config=generation, slots=args.slots, workers=args.workers,
                              queue_size=args.queue_size, stop_on_error=args.stop_on_error)

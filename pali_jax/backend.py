@@ -49,11 +49,14 @@ import dataclasses
 import functools
 import math
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import jax
 import jax.extend
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from pali_jax.quantize import Quantization
 
 Platform = Literal["cpu", "cuda", "rocm", "tpu"]
 PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
@@ -99,10 +102,13 @@ class Layout:
       False: one subtree per layer (`llm/layers_0/...`).
     out_first: projection weights are stored with their output axes first ([*out, *in]) instead
       of the checkpoint's [*in, *out] (see `project`).
+    quant: None, or how the projections, the embedding table and SigLIP's projections are
+      quantised (`quantize.Quantization`): each such weight is then a {"qvalue", "qscale"} subtree.
     """
 
     stacked: bool = True
     out_first: bool = False
+    quant: Quantization | None = None
 
 
 CHECKPOINT_LAYOUT = Layout(stacked=True, out_first=False)  # converters, training, export

@@ -118,6 +118,22 @@ def restore_params(path: str | Path, abstract: Any = None) -> Any:
         return ckptr.restore(Path(path).absolute(), abstract)
 
 
+def stored_dtypes(params_dir: str | Path, abstract: Any) -> Any:
+    """`abstract` with each leaf's dtype as stored (so reading maps the files, casting nothing)."""
+    params_dir = Path(params_dir)
+
+    def stored(keys, leaf):
+        meta = params_dir / ".".join(str(k.key) for k in keys) / ".zarray"
+        try:
+            name = json.loads(meta.read_text())["dtype"]
+            dtype = np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
+        except (OSError, KeyError, TypeError, ValueError):
+            dtype = leaf.dtype
+        return jax.ShapeDtypeStruct(leaf.shape, dtype)
+
+    return jax.tree_util.tree_map_with_path(stored, abstract)
+
+
 def read_params(path: str | Path, abstract: Any) -> Any:
     """`restore_params` as host arrays that `jax.device_put` makes device arrays without a copy on CPU,
     for checkpoints `save_params` wrote from host arrays.

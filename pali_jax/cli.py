@@ -110,12 +110,26 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                                                     "(default: $PALI_JAX_SEG_VAE)")
     p.add_argument("--compilation-cache", metavar="DIR", help="persistent XLA cache (default ~/.cache/pali_jax/xla)")
     p.add_argument("--no-compilation-cache", action="store_true")
+    add_quantize_arguments(p)
     add_mesh_arguments(p)
 
 
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    """--quantize and --group-size, as the generating commands, `finetune` and `convert` take them
+    (checked by `pali_jax.quantize.parse`, which names the schemes)."""
+    p.add_argument("--quantize", metavar="SCHEME",
+                   help="int8 (per output channel) or int4 (groups along the contracted axis): weight-only "
+                        "quantisation of the projections, embedding and SigLIP, done as the weights are read")
+    p.add_argument("--group-size", type=int, metavar="N", help="int4's group size (default 128)")
+
+
 def generation_config(args: argparse.Namespace, **fields) -> GenerationConfig:
-    """The generation flags' `GenerationConfig` (plus `fields`), checked before any model loads."""
+    """The generation flags' `GenerationConfig` (plus `fields`), checked before any model loads
+    (and --quantize with it: a bad scheme fails before anything is read or written)."""
     from pali_jax.generation_config import GenerationConfig
+    from pali_jax.quantize import parse
+
+    parse(args.quantize, args.group_size)
 
     knobs = args.temperature is not None or args.top_k is not None or args.top_p is not None
     if args.greedy and knobs:

@@ -1,6 +1,6 @@
 """Conversions between checkpoint formats, and the check of a converted directory.
 
-    pali-jax convert SRC DST [--dtype auto|float32|bfloat16] [--overwrite]          HF -> pali-jax
+    pali-jax convert SRC DST [--dtype auto|float32|bfloat16] [--quantize int8|int4] [--overwrite]  HF -> pali-jax
     pali-jax convert-big-vision SRC.npz DST [--preset NAME] [--tokenizer FILE] [--dtype ...]
         [--no-final-logit-softcap] [--overwrite]                                     big_vision -> pali-jax
     pali-jax export-big-vision DIR OUT.npz [--dtype float32|bfloat16] [--overwrite] pali-jax -> big_vision
@@ -26,36 +26,38 @@ may not be anything but a regular file, nor lie inside the directory it is expor
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import jax
-import ml_dtypes
-import numpy as np
-
-from pali_jax.checkpoint import read_params
-from pali_jax.cli import OneLineParser
+from pali_jax.checkpoint import read_params, stored_dtypes
+from pali_jax.cli import OneLineParser, add_quantize_arguments
 from pali_jax.files import check_output
 from pali_jax.model_dir import (
-    CONFIG_FILE, PARAMS_DIR, check_destination, check_tokenizer, read_model_config, verify, write_model_dir,
+    CONFIG_FILE, PARAMS_DIR, check_destination, check_tokenizer, read_model_config, read_quantization, verify,
+    write_model_dir,
 )
 from pali_jax.paligemma import abstract_params
+from pali_jax.quantize import Quantization, parse
 from pali_jax.weights import WeightError, big_vision, hf, to_host
+from pali_jax.weights.materialise import quantized_leaves
 
 # Looked for beside SRC.npz when no tokenizer is given: big_vision's name, then transformers'.
 TOKENIZER_NAMES = ("paligemma_tokenizer.model", "tokenizer.model")
 
 
 # -- Hugging Face -> pali-jax --------------------------------------------------------------------
-def convert_hf(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+def convert_hf(src: str | Path, dst: str | Path, dtype: str | None = None, overwrite: bool = False,
+               quantize: "str | Quantization | None" = None, group_size: int | None = None) -> Path:
     """Converts the HF checkpoint SRC into a pali-jax directory DST (orbax params, config,
-    tokenizer files, manifest)."""
+    tokenizer files, manifest); with `quantize` ("int8" / "int4", `pali_jax.quantize`), the weights
+    are quantised tensor by tensor as they are read, and DST records it (it loads quantised)."""
     src = Path(src)
+    quant = parse(quantize, group_size)
     dst = check_destination(dst, src, overwrite=overwrite)  # before any reading: fail fast
     plan = hf.plan(src, dtype)
     if (src / "tokenizer.model").exists():  # else arrays-only use (generate_ids); text prompts will say it is missing
         check_tokenizer(src / "tokenizer.model", plan.config)
-    return write_model_dir(dst, plan.config, to_host(plan), src, overwrite=overwrite)
+    quantized_leaves(plan, quant)  # a group size that does not fit the model fails before anything is read
+    return write_model_dir(dst, plan.config, to_host(plan, quant), src, overwrite=overwrite, quant=quant)
 
 
 # -- big_vision -> pali-jax ----------------------------------------------------------------------
@@ -68,10 +70,14 @@ def convert_big_vision(
     dtype: str | None = None,
     final_logit_softcap: bool = True,
     overwrite: bool = False,
+    quantize: "str | Quantization | None" = None,
+    group_size: int | None = None,
 ) -> Path:
     """Converts a big_vision `.npz` into a pali-jax directory DST; every array of SRC must be used
-    and every parameter filled, and arrays are read one at a time."""
+    and every parameter filled, and arrays are read one at a time (and quantised, with `quantize`,
+    as `convert_hf` does)."""
     src = Path(src)
+    quant = parse(quantize, group_size)
     dst = check_destination(dst, src, overwrite=overwrite)  # before any reading: fail fast
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise WeightError(f"tokenizer {tokenizer} does not exist")
@@ -81,7 +87,8 @@ def convert_big_vision(
     if tokenizer is not None:  # it must load and fit before anything is read or written
         check_tokenizer(Path(tokenizer), plan.config, "the checkpoint's config")
     extra = {"tokenizer.model": Path(tokenizer)} if tokenizer is not None else None
-    return write_model_dir(dst, plan.config, to_host(plan), None, extra, overwrite=overwrite)
+    quantized_leaves(plan, quant)
+    return write_model_dir(dst, plan.config, to_host(plan, quant), None, extra, overwrite=overwrite, quant=quant)
 
 
 # -- pali-jax -> big_vision ----------------------------------------------------------------------
@@ -96,24 +103,11 @@ def export_big_vision(src: str | Path, dst: str | Path, *, dtype: str | None = N
     if real.exists() and not overwrite:
         raise WeightError(f"{dst} already exists (pass --overwrite to replace it)")
     config = read_model_config(src)
-    params = read_params(src / PARAMS_DIR, _stored_dtypes(src / PARAMS_DIR, abstract_params(config)))
+    if read_quantization(src) is not None:
+        raise WeightError(f"{src} is quantized: big_vision checkpoints hold float weights; export its float source")
+    params = read_params(src / PARAMS_DIR, stored_dtypes(src / PARAMS_DIR, abstract_params(config)))
     big_vision.save_npz(real, config, params, dtype=dtype)
     return dst
-
-
-def _stored_dtypes(params_dir: Path, abstract):
-    """`abstract` with each leaf's dtype as stored (so reading maps the files, casting nothing)."""
-
-    def stored(keys, leaf):
-        meta = params_dir / ".".join(str(k.key) for k in keys) / ".zarray"
-        try:
-            name = json.loads(meta.read_text())["dtype"]
-            dtype = np.dtype(ml_dtypes.bfloat16 if name == "bfloat16" else name)
-        except (OSError, KeyError, TypeError, ValueError):
-            dtype = leaf.dtype
-        return jax.ShapeDtypeStruct(leaf.shape, dtype)
-
-    return jax.tree_util.tree_map_with_path(stored, abstract)
 
 
 # -- the commands --------------------------------------------------------------------------------
@@ -130,8 +124,9 @@ def convert_command(argv: list[str], prog: str = "pali-jax convert") -> None:
                 "HF PaliGemma checkpoint directory", "output directory (created atomically)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32 or bfloat16")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it is an earlier conversion")
+    add_quantize_arguments(p)
     args = p.parse_args(argv)
-    print(f"wrote {convert_hf(args.src, args.dst, args.dtype, args.overwrite)}")
+    print(f"wrote {convert_hf(args.src, args.dst, args.dtype, args.overwrite, args.quantize, args.group_size)}")
 
 
 def big_vision_command(argv: list[str], prog: str = "pali-jax convert-big-vision") -> None:
@@ -145,9 +140,11 @@ def big_vision_command(argv: list[str], prog: str = "pali-jax convert-big-vision
     p.add_argument("--no-final-logit-softcap", action="store_true",
                    help="drop Gemma 2's final logit cap (checkpoints fine-tuned by big_vision's configs)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    add_quantize_arguments(p)
     args = p.parse_args(argv)
     out = convert_big_vision(args.src, args.dst, preset=args.preset, tokenizer=args.tokenizer, dtype=args.dtype,
-                             final_logit_softcap=not args.no_final_logit_softcap, overwrite=args.overwrite)
+                             final_logit_softcap=not args.no_final_logit_softcap, overwrite=args.overwrite,
+                             quantize=args.quantize, group_size=args.group_size)
     print(f"wrote {out}")
 
 

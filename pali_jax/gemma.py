@@ -20,12 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pali_jax import attention
+from pali_jax import attention, quantize
 from pali_jax.backend import Layout, Policy, project
 from pali_jax.config import GemmaConfig
 from pali_jax.intermediates import INTERMEDIATES
 from pali_jax.layers import Einsum, default_init, shared_scope
 from pali_jax.masks import NO_WINDOW, PrefixLM
+from pali_jax.quantize import Quantization
 
 LayerKV = tuple[jax.Array, jax.Array]  # one layer's cache (k, v) [B, S, K, H]
 
@@ -46,25 +47,45 @@ class RMSNorm(nn.Module):
 
 
 class Embedder(nn.Module):
-    """The tied token embedding [V, D]: ids -> scaled vectors, and vectors -> vocabulary logits."""
+    """The tied token embedding [V, D]: ids -> scaled vectors, and vectors -> vocabulary logits.
+    Quantised (`quant`), it is quantised by rows (the logits contract D), and a lookup
+    dequantises only the rows it reads."""
 
     vocab_size: int
     width: int
     dtype: jnp.dtype = jnp.float32
     policy: Policy = Policy()
+    quant: Quantization | None = None
 
     def setup(self):
-        init = nn.with_logical_partitioning(default_init, ("vocab", "embed"))
-        self.input_embedding = self.param("input_embedding", init, (self.vocab_size, self.width))
+        axes, shape = ("vocab", "embed"), (self.vocab_size, self.width)
+        if self.quant is None:
+            self.input_embedding = self.param("input_embedding", nn.with_logical_partitioning(default_init, axes), shape)
+        else:
+            def init(key, shape):
+                node = quantize.quantize(default_init(key, shape), self.quant, (1,), "input_embedding")
+                return {k: nn.LogicallyPartitioned(v, axes) for k, v in node.items()}
+
+            self.input_embedding = self.param("input_embedding", init, shape)
+
+    def _table(self) -> jax.Array:
+        """The whole table [V, D] in the activation dtype."""
+        if self.quant is None:
+            return self.input_embedding.astype(self.dtype)
+        return quantize.dequantize(self.input_embedding, self.dtype)
 
     def encode(self, ids: jax.Array) -> jax.Array:
         """[B, T] -> [B, T, D], scaled by sqrt(D) rounded to the activation dtype as HF does."""
-        x = jnp.take(self.input_embedding, ids, axis=0).astype(self.dtype)
+        if self.quant is None:
+            x = jnp.take(self.input_embedding, ids, axis=0).astype(self.dtype)
+        else:
+            rows = {k: jnp.take(v, ids, axis=0) for k, v in self.input_embedding.items()}
+            x = quantize.dequantize(rows, self.dtype)
         return x * jnp.asarray(math.sqrt(self.width), self.dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V]: the table is [V, D], an output-first weight in every layout."""
-        return project(x, self.input_embedding.astype(self.dtype), 1, True, self.policy)
+        return project(x, self._table(), 1, True, self.policy)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
@@ -198,7 +219,7 @@ class Gemma(nn.Module):
     def setup(self):
         c = self.cfg
         block = nn.remat(Block, prevent_cse=False) if self.remat else Block
-        self.embedder = Embedder(c.vocab_size, c.width, self.dtype, self.policy)
+        self.embedder = Embedder(c.vocab_size, c.width, self.dtype, self.policy, self.layout.quant)
         if self.layout.stacked:
             self.layers = nn.scan(
                 block,

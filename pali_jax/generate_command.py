@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> None:
         generation = generation.replace(output_attentions=True)
     t0 = time.perf_counter()
     # Inference only, so on one device each decoder layer keeps its own weights: faster decoding.
-    pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae)
+    pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae,
+                                    quantize=args.quantize, group_size=args.group_size)
     load_s = time.perf_counter() - t0
     if args.stream:
         for path in images:

@@ -16,6 +16,11 @@ policy's business (`backend.Layout`, `backend.Policy`): with `layout.out_first` 
 layout, the parameter sits in the parent module's scope under `name` (big_vision's tree:
 `attn/q_einsum`, not `attn/q_einsum/w`).
 
+Quantised weights (`layout.quant`, `quantize.py`): the parameter is a {"qvalue", "qscale"} subtree
+in the same stored layout, declared by `quantized_weight` (which every quantised weight of the
+package goes through: projections, the embedding table, SigLIP's kernels); the product runs on the
+dequantised weight `qvalue * qscale`, in the activation dtype, in the form `policy` picks.
+
 LoRA: when a `"lora"` variable named like the weight is present (`lora.py` creates them), the
 projection adds `(x A) B`; A is [C?, *in, r] and B [C?, r, *out without C], a pair weight getting
 one adapter per matrix.
@@ -29,8 +34,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pali_jax import backend
+from pali_jax import backend, quantize
 from pali_jax.backend import Layout, Policy
+from pali_jax.quantize import Quantization
 
 PAIR = "C"
 RANK = "r"
@@ -63,6 +69,22 @@ def stored(shape: tuple[int, ...], n_in: int, out_first: bool) -> tuple[int, ...
     return (*shape[n_in:], *shape[:n_in]) if out_first else tuple(shape)
 
 
+def quantized_weight(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple,
+                     contracted: tuple[int, ...], quant: Quantization | None, dtype) -> jax.Array:
+    """Declares `module`'s weight `name` of stored `shape` with logical `axes` (`init` the float
+    initialiser, unboxed) and returns it in `dtype`: a plain float parameter, or, with `quant`, a
+    {"qvalue", "qscale"} subtree (both leaves carrying `axes`) returned dequantised. `contracted`:
+    the axes the weight's product sums over, in the stored shape."""
+    if quant is None:
+        return module.param(name, nn.with_logical_partitioning(init, axes), shape).astype(dtype)
+
+    def quantized_init(key, shape):
+        node = quantize.quantize(init(key, shape), quant, contracted, name)
+        return {k: nn.LogicallyPartitioned(v, axes) for k, v in node.items()}
+
+    return quantize.dequantize(module.param(name, quantized_init, shape), dtype)
+
+
 class Einsum(nn.Module):
     """A projection weight and its product; see the module docstring."""
 
@@ -77,11 +99,13 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = in_axes(self.equation)
-        init = nn.with_logical_partitioning(self.init, stored(self.axes, n_in, self.layout.out_first))
-        w = self.param(self.weight, init, stored(self.shape, n_in, self.layout.out_first))
+        n_in, out_first = in_axes(self.equation), self.layout.out_first
+        shape = stored(self.shape, n_in, out_first)
+        contracted = tuple(range(len(shape) - n_in, len(shape)) if out_first else range(n_in))
+        w = quantized_weight(self, self.weight, self.init, shape, stored(self.axes, n_in, out_first), contracted,
+                             self.layout.quant, self.dtype)
         x = x.astype(self.dtype)
-        y = backend.project(x, w.astype(self.dtype), n_in, self.layout.out_first, self.policy)
+        y = backend.project(x, w, n_in, out_first, self.policy)
         if self.has_variable("lora", self.weight):
             factors = self.get_variable("lora", self.weight)
             y = y + lora_delta(self.equation, x, factors["a"].astype(self.dtype), factors["b"].astype(self.dtype))

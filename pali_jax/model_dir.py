@@ -29,8 +29,10 @@ from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
 from pali_jax.files import clean_stale, temporary_sibling
 from pali_jax.processor import PaliGemmaTokenizer
+from pali_jax.quantize import Quantization, QuantizationError
 
 CONFIG_FILE = "pali_jax_config.json"  # marks a converted directory
+QUANTIZATION_KEY = "quantization"  # in CONFIG_FILE, beside the model config: how params/ is quantised
 PARAMS_DIR = "params"
 MANIFEST_FILE = "manifest.json"
 # Besides the weights, what a converted directory carries over from its source.
@@ -191,6 +193,23 @@ def read_model_config(root: str | Path) -> PaliGemmaConfig:
     return config
 
 
+def read_quantization(root: str | Path) -> Quantization | None:
+    """How a converted directory's weights are quantised (its config's "quantization" record), or None."""
+    path = Path(root) / CONFIG_FILE
+    try:
+        record = json.loads(path.read_text()).get(QUANTIZATION_KEY)
+    except (OSError, ValueError, AttributeError):
+        raise ModelDirError(f"cannot read {path}") from None
+    if record is None:
+        return None
+    if not isinstance(record, dict):
+        raise ModelDirError(f"{path}: its {QUANTIZATION_KEY!r} record must be a JSON object")
+    try:
+        return Quantization.from_dict(record)
+    except QuantizationError as e:
+        raise ModelDirError(f"{path}: {e}") from None
+
+
 def check_room(parent: Path, host_params: Any) -> None:
     """Refuses a write that cannot fit, before writing anything: the free space of `parent` must
     hold every array (plus 1%), and the process's file size limit (`ulimit -f`) the largest one
@@ -236,10 +255,11 @@ def write_model_dir(
     extra: Mapping[str, Path] | None = None,
     *,
     overwrite: bool = True,
+    quant: Quantization | None = None,
 ) -> Path:
     """Writes `dst` (replacing it whole if it exists and `overwrite`): params in the checkpoint
-    layout as host arrays, the config, the side files found in `source`, `extra` files ({name in
-    dst: file}), and the manifest.
+    layout as host arrays (quantised as `quant` records, if given), the config, the side files
+    found in `source`, `extra` files ({name in dst: file}), and the manifest.
 
     The destination is checked first (`check_destination`). Replacing keeps the old directory
     until the new one is complete: old -> `.NAME.old-PID`, tmp -> NAME, then the old is removed.
@@ -260,7 +280,8 @@ def write_model_dir(
         try:
             tmp.mkdir()
             save_params(tmp / PARAMS_DIR, host_params)
-            (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+            record = config.to_dict() | ({QUANTIZATION_KEY: quant.to_dict()} if quant is not None else {})
+            (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2))
             for name in SIDE_FILES if source is not None else ():
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)

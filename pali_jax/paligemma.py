@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pali_jax import quantize
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.backend import CHECKPOINT_LAYOUT, Layout, Policy
 from pali_jax.gemma import Gemma
@@ -45,7 +46,8 @@ class PaliGemmaModel(nn.Module):
     policy: Policy = Policy()
 
     def setup(self):
-        self.img = SigLIP(self.cfg.vision, self.cfg.text.width, self.dtype, self.remat)
+        quant = self.layout.quant
+        self.img = SigLIP(self.cfg.vision, self.cfg.text.width, self.dtype, self.remat, quant and quant.vision)
         self.llm = Gemma(self.cfg.text, self.dtype, self.remat, self.layout, self.policy)
 
     def embed_image(self, pixel_values: jax.Array) -> jax.Array:
@@ -131,9 +133,16 @@ def _model_init_shapes(cfg: PaliGemmaConfig, layout: Layout):
 
 
 def abstract_params(cfg: PaliGemmaConfig, dtype: jnp.dtype = jnp.float32, layout: Layout = CHECKPOINT_LAYOUT):
-    """The model's parameters as `jax.ShapeDtypeStruct`s (no memory), in `layout`."""
+    """The model's parameters as `jax.ShapeDtypeStruct`s (no memory), in `layout`: float
+    parameters in `dtype`; a quantised weight's leaves (`layout.quant`) keep their own dtypes
+    (integers, float32 scales)."""
     shapes = nn.meta.unbox(_model_init_shapes(cfg, layout))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
+
+    def leaf(path, x):
+        keep = quantize.is_quantized_leaf(path)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype if keep else dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
 
 
 Axes = tuple  # one logical axis name (or None) per dimension

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from pali_jax import quantize as quantization
 from pali_jax import sharding, weights
 from pali_jax.backend import CHECKPOINT_LAYOUT, Layout, Policy
 from pali_jax.beam_search import BeamSearch
-from pali_jax.checkpoint import read_params
+from pali_jax.checkpoint import read_params, restore_params, stored_dtypes
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.continuous import ContinuousDecoder
 from pali_jax.decode import GenerateOutput, jit_model_program, refuse_records
@@ -32,12 +33,13 @@ from pali_jax.errors import UserError
 from pali_jax.generate import Generator
 from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory, program_bytes
 from pali_jax.intermediates import INTERMEDIATES, ForwardOutput, forward_output
-from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config
+from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config, read_quantization
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, numeric_array, preprocess_images, texts
 from pali_jax.weights import DTYPES
 
 if TYPE_CHECKING:
+    from pali_jax.quantize import Quantization
     from pali_jax.segmentation import MaskDecoder
 
 # What a hub download fetches: exactly the files the loader reads or a conversion carries over;
@@ -164,6 +166,8 @@ class PaliGemma:
         layout: Layout | None = None,
         mask_decoder: "str | Path | MaskDecoder | None" = None,
         policy: Policy | None = None,
+        quantize: str | Quantization | None = None,
+        group_size: int | None = None,
     ) -> "PaliGemma":
         """Loads a converted directory, an HF checkpoint directory (converted in memory), a
         big_vision `.npz` (read in memory, `pali_jax.weights`; its tokenizer.model is looked for
@@ -180,9 +184,14 @@ class PaliGemma:
         Pass `backend.CHECKPOINT_LAYOUT` to keep the stacked checkpoint layout (what training uses).
         mask_decoder: big_vision's `vae-oid.npz` (a path, or a loaded `segmentation.MaskDecoder`):
         `generate` then fills `Detection.mask` of `segment` answers.
+        quantize: "int8" (per output channel) or "int4" (groups of `group_size`, default 128, along
+        the contracted axis): the projections, the embedding table and SigLIP's projections are
+        quantised as they are read, one tensor at a time (`pali_jax.quantize`; docs/quantization.md).
+        A directory converted with `--quantize` loads quantised without it.
         """
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
+        quant = quantization.parse(quantize, group_size)
         if isinstance(mask_decoder, (str, Path)):
             from pali_jax.segmentation import MaskDecoder
 
@@ -193,12 +202,14 @@ class PaliGemma:
         npz = path.is_file() and path.suffix == ".npz"
         if (path / CONFIG_FILE).exists():
             config = read_model_config(path)
-            if mesh is not None:
-                params = sharding.restore_sharded(path / PARAMS_DIR, config, mesh, DTYPES[dtype])
-            else:  # host arrays: split below as views, then made device arrays (in place on CPU)
-                params = read_params(path / PARAMS_DIR, abstract_params(config, DTYPES[dtype]))
+            stored = read_quantization(path)
+            if stored is not None and quant is not None and quant != stored:
+                raise quantization.QuantizationError(
+                    f"{path} is already quantized ({stored.scheme}): load it without quantize=, or quantize its source"
+                )
+            params, quant = _read_dir(path, config, DTYPES[dtype], mesh, stored, quant)
         elif npz or (path / "config.json").exists():
-            config, params = weights.load(path, dtype, mesh=mesh)
+            config, params = weights.load(path, dtype, mesh=mesh, quant=quant)
             if mesh is None:
                 params = jax.tree.map(jnp.asarray, params)
             if npz:
@@ -209,7 +220,8 @@ class PaliGemma:
             config = config.without_sliding_window()
         policy = Policy.host() if policy is None else policy
         layout = policy.inference_layout(DTYPES[dtype]) if layout is None else layout
-        params = to_layout(params, CHECKPOINT_LAYOUT, layout)
+        layout = dataclasses.replace(layout, quant=quant)
+        params = to_layout(params, dataclasses.replace(CHECKPOINT_LAYOUT, quant=quant), layout)
         if mesh is None:
             params = jax.device_put(params)
         else:  # the layout change keeps each slice's split: pin it to the rules of the new layout
@@ -217,11 +229,13 @@ class PaliGemma:
         return cls(config, params, DTYPES[dtype], path, mesh, layout, mask_decoder, policy)
 
     def checkpoint_params(self) -> Any:
-        """`params` in the checkpoint layout (stacked layers, input axes first): what training,
-        export and the converters use. A new tree; `params` is left as it is."""
-        if self.layout == CHECKPOINT_LAYOUT:
+        """`params` in the checkpoint layout (stacked layers, input axes first; quantised weights
+        stay quantised): what training, export and the converters use. A new tree; `params` is left
+        as it is."""
+        target = dataclasses.replace(CHECKPOINT_LAYOUT, quant=self.layout.quant)
+        if self.layout == target:
             return self.params
-        return to_layout(jax.tree.map(lambda x: x, self.params), self.layout, CHECKPOINT_LAYOUT)
+        return to_layout(jax.tree.map(lambda x: x, self.params), self.layout, target)
 
     # -- model calls ---------------------------------------------------------------------------
     def _check(self, pixel_values, input_ids, token_type_ids=None, attention_mask=None):
@@ -433,6 +447,29 @@ def _add_masks(results: list[Result], images: list, decoder: "MaskDecoder | None
         return results
     boxes = decoder.add_masks([res.boxes for res in results], [image.size for image in images])
     return [dataclasses.replace(res, boxes=b) for res, b in zip(results, boxes)]
+
+
+def _read_dir(path: Path, config: PaliGemmaConfig, dtype, mesh: Mesh | None, stored: Quantization | None,
+              quant: Quantization | None) -> tuple[Any, Quantization | None]:
+    """(params in the checkpoint layout, their quantisation) of a converted directory: as stored, or
+    a float directory quantised leaf by leaf as it is read (`quant`)."""
+    if stored is not None or quant is None:
+        quant = stored
+        abstract = abstract_params(config, dtype, dataclasses.replace(CHECKPOINT_LAYOUT, quant=quant))
+        if mesh is not None:
+            shardings = sharding.param_shardings(abstract, mesh)
+            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+            return restore_params(path / PARAMS_DIR, abstract), quant
+        # host arrays: split below as views, then made device arrays (in place on CPU)
+        return read_params(path / PARAMS_DIR, abstract), quant
+    # A float directory read in its stored dtypes (memory-mapped: nothing float is held whole), each
+    # weight quantised from the stored values, the other leaves cast to `dtype`.
+    target = abstract_params(config, dtype, dataclasses.replace(CHECKPOINT_LAYOUT, quant=quant))
+    host = read_params(path / PARAMS_DIR, stored_dtypes(path / PARAMS_DIR, abstract_params(config)))
+    params = quantization.quantize_params(host, target, cast=dtype)
+    if mesh is not None:
+        params = jax.device_put(params, sharding.param_shardings(params, mesh))
+    return params, quant
 
 
 def _download(hub_id: str) -> Path:

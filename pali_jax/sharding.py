@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pali_jax import quantize
 from pali_jax.checkpoint import restore_params
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.distributed import initialize_distributed
@@ -177,6 +178,8 @@ def _roles(path: str, ndim: int, out_first: bool = False) -> str:
     """
     table = _axes_by_path(out_first)
     parts = path_key(tuple(path.split("/"))).split("/")
+    if parts[-1] in (quantize.QVALUE, quantize.SCALE):  # a quantised weight's leaves: the weight's axes
+        parts = parts[:-1]
     for i in range(len(parts)):
         axes = table.get("/".join(parts[i:]))
         if axes is not None and len(axes) == ndim:
@@ -238,11 +241,46 @@ def param_specs(tree: Any, mesh: AnyMesh, min_elements: int | None = None, out_f
     """A tree of PartitionSpecs for a tree of arrays / ShapeDtypeStructs.
 
     Works for parameters and for anything that mirrors them by path (optimizer states such as
-    adam's mu / nu: their paths end with the parameter's path; scalars are replicated).
+    adam's mu / nu: their paths end with the parameter's path; scalars are replicated). A
+    quantised weight's scales follow its values (`scale_spec`).
     """
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: partition_spec(_path_str(path), x.shape, mesh, min_elements, out_first), tree
-    )
+
+    def walk(node, path):
+        if quantize.is_quantized(node):
+            qvalue, qscale = node[quantize.QVALUE], node[quantize.SCALE]
+            spec = partition_spec("/".join((*path, quantize.QVALUE)), qvalue.shape, mesh, min_elements, out_first)
+            return {quantize.QVALUE: spec,
+                    quantize.SCALE: scale_spec(spec, qvalue.shape, qscale.shape, mesh, "/".join(path))}
+        if isinstance(node, dict):
+            return {k: walk(v, (*path, str(k))) for k, v in node.items()}
+        return jax.tree_util.tree_map_with_path(
+            lambda p, x: partition_spec("/".join((*path, _path_str(p))).strip("/"), x.shape, mesh, min_elements,
+                                        out_first), node
+        )
+
+    return walk(tree, ())
+
+
+def scale_spec(spec: P, qvalue_shape: Sequence[int], scale_shape: Sequence[int], mesh: AnyMesh, name: str) -> P:
+    """The PartitionSpec of a quantised weight's scales, given its values' `spec`: split like the
+    values, so that each device dequantises its own slice; whole along a reduced axis of one scale
+    (int8's contracted axes). A split that cuts a group of int4's is refused."""
+    sizes = dict(mesh.shape)
+    out = []
+    for axis, (n, s) in enumerate(zip(qvalue_shape, scale_shape)):
+        mesh_axis = spec[axis] if axis < len(spec) else None
+        if mesh_axis is None or s == n:
+            out.append(mesh_axis)
+        elif s == 1:
+            out.append(None)
+        elif s % sizes[mesh_axis]:
+            raise quantize.QuantizationError(
+                f"the mesh splits {name}'s axis of {n} {sizes[mesh_axis]} ways, cutting its int4 groups of {n // s}: "
+                "use a smaller mesh axis or a smaller group size"
+            )
+        else:
+            out.append(mesh_axis)
+    return _canonical(out)
 
 
 def param_shardings(tree: Any, mesh: AnyMesh, min_elements: int | None = None, out_first: bool = False) -> Any:

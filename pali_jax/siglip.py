@@ -9,12 +9,16 @@ Attention kernels are einsum-shaped: query/key/value [D, N, H], out [N, H, D].
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from pali_jax.config import SiglipConfig
 from pali_jax.intermediates import INTERMEDIATES
+from pali_jax.layers import quantized_weight
+from pali_jax.quantize import Quantization
 
 
 def _accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
@@ -34,13 +38,37 @@ def _axes(init, *names):
 _KERNEL, _BIAS = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
 
 
-def _dense(features, axes: tuple[str, ...], dtype, name: str | None = None, axis=-1) -> nn.DenseGeneral:
+class Dense(nn.Module):
+    """A biased projection over x's last `n_in` axes (nn.DenseGeneral's parameters and numerics:
+    kernel [*in, *out], bias [*out], products accumulated in float32 and rounded to `dtype`), whose
+    kernel `layers.quantized_weight` declares, so that it can be quantised."""
+
+    features: int | tuple[int, ...]
+    axes: tuple[str, ...]  # the kernel's logical axes, inputs then outputs
+    n_in: int = 1
+    dtype: jnp.dtype = jnp.float32
+    quant: Quantization | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[x.ndim - self.n_in :]
+        shape = (*in_shape, *features)
+
+        def init(key, shape):  # DenseGeneral's: lecun_normal over the flattened [in, out] matrix
+            flat = (math.prod(shape[: self.n_in]), math.prod(shape[self.n_in :]))
+            return _KERNEL(key, flat).reshape(shape)
+
+        kernel = quantized_weight(self, "kernel", init, shape, self.axes, tuple(range(self.n_in)), self.quant, self.dtype)
+        bias = self.param("bias", _axes(_BIAS, *self.axes[self.n_in :]), features)
+        dims = ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ()))
+        y = _accumulate_f32(x.astype(self.dtype), kernel, dims)
+        return y + bias.astype(self.dtype)
+
+
+def _dense(features, axes: tuple[str, ...], dtype, name: str | None = None, n_in: int = 1, quant=None) -> Dense:
     """A biased projection whose kernel has logical `axes` (inputs then outputs)."""
-    n_out = 1 if isinstance(features, int) else len(features)
-    return nn.DenseGeneral(
-        features, axis=axis, dtype=dtype, dot_general=_accumulate_f32, name=name,
-        kernel_init=_axes(_KERNEL, *axes), bias_init=_axes(_BIAS, *axes[len(axes) - n_out :]),
-    )
+    return Dense(features, axes, n_in, dtype, quant, name=name)
 
 
 def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
@@ -52,33 +80,36 @@ def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
 class Attention(nn.Module):
     cfg: SiglipConfig
     dtype: jnp.dtype = jnp.float32
+    quant: Quantization | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.cfg
         heads = (c.num_heads, c.head_dim)
         axes = ("vision_embed", "vision_heads", "vision_head_dim")
-        q, k, v = (_dense(heads, axes, self.dtype, name)(x) for name in ("query", "key", "value"))  # [B, T, N, H]
+        q, k, v = (_dense(heads, axes, self.dtype, name, quant=self.quant)(x) for name in ("query", "key", "value"))  # [B, T, N, H]
         logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * c.head_dim**-0.5
         probs = jax.nn.softmax(logits, axis=-1)
         self.sow(INTERMEDIATES, "attention", probs)
         out = jnp.einsum("bnts,bsnh->btnh", probs.astype(self.dtype), v)
-        return _dense(c.width, ("vision_heads", "vision_head_dim", "vision_embed"), self.dtype, "out", axis=(-2, -1))(out)
+        axes = ("vision_heads", "vision_head_dim", "vision_embed")
+        return _dense(c.width, axes, self.dtype, "out", n_in=2, quant=self.quant)(out)
 
 
 class EncoderBlock(nn.Module):
     cfg: SiglipConfig
     dtype: jnp.dtype = jnp.float32
+    quant: Quantization | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, None]:
         c = self.cfg
         h = _layer_norm(c.layer_norm_eps, self.dtype, "LayerNorm_0")(x)
-        x = x + Attention(c, self.dtype, name="MultiHeadDotProductAttention_0")(h)
+        x = x + Attention(c, self.dtype, self.quant, name="MultiHeadDotProductAttention_0")(h)
         h = _layer_norm(c.layer_norm_eps, self.dtype, "LayerNorm_1")(x)
-        h = _dense(c.mlp_dim, ("vision_embed", "vision_mlp"), self.dtype, "Dense_0")(h)
+        h = _dense(c.mlp_dim, ("vision_embed", "vision_mlp"), self.dtype, "Dense_0", quant=self.quant)(h)
         h = nn.gelu(h, approximate=c.gelu_approximate)
-        x = x + _dense(c.width, ("vision_mlp", "vision_embed"), self.dtype, "Dense_1")(h)
+        x = x + _dense(c.width, ("vision_mlp", "vision_embed"), self.dtype, "Dense_1", quant=self.quant)(h)
         self.sow(INTERMEDIATES, "output", x)
         return x, None
 
@@ -87,6 +118,7 @@ class Encoder(nn.Module):
     cfg: SiglipConfig
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    quant: Quantization | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -94,7 +126,7 @@ class Encoder(nn.Module):
         x, _ = nn.scan(
             block, variable_axes={"params": 0, INTERMEDIATES: 0}, split_rngs={"params": True}, length=self.cfg.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(self.cfg, self.dtype, name="encoderblock")(x, None)
+        )(self.cfg, self.dtype, self.quant, name="encoderblock")(x, None)
         return _layer_norm(self.cfg.layer_norm_eps, self.dtype, "encoder_norm")(x)
 
 
@@ -105,6 +137,7 @@ class SigLIP(nn.Module):
     out_width: int
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    quant: Quantization | None = None  # of the projections and the projector (int8: `Quantization.vision`)
 
     def setup(self):
         c = self.cfg
@@ -114,8 +147,8 @@ class SigLIP(nn.Module):
         )
         pos_init = _axes(nn.initializers.normal(0.02), None, "patches", "vision_embed")
         self.pos_embedding = self.param("pos_embedding", pos_init, (1, c.num_patches, c.width))
-        self.Transformer = Encoder(c, self.dtype, self.remat)
-        self.head = _dense(self.out_width, ("vision_embed", "embed"), self.dtype)
+        self.Transformer = Encoder(c, self.dtype, self.remat, self.quant)
+        self.head = _dense(self.out_width, ("vision_embed", "embed"), self.dtype, quant=self.quant)
 
     def encode(self, pixels: jax.Array) -> jax.Array:
         """[B, H, W, 3] -> [B, P, width]: the vision tower's last hidden state (after its final norm)."""

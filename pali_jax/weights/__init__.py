@@ -20,6 +20,7 @@ from typing import Any
 from jax.sharding import Mesh
 
 from pali_jax.config import PaliGemmaConfig
+from pali_jax.quantize import Quantization
 from pali_jax.weights import big_vision, hf
 from pali_jax.weights.materialise import to_host, to_mesh
 from pali_jax.weights.plan import DTYPES, Plan, WeightError
@@ -35,11 +36,13 @@ def plan(src: str | os.PathLike, dtype: str | None = None) -> Plan:
 
 
 def load(
-    src: str | os.PathLike, dtype: str | None = None, *, mesh: Mesh | None = None, min_elements: int | None = None
+    src: str | os.PathLike, dtype: str | None = None, *, mesh: Mesh | None = None, min_elements: int | None = None,
+    quant: Quantization | None = None,
 ) -> tuple[PaliGemmaConfig, dict[str, Any]]:
     """(config, nested parameter dict) of a checkpoint (see `plan`): numpy arrays, or global arrays
-    split over `mesh` (`sharding.partition_spec`; min_elements as there).
+    split over `mesh` (`sharding.partition_spec`; min_elements as there); with `quant`, its weights
+    quantised tensor by tensor as they are read (`pali_jax.quantize`).
 
     dtype: "float32", "bfloat16", or None / "auto" for the checkpoint's own (float16: float32)."""
     p = plan(src, dtype)
-    return p.config, (to_host(p) if mesh is None else to_mesh(p, mesh, min_elements))
+    return p.config, (to_host(p, quant) if mesh is None else to_mesh(p, mesh, min_elements, quant))

@@ -1,0 +1,229 @@
+"""Weight-only quantisation: int8 per output channel, int4 in groups along the contracted axis.
+
+A quantised weight is an ordinary subtree where the float weight was, in the weight's own stored
+layout, each leaf carrying the weight's logical axes (so sharding, orbax, manifests and the layout
+conversions treat it like any other pair of arrays):
+
+    {"qvalue": int8 / int4 [same shape as the weight], "qscale": float32 [same rank]}
+
+`qscale` has the weight's size on every output axis and 1 on the contracted axes (int8), or
+(int4) cuts the LAST contracted axis into groups of `group_size` (a size-n axis gets
+n / group_size scales; an axis shorter than the group is one group) and keeps the others' sizes
+(`attn_vec_einsum` [N, H, D]: groups within each head). The weight is `qvalue * qscale` (qscale
+broadcast over its group), which is what the model computes with (`dequantize`): gradients flow
+through it into LoRA adapters, and nothing weight-sized is ever stored in float.
+
+What is quantised (`layers.quantized_weight` is where each module declares it): the decoder's
+projections (`layers.Einsum`), the tied embedding table [V, D] (by rows: it is also the logits
+projection, contracted over D) and SigLIP's projections and projector. SigLIP is int8 in both
+schemes: its MLP width 4304 and head dim 72 are not multiples of int4's groups, and it runs once
+per image, so its bytes do not weigh on decoding. Norms, biases, the patch embedding and the
+position embedding stay in float.
+
+The numerics are qwix's (`qwix.quantize`, `qwix.dequantize`: symmetric absmax scales, the int8
+bound 127.5, round half to even). qwix's own model rewriting (`qwix.quantize_model`, which
+intercepts the dot products a module calls) does not fit this package's projections: they
+reshape the weight to 2-D and, on CPU in bfloat16, multiply it as the LEFT operand
+(`backend.project`), and the embedding table is read by rows; qwix's PTQ weights refuse the
+reshape and it quantises only right-hand operands. So the weights are quantised here, where they
+are declared, and multiplied in the form the backend policy picks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import qwix
+
+from pali_jax.errors import UserError
+
+Scheme = Literal["int8", "int4"]
+SCHEMES: tuple[Scheme, ...] = ("int8", "int4")
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+DEFAULT_GROUP_SIZE = 128
+QVALUE, SCALE = "qvalue", "qscale"  # "qscale": a norm's "scale" is another leaf
+
+
+class QuantizationError(UserError):
+    """A quantisation a model cannot take: an unknown scheme, a group size that does not divide a
+    weight's contracted axis, an already quantised source, a mesh that splits a group."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantization:
+    """scheme: "int8" (per output channel) or "int4" (groups of `group_size` along the contracted axis)."""
+
+    scheme: Scheme = "int8"
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    def __post_init__(self):
+        if self.scheme not in SCHEMES:
+            raise QuantizationError(f"unknown quantization {self.scheme!r}; use {' or '.join(SCHEMES)}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, np.integer)) or self.group_size < 1:
+            raise QuantizationError(f"group size must be a positive integer, got {self.group_size!r}")
+
+    @property
+    def vision(self) -> Quantization:
+        """SigLIP's quantisation: int8 in both schemes (see the module docstring)."""
+        return Quantization("int8", self.group_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "group_size": int(self.group_size)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Quantization:
+        try:
+            return cls(d["scheme"], d.get("group_size", DEFAULT_GROUP_SIZE))
+        except (KeyError, TypeError, AttributeError):
+            raise QuantizationError(f"a quantization record must be {{'scheme': ..., 'group_size': ...}}, got {d!r}") from None
+
+
+def parse(quantize: str | Quantization | None, group_size: int | None = None) -> Quantization | None:
+    """`from_pretrained(quantize=...)` / `--quantize`: None, "none", "int8", "int4" or a `Quantization`."""
+    if quantize is None or quantize == "none":
+        if group_size is not None:
+            raise QuantizationError("a group size needs --quantize int4")
+        return None
+    if isinstance(quantize, Quantization):
+        return quantize if group_size is None else dataclasses.replace(quantize, group_size=group_size)
+    if not isinstance(quantize, str):
+        raise QuantizationError(f"quantize must be int8, int4 or None, got {quantize!r}")
+    return Quantization(quantize, DEFAULT_GROUP_SIZE if group_size is None else group_size)
+
+
+# -- one weight ----------------------------------------------------------------------------------
+def groups(quant: Quantization, shape: tuple[int, ...], contracted: tuple[int, ...], name: str = "a weight") -> dict:
+    """qwix's tiled axes: {last contracted axis: group} for int4, {} for int8; refused where the
+    group does not divide the axis."""
+    if quant.scheme != "int4" or not contracted:
+        return {}
+    axis = contracted[-1]
+    n = shape[axis]
+    group = min(quant.group_size, n)
+    if n % group:
+        raise QuantizationError(f"int4 group size {quant.group_size} does not divide {name}'s contracted axis of "
+                                f"{n}: pick a group size that divides it (e.g. {_divisor(n, quant.group_size)})")
+    return {axis: group}
+
+
+def _divisor(n: int, near: int) -> int:
+    return max(d for d in range(1, min(n, near) + 1) if n % d == 0)
+
+
+def scale_shape(quant: Quantization, shape: tuple[int, ...], contracted: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of a weight's scales (see the module docstring)."""
+    tiled = groups(quant, shape, contracted)
+    reduced = tiled or contracted
+    return tuple(n // tiled[a] if a in tiled else 1 if a in reduced else n for a, n in enumerate(shape))
+
+
+@functools.partial(jax.jit, static_argnames=("scheme", "contracted", "tiled"))
+def _quantize(w: jax.Array, scheme: str, contracted: tuple[int, ...], tiled: tuple[tuple[int, int], ...]):
+    # int8: one scale per output channel. int4: groups along the last contracted axis, the other
+    # contracted axes (attn_vec_einsum's heads) each with their own groups.
+    reduced = dict(tiled) if tiled else contracted
+    channels = tuple(a for a in range(w.ndim) if a not in reduced)
+    q = qwix.quantize(w.astype(jnp.float32), QTYPES[scheme], channelwise_axes=channels, tiled_axes=dict(tiled))
+    return q.qvalue, q.scale
+
+
+def quantize(w, quant: Quantization, contracted: tuple[int, ...], name: str = "a weight") -> dict[str, jax.Array]:
+    """One float weight (any float dtype, any array) -> {"qvalue", "qscale"}, `contracted` being
+    the axes its product sums over (in the weight's stored layout). Computed in float32, so the
+    same weight gives the same bits however it was loaded."""
+    tiled = groups(quant, tuple(np.shape(w)), tuple(contracted), name)
+    qvalue, scale = _quantize(w, quant.scheme, tuple(contracted), tuple(sorted(tiled.items())))
+    return {QVALUE: qvalue, SCALE: scale}
+
+
+def dequantize(node: Mapping[str, jax.Array], dtype=jnp.float32) -> jax.Array:
+    """{"qvalue", "qscale"} -> the weight `qvalue * qscale` (computed in float32) in `dtype`."""
+    q = qwix.QArray(node[QVALUE], node[SCALE].astype(jnp.float32), qtype=node[QVALUE].dtype)
+    return qwix.dequantize(q).astype(dtype)
+
+
+def is_quantized(node: Any) -> bool:
+    """Whether a parameter-tree node is a quantised weight."""
+    return isinstance(node, Mapping) and set(node) == {QVALUE, SCALE}
+
+
+def is_quantized_leaf(path: tuple) -> bool:
+    """Whether a tree path (jax key path or plain keys) ends in a quantised weight's leaf."""
+    last = path[-1] if path else None
+    return str(getattr(last, "key", last)) in (QVALUE, SCALE)
+
+
+def contracted_axes(qvalue_shape: tuple[int, ...], scale_shape_: tuple[int, ...]) -> tuple[int, ...]:
+    """A quantised weight's reduced axes, read from its shapes: those where the scale is smaller
+    than the weight (int4: only the grouped axis). Quantising along them again gives the same
+    scales (a size-1 axis counts either way)."""
+    return tuple(a for a, (n, s) in enumerate(zip(qvalue_shape, scale_shape_)) if s != n)
+
+
+def scheme_of(params: Any) -> Quantization | None:
+    """The quantisation a parameter tree holds (int4 wins: SigLIP is int8 in both), or None."""
+    found = None
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if str(getattr(path[-1], "key", "")) == QVALUE:
+            if jnp.dtype(leaf.dtype) == jnp.dtype(jnp.int4):
+                return Quantization("int4")
+            found = Quantization("int8")
+    return found
+
+
+def quantize_params(params: Any, abstract: Any, cast: Any = None) -> Any:
+    """A float parameter tree quantised as `abstract` (the quantised model's abstract tree,
+    `paligemma.abstract_params` with a quantised layout) says: each float weight whose place in
+    `abstract` is a {"qvalue", "qscale"} node becomes one, from its values in float32; with
+    `cast`, the other leaves are cast to that dtype. A weight is quantised in slices along an
+    uncontracted leading axis (layers, vocabulary rows), so that memory holds the quantised tree
+    and one slice, never a float copy of a weight. A new tree; `params` is not modified."""
+
+    def walk(p, a, path):
+        name = "/".join(path)
+        if is_quantized(a):
+            if is_quantized(p):
+                raise QuantizationError(f"{name} is already quantized: quantize a float model")
+            return _quantize_leaf(p, a, name)
+        if isinstance(a, Mapping):
+            if not isinstance(p, Mapping) or set(p) != set(a):
+                raise QuantizationError(f"{name or 'the parameters'} do not match the model's tree"
+                                        + (": they are already quantized" if is_quantized(p) else ""))
+            return {k: walk(p[k], a[k], (*path, k)) for k in a}
+        return p if cast is None else p.astype(cast)
+
+    return walk(params, abstract, ())
+
+
+_SLICE_BYTES = 64 << 20  # float32 bytes quantised at once
+
+
+def _quantize_leaf(w, a: Mapping, name: str) -> dict[str, np.ndarray]:
+    contracted = contracted_axes(a[QVALUE].shape, a[SCALE].shape)
+    scheme = "int4" if jnp.dtype(a[QVALUE].dtype) == jnp.dtype(jnp.int4) else "int8"
+    quant = Quantization(scheme, _group_of(a[QVALUE].shape, a[SCALE].shape, contracted))
+    if tuple(np.shape(w)) != tuple(a[QVALUE].shape):
+        raise QuantizationError(f"{name} has shape {tuple(np.shape(w))}, the model wants {tuple(a[QVALUE].shape)}")
+    if 0 in contracted or not np.shape(w) or isinstance(w, jax.Array) and not w.is_fully_addressable:
+        return quantize(w, quant, contracted, name)
+    rows = max(1, _SLICE_BYTES // max(1, 4 * int(np.prod(np.shape(w)[1:]))))
+    out = {QVALUE: np.empty(a[QVALUE].shape, a[QVALUE].dtype), SCALE: np.empty(a[SCALE].shape, a[SCALE].dtype)}
+    for start in range(0, np.shape(w)[0], rows):
+        part = quantize(w[start : start + rows], quant, contracted, name)
+        for k, v in part.items():
+            out[k][start : start + rows] = np.asarray(v)
+    return out
+
+
+def _group_of(qshape, sshape, contracted) -> int:
+    """The group size a quantised weight's shapes say (its last contracted axis)."""
+    if not contracted:
+        return DEFAULT_GROUP_SIZE
+    axis = contracted[-1]
+    return qshape[axis] // sshape[axis]
