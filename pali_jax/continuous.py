@@ -78,6 +78,7 @@ class Slots:
     done: jax.Array  # [B] bool: the answer ended, or the slot is empty
     keys: jax.Array  # [B, 2] uint32: the answer's own sampling key
     sampling: SamplingParams  # leaves [B]: the answer's own sampler settings
+    stopping: jax.Array  # [B] bool: a stop token ends the answer (False: only its limit does)
     logprobs: jax.Array  # [B, N] float32 when `SlotShape.logprobs`, else [B, 0]
 
 
@@ -111,6 +112,7 @@ class Prompt:
     mask: np.ndarray
     max_new_tokens: int
     sampling: Sampling | None = None  # its own sampling; None: the run's, its key folded with `item`
+    ignore_stop_tokens: bool = False  # answer max_new_tokens tokens whatever they are (load tests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,13 +227,15 @@ class ContinuousDecoder:
             keys=jnp.zeros((shape.rows, 2), jnp.uint32),
             sampling=SamplingParams(jnp.zeros((shape.rows,), jnp.float32), jnp.zeros((shape.rows,), jnp.int32),
                                     jnp.ones((shape.rows,), jnp.float32)),
+            stopping=jnp.ones((shape.rows,), bool),
             logprobs=jnp.zeros((shape.rows, shape.buffer if shape.logprobs else 0), jnp.float32),
         ), self.mesh)
 
     def _refill_impl(self, shape: SlotShape, params, slots: Slots, pixels, ids, types, mask, rows, limits, folds,
-                     keys, sampling: SamplingParams, stop_tokens) -> Slots:
+                     keys, sampling: SamplingParams, stopping, stop_tokens) -> Slots:
         """Prompts [R, P] into slots `rows` [R] (free ones): prefill, first token, copy. Row r's
-        answer draws with `fold_in(keys[r], folds[r])` and `sampling` (leaves [R])."""
+        answer draws with `fold_in(keys[r], folds[r])` and `sampling` (leaves [R]); it ends at a
+        stop token where `stopping` [R]."""
         self.traces += 1
         r, p = ids.shape
         logits, fresh, _ = decode.prefill(self.model, self.mesh, p, params, pixels, ids, types, mask)
@@ -259,9 +263,10 @@ class ContinuousDecoder:
             tokens=slots.tokens.at[rows].set(answer),
             lengths=slots.lengths.at[rows].set(1),
             limits=slots.limits.at[rows].set(limits),
-            done=slots.done.at[rows].set(jnp.isin(first, stop_tokens) | (limits <= 1)),
+            done=slots.done.at[rows].set(jnp.isin(first, stop_tokens) & stopping | (limits <= 1)),
             keys=slots.keys.at[rows].set(keys),
             sampling=jax.tree.map(lambda old, new: old.at[rows].set(new), slots.sampling, sampling),
+            stopping=slots.stopping.at[rows].set(stopping),
             logprobs=slots.logprobs.at[rows].set(logprobs),
         ), self.mesh)
 
@@ -290,7 +295,7 @@ class ContinuousDecoder:
         if shape.logprobs:
             logprobs = logprobs.at[jnp.arange(shape.rows), at].set(token_logprobs(logits, token), mode="drop")
         lengths = slots.lengths + ~slots.done
-        done = slots.done | jnp.isin(token, stop_tokens) | (lengths >= slots.limits)
+        done = slots.done | jnp.isin(token, stop_tokens) & slots.stopping | (lengths >= slots.limits)
         return decode.placed(slots.replace(cache=cache, tokens=tokens, lengths=lengths, done=done, logprobs=logprobs),
                              self.mesh)
 
@@ -432,7 +437,7 @@ class Session:
                     SamplingParams(np.array([s.temperature for s in own], np.float32),
                                    np.array([s.top_k for s in own], np.int32),
                                    np.array([s.top_p for s in own], np.float32)),
-                    self.stops,
+                    np.array([not p.ignore_stop_tokens for p in part]), self.stops,
                 )
                 self.counters.device_s += time.perf_counter() - t0
                 self.counters.refills += 1
@@ -470,7 +475,8 @@ class Session:
             scores = None if logprobs is None else logprobs[b, : lengths[b]].tolist()
             if done[b]:
                 self.owner[b] = None
-                reason = StopReason.STOP_TOKEN if np.isin(row[-1], self.stops) else StopReason.MAX_NEW_TOKENS
+                stopped = np.isin(row[-1], self.stops) and not prompt.ignore_stop_tokens
+                reason = StopReason.STOP_TOKEN if stopped else StopReason.MAX_NEW_TOKENS
                 answers.append(Answer(prompt.item, row, reason, now - started, scores))
             else:
                 partial.append(Progress(prompt.item, row, scores))

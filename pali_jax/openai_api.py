@@ -88,6 +88,7 @@ class ChatRequest:
     logprobs: bool
     stream: bool
     include_usage: bool
+    ignore_eos: bool = False  # vLLM's extension: answer max_tokens tokens (load tests)
 
 
 def _typed(body: dict, name: str, kinds: tuple[type, ...], what: str, default: Any = None) -> Any:
@@ -157,9 +158,10 @@ def parse_chat_request(raw: bytes, limits: Limits) -> ChatRequest:
     usage = options.get("include_usage", False)
     if not isinstance(usage, bool):
         raise bad("'stream_options.include_usage' must be a boolean", "stream_options")
+    ignore_eos = _typed(body, "ignore_eos", (bool,), "a boolean", False)
     image, name, prompt = _message(body.get("messages"), limits)
     return ChatRequest(model, image, name, prompt, max_tokens, temperature, top_p, seed, tuple(stop), logprobs,
-                       stream, usage)
+                       stream, usage, ignore_eos)
 
 
 def _message(messages: Any, limits: Limits) -> tuple[bytes, str, str]:

@@ -213,7 +213,8 @@ class Server:
         except ProcessorError as e:
             raise api.bad(str(e), "messages") from None
         pixels = preprocess_images([image], cfg.image_size)[0].astype(self.pg.dtype)
-        return Prompt(0, pixels, *pad_prompt(cfg, ids, types), req.max_tokens), image.size, len(ids)
+        prompt = Prompt(0, pixels, *pad_prompt(cfg, ids, types), req.max_tokens, ignore_stop_tokens=req.ignore_eos)
+        return prompt, image.size, len(ids)
 
     def _sampling(self, req: api.ChatRequest) -> Sampling:
         """The request's sampler: its own settings, else the server's (--temperature, --top-p,
