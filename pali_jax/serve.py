@@ -66,7 +66,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_PORT = 65535
-IMAGE_THREADS = 2  # images decoded at once (each may be tens of megapixels)
+# Request bodies parsed and images decoded at once: each image may be tens of megapixels, and
+# every thread that ever decodes one keeps its own malloc arena (resident memory) afterwards.
+IMAGE_THREADS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,7 +238,7 @@ class Server:
         if not self.engine.serving:
             raise self._unavailable("the server is compiling its programs; retry shortly (GET /health)")
         raw = await self._body(request)
-        req = await self._to_thread(api.parse_chat_request, raw, self.options.limits)
+        req = await self._to_thread(api.parse_chat_request, raw, self.options.limits, limiter=self._images)
         if req.model != self.options.model_name:
             raise api.APIError(404, f"model {req.model!r} does not exist; this server has {self.options.model_name!r}",
                                param="model", code="model_not_found")
