@@ -16,6 +16,16 @@ ever written when it is absent, empty or such a job's results (`results_file`); 
 stderr with its path and skipped (--stop-on-error ends the run instead). Greedy or sampled
 decoding only: beam search runs in fixed batches (pali-jax generate --beams).
 
+Across machines: `--shard K/N` answers every N-th input from the K-th (the same command on each
+machine of a job array, K its index), into its own --out; then
+
+    pali-jax annotate --merge part0.jsonl part1.jsonl ... --images ... --prompt ... --out results.jsonl
+
+checks that the files are the complete shards of one job (no model is loaded) and writes them as
+one file in input order: the file one unsharded run writes (`--no-timings` leaves out the only
+field that differs from run to run). Sampled answers are the same too (each draws with its input
+position's key).
+
 From Python: `for record in annotate(pg, ["a.jpg", "b.jpg"], "caption en"): ...` yields the same
 records (see `annotate`). The decoding is `continuous.ContinuousDecoder`'s; the input runs ahead
 on worker threads (`input_pipeline.Prefetcher`); the file is `results_file.ResultsFile`.
@@ -51,7 +61,7 @@ from pali_jax.files import jsonl_records
 from pali_jax.generation_config import GenerationConfig, GenerationError
 from pali_jax.input_pipeline import MAX_QUEUE, MAX_WORKERS, Failed, Prefetcher, check_sizes
 from pali_jax.processor import IMAGE_SUFFIXES, ImageInput, folder_images, image_list, load_image, preprocess_images
-from pali_jax.results_file import Key, ResultsFile, box_record
+from pali_jax.results_file import Key, ResultsFile, box_record, merge_shards, shard_of, shard_share
 
 if TYPE_CHECKING:
     from pali_jax.pretrained import PaliGemma
@@ -153,6 +163,8 @@ def annotate(
     stop_on_error: bool = False,
     mask_decoder: "MaskDecoder | None" = None,
     done: frozenset[Key] | set[Key] = frozenset(),
+    shard: tuple[int, int] | None = None,
+    timings: bool = True,
     stats: JobStats | None = None,
     warn: Callable[[str], None] = warn_default,
     **options: Any,
@@ -166,9 +178,11 @@ def annotate(
     spare_slots: see `ContinuousDecoder.run` and `continuous.slot_shape`. ordered: records
     in input order (False: as they end). An item that cannot be prepared (unreadable image, prompt
     too long) is passed to `warn` and skipped, or ends the job with `stop_on_error`. `done`:
-    (name, prompt) pairs to skip (a resumed job). Sampling draws each answer with its own key (the
-    seed and the item's position in `items`): the same job gives the same answers. All checks run before the first
-    record is asked for; decoding starts then.
+    (name, prompt) pairs to skip (a resumed job). shard (K, N): answer only every N-th item from the
+    K-th (`results_file.shard_share`). timings: put each answer's timings in its record. Sampling
+    draws each answer with its own key (the seed and the item's position in `items`): the same job
+    gives the same answers, sharded or not. All checks run before the first record is asked for;
+    decoding starts then.
     """
     generation = GenerationConfig.resolve(generation_config, options)
     if generation.beams > 1:
@@ -183,8 +197,9 @@ def annotate(
                                   or not 1 <= refill_at <= slots):
         raise GenerationError("refill_at", f"refill_at must be an int in [1, slots={slots}], got {refill_at!r}")
     all_items = _item_list(items, prompt)
+    share = shard_share(len(all_items), shard or (0, 1))
     todo = [(i, dataclasses.replace(item, max_new_tokens=item.max_new_tokens or generation.max_new_tokens))
-            for i, item in enumerate(all_items) if (item.name, item.prompt) not in done]
+            for i, item in enumerate(all_items) if i in share and (item.name, item.prompt) not in done]
     own_limits = {item.max_new_tokens: item.source or item.name for _, item in todo
                   if all_items[_].max_new_tokens is not None}
     for limit, source in own_limits.items():
@@ -195,7 +210,7 @@ def annotate(
     for limit in {item.max_new_tokens for _, item in todo}:
         generation.replace(max_new_tokens=limit).check_model(cfg)
     stats = JobStats() if stats is None else stats
-    stats.already_done = len(all_items) - len(todo)
+    stats.already_done = len(share) - len(todo)
     encoded: dict[str, tuple[list[int], list[int]] | str] = {}
     for _, item in todo:
         if item.prompt not in encoded:
@@ -208,7 +223,7 @@ def annotate(
     pg.continuous.check(shape)
     prepare = _preparer(pg, encoded, generation)
     return _run(pg, todo, prepare, shape, generation, refill_at, ordered, stop_on_error,
-                mask_decoder or pg.mask_decoder, stats, warn, workers, queue_size)
+                mask_decoder or pg.mask_decoder, stats, warn, workers, queue_size, timings)
 
 
 def _preparer(pg: "PaliGemma", encoded: dict, generation: GenerationConfig) -> Callable:
@@ -232,7 +247,7 @@ def _preparer(pg: "PaliGemma", encoded: dict, generation: GenerationConfig) -> C
 
 
 def _run(pg, todo, prepare, shape, generation, refill_at, ordered, stop_on_error, decoder, stats, warn, workers,
-         queue_size) -> Iterator[dict]:
+         queue_size, timings) -> Iterator[dict]:
     t0 = time.perf_counter()
     rank = {position: k for k, (position, _) in enumerate(todo)}  # item position -> its place in `todo`
     prepared: dict[int, tuple[tuple[int, int], float]] = {}  # position -> (image size, prepare_s)
@@ -260,7 +275,7 @@ def _run(pg, todo, prepare, shape, generation, refill_at, ordered, stop_on_error
         nxt = 0
         for answer in answers:
             size, prepare_s = prepared.pop(answer.item)
-            record = _record(pg, todo[rank[answer.item]][1], answer, size, prepare_s, decoder)
+            record = _record(pg, todo[rank[answer.item]][1], answer, size, prepare_s, decoder, timings)
             if not ordered:
                 stats.answered += 1
                 stats.wall_s = time.perf_counter() - t0
@@ -277,17 +292,19 @@ def _run(pg, todo, prepare, shape, generation, refill_at, ordered, stop_on_error
 
 
 def _record(pg: "PaliGemma", item: Item, answer: Answer, size: tuple[int, int], prepare_s: float,
-            decoder: "MaskDecoder | None") -> dict:
+            decoder: "MaskDecoder | None", timings: bool = True) -> dict:
     """One result line: what `PaliGemma.generate` gives for the item, as JSON."""
     text = pg.tokenizer.decode(answer.tokens)
     boxes = parse_detections(text, *size)
     if decoder is not None:
         [boxes] = decoder.add_masks([boxes], [size])
-    return {
+    record = {
         "image": item.name, "prompt": item.prompt, "text": text, "token_ids": answer.tokens,
         "stop_reason": answer.stop_reason.name.lower(), "boxes": [box_record(b) for b in boxes],
-        "timings": {"prepare_s": round(prepare_s, 4), "latency_s": round(answer.latency_s, 4)},
     }
+    if timings:
+        record["timings"] = {"prepare_s": round(prepare_s, 4), "latency_s": round(answer.latency_s, 4)}
+    return record
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -296,7 +313,7 @@ def parse_args(argv: list[str], prog: str = "pali-jax annotate") -> argparse.Nam
     from pali_jax.segmentation import resolve_vae_path
 
     p = OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="converted dir, HF checkpoint dir or hub id")
+    p.add_argument("--model", help="converted dir, HF checkpoint dir or hub id (not with --merge)")
     p.add_argument("--images", required=True, metavar="DIR|GLOB|FILE.jsonl", help="what to answer")
     p.add_argument("--prompt", help='default prompt, e.g. "caption en" (JSONL lines may give their own)')
     p.add_argument("--out", required=True, metavar="RESULTS.jsonl", help="results, one line per image; resumed")
@@ -308,7 +325,17 @@ def parse_args(argv: list[str], prog: str = "pali-jax annotate") -> argparse.Nam
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="let JSONL lines name images outside their file's directory (.. or absolute paths)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-timings", action="store_true", help="leave each answer's timings out of its line: two "
+                                                              "runs of one job then write the same bytes")
+    p.add_argument("--shard", metavar="K/N", help="answer every N-th input from the K-th (one machine of N)")
+    p.add_argument("--merge", nargs="+", metavar="SHARD.jsonl", help="write the --out of these shards' results "
+                                                                     "files, in input order (no model is loaded)")
     args = p.parse_args(argv)
+    if args.merge is not None and (args.shard or args.model):
+        p.error("--merge takes the shards' results files, --images, --prompt and --out; not --model or --shard")
+    if args.merge is None and not args.model:
+        p.error("the following arguments are required: --model")
+    args.shard = shard_of(args.shard) if args.shard else None
     for name, limit in (("slots", MAX_SLOTS), ("workers", MAX_WORKERS), ("queue_size", MAX_QUEUE)):
         if not 1 <= getattr(args, name) <= limit:
             p.error(f"--{name.replace('_', '-')} must be in [1, {limit}], got {getattr(args, name)}")
@@ -338,16 +365,21 @@ def annotate_to_file(pg: "PaliGemma", items: Iterable[Item | ImageInput], out: s
     options = {k: v for k, v in job.items() if k not in _JOB_KEYWORDS}
     generation = GenerationConfig.resolve(job.get("generation_config"), options)
     record = job_record(pg, generation, job.get("mask_decoder") or pg.mask_decoder)
+    if job.get("shard") is not None:
+        record["shard"] = list(job["shard"])
+    if not job.get("timings", True):
+        record["timings"] = False
+    share = shard_share(len(items), job.get("shard") or (0, 1))
     stats = JobStats()
     with ResultsFile(out, record, inputs=inputs, warn=warn) as results:
         records = annotate(pg, items, ordered=False, done=results.done, stats=stats, warn=warn, **job)
-        with tqdm(total=len(items) - stats.already_done, unit="img", file=sys.stderr, disable=not progress,
+        with tqdm(total=len(share) - stats.already_done, unit="img", file=sys.stderr, disable=not progress,
                   smoothing=0.05) as bar:
             for answer in records:
                 results.write(answer)
                 bar.update()
         if not stats.skipped:
-            results.finish((item.name, item.prompt) for item in items)
+            results.finish((items[i].name, items[i].prompt) for i in share)
     return stats
 
 
@@ -371,6 +403,10 @@ def run(args: argparse.Namespace) -> JobStats:
     items = [_as_item(item, i, args.prompt) for i, item in enumerate(read_items(
         args.images, allow_outside=args.allow_outside_paths))]
     inputs = [args.images] if Path(args.images).is_file() else []
+    if args.merge is not None:
+        lines = merge_shards(args.out, args.merge, [(item.name, item.prompt) for item in items], inputs=inputs)
+        print(f"merged {len(args.merge)} shards: {lines} results in {args.out}", flush=True)
+        return JobStats(already_done=lines)
     ResultsFile(args.out, None, inputs=inputs).close()  # a bad --out fails now, before the model loads
     mesh = mesh_from_args(args)
     if jax.process_count() > 1:
@@ -381,7 +417,8 @@ def run(args: argparse.Namespace) -> JobStats:
                                    quantize=args.quantize, group_size=args.group_size)
     stats = annotate_to_file(pg, items, args.out, progress=not args.no_progress, warn=warn, inputs=inputs,
                              generation_config=generation, slots=args.slots, workers=args.workers,
-                             queue_size=args.queue_size, stop_on_error=args.stop_on_error)
+                             queue_size=args.queue_size, stop_on_error=args.stop_on_error, shard=args.shard,
+                             timings=not args.no_timings)
     rate = stats.answered / stats.wall_s if stats.wall_s else 0.0
     print(f"annotated {stats.answered} images in {stats.wall_s:.1f} s ({rate:.1f} images/s); {stats.skipped} "
           f"skipped, {stats.already_done} already in {args.out}", flush=True)

@@ -62,6 +62,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-big-vision": ("pali_jax.conversion:export_command", "pali-jax directory -> big_vision .npz"),
     "verify": ("pali_jax.conversion:verify_command", "check a pali-jax directory against its manifest"),
     "evaluate": ("pali_jax.evaluate:command", "score answers with a task's standard metrics (CIDEr, VQA accuracy, mAP, ...)"),
+    "serve": ("pali_jax.serve:command", "an OpenAI-compatible HTTP server (chat completions, boxes and masks as data)"),
 }
 
 

@@ -31,6 +31,14 @@ answer its own key (`fold_in(seed key, item id)`) whatever slot it lands in, so 
 same answers; another slot arrangement can still change a draw where two tokens' logits agree to
 rounding (the sampler ranks tokens by sorting them). Programs compile once per slot shape, prompt
 bucket and refill size (a power of two up to the slot count: `_refill_sizes`), never per refill.
+
+`Session` is the host loop's state, one call at a time: `admit` prompts into free slots, `decode`
+(optionally reading every live answer's tokens so far: streaming), `cancel` an answer (its slot is
+marked ended at the next decode call and can be refilled at once). `ContinuousDecoder.run` drives
+one over a finite input (the dataset job); a server's engine (`pali_jax.engine`) drives one over
+requests as they come. A prompt may carry its own sampling (`Sampling`: temperature, top-k, top-p
+and key, one row each in the state), and with `SlotShape.logprobs` each token's log-probability
+is kept beside it.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from pali_jax.decode import MIN_NEW_TOKENS_BUCKET, StopReason, bucket, decode_by
 from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory
 from pali_jax.kv_cache import KVCache
 from pali_jax.paligemma import PaliGemmaModel
-from pali_jax.sampling import SamplingParams, sample_rows
+from pali_jax.sampling import SamplingParams, sample_rows, token_logprobs
 
 MAX_SLOTS = 1024  # decode rows; memory is checked too, this bounds the host's bookkeeping
 # Default spare cache slots. Each one is attended by every decode step, and a shift (a copy of the
@@ -69,6 +77,9 @@ class Slots:
     limits: jax.Array  # [B] int32: its max_new_tokens
     done: jax.Array  # [B] bool: the answer ended, or the slot is empty
     keys: jax.Array  # [B, 2] uint32: the answer's own sampling key
+    sampling: SamplingParams  # leaves [B]: the answer's own sampler settings
+    stopping: jax.Array  # [B] bool: a stop token ends the answer (False: only its limit does)
+    logprobs: jax.Array  # [B, N] float32 when `SlotShape.logprobs`, else [B, 0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +92,7 @@ class SlotShape:
     prompt: int
     buffer: int
     spare: int
+    logprobs: bool = False  # keep each token's log-probability (raw distribution, temperature 1)
 
     @property
     def cache_length(self) -> int:
@@ -99,6 +111,23 @@ class Prompt:
     types: np.ndarray
     mask: np.ndarray
     max_new_tokens: int
+    sampling: Sampling | None = None  # its own sampling; None: the run's, its key folded with `item`
+    ignore_stop_tokens: bool = False  # answer max_new_tokens tokens whatever they are (load tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """One answer's sampler settings and key (`GenerationConfig.prng_key`, [2] uint32)."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    key: np.ndarray
+
+    @classmethod
+    def of(cls, generation: GenerationConfig) -> Sampling:
+        return cls(generation.effective_temperature, generation.top_k or 0,
+                   1.0 if generation.top_p is None else generation.top_p, np.asarray(generation.prng_key()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +136,16 @@ class Answer:
     tokens: list[int]  # the stop token included, as `generate` returns it
     stop_reason: StopReason
     latency_s: float  # from its refill to the decode call it ended in
+    logprobs: list[float] | None = None  # per token, when `SlotShape.logprobs`
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """A live answer after a decode call (`Session.decode(progress=True)`): its tokens so far."""
+
+    item: int
+    tokens: list[int]
+    logprobs: list[float] | None = None
 
 
 @dataclasses.dataclass
@@ -138,15 +177,17 @@ def check_slots(rows: int) -> int:
 
 
 def slot_shape(
-    cfg: PaliGemmaConfig, rows: int, prompt_tokens: int, max_new_tokens: int, spare: int | None = None
+    cfg: PaliGemmaConfig, rows: int, prompt_tokens: int, max_new_tokens: int, spare: int | None = None,
+    *, logprobs: bool = False,
 ) -> SlotShape:
     """The sizes for `rows` slots, prompts of at most `prompt_tokens` real tokens and answers of
-    at most `max_new_tokens`; `spare` cache slots (default `DEFAULT_SPARE`)."""
+    at most `max_new_tokens`; `spare` cache slots (default `DEFAULT_SPARE`); `logprobs`: keep
+    each token's log-probability."""
     prompt, buffer = decode.prompt_bucket(cfg, prompt_tokens), bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET)
     spare = DEFAULT_SPARE if spare is None else spare
     if isinstance(spare, bool) or not isinstance(spare, int) or not 1 <= spare <= 1 << 16:
         raise GenerationError("spare_slots", f"spare_slots must be an int in [1, 65536], got {spare!r}")
-    return SlotShape(check_slots(rows), prompt, buffer, spare)
+    return SlotShape(check_slots(rows), prompt, buffer, spare, logprobs)
 
 
 def _refill_sizes(n: int, least: int) -> list[int]:
@@ -184,15 +225,21 @@ class ContinuousDecoder:
             limits=jnp.zeros((shape.rows,), jnp.int32),
             done=jnp.ones((shape.rows,), bool),
             keys=jnp.zeros((shape.rows, 2), jnp.uint32),
+            sampling=SamplingParams(jnp.zeros((shape.rows,), jnp.float32), jnp.zeros((shape.rows,), jnp.int32),
+                                    jnp.ones((shape.rows,), jnp.float32)),
+            stopping=jnp.ones((shape.rows,), bool),
+            logprobs=jnp.zeros((shape.rows, shape.buffer if shape.logprobs else 0), jnp.float32),
         ), self.mesh)
 
-    def _refill_impl(self, shape: SlotShape, params, slots: Slots, pixels, ids, types, mask, rows, limits, items,
-                     key, sampling: SamplingParams, stop_tokens) -> Slots:
-        """Prompts [R, P] into slots `rows` [R] (free ones): prefill, first token, copy."""
+    def _refill_impl(self, shape: SlotShape, params, slots: Slots, pixels, ids, types, mask, rows, limits, folds,
+                     keys, sampling: SamplingParams, stopping, stop_tokens) -> Slots:
+        """Prompts [R, P] into slots `rows` [R] (free ones): prefill, first token, copy. Row r's
+        answer draws with `fold_in(keys[r], folds[r])` and `sampling` (leaves [R]); it ends at a
+        stop token where `stopping` [R]."""
         self.traces += 1
         r, p = ids.shape
         logits, fresh, _ = decode.prefill(self.model, self.mesh, p, params, pixels, ids, types, mask)
-        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, items)  # [R, 2]
+        keys = jax.vmap(jax.random.fold_in)(keys, folds)  # [R, 2]
         first = sample_rows(logits, jax.vmap(jax.random.fold_in)(keys, jnp.zeros((r,), jnp.int32)), sampling)
         cache = slots.cache
         start = cache.index - p  # right-aligned: the row's next token goes where every row's does
@@ -208,13 +255,19 @@ class ContinuousDecoder:
             valid=cache.valid.at[rows].set(valid), positions=cache.positions.at[rows].set(fresh.positions),
         )
         answer = jnp.full((r, shape.buffer), self.model.cfg.pad_token_id, jnp.int32).at[:, 0].set(first)
+        logprobs = jnp.zeros((r, slots.logprobs.shape[1]), jnp.float32)
+        if shape.logprobs:
+            logprobs = logprobs.at[:, 0].set(token_logprobs(logits, first))
         return decode.placed(slots.replace(
             cache=cache,
             tokens=slots.tokens.at[rows].set(answer),
             lengths=slots.lengths.at[rows].set(1),
             limits=slots.limits.at[rows].set(limits),
-            done=slots.done.at[rows].set(jnp.isin(first, stop_tokens) | (limits <= 1)),
+            done=slots.done.at[rows].set(jnp.isin(first, stop_tokens) & stopping | (limits <= 1)),
             keys=slots.keys.at[rows].set(keys),
+            sampling=jax.tree.map(lambda old, new: old.at[rows].set(new), slots.sampling, sampling),
+            stopping=slots.stopping.at[rows].set(stopping),
+            logprobs=slots.logprobs.at[rows].set(logprobs),
         ), self.mesh)
 
     @staticmethod
@@ -232,21 +285,27 @@ class ContinuousDecoder:
             k=jax.tree.map(roll, cache.k), v=jax.tree.map(roll, cache.v), valid=valid, index=index,
         ))
 
-    def _step(self, shape: SlotShape, params, slots: Slots, sampling, stop_tokens) -> Slots:
+    def _step(self, shape: SlotShape, params, slots: Slots, stop_tokens) -> Slots:
         last = jnp.take_along_axis(slots.tokens, slots.lengths[:, None] - 1, axis=1)[:, 0]  # [B]
         logits, cache, _ = decode.step(self.model, params, last, slots.cache, ~slots.done)
-        token = sample_rows(logits, jax.vmap(jax.random.fold_in)(slots.keys, slots.lengths), sampling)
+        token = sample_rows(logits, jax.vmap(jax.random.fold_in)(slots.keys, slots.lengths), slots.sampling)
         at = jnp.where(slots.done, shape.buffer, slots.lengths)  # ended rows write nothing (dropped)
         tokens = slots.tokens.at[jnp.arange(shape.rows), at].set(token, mode="drop")
+        logprobs = slots.logprobs
+        if shape.logprobs:
+            logprobs = logprobs.at[jnp.arange(shape.rows), at].set(token_logprobs(logits, token), mode="drop")
         lengths = slots.lengths + ~slots.done
-        done = slots.done | jnp.isin(token, stop_tokens) | (lengths >= slots.limits)
-        return decode.placed(slots.replace(cache=cache, tokens=tokens, lengths=lengths, done=done), self.mesh)
+        done = slots.done | jnp.isin(token, stop_tokens) & slots.stopping | (lengths >= slots.limits)
+        return decode.placed(slots.replace(cache=cache, tokens=tokens, lengths=lengths, done=done, logprobs=logprobs),
+                             self.mesh)
 
-    def _decode_impl(self, shape: SlotShape, params, slots: Slots, steps, finish_target, sampling, stop_tokens):
+    def _decode_impl(self, shape: SlotShape, params, slots: Slots, steps, finish_target, cancel, stop_tokens):
         """Up to `steps` steps; stops early once `finish_target` rows live at the start have ended,
-        or when the cache is full (the next call shifts it first). The shift stays out of the loop:
-        a conditional inside it costs a copy of the whole cache at every step."""
+        or when the cache is full (the next call shifts it first). Rows `cancel` [B] end first
+        (their answers were abandoned). The shift stays out of the loop: a conditional inside it
+        costs a copy of the whole cache at every step."""
         self.traces += 1
+        slots = slots.replace(done=slots.done | cancel)
         slots = jax.lax.cond(
             slots.cache.index >= slots.cache.length, lambda s: self._compact(shape, s), lambda s: s, slots
         )
@@ -258,7 +317,7 @@ class ContinuousDecoder:
 
         def body(carry):
             i, used, s = carry
-            return i + 1, used + (~s.done).sum(dtype=jnp.int32), self._step(shape, params, s, sampling, stop_tokens)
+            return i + 1, used + (~s.done).sum(dtype=jnp.int32), self._step(shape, params, s, stop_tokens)
 
         steps_run, used, slots = jax.lax.while_loop(running, body, (jnp.int32(0), jnp.int32(0), slots))
         return steps_run, used, decode.placed(slots, self.mesh)
@@ -292,55 +351,70 @@ class ContinuousDecoder:
         refill them (default rows // 8; at least 1, at most rows): larger refills and fewer host
         round trips against emptier slots.
         """
-        counters = Counters() if counters is None else counters
+        session = Session(self, params, shape, generation, counters)
+        counters = session.counters
         refill_at = min(max(1, shape.rows // 8 if refill_at is None else refill_at), shape.rows)
-        sampling, key = generation.sampling_params(), generation.prng_key()
-        stops = decode.stop_tokens(self.model.cfg, generation)
-        slots = self._init(shape)
-        owner: list[tuple[Prompt, float] | None] = [None] * shape.rows
         waiting: deque[Prompt] = deque()
         exhausted = False
         while True:
-            free = [b for b in range(shape.rows) if owner[b] is None]
-            while not exhausted and len(waiting) < len(free):
+            free = len(session.free_rows())
+            while not exhausted and len(waiting) < free:
                 t0 = time.perf_counter()
                 prompt = prompts()
                 counters.input_wait_s += time.perf_counter() - t0
                 exhausted = prompt is None
                 if prompt is not None:
                     waiting.append(prompt)
-            least = 1 if exhausted else refill_at
-            slots = self._fill(shape, params, slots, owner, free, waiting, least, key, sampling, stops, counters)
-            live = sum(o is not None for o in owner)
+            session.admit(waiting, 1 if exhausted else refill_at)
+            live = session.live
             if not live:
                 if exhausted and not waiting:
                     return
                 continue
             more = bool(waiting) or not exhausted
             target = min(max(1, refill_at - (shape.rows - live)), live) if more else live
-            t0 = time.perf_counter()
-            steps_run, used, slots = self._decode(shape, params, slots, jnp.int32(shape.buffer), jnp.int32(target),
-                                            sampling, stops)
-            done, lengths = np.asarray(slots.done), np.asarray(slots.lengths)
-            now = time.perf_counter()
-            counters.device_s += now - t0
-            counters.decode_calls += 1
-            counters.decode_steps += int(steps_run)
-            counters.slot_steps_used += int(used)
-            ended = [b for b in range(shape.rows) if owner[b] is not None and done[b]]
-            if ended:
-                tokens = np.asarray(slots.tokens)
-                for b in ended:
-                    prompt, started = owner[b]
-                    owner[b] = None
-                    row = tokens[b, : lengths[b]].tolist()
-                    reason = StopReason.STOP_TOKEN if np.isin(row[-1], stops) else StopReason.MAX_NEW_TOKENS
-                    yield Answer(prompt.item, row, reason, now - started)
+            answers, _ = session.decode(shape.buffer, target)
+            yield from answers
 
-    def _fill(self, shape, params, slots, owner, free, waiting: deque, least: int, key, sampling, stops,
-              counters) -> Slots:
-        """Moves waiting prompts into free slots, per prompt bucket (`_refill_sizes`); those left
-        over go back to the front of `waiting`, in order."""
+
+class Session:
+    """One continuous decode driven call by call: `admit` prompts into free slots, `decode`,
+    `cancel` an answer. The state lives on the device (donated from call to call); the host keeps
+    which prompt owns each slot. Not thread-safe: one thread drives it."""
+
+    def __init__(self, decoder: ContinuousDecoder, params, shape: SlotShape, generation: GenerationConfig,
+                 counters: Counters | None = None):
+        self.decoder, self.params, self.shape = decoder, params, shape
+        self.counters = Counters() if counters is None else counters
+        self.sampling = Sampling.of(generation)  # prompts without their own
+        self.stops = decode.stop_tokens(decoder.model.cfg, generation)
+        self.slots = decoder._init(shape)
+        self.owner: list[tuple[Prompt, float] | None] = [None] * shape.rows  # (prompt, refilled at)
+        self.cancelled = np.zeros(shape.rows, bool)  # rows to end at the next decode call
+
+    def free_rows(self) -> list[int]:
+        return [b for b in range(self.shape.rows) if self.owner[b] is None]
+
+    @property
+    def live(self) -> int:
+        """Slots holding an answer that has not been reported ended."""
+        return sum(o is not None for o in self.owner)
+
+    def cancel(self, item: int) -> bool:
+        """Abandons `item`'s answer: its slot is free now (an `admit` may refill it) and, unless
+        refilled first, ends at the next decode call. False if no slot holds it."""
+        for b, o in enumerate(self.owner):
+            if o is not None and o[0].item == item:
+                self.owner[b] = None
+                self.cancelled[b] = True
+                return True
+        return False
+
+    def admit(self, waiting: deque[Prompt], least: int) -> None:
+        """Moves waiting prompts into free slots, per prompt bucket (`_refill_sizes`: at most
+        `least` - 1 of a bucket wait for a later refill); those left over go back to the front of
+        `waiting`, in order."""
+        free = self.free_rows()
         taken = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
         by_bucket: dict[int, list[Prompt]] = {}
         for prompt in taken:
@@ -351,18 +425,59 @@ class ContinuousDecoder:
             for size in _refill_sizes(len(group), least):
                 part, group = group[:size], group[size:]
                 rows = [next(free) for _ in part]
+                own = [p.sampling or self.sampling for p in part]
                 t0 = time.perf_counter()
-                slots = self._refill(
-                    shape, params, slots,
+                self.slots = self.decoder._refill(
+                    self.shape, self.params, self.slots,
                     np.stack([p.pixels for p in part]), np.stack([p.ids for p in part]),
                     np.stack([p.types for p in part]), np.stack([p.mask for p in part]),
                     np.array(rows, np.int32), np.array([p.max_new_tokens for p in part], np.int32),
-                    np.array([p.item for p in part], np.int32), key, sampling, stops,
+                    np.array([p.item if p.sampling is None else 0 for p in part], np.int32),
+                    np.stack([s.key for s in own]).astype(np.uint32),
+                    SamplingParams(np.array([s.temperature for s in own], np.float32),
+                                   np.array([s.top_k for s in own], np.int32),
+                                   np.array([s.top_p for s in own], np.float32)),
+                    np.array([not p.ignore_stop_tokens for p in part]), self.stops,
                 )
-                counters.device_s += time.perf_counter() - t0
-                counters.refills += 1
+                self.counters.device_s += time.perf_counter() - t0
+                self.counters.refills += 1
                 for b, p in zip(rows, part):
-                    owner[b] = (p, time.perf_counter())
-                    filled.add(p.item)
-        waiting.extendleft(reversed([p for p in taken if p.item not in filled]))
-        return slots
+                    self.owner[b] = (p, time.perf_counter())
+                    self.cancelled[b] = False  # the refill rewrote the row
+                    filled.add(id(p))
+        waiting.extendleft(reversed([p for p in taken if id(p) not in filled]))
+
+    def decode(self, steps: int, target: int, *, progress: bool = False) -> tuple[list[Answer], list[Progress]]:
+        """One decode call of at most `steps` steps, returning once `target` live answers have
+        ended: (the answers that ended, and with `progress` every other live answer's tokens so far)."""
+        t0 = time.perf_counter()
+        steps_run, used, self.slots = self.decoder._decode(
+            self.shape, self.params, self.slots, jnp.int32(steps), jnp.int32(target), self.cancelled, self.stops
+        )
+        self.cancelled = np.zeros(self.shape.rows, bool)
+        done, lengths = np.asarray(self.slots.done), np.asarray(self.slots.lengths)
+        now = time.perf_counter()
+        c = self.counters
+        c.device_s += now - t0
+        c.decode_calls += 1
+        c.decode_steps += int(steps_run)
+        c.slot_steps_used += int(used)
+        ended = [b for b in range(self.shape.rows) if self.owner[b] is not None and done[b]]
+        read = [b for b in range(self.shape.rows) if self.owner[b] is not None] if progress else ended
+        if not read:
+            return [], []
+        tokens = np.asarray(self.slots.tokens)
+        logprobs = np.asarray(self.slots.logprobs) if self.shape.logprobs else None
+        answers, partial = [], []
+        for b in read:
+            prompt, started = self.owner[b]
+            row = tokens[b, : lengths[b]].tolist()
+            scores = None if logprobs is None else logprobs[b, : lengths[b]].tolist()
+            if done[b]:
+                self.owner[b] = None
+                stopped = np.isin(row[-1], self.stops) and not prompt.ignore_stop_tokens
+                reason = StopReason.STOP_TOKEN if stopped else StopReason.MAX_NEW_TOKENS
+                answers.append(Answer(prompt.item, row, reason, now - started, scores))
+            else:
+                partial.append(Progress(prompt.item, row, scores))
+        return answers, partial

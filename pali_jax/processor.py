@@ -10,6 +10,7 @@ Prompt layout (one example)::
 """
 
 import contextlib
+import io
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,6 +33,10 @@ SEG_TOKENS = tuple(f"<seg{i:03d}>" for i in range(128))
 
 class ProcessorError(UserError):
     """A user input the processor cannot handle (bad image file or array, over-long prompt, ...)."""
+
+
+class ImageTooLarge(ProcessorError):
+    """An image over a pixel limit, refused from its header (a server answers it 413, not 400)."""
 
 
 # The largest image file decoded (width x height). A 20000 x 20000 PNG of a few kilobytes would
@@ -75,16 +80,18 @@ def _own_pixel_limit() -> Iterator[None]:
         PIL.Image.MAX_IMAGE_PIXELS = saved
 
 
-def _check_pixels(width: int, height: int, what: str) -> None:
-    """Refuses an image above `MAX_IMAGE_PIXELS` or `MAX_IMAGE_SIDE`, whatever it came as (file,
-    PIL image, array), before it is decoded, converted or resized."""
+def _check_pixels(width: int, height: int, what: str, max_pixels: int | None = None) -> None:
+    """Refuses an image above `MAX_IMAGE_PIXELS` (or a lower `max_pixels`) or `MAX_IMAGE_SIDE`,
+    whatever it came as (file, PIL image, array), before it is decoded, converted or resized."""
+    if max_pixels is not None and max_pixels < MAX_IMAGE_PIXELS and width * height > max_pixels:
+        raise ImageTooLarge(f"{what} is {width}x{height} pixels, more than the limit of {max_pixels:,}")
     if width * height > MAX_IMAGE_PIXELS:
-        raise ProcessorError(
+        raise ImageTooLarge(
             f"{what} is {width}x{height} pixels, more than the limit of {MAX_IMAGE_PIXELS:,} "
             "(pali_jax.processor.MAX_IMAGE_PIXELS): refusing to decode it"
         )
     if max(width, height) > MAX_IMAGE_SIDE:
-        raise ProcessorError(
+        raise ImageTooLarge(
             f"{what} is {width}x{height} pixels, a side longer than the limit of {MAX_IMAGE_SIDE:,} "
             "(pali_jax.processor.MAX_IMAGE_SIDE): refusing to decode it"
         )
@@ -113,23 +120,31 @@ def check_image_size(width: int, height: int, what: str = "the image") -> None:
     _check_pixels(int(width), int(height), what)
 
 
-def _load_image_file(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open an image file the way transformers' ``load_image`` does: EXIF transpose, then plain RGB."""
+def _load_image_file(path: str | os.PathLike | io.BytesIO, name: str | None = None,
+                     max_pixels: int | None = None) -> PIL.Image.Image:
+    """Open an image file the way transformers' ``load_image`` does: EXIF transpose, then plain RGB.
+    `path` may be an in-memory file (`name` then says what it is in messages)."""
+    name = os.fspath(path) if name is None else name
     try:
-        with _own_pixel_limit():
-            with PIL.Image.open(path) as image:
-                _check_pixels(*image.size, f"image {os.fspath(path)}")
-                # exif_transpose and convert both force a full decode, so truncated files fail here.
-                return PIL.ImageOps.exif_transpose(image).convert("RGB")
+        with _own_pixel_limit(), PIL.Image.open(path) as image:
+            _check_pixels(*image.size, f"image {name}", max_pixels)
+            # exif_transpose and convert both force a full decode, so truncated files fail here.
+            return PIL.ImageOps.exif_transpose(image).convert("RGB")
     except FileNotFoundError:
-        raise ProcessorError(f"image file not found: {os.fspath(path)}") from None
+        raise ProcessorError(f"image file not found: {name}") from None
     except IsADirectoryError:
-        raise ProcessorError(f"image {os.fspath(path)} is a directory, not an image file") from None
+        raise ProcessorError(f"image {name} is a directory, not an image file") from None
     except (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as e:
         if isinstance(e, ProcessorError):
             raise
         reason = " ".join(str(e).split())  # keep the message on one line
-        raise ProcessorError(f"cannot read image file {os.fspath(path)}: {reason}") from None
+        raise ProcessorError(f"cannot read image file {name}: {reason}") from None
+
+
+def load_image_bytes(data: bytes, name: str = "the image", max_pixels: int | None = None) -> PIL.Image.Image:
+    """An image file's bytes (an upload) as an RGB PIL image, exactly as `load_image` reads the
+    file from disk; refused above `max_pixels` (`ImageTooLarge`) from its header."""
+    return _load_image_file(io.BytesIO(data), name, max_pixels)
 
 
 def _pil_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:

@@ -15,10 +15,16 @@ answered again), and every complete line names an (image, prompt) pair that the 
 job writes a file at a time (an exclusive lock). When every item is answered, `finish` rewrites
 the file in input order, atomically (`files.atomic_write`), reading it line by line: memory holds
 one offset per line, never the file.
+
+A job split over machines (`pali-jax annotate --shard K/N`, each writing its own results file whose
+record names its shard) is put back together by `merge_shards`: every shard of one job present
+once and complete, their lines copied byte for byte in input order into one file with the
+unsharded job's record, which is then the file one unsharded run gives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -193,3 +199,90 @@ class ResultsFile:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
+
+
+def shard_of(spec: str) -> tuple[int, int]:
+    """"K/N" as (K, N) with 0 <= K < N; a one-line `UserError` otherwise."""
+    k, slash, n = spec.partition("/")
+    if not (slash and k.strip().isdigit() and n.strip().isdigit()):
+        raise UserError(f"--shard {spec}: expected K/N, e.g. 0/4 (this process answers the K-th of N shares)")
+    k, n = int(k), int(n)
+    if n < 1 or k >= n:
+        raise UserError(f"--shard {spec}: K must be in [0, N) and N >= 1")
+    return k, n
+
+
+def shard_share(count: int, shard: tuple[int, int]) -> range:
+    """The input positions shard (K, N) answers: every N-th from the K-th (prompts and image
+    sizes spread evenly whatever the input's order)."""
+    k, n = shard
+    return range(k, count, n)
+
+
+def merge_shards(out: str | os.PathLike, shards: Iterable[str | os.PathLike], order: list[Key], *,
+                 inputs: Iterable[str | os.PathLike] = ()) -> int:
+    """Writes the results files of a job's shards as one file `out` in the order of `order` (the
+    job's inputs), with the unsharded job's record; returns the lines written. Every check runs
+    before anything is written: each file is a shard's results file (its record names the shard),
+    the shards are one job's, each of 0..N-1 once, and each holds exactly its share of `order`."""
+    shards = [Path(p) for p in shards]
+    records: dict[tuple[int, int], tuple[Path, dict]] = {}
+    for path in shards:
+        if not path.is_file():
+            raise UserError(f"--merge {path}: no such results file")
+        try:
+            job = json.loads(path.with_name(path.name + JOB_SUFFIX).read_text())
+        except (OSError, ValueError):
+            raise UserError(f"--merge {path}: no readable {path.name + JOB_SUFFIX} beside it: not the results "
+                            "file of a pali-jax annotate --shard run") from None
+        shard = job.get("shard") if isinstance(job, dict) else None
+        if not (isinstance(shard, list) and len(shard) == 2 and all(type(v) is int for v in shard)
+                and 0 <= shard[0] < shard[1]):
+            raise UserError(f"--merge {path}: not the results of a --shard run (its record names no shard)")
+        if tuple(shard) in records:
+            raise UserError(f"--merge {path}: shard {shard[0]}/{shard[1]} is given twice")
+        records[tuple(shard)] = (path, {k: v for k, v in job.items() if k != "shard"})
+    n = {n for _, n in records}
+    if len(n) != 1:
+        raise UserError(f"--merge: the files are shards of different splits ({', '.join(f'/{m}' for m in sorted(n))})")
+    n = n.pop()
+    missing = [k for k in range(n) if (k, n) not in records]
+    if missing:
+        raise UserError(f"--merge: shard{'s' * (len(missing) > 1)} {', '.join(f'{k}/{n}' for k in missing)} "
+                        "missing")
+    (_, first), *rest = [records[k, n] for k in range(n)]
+    for path, job in rest:
+        changed = _differences(first, job)
+        if changed:
+            raise UserError(f"--merge {path}: another job's shard ({'; '.join(changed)})")
+    lines: dict[Key, tuple[Path, int, int]] = {}
+    for k in range(n):
+        path = records[k, n][0]
+        want = {order[i] for i in shard_share(len(order), (k, n))}
+        with open(path, "rb") as f:
+            got = []
+            for offset, line in _lines(f.fileno()):
+                if not line.endswith(b"\n"):
+                    raise UserError(f"--merge {path}: its last line is torn (the run was killed): resume it first")
+                try:
+                    key = record_key(json.loads(line))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    key = None
+                if key is None:
+                    raise UserError(f"--merge {path}: a line is not a result line")
+                got.append(key)
+                lines[key] = (path, offset, len(line))
+        if set(got) != want or len(got) != len(want):
+            raise UserError(f"--merge {path}: shard {k}/{n} is incomplete or holds other inputs ({len(set(got) & want)} "
+                            f"of its {len(want)} inputs answered, {len(set(got) - want)} foreign, "
+                            f"{len(got) - len(set(got))} twice): finish or resume it first")
+    real = check_output(out, "--out", inputs=[*shards, *inputs])
+    if real.exists() and real.stat().st_size:
+        raise UserError(f"--out {out} exists and is not empty: pick another --out")
+    write_text_atomically(real.with_name(real.name + JOB_SUFFIX), json.dumps(first, indent=1) + "\n")
+    with contextlib.ExitStack() as stack, atomic_write(real) as dst:
+        fds = {path: stack.enter_context(open(path, "rb")).fileno() for path, _ in records.values()}
+        for key in order:
+            path, offset, length = lines[key]
+            dst.write(os.pread(fds[path], length, offset))
+    return len(order)

@@ -99,19 +99,21 @@ def sample(logits: Array, key: Any, params: SamplingParams) -> Array:
 
 
 def sample_rows(logits: Array, keys: Array, params: SamplingParams) -> Array:
-    """`sample` with one key per row: logits [B, V], keys [B, 2] -> tokens [B] int32.
+    """`sample` with one key per row: logits [B, V], keys [B, 2] -> tokens [B] int32. The
+    parameters' leaves are scalars or [B] (each row its own settings: a server's requests).
 
     Row b draws exactly what `sample` draws for a batch holding that row alone with key
-    ``keys[b]``, so a row's tokens do not depend on which row of the batch it sits in
-    (continuous batching moves answers between rows).
+    ``keys[b]`` and row b's settings, so a row's tokens do not depend on which row of the batch it
+    sits in (continuous batching moves answers between rows). Rows with temperature 0 are greedy.
     """
-    return lax.cond(
-        params.temperature > 0,
-        lambda: jax.vmap(lambda row, key: _sample_stochastic(row[None].astype(jnp.float32), key, params)[0])(
-            logits, keys
-        ),
-        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-    )
+    params = jax.tree.map(lambda x: jnp.broadcast_to(x, logits.shape[:1]), params)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw():
+        one = lambda row, key, p: _sample_stochastic(row[None].astype(jnp.float32), key, p)[0]
+        return jnp.where(params.temperature > 0, jax.vmap(one)(logits, keys, params), greedy)
+
+    return lax.cond(jnp.any(params.temperature > 0), draw, lambda: greedy)
 
 
 def _sample_stochastic(logits: Array, key: Any, params: SamplingParams) -> Array:

@@ -324,3 +324,84 @@ def test_a_failed_write_stops_the_job_in_one_line(images, tmp_path):
     assert proc.stderr.startswith("error: File too large"), proc.stderr
     complete = out.read_bytes().split(b"\n")[:-1]  # the write that failed may have left part of its line
     assert out.stat().st_size <= 2048 and complete and all(json.loads(line)["text"] for line in complete)
+
+
+# -- a job across machines: shards and their merge -----------------------------------------------
+@pytest.fixture()
+def sharded(demo, images, tmp_path):
+    """A JSONL of 9 items (mixed prompts: an uneven split), answered whole and as two shards."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"image": Path(i.image).name, "prompt": i.prompt}) + "\n" for i in images[:9]))
+    for i in images[:9]:
+        (tmp_path / Path(i.image).name).write_bytes(Path(i.image).read_bytes())
+    from pali_jax.annotate import read_items
+
+    items = read_items(str(data))
+    job = {**JOB, "progress": False, "timings": False, "max_new_tokens": 20}
+    annotate_to_file(demo, items, tmp_path / "whole.jsonl", **job)
+    for k in range(2):
+        annotate_to_file(demo, items, tmp_path / f"part{k}.jsonl", shard=(k, 2), **job)
+    return tmp_path, data
+
+
+def test_shards_merge_into_the_unsharded_file(sharded, capsys):
+    root, data = sharded
+    assert [len((root / f"part{k}.jsonl").read_text().splitlines()) for k in range(2)] == [5, 4]
+    code = cli.main(["annotate", "--merge", root / "part1.jsonl", root / "part0.jsonl", "--images", data,
+                     "--out", root / "merged.jsonl"])
+    assert code == 0, capsys.readouterr().err
+    assert (root / "merged.jsonl").read_bytes() == (root / "whole.jsonl").read_bytes()
+    assert (root / "merged.jsonl.job.json").read_bytes() == (root / "whole.jsonl.job.json").read_bytes()
+    assert "timings" not in (root / "whole.jsonl").read_text()
+
+
+def _drop_last_line(path: Path) -> None:
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("one missing", "shard 1/2 missing"),
+    ("twice", "shard 0/2 is given twice"),
+    ("incomplete", "shard 1/2 is incomplete"),
+    ("foreign", "not the results file of a pali-jax annotate --shard run"),
+    ("unsharded", "not the results of a --shard run"),
+    ("other job", "another job's shard"),
+    ("out exists", "exists and is not empty"),
+    ("with --model", "not --model or --shard"),
+])
+def test_bad_merges_are_one_line_and_write_nothing(sharded, capsys, case, message):
+    root, data = sharded
+    parts = [root / "part0.jsonl", root / "part1.jsonl"]
+    extra = []
+    if case == "one missing":
+        parts = parts[:1]
+    elif case == "twice":
+        parts = [parts[0], parts[0], parts[1]]
+    elif case == "incomplete":
+        _drop_last_line(parts[1])
+    elif case == "foreign":
+        (root / "user.jsonl").write_text('{"image": "a.png", "prompt": "caption en"}\n')
+        parts[1] = root / "user.jsonl"
+    elif case == "unsharded":
+        parts[1] = root / "whole.jsonl"
+    elif case == "other job":
+        job = json.loads((root / "part1.jsonl.job.json").read_text())
+        (root / "part1.jsonl.job.json").write_text(json.dumps({**job, "max_new_tokens": 7}))
+    elif case == "out exists":
+        (root / "merged.jsonl").write_text("keep me\n")
+    elif case == "with --model":
+        extra = ["--model", str(DEMO_MODEL)]
+    before = sorted(p.name for p in root.iterdir())
+    code = cli.main(["annotate", "--merge", *parts, "--images", data, "--out", root / "merged.jsonl", *extra])
+    _one_line(code, capsys.readouterr().err, message)
+    assert sorted(p.name for p in root.iterdir()) == before
+    if case == "out exists":
+        assert (root / "merged.jsonl").read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("shard", ["2/2", "0/0", "1", "a/b", "-1/2"])
+def test_bad_shard_is_one_line(images, tmp_path, capsys, shard):
+    code = cli.main(["annotate", "--model", str(DEMO_MODEL), "--images", str(Path(images[0].image).parent),
+                     "--prompt", "caption en", "--out", str(tmp_path / "r.jsonl"), f"--shard={shard}"])
+    _one_line(code, capsys.readouterr().err, f"--shard {shard}")
+    assert list(tmp_path.iterdir()) == []

@@ -174,7 +174,7 @@ def test_each_subcommand_has_its_help(capsys, name):
 
 @pytest.mark.parametrize("argv, message", [
     ([], "no command given"),
-    (["serve"], "unknown command 'serve'"),
+    (["serv"], "unknown command 'serv'"),
     (["convert"], "the following arguments are required: src, dst"),
     (["convert-big-vision", "a.npz"], "the following arguments are required: dst"),
     (["export-big-vision", "a", "b", "--dtype", "float16"], "invalid choice: 'float16'"),
