@@ -73,7 +73,9 @@ def test_logits_equal_float32_on_dequantized_weights(scheme):
     pixels, ids, types = _inputs(pg)
     ours = np.asarray(pg.forward(pixels, ids, types))
     float_model = PaliGemmaModel(pg.config, layout=dataclasses.replace(pg.layout, quant=None), policy=pg.policy)
-    ref = np.asarray(float_model.apply({"params": _dequantized(pg.params)}, pixels, ids, types))
+    # compiled as the model's programs are (the policy's options), so that dequantising is the only difference
+    program = jax.jit(float_model.apply, compiler_options=pg.policy.compiler_options())
+    ref = np.asarray(program({"params": _dequantized(pg.params)}, pixels, ids, types))
     assert_parity(ours, ref, what=f"{scheme} logits against float32 on the dequantised weights")
 
 
