@@ -168,7 +168,7 @@ def main() -> None:
     if not args.skip_transformers:
         results["transformers"] = run_child({**common, "impl": "transformers"}, tmp)
     bandwidth = read_bandwidth()
-    ref = np.load(_logits_file(tmp, "bfloat16"))
+    ref = np.load(_logits_file(tmp, "bfloat16"), allow_pickle=False)
     rows = []
     for name, res in results.items():
         row = res["row"]
@@ -177,7 +177,7 @@ def main() -> None:
         if name in SCHEMES:
             floor = f"{res['decoder_bytes'] / bandwidth * 1e3:.1f} ({res['decoder_bytes'] / 1e9:.2f} GB)"
             if name != "bfloat16":
-                logits = np.load(_logits_file(tmp, name))
+                logits = np.load(_logits_file(tmp, name), allow_pickle=False)
                 quality = [f"{np.linalg.norm(logits - ref) / np.linalg.norm(ref):.2e}",
                            f"{np.mean(logits.argmax(-1) == ref.argmax(-1)):.1%}"]
         label = "transformers bf16" if name == "transformers" else f"pali-jax {name}"
