@@ -23,6 +23,11 @@ accuracy, ANLS, box accuracy, mAP, mask IoU), one JSON line per evaluation in
 RUN/eval_metrics.jsonl. Mistakes in the input (paths, data lines, settings) print one line on
 stderr and exit with code 2.
 
+QLoRA: `--trainable lora --lora-rank R --quantize int8|int4 [--group-size G]` trains the adapters on
+a base quantised as it is read (`pali_jax.train`, docs/quantization.md); RUN/model is then the
+merged float model, or with `--export-adapters-apart` the quantised base and `lora_adapters.npz`,
+which `PaliGemma.from_pretrained` merges as it loads.
+
 `--mesh data=2,fsdp=4` (see pali_jax.sharding) trains on several devices: the model is loaded onto
 its shards, the train state lives there (`Trainer(mesh=...)`), each batch is split over the data and
 fsdp axes, and checkpoints restore straight to the shards. Multi-host: the same command on every host
