@@ -23,6 +23,11 @@ accuracy, ANLS, box accuracy, mAP, mask IoU), one JSON line per evaluation in
 RUN/eval_metrics.jsonl. Mistakes in the input (paths, data lines, settings) print one line on
 stderr and exit with code 2.
 
+QLoRA: `--trainable lora --lora-rank R --quantize int8|int4 [--group-size G]` trains the adapters on
+a base quantised as it is read (`pali_jax.train`, docs/quantization.md); RUN/model is then the
+merged float model, or with `--export-adapters-apart` the quantised base and `lora_adapters.npz`,
+which `PaliGemma.from_pretrained` merges as it loads.
+
 `--mesh data=2,fsdp=4` (see pali_jax.sharding) trains on several devices: the model is loaded onto
 its shards, the train state lives there (`Trainer(mesh=...)`), each batch is split over the data and
 fsdp axes, and checkpoints restore straight to the shards. Multi-host: the same command on every host
@@ -47,6 +52,7 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,9 +61,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from pali_jax import distributed, sharding
+from pali_jax import distributed, lora, quantize, sharding
 from pali_jax.backend import training_layout
-from pali_jax.cli import OneLineParser, warn
+from pali_jax.cli import OneLineParser, add_quantize_arguments, warn
 from pali_jax.checkpoint import TrainCheckpointer
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.data import Dataset, Example, read_jsonl
@@ -66,9 +72,10 @@ from pali_jax.errors import UserError
 from pali_jax.evaluate import TASKS, Reference, generate_records, read_references, score, summary
 from pali_jax.files import write_text_atomically
 from pali_jax.metrics import CAPTION_TOKENIZERS, box_iou, resolve_caption_tokenizer
-from pali_jax.model_dir import check_destination, write_model_dir
+from pali_jax.model_dir import check_destination, is_model_dir, read_quantization, write_model_dir
 from pali_jax.pretrained import PaliGemma
 from pali_jax.processor import PaliGemmaProcessor
+from pali_jax.quantize import DEFAULT_GROUP_SIZE, Quantization
 from pali_jax.segmentation import resolve_vae_path
 from pali_jax.train import OPTIMIZERS, SCHEDULES, TRAINABLE_PRESETS, Trainer, TrainConfig, TrainState
 from pali_jax.weights import DTYPES
@@ -79,21 +86,33 @@ EVAL_METRICS = "eval_metrics.jsonl"  # in the run directory: one line per evalua
 
 # -- export ------------------------------------------------------------------------------------
 def export_model(
-    dst: str | Path, config: PaliGemmaConfig, params: Any, source: str | Path | None, dtype: str = "float32"
+    dst: str | Path, config: PaliGemmaConfig, params: Any, source: str | Path | None, dtype: str = "float32",
+    *, quant: Quantization | None = None, adapters: Any = None,
 ) -> Path:
     """Writes a model directory in the converted layout (pali_jax_config.json, params/, and the
     tokenizer files of `source`), atomically: `dst` is replaced whole or left as it was. Parameters
     on a mesh are gathered and saved as host arrays, so the directory loads on any devices.
+
+    quant: how `params` is quantised (its integers and scales are written as they are, the other
+    leaves in `dtype`). adapters: LoRA adapters kept apart from `params` (`lora.ADAPTERS_FILE`,
+    merged by `PaliGemma.from_pretrained` as it loads the directory).
 
     In a multi-host run every process calls it (the gather is collective), process 0 writes, and
     no process returns before the directory is complete."""
     if dtype not in DTYPES:
         raise UserError(f"unknown export dtype {dtype!r}; use float32 or bfloat16")
     dst = Path(dst)
-    host = jax.tree.map(lambda x: distributed.to_host(x, DTYPES[dtype]), params)
+    host = jax.tree_util.tree_map_with_path(
+        lambda path, x: distributed.to_host(x, None if quantize.is_quantized_leaf(path) else DTYPES[dtype]), params)
+    extra = None if adapters is None else jax.tree.map(lambda x: distributed.to_host(x, np.float32), adapters)
     try:
         if jax.process_index() == 0:
-            write_model_dir(dst, config, host, source)
+            with tempfile.TemporaryDirectory(prefix="pali-jax-adapters-") as tmp:
+                files = {}
+                if extra is not None:
+                    files[lora.ADAPTERS_FILE] = Path(tmp) / lora.ADAPTERS_FILE
+                    lora.save(files[lora.ADAPTERS_FILE], extra)
+                write_model_dir(dst, config, host, source, files, quant=quant)
     finally:
         distributed.wait_for_every_process(f"export {dst}")
     return dst
@@ -297,6 +316,10 @@ def parse_args(argv: list[str] | None, prog: str = "pali-jax finetune") -> argpa
     p.add_argument("--caption-tokenizer", default="auto", choices=CAPTION_TOKENIZERS,
                    help="--eval-task caption: ptb (pycocoevalcap, Java), simple (Python), auto (ptb with Java)")
     p.add_argument("--export-dtype", default="float32", choices=tuple(DTYPES))
+    p.add_argument("--export-adapters-apart", action="store_true",
+                   help="LoRA: export the base as trained on (quantised with --quantize) and the adapters beside it "
+                        "(lora_adapters.npz) instead of merging them into float weights; loading merges them")
+    add_quantize_arguments(p)  # QLoRA: --trainable lora on a frozen base quantised as it is read
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     sharding.add_mesh_arguments(p)
@@ -316,6 +339,16 @@ def parse_args(argv: list[str] | None, prog: str = "pali-jax finetune") -> argpa
         p.error(f"--label-smoothing must be below 1, got {args.label_smoothing}")
     if args.eval_task and not args.eval:
         p.error("--eval-task scores the answers to --eval: give --eval too")
+    try:
+        quant = quantize.parse(args.quantize, args.group_size)
+    except UserError as e:
+        p.error(str(e))
+    if quant is not None and (args.train_pattern or args.trainable != "lora"):
+        what = "--train-pattern" if args.train_pattern else f"--trainable {args.trainable}"
+        p.error(f"--quantize trains LoRA adapters on a frozen quantized base: it needs --trainable lora, not {what}")
+    if args.export_adapters_apart and (args.lora_rank <= 0 or args.trainable != "lora" or args.train_pattern):
+        p.error("--export-adapters-apart keeps LoRA adapters apart from a frozen base: it needs --trainable lora "
+                "--lora-rank R")
     return args
 
 
@@ -326,8 +359,23 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, momentum=args.momentum, grad_clip=args.grad_clip or None,
         trainable=tuple(args.train_pattern) if args.train_pattern else args.trainable, lora_rank=args.lora_rank,
         reduction=args.reduction, label_smoothing=args.label_smoothing, frozen_dtype=args.frozen_dtype,
-        remat=args.remat, seed=args.seed,
+        remat=args.remat, seed=args.seed, quantize=None if args.quantize in (None, "none") else args.quantize,
+        group_size=args.group_size,
     )
+
+
+def _stored_quantization(args: argparse.Namespace, train_config: TrainConfig) -> TrainConfig:
+    """`train_config` for a --model directory converted with --quantize: QLoRA on its quantisation
+    (the only training it can take) whether or not --quantize repeats it."""
+    model = Path(args.model)
+    stored = read_quantization(model) if is_model_dir(model) else None
+    if stored is None or train_config.quantize is not None:
+        return train_config
+    if train_config.trainable != "lora":
+        raise UserError(f"{model} is quantized ({stored.scheme}): only LoRA adapters train on it "
+                        f"(--trainable lora --lora-rank R), or fine-tune its float source")
+    group = stored.group_size if stored.scheme == "int4" and stored.group_size != DEFAULT_GROUP_SIZE else None
+    return dataclasses.replace(train_config, quantize=stored.scheme, group_size=group)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,7 +438,7 @@ def _prepare_out(out: Path, model: str) -> None:
 def run(args: argparse.Namespace) -> RunResult:
     """Runs the fine-tuning the arguments describe."""
     mesh = sharding.mesh_from_args(args)  # joins a multi-host run first: before anything touches a device
-    train_config = _train_config(args)
+    train_config = _stored_quantization(args, _train_config(args))
     out = Path(args.out)
     ckpt_dir = out / "checkpoints"
     if _speaks():
@@ -413,7 +461,9 @@ def run(args: argparse.Namespace) -> RunResult:
     tokenizer = resolve_caption_tokenizer(args.caption_tokenizer) if args.eval_task == "caption" else "auto"
 
     # The training layout, so that evaluation can run the trained weights as they are.
-    pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, layout=training_layout(DTYPES[args.dtype]))
+    # QLoRA: the base quantised as it is read (the float model is never held whole).
+    pg = PaliGemma.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, layout=training_layout(DTYPES[args.dtype]),
+                                   quantize=train_config.quantize, group_size=train_config.group_size)
     processor = PaliGemmaProcessor(pg.tokenizer, pg.config.image_size, pg.config.num_image_tokens)
     # An example longer than the model's positions is reported with its line (not allocated);
     # both splits then share one row length, so one train step program serves both.
@@ -435,6 +485,8 @@ def run(args: argparse.Namespace) -> RunResult:
             _say(f"warning: --resume: no checkpoint in {ckpt_dir} yet, starting from step 0")
         state = trainer.init_state(pg.params)
     pg.params = None  # the state holds the weights now; `evaluate` puts the current ones back
+    # Evaluation runs the merged weights, float (a quantised base dequantised) while it evaluates.
+    eval_pg = dataclasses.replace(pg, layout=dataclasses.replace(pg.layout, quant=None)) if pg.layout.quant else pg
     if _speaks():
         write_text_atomically(out / "train_config.json", json.dumps(dataclasses.asdict(train_config), indent=2))
 
@@ -444,16 +496,16 @@ def run(args: argparse.Namespace) -> RunResult:
 
         def evaluate(state: TrainState) -> str:
             loss = eval_loss(trainer, state, eval_data)
-            pg.params = trainer.inference_params(state)
+            eval_pg.params = trainer.inference_params(state)
             if references:
-                figures = task_figures(pg, references, args.eval_task, train_config.batch_size, tokenizer, masks)
+                figures = task_figures(eval_pg, references, args.eval_task, train_config.batch_size, tokenizer, masks)
                 text = f"{args.eval_task}: {summary(figures)}"
                 if _speaks():
                     _append_line(out / EVAL_METRICS, {"step": int(state.step), "eval_loss": loss, **figures})
             else:
-                scores = evaluate_generation(pg, answered, batch_size=train_config.batch_size)
+                scores = evaluate_generation(eval_pg, answered, batch_size=train_config.batch_size)
                 text = "; ".join(f"{task}: {m.summary()}" for task, m in scores.items())
-            pg.params = None
+            eval_pg.params = None
             line = f"eval loss {loss:.4f}; {text}"
             evaluations.append(line)
             return line
@@ -465,7 +517,11 @@ def run(args: argparse.Namespace) -> RunResult:
     if history:
         _say(f"trained steps {history[0]['step']}..{history[-1]['step']} in {time.perf_counter() - t0:.0f} s: "
              f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
-    model_dir = export_model(out / "model", pg.config, trainer.inference_params(state), pg.path, args.export_dtype)
+    if args.export_adapters_apart:
+        model_dir = export_model(out / "model", pg.config, state.variables["params"], pg.path, args.export_dtype,
+                                 quant=trainer.layout.quant, adapters=state.variables["lora"])
+    else:
+        model_dir = export_model(out / "model", pg.config, trainer.inference_params(state), pg.path, args.export_dtype)
     _say(f"wrote {model_dir}", stdout=True)
     return RunResult(model_dir, history, evaluations)
 

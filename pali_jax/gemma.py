@@ -24,7 +24,7 @@ from pali_jax import attention, quantize
 from pali_jax.backend import Layout, Policy, project
 from pali_jax.config import GemmaConfig
 from pali_jax.intermediates import INTERMEDIATES
-from pali_jax.layers import Einsum, default_init, shared_scope
+from pali_jax.layers import Einsum, default_init, product, shared_scope
 from pali_jax.masks import NO_WINDOW, PrefixLM
 from pali_jax.quantize import Quantization
 
@@ -68,12 +68,6 @@ class Embedder(nn.Module):
 
             self.input_embedding = self.param("input_embedding", init, shape)
 
-    def _table(self) -> jax.Array:
-        """The whole table [V, D] in the activation dtype."""
-        if self.quant is None:
-            return self.input_embedding.astype(self.dtype)
-        return quantize.dequantize(self.input_embedding, self.dtype)
-
     def encode(self, ids: jax.Array) -> jax.Array:
         """[B, T] -> [B, T, D], scaled by sqrt(D) rounded to the activation dtype as HF does."""
         if self.quant is None:
@@ -85,7 +79,7 @@ class Embedder(nn.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V]: the table is [V, D], an output-first weight in every layout."""
-        return project(x, self._table(), 1, True, self.policy)
+        return product(lambda x, table: project(x, table, 1, True, self.policy), x, self.input_embedding, self.dtype)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:

@@ -17,9 +17,10 @@ layout, the parameter sits in the parent module's scope under `name` (big_vision
 `attn/q_einsum`, not `attn/q_einsum/w`).
 
 Quantised weights (`layout.quant`, `quantize.py`): the parameter is a {"qvalue", "qscale"} subtree
-in the same stored layout, declared by `quantized_weight` (which every quantised weight of the
+in the same stored layout, declared by `declare_weight` (which every quantised weight of the
 package goes through: projections, the embedding table, SigLIP's kernels); the product runs on the
-dequantised weight `qvalue * qscale`, in the activation dtype, in the form `policy` picks.
+dequantised weight `qvalue * qscale`, in the activation dtype, in the form `policy` picks, and
+(`product`) never keeps the dequantised weight for a backward pass.
 
 LoRA: when a `"lora"` variable named like the weight is present (`lora.py` creates them), the
 projection adds `(x A) B`; A is [C?, *in, r] and B [C?, r, *out without C], a pair weight getting
@@ -69,20 +70,38 @@ def stored(shape: tuple[int, ...], n_in: int, out_first: bool) -> tuple[int, ...
     return (*shape[n_in:], *shape[:n_in]) if out_first else tuple(shape)
 
 
-def quantized_weight(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple,
-                     contracted: tuple[int, ...], quant: Quantization | None, dtype) -> jax.Array:
+def declare_weight(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple,
+                   contracted: tuple[int, ...], quant: Quantization | None) -> Any:
     """Declares `module`'s weight `name` of stored `shape` with logical `axes` (`init` the float
-    initialiser, unboxed) and returns it in `dtype`: a plain float parameter, or, with `quant`, a
-    {"qvalue", "qscale"} subtree (both leaves carrying `axes`) returned dequantised. `contracted`:
-    the axes the weight's product sums over, in the stored shape."""
+    initialiser, unboxed) and returns the parameter as stored: a float array, or, with `quant`, a
+    {"qvalue", "qscale"} subtree (both leaves carrying `axes`). `contracted`: the axes the
+    weight's product sums over, in the stored shape."""
     if quant is None:
-        return module.param(name, nn.with_logical_partitioning(init, axes), shape).astype(dtype)
+        return module.param(name, nn.with_logical_partitioning(init, axes), shape)
 
     def quantized_init(key, shape):
         node = quantize.quantize(init(key, shape), quant, contracted, name)
         return {k: nn.LogicallyPartitioned(v, axes) for k, v in node.items()}
 
-    return quantize.dequantize(module.param(name, quantized_init, shape), dtype)
+    return module.param(name, quantized_init, shape)
+
+
+def quantized_weight(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple,
+                     contracted: tuple[int, ...], quant: Quantization | None, dtype) -> jax.Array:
+    """`declare_weight`, returned in `dtype` (a quantised weight dequantised)."""
+    w = declare_weight(module, name, init, shape, axes, contracted, quant)
+    return quantize.dequantize(w, dtype) if quant is not None else w.astype(dtype)
+
+
+def product(multiply: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, w: Any, dtype) -> jax.Array:
+    """`multiply(x, weight in dtype)` for a parameter `declare_weight` returned. A quantised weight
+    is dequantised together with the product under `jax.checkpoint`: differentiated with respect
+    to x (LoRA adapters on a quantised base, QLoRA) the backward pass keeps the integers and
+    dequantises again, where it would otherwise keep every layer's dequantised weight, a float
+    copy of the model, until the backward pass. Without differentiation it is the plain product."""
+    if not quantize.is_quantized(w):
+        return multiply(x, w.astype(dtype))
+    return jax.checkpoint(lambda x, w: multiply(x, quantize.dequantize(w, dtype)), prevent_cse=False)(x, w)
 
 
 class Einsum(nn.Module):
@@ -102,10 +121,10 @@ class Einsum(nn.Module):
         n_in, out_first = in_axes(self.equation), self.layout.out_first
         shape = stored(self.shape, n_in, out_first)
         contracted = tuple(range(len(shape) - n_in, len(shape)) if out_first else range(n_in))
-        w = quantized_weight(self, self.weight, self.init, shape, stored(self.axes, n_in, out_first), contracted,
-                             self.layout.quant, self.dtype)
+        w = declare_weight(self, self.weight, self.init, shape, stored(self.axes, n_in, out_first), contracted,
+                           self.layout.quant)
         x = x.astype(self.dtype)
-        y = backend.project(x, w, n_in, out_first, self.policy)
+        y = product(lambda x, w: backend.project(x, w, n_in, out_first, self.policy), x, w, self.dtype)
         if self.has_variable("lora", self.weight):
             factors = self.get_variable("lora", self.weight)
             y = y + lora_delta(self.equation, x, factors["a"].astype(self.dtype), factors["b"].astype(self.dtype))

@@ -12,22 +12,29 @@ shapes follow from each projection's einsum equation (`layers.lora_shapes`), fou
 model once (no compute): nothing here repeats the equations. Training never forms a weight-sized
 update or gradient; `merge` folds `A B` into W for inference (the merged model needs no LoRA code).
 A pair weight (k and v in `kv_einsum`, gate and up in `gating_einsum`) gets one adapter per matrix.
+
+Kept apart from their base (`pali-jax finetune --export-adapters-apart`), the adapters are one
+`.npz` file in the model directory (`ADAPTERS_FILE`, keys "llm/layers/attn/q_einsum/a", float32),
+which `PaliGemma.from_pretrained` folds into the base as it loads it (`merge`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util as traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pali_jax import layers
+from pali_jax import layers, quantize
 
 ADAPTED = ("llm/",)  # path prefixes of the projections that get adapters
+ADAPTERS_FILE = "lora_adapters.npz"  # in a model directory whose adapters are kept apart from its base
 
 
 def projections(model: nn.Module, params: Any) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
@@ -86,7 +93,7 @@ def init(model: nn.Module, params: Any, rank: int, key: jax.Array) -> dict[str, 
 
 def merge(model: nn.Module, params: Any, adapters: Any) -> Any:
     """`params` with every adapter folded in: W + A B, in float32 (an update is often finer than
-    bfloat16's step at W's magnitude). Other leaves are shared with `params`, which is not modified.
+    bfloat16's step at W's magnitude); a quantised W (QLoRA) is dequantised first. Other leaves are shared with `params`, which is not modified.
     `params` must be in the checkpoint layout (`model.layout`'s input-first projections)."""
     merged = jax.tree.map(lambda x: x, params)  # new dicts, same arrays
     for path, (equation, _) in projections(model, params).items():
@@ -95,5 +102,21 @@ def merge(model: nn.Module, params: Any, adapters: Any) -> Any:
             node, factors = node[part], factors[part]
         f = factors[path[-1]]
         update = layers.lora_update(equation, f["a"], f["b"], _stacked(path))
-        node[path[-1]] = node[path[-1]].astype(jnp.float32) + update
+        w = node[path[-1]]
+        base = quantize.dequantize(w, jnp.float32) if quantize.is_quantized(w) else w.astype(jnp.float32)
+        node[path[-1]] = base + update
     return merged
+
+
+def save(path: str | Path, adapters: Any) -> None:
+    """Writes `adapters` (host or device arrays) to the `.npz` file `path` as float32, one array per
+    "/"-joined path."""
+    flat = {"/".join(k): np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(adapters).items()}
+    with open(path, "wb") as f:
+        np.savez(f, **flat)
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """The adapters `save` wrote, as a nested dict of float32 numpy arrays."""
+    with np.load(path, allow_pickle=False) as f:
+        return traverse_util.unflatten_dict({tuple(k.split("/")): f[k] for k in f.files})

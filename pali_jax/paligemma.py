@@ -231,13 +231,15 @@ def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
 
 
 def detect_layout(params: dict, cfg: PaliGemmaConfig) -> Layout:
-    """The decoder layout a parameter tree is in, from its keys and its projection shapes."""
+    """The decoder layout a parameter tree is in (quantisation included), from its keys and its
+    projection shapes."""
     stacked = "layers" in params["llm"]
+    quant = quantize.scheme_of(params)
     for out_first in (False, True):
-        layout = Layout(stacked, out_first)
+        layout = Layout(stacked, out_first, quant)
         want = abstract_params(cfg, layout=layout)
         if jax.tree.map(lambda x: tuple(x.shape), want) == jax.tree.map(lambda x: tuple(np.shape(x)), params):
-            other = abstract_params(cfg, layout=Layout(stacked, not out_first))
+            other = abstract_params(cfg, layout=Layout(stacked, not out_first, quant))
             if jax.tree.map(lambda x: x.shape, other) == jax.tree.map(lambda x: x.shape, want):
                 raise ValueError("the parameters' shapes fit both projection layouts: pass the layout explicitly")
             return layout

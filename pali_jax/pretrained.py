@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from pali_jax import quantize as quantization
-from pali_jax import sharding, weights
+from pali_jax import lora, sharding, weights
 from pali_jax.backend import CHECKPOINT_LAYOUT, Layout, Policy
 from pali_jax.beam_search import BeamSearch
 from pali_jax.checkpoint import read_params, restore_params, stored_dtypes
@@ -33,7 +33,7 @@ from pali_jax.errors import UserError
 from pali_jax.generate import Generator
 from pali_jax.generation_config import GenerationConfig, GenerationError, check_memory, program_bytes
 from pali_jax.intermediates import INTERMEDIATES, ForwardOutput, forward_output
-from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, read_model_config, read_quantization
+from pali_jax.model_dir import CONFIG_FILE, PARAMS_DIR, SIDE_FILES, ModelDirError, read_model_config, read_quantization
 from pali_jax.paligemma import PaliGemmaModel, abstract_params, to_layout
 from pali_jax.processor import ImageInput, PaliGemmaTokenizer, load_image, numeric_array, preprocess_images, texts
 from pali_jax.weights import DTYPES
@@ -188,6 +188,9 @@ class PaliGemma:
         the contracted axis): the projections, the embedding table and SigLIP's projections are
         quantised as they are read, one tensor at a time (`pali_jax.quantize`; docs/quantization.md).
         A directory converted with `--quantize` loads quantised without it.
+        A directory holding LoRA adapters apart from its base (`lora.ADAPTERS_FILE`, written by
+        `pali-jax finetune --export-adapters-apart`) loads with them merged: float weights
+        (a quantised base dequantised) `W + A B`, or with `quantize` those weights quantised.
         """
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
@@ -200,7 +203,12 @@ class PaliGemma:
         if not path.exists():
             path = _download(str(path_or_hub_id))
         npz = path.is_file() and path.suffix == ".npz"
-        if (path / CONFIG_FILE).exists():
+        if (path / CONFIG_FILE).exists() and (path / lora.ADAPTERS_FILE).exists():
+            config = read_model_config(path)
+            params = _read_with_adapters(path, config, DTYPES[dtype], read_quantization(path), quant)
+            if mesh is not None:
+                params = jax.device_put(params, sharding.param_shardings(params, mesh))
+        elif (path / CONFIG_FILE).exists():
             config = read_model_config(path)
             stored = read_quantization(path)
             if stored is not None and quant is not None and quant != stored:
@@ -470,6 +478,29 @@ def _read_dir(path: Path, config: PaliGemmaConfig, dtype, mesh: Mesh | None, sto
     if mesh is not None:
         params = jax.device_put(params, sharding.param_shardings(params, mesh))
     return params, quant
+
+
+def _read_with_adapters(path: Path, config: PaliGemmaConfig, dtype, stored: Quantization | None,
+                        quant: Quantization | None) -> Any:
+    """A converted directory's base (quantised as `stored`) with its LoRA adapters merged, on the
+    host in the checkpoint layout: float (`dtype`), or quantised as `quant` asks. The merge runs
+    in float32, so memory holds the float32 model while it loads."""
+    base = read_params(path / PARAMS_DIR, abstract_params(config, jnp.float32,
+                                                          dataclasses.replace(CHECKPOINT_LAYOUT, quant=stored)))
+    file = path / lora.ADAPTERS_FILE
+    try:
+        adapters = lora.load(file)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelDirError(f"cannot read {file}: {e}") from None
+    model = PaliGemmaModel(config, layout=dataclasses.replace(CHECKPOINT_LAYOUT, quant=stored))
+    try:
+        merged = quantization.dequantize_params(lora.merge(model, base, adapters))
+    except (KeyError, TypeError, ValueError):
+        raise ModelDirError(f"{file} does not fit the model in {path}: it holds another model's adapters") from None
+    if quant is None:
+        return jax.tree.map(lambda x: np.asarray(x, dtype), merged)
+    target = abstract_params(config, dtype, dataclasses.replace(CHECKPOINT_LAYOUT, quant=quant))
+    return quantization.quantize_params(merged, target, cast=dtype)
 
 
 def _download(hub_id: str) -> Path:

@@ -148,6 +148,15 @@ def dequantize(node: Mapping[str, jax.Array], dtype=jnp.float32) -> jax.Array:
     return qwix.dequantize(q).astype(dtype)
 
 
+def dequantize_params(params: Any, dtype=jnp.float32) -> Any:
+    """`params` with every quantised weight dequantised into `dtype` (other leaves shared)."""
+    if is_quantized(params):
+        return dequantize(params, dtype)
+    if isinstance(params, Mapping):
+        return {k: dequantize_params(v, dtype) for k, v in params.items()}
+    return params
+
+
 def is_quantized(node: Any) -> bool:
     """Whether a parameter-tree node is a quantised weight."""
     return isinstance(node, Mapping) and set(node) == {QVALUE, SCALE}
@@ -167,14 +176,27 @@ def contracted_axes(qvalue_shape: tuple[int, ...], scale_shape_: tuple[int, ...]
 
 
 def scheme_of(params: Any) -> Quantization | None:
-    """The quantisation a parameter tree holds (int4 wins: SigLIP is int8 in both), or None."""
-    found = None
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if str(getattr(path[-1], "key", "")) == QVALUE:
-            if jnp.dtype(leaf.dtype) == jnp.dtype(jnp.int4):
-                return Quantization("int4")
-            found = Quantization("int8")
-    return found
+    """The quantisation a parameter tree holds, or None: int4 wins (SigLIP is int8 in both), with
+    the group size its int4 weights' shapes say (the largest group found: an axis shorter than
+    the group is one group, and any larger group size gives the same tree)."""
+    found, group = None, 0
+
+    def walk(node):
+        nonlocal found, group
+        if is_quantized(node):
+            qvalue, scale = node[QVALUE], node[SCALE]
+            if jnp.dtype(qvalue.dtype) == jnp.dtype(jnp.int4):
+                contracted = contracted_axes(tuple(qvalue.shape), tuple(scale.shape))
+                group = max(group, _group_of(tuple(qvalue.shape), tuple(scale.shape), contracted))
+            found = found or "int8"
+        elif isinstance(node, Mapping):
+            for v in node.values():
+                walk(v)
+
+    walk(params)
+    if group:
+        return Quantization("int4", group)
+    return None if found is None else Quantization("int8")
 
 
 def quantize_params(params: Any, abstract: Any, cast: Any = None) -> Any:

@@ -14,6 +14,11 @@ such as `llm/layers/attn/q_einsum`:
     all    everything
     lora   rank-r LoRA adapters on the LLM attention and MLP weights (see lora.py); the model is frozen
 
+QLoRA (`quantize="int8" | "int4"`, with "lora" only): the frozen base is held quantised
+(`pali_jax.quantize`): its integers and scales are frozen leaves, never updated and given no
+optimizer state, and the gradients reach the adapters through the dequantised weights, which each
+projection recomputes in the backward pass instead of keeping them (`layers.product`).
+
 Frozen leaves get no optimizer state (`optax.multi_transform` with `set_to_zero`), no gradient
 (the loss is differentiated with respect to the trained leaves only) and may be stored in
 bfloat16 (mixed precision); trained leaves are float32. One update may average the gradients of
@@ -36,11 +41,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from pali_jax import backend, lora, sharding
+from pali_jax import backend, lora, quantize, sharding
 from pali_jax.backend import Layout, Policy
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.errors import UserError
-from pali_jax.paligemma import PaliGemmaModel, detect_layout, to_layout
+from pali_jax.paligemma import PaliGemmaModel, abstract_params, detect_layout, to_layout
+from pali_jax.quantize import Quantization
 from pali_jax.weights.plan import DTYPES
 
 Reduction = Literal["example", "token"]
@@ -125,6 +131,8 @@ class TrainConfig:
     frozen_dtype: str = "float32"  # "bfloat16" stores frozen weights in half precision
     remat: bool = False  # recompute each layer's activations in the backward pass
     seed: int = 0  # LoRA init and data order
+    quantize: str | None = None  # "int8" / "int4": QLoRA, the frozen base quantised (trainable "lora" only)
+    group_size: int | None = None  # int4's group size (default quantize.DEFAULT_GROUP_SIZE)
 
     def __post_init__(self):
         positive = {"steps": self.steps, "batch_size": self.batch_size, "accum_steps": self.accum_steps,
@@ -147,12 +155,24 @@ class TrainConfig:
             raise TrainConfigError("trainable='lora' needs lora_rank > 0")
         if self.lora_rank < 0 or not 0.0 <= self.label_smoothing < 1.0 or self.warmup_steps < 0:
             raise TrainConfigError("lora_rank and warmup_steps must be >= 0, label_smoothing in [0, 1)")
+        try:
+            quant = self.quantization
+        except quantize.QuantizationError as e:
+            raise TrainConfigError(str(e)) from None
+        if quant is not None and self.trainable != "lora":
+            raise TrainConfigError(f"quantize={self.quantize!r} trains LoRA adapters on a frozen quantized base: "
+                                   f"it needs trainable='lora', got {self.trainable!r}")
         if not isinstance(self.trainable, str):
             for pattern in self.trainable:
                 try:
                     re.compile(pattern)
                 except re.error as e:
                     raise TrainConfigError(f"trainable pattern {pattern!r} is not a regular expression: {e}") from None
+
+    @property
+    def quantization(self) -> Quantization | None:
+        """The base's quantisation (QLoRA), or None; checked (a bad scheme or group size is refused)."""
+        return quantize.parse(self.quantize, self.group_size)
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -181,6 +201,17 @@ class TrainState:
 
 def _path(keys: tuple[str, ...]) -> str:
     return "/".join(keys)
+
+
+def _same_shapes(params: Any, cfg: PaliGemmaConfig, src: Layout, want: Layout) -> bool:
+    """Whether quantised `params` (in `src`) hold `want`'s quantisation: the same tree of shapes
+    and dtypes in `src`'s stacking and axis order (an int4 group size the shapes cannot tell apart
+    gives the same tree)."""
+    target = abstract_params(cfg, layout=dataclasses.replace(want, stacked=src.stacked, out_first=src.out_first))
+    shapes = lambda tree: jax.tree.map(lambda x: (tuple(np.shape(x)), jnp.dtype(x.dtype)), tree)  # noqa: E731
+    ints = lambda tree: {k: v for k, v in traverse_util.flatten_dict(shapes(tree)).items()  # noqa: E731
+                         if quantize.is_quantized_leaf(k)}
+    return jax.tree.structure(target) == jax.tree.structure(params) and ints(target) == ints(params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,13 +243,28 @@ class Trainer:
 
     @functools.cached_property
     def layout(self) -> Layout:
-        return backend.training_layout(self.dtype)
+        return dataclasses.replace(backend.training_layout(self.dtype), quant=self.train_config.quantization)
 
-    def _in_training_layout(self, params: Any) -> Any:
+    def _in_training_layout(self, params: Any, abstract: bool = False) -> Any:
         """`params` (any decoder layout, e.g. `PaliGemma.params` as loaded for inference) in the
-        layout the train step runs; the caller's tree is left as it is."""
+        layout the train step runs; the caller's tree is left as it is. For QLoRA a float tree is
+        quantised here (`abstract`: only its shapes are wanted, nothing is computed); a quantised
+        tree must hold the run's quantisation."""
         src = detect_layout(params, self.config)
-        return params if src == self.layout else to_layout(jax.tree.map(lambda x: x, params), src, self.layout)
+        want = self.layout
+        if src.quant is not None and (want.quant is None or not _same_shapes(params, self.config, src, want)):
+            held = f"{src.quant.scheme}" + (f", group size {src.quant.group_size}" if src.quant.scheme == "int4" else "")
+            raise TrainConfigError(f"the parameters are quantized ({held}): train LoRA adapters on them with "
+                                   f"trainable='lora' and the same quantize (and group_size), or load the float model")
+        if src.quant is None and want.quant is not None:
+            float_layout = dataclasses.replace(want, quant=None)
+            if src != float_layout:
+                params = to_layout(jax.tree.map(lambda x: x, params), src, float_layout)
+            if abstract:
+                return abstract_params(self.config, jnp.result_type(*jax.tree.leaves(params)), want)
+            return quantize.quantize_params(params, abstract_params(self.config, layout=want))
+        src = dataclasses.replace(src, quant=want.quant)  # equal shapes: the tree holds the run's quantisation
+        return params if src == want else to_layout(jax.tree.map(lambda x: x, params), src, want)
 
     @functools.cached_property
     def schedule(self) -> optax.Schedule:
@@ -271,17 +317,19 @@ class Trainer:
         if "train" not in jax.tree.leaves(labels):
             raise TrainConfigError(f"trainable {t.trainable!r} matches no parameter: nothing would train")
         frozen = DTYPES[t.frozen_dtype]
-        # A copy: the train step donates the state's buffers, which must not be the caller's.
-        variables = jax.tree.map(
-            lambda x, label: jnp.array(x, jnp.float32 if label == "train" else frozen), variables, labels
-        )
+
+        def stored(path, x, label):  # a quantised weight's integers and scales keep their dtypes
+            dtype = jnp.float32 if label == "train" else x.dtype if quantize.is_quantized_leaf(path) else frozen
+            return jnp.array(x, dtype)  # a copy: the train step donates the state's buffers, not the caller's
+
+        variables = jax.tree_util.tree_map_with_path(stored, variables, labels)
         return TrainState(jnp.zeros((), jnp.int32), variables, self.optimizer.init(variables), rng)
 
     def abstract_state(self, params: Any) -> TrainState:
         """Shapes, dtypes and shardings of `init_state(params)` (no memory): the target of a
         checkpoint restore, which then places every leaf on its shards (under a mesh) or on the
         first device, whatever the layout it was saved from."""
-        shapes = jax.eval_shape(self._fresh_state, self._in_training_layout(params))
+        shapes = jax.eval_shape(self._fresh_state, self._in_training_layout(params, abstract=True))
         return jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.state_shardings(shapes)
         )
@@ -309,9 +357,12 @@ class Trainer:
         return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh, self.train_config.batch_size)
 
     def inference_params(self, state: TrainState) -> Any:
-        """The parameters to run or export: LoRA adapters merged into their weights."""
+        """The parameters to run or export: LoRA adapters merged into their weights. A quantised
+        base (QLoRA) comes out in float32, dequantised: `W = qvalue * qscale + A B` exactly."""
         params = state.variables["params"]
-        return lora.merge(self.model, params, state.variables["lora"]) if "lora" in state.variables else params
+        if "lora" not in state.variables:
+            return params
+        return quantize.dequantize_params(lora.merge(self.model, params, state.variables["lora"]))
 
     # -- loss and steps ------------------------------------------------------------------------
     def _eval_impl(self, variables: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -360,7 +411,10 @@ class Trainer:
         # Frozen leaves get zero "gradients": set_to_zero ignores them, so XLA never computes them.
         full = traverse_util.unflatten_dict({**grads, **jax.tree.map(jnp.zeros_like, frozen)})
         updates, opt_state = self.optimizer.update(full, state.opt_state, state.variables)
-        variables = optax.apply_updates(state.variables, updates)
+        # Frozen leaves come back as they went in (a quantised base's integers cannot take an update).
+        updates = traverse_util.flatten_dict(updates)
+        trained = optax.apply_updates(trained, {k: updates[k] for k in trained})
+        variables = traverse_util.unflatten_dict({**frozen, **trained})
         metrics = {"loss": total / weight, "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step)}
         state = state.replace(step=state.step + 1, variables=variables, opt_state=opt_state)
         if self.mesh is not None:

@@ -30,12 +30,15 @@ from hostile import (  # noqa: F401  (fixtures)
 )
 
 from benchmarks import kill_points
-from pali_jax import cli, finetune
+from pali_jax import cli, finetune, lora
+from pali_jax.backend import CHECKPOINT_LAYOUT
 from pali_jax.checkpoint import TrainCheckpointer, restore_params
 from pali_jax.data import DataError, Dataset, Example, read_jsonl
 from pali_jax.demo import shapes
+from pali_jax.model_dir import read_quantization
 from pali_jax.pretrained import PaliGemma
 from pali_jax.processor import PaliGemmaProcessor, PaliGemmaTokenizer
+from pali_jax.quantize import Quantization
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,6 +113,42 @@ def test_train_eval_export_and_exact_resume(model_dir, data_dir, tmp_path, capsy
     # Starting over in a directory that holds checkpoints needs --resume.
     code, _, stderr = run(capsys, *args)
     assert code == 2 and "--resume" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_qlora_trains_resumes_exactly_and_exports_merged_or_apart(model_dir, data_dir, tmp_path, capsys):
+    """--quantize int4 with --trainable lora: the checkpoints hold the integer base untouched, the
+    default export is a float directory (base dequantised + adapters), a run resumed from a
+    checkpoint ends where the uninterrupted one did, and --export-adapters-apart writes the
+    quantised base and the adapters, which load merged into the same weights."""
+    out = tmp_path / "run"
+    args = ["--model", model_dir, "--train", data_dir / "train.jsonl", "--out", out, "--steps", 6, "--batch-size", 4,
+            "--lr", 5e-3, "--trainable", "lora", "--lora-rank", 4, "--quantize", "int4", "--group-size", 16,
+            "--checkpoint-every", 3, "--no-progress"]
+    code, _, stderr = run(capsys, *args)
+    assert code == 0, stderr
+    losses = [float(x) for x in re.findall(r"loss ([\d.]+) -> ([\d.]+)", stderr)[0]]
+    assert losses[1] < losses[0], stderr
+    with TrainCheckpointer(out / "checkpoints", every=3) as ckpt:
+        final = ckpt.restore(None, step=6)
+    base = final["variables"]["params"]
+    q = base["llm"]["layers"]["attn"]["q_einsum"]["qvalue"]
+    source = PaliGemma.from_pretrained(model_dir, quantize="int4", group_size=16).checkpoint_params()
+    assert str(q.dtype) == "int4" and np.array_equal(q, source["llm"]["layers"]["attn"]["q_einsum"]["qvalue"])
+    assert read_quantization(out / "model") is None  # merged: an ordinary float directory
+    merged = restore_params(out / "model" / "params")
+    assert {str(x.dtype) for x in jax.tree.leaves(merged)} == {"float32"}
+
+    shutil.rmtree(out / "checkpoints" / "6")
+    code, _, stderr = run(capsys, *args, "--resume", "--export-adapters-apart")
+    assert code == 0 and "resumed from step 3" in stderr, stderr
+    assert read_quantization(out / "model") == Quantization("int4", 16)
+    assert (out / "model" / lora.ADAPTERS_FILE).is_file()
+    apart = restore_params(out / "model" / "params")
+    assert np.array_equal(apart["llm"]["layers"]["attn"]["q_einsum"]["qvalue"], q)
+    loaded = PaliGemma.from_pretrained(out / "model", layout=CHECKPOINT_LAYOUT)  # merged as it loads
+    assert loaded.layout.quant is None
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(merged)[0], jax.tree.leaves(loaded.params)):
+        np.testing.assert_allclose(np.asarray(b), a, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
 def test_checkpointer_keeps_the_last_k(tmp_path):
@@ -270,6 +309,14 @@ def test_finetune_refuses_data_files(checkpoint, tmp_path, capsys, content, mess
     (["--max-length", "100000"], "max_length 100000 exceeds the model's 8192 positions"),
     (["--max-length", "0"], "--max-length must be positive"),
     (["--keep", "0"], "--keep must be positive"),
+    (["--quantize", "int8"], "--quantize trains LoRA adapters on a frozen quantized base: it needs --trainable lora, "
+                             "not --trainable all"),
+    (["--quantize", "int8", "--train-pattern", "llm/"], "not --train-pattern"),
+    (["--trainable", "lora", "--lora-rank", "2", "--quantize", "int3"], "unknown quantization 'int3'; use int8 or int4"),
+    (["--trainable", "lora", "--lora-rank", "2", "--quantize", "int4", "--group-size", "0"], "group size must be"),
+    (["--trainable", "lora", "--lora-rank", "2", "--quantize", "int4", "--group-size", "48"],
+     "int4 group size 48 does not divide"),
+    (["--export-adapters-apart"], "--export-adapters-apart keeps LoRA adapters apart"),
 ])
 def test_finetune_refuses_settings(checkpoint, data, tmp_path, capsys, extra, message):
     train = _data_file(data, GOOD_LINE, "good.jsonl")

@@ -14,7 +14,7 @@ from transformers import PaliGemmaForConditionalGeneration
 import hf_models
 from parity import assert_parity, errors
 from pali_jax.weights.hf import target
-from pali_jax import lora
+from pali_jax import lora, quantize
 from pali_jax.pretrained import PaliGemma
 from pali_jax.train import Trainer, TrainConfig, TrainConfigError, suffix_nll
 from test_paligemma import make_inputs
@@ -202,3 +202,108 @@ def test_pattern_matching_nothing_is_an_error(tiny_models):
     pg = tiny_models["pg1"].pg
     with pytest.raises(TrainConfigError, match="matches no parameter"):
         Trainer(pg.config, TrainConfig(trainable=("vision/",))).init_state(pg.params)
+
+
+# -- QLoRA: LoRA adapters on a frozen quantised base ----------------------------------------------
+def _qlora(pg, scheme: str, **kw) -> Trainer:
+    config = TrainConfig(trainable="lora", lora_rank=4, learning_rate=1e-2, batch_size=2, quantize=scheme,
+                         group_size=16 if scheme == "int4" else None, **kw)
+    return Trainer(pg.config, config)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_qlora_trains_adapters_only_on_an_integer_base_and_merges_exactly(tiny_models, scheme):
+    pg = tiny_models["pg1"].pg
+    trainer = _qlora(pg, scheme)
+    state = trainer.init_state(pg.params)  # a float tree: quantised here
+    base = _leaves(state.variables["params"])
+    qvalues = {k: v for k, v in base.items() if k.endswith("['qvalue']")}
+    assert "['llm']['layers']['attn']['q_einsum']['qvalue']" in qvalues
+    assert {str(v.dtype) for k, v in qvalues.items() if "['llm']" in k} == {scheme}
+    b = batch_of(pg, seed=5)
+    losses = []
+    for _ in range(3):
+        state, metrics = trainer.step(state, b)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0], losses
+    after = _leaves(state.variables["params"])
+    for name, old in base.items():  # the base is frozen: bit-identical, integers still integers
+        assert after[name].dtype == old.dtype and np.array_equal(after[name], old), name
+    # The optimizer keeps state for the adapters only: no leaf the size of a base weight.
+    adapter_shapes = {x.shape for x in jax.tree.leaves(state.variables["lora"])}
+    assert {x.shape for x in jax.tree.leaves(state.opt_state) if x.size > 1} == adapter_shapes
+    # Export: float32 weights, the base dequantised plus A B, compute what the quantised model
+    # with its adapters computes.
+    merged = trainer.inference_params(state)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(merged))
+    inputs = (b["pixel_values"], b["input_ids"], b["token_type_ids"])
+    applied = jax.jit(trainer.model.apply)(state.variables, *inputs)
+    float_model = dataclasses.replace(trainer.model, layout=dataclasses.replace(trainer.layout, quant=None))
+    exported = jax.jit(float_model.apply)({"params": merged}, *inputs)
+    assert_parity(exported, applied, max_abs=np.inf, what=f"{scheme} base + adapters, merged")
+
+
+def test_qlora_step_equals_float_lora_on_the_dequantized_weights(tiny_models):
+    """An int8 QLoRA step's loss, gradients and update are a float32 LoRA step's on the
+    dequantised weights: the rounding of the weights is the only difference."""
+    pg = tiny_models["pg2"].pg
+    q = _qlora(pg, "int8", optimizer="sgd")
+    f = Trainer(pg.config, dataclasses.replace(q.train_config, quantize=None))
+    q_state = q.init_state(pg.params)
+    adapters = jax.tree.map(lambda x: x + 0.05, q_state.variables["lora"])  # B != 0: A gets gradients too
+    q_state = q_state.replace(variables={**q_state.variables, "lora": adapters})
+    f_state = f.init_state(jax.tree.map(np.asarray, quantize.dequantize_params(q_state.variables["params"])))
+    f_state = f_state.replace(variables={**f_state.variables, "lora": jax.tree.map(jnp.array, adapters)})
+    b = batch_of(pg, seed=7)
+
+    def loss_and_grads(trainer, state):
+        fn = lambda a: trainer.loss({"params": state.variables["params"], "lora": a}, b)  # noqa: E731
+        return jax.jit(jax.value_and_grad(fn))(state.variables["lora"])
+
+    (q_loss, q_grads), (f_loss, f_grads) = loss_and_grads(q, q_state), loss_and_grads(f, f_state)
+    assert_parity(q_loss, f_loss, max_abs=np.inf, what="loss")
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(q_grads)[0], jax.tree.leaves(f_grads)):
+        assert_parity(x, y, max_abs=np.inf, what=jax.tree_util.keystr(path))
+    q_state, q_metrics = q.step(q_state, b)
+    f_state, f_metrics = f.step(f_state, b)
+    assert_parity(q_metrics["loss"], f_metrics["loss"], max_abs=np.inf, what="step loss")
+    for x, y in zip(jax.tree.leaves(q_state.variables["lora"]), jax.tree.leaves(f_state.variables["lora"])):
+        assert_parity(x, y, max_abs=np.inf, what="updated adapters")
+
+
+def test_qlora_keeps_no_dequantized_weight_for_the_backward_pass():
+    """The compiled QLoRA step's scratch memory stays below the bf16-base LoRA step's by about the
+    dequantised weights (which each projection recomputes in the backward pass)."""
+    from pali_jax.config import preset
+    from pali_jax.paligemma import abstract_params
+    from pali_jax.train import programs
+
+    big = preset("paligemma-3b-224")
+    text = dataclasses.replace(big.text, depth=2, width=256, mlp_dim=2048, num_heads=2, head_dim=128, vocab_size=4096)
+    vision = dataclasses.replace(big.vision, depth=1, width=32, mlp_dim=64, num_heads=2, image_size=32, patch_size=8)
+    cfg = dataclasses.replace(big, text=text, vision=vision, image_token_id=4095)
+    rows = cfg.num_image_tokens + 8
+    b = {k: jax.ShapeDtypeStruct((2, rows), jnp.int32) for k in ("input_ids", "token_type_ids", "attention_mask")}
+    b |= {"loss_mask": jax.ShapeDtypeStruct((2, rows), jnp.bool_),
+          "pixel_values": jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)}
+    temp = {}
+    for scheme in (None, "int8"):
+        trainer = Trainer(cfg, TrainConfig(trainable="lora", lora_rank=2, batch_size=2, quantize=scheme), jnp.bfloat16)
+        state = trainer.abstract_state(abstract_params(cfg, jnp.bfloat16))
+        compiled = programs(trainer.policy).step.lower(trainer, state, b).compile()
+        temp[scheme] = compiled.memory_analysis().temp_size_in_bytes
+    decoder = 2 * (4 * 256 * 256 + 3 * 256 * 2048) * 2  # bf16 bytes of the decoder's projections
+    assert temp["int8"] < temp[None] - decoder / 2, temp
+
+
+def test_qlora_refusals(tiny_models):
+    pg = tiny_models["pg1"].pg
+    with pytest.raises(TrainConfigError, match="needs trainable='lora'"):
+        TrainConfig(trainable="all", quantize="int8")
+    with pytest.raises(TrainConfigError, match="unknown quantization 'int3'"):
+        TrainConfig(trainable="lora", lora_rank=2, quantize="int3")
+    int4 = _qlora(pg, "int4").init_state(pg.params).variables["params"]
+    with pytest.raises(TrainConfigError, match=r"quantized \(int4, group size 16\)"):
+        _qlora(pg, "int8").init_state(int4)
+    with pytest.raises(TrainConfigError, match="quantized"):
+        Trainer(pg.config, TrainConfig(trainable="lora", lora_rank=2)).init_state(int4)
