@@ -55,6 +55,8 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
+from pali_jax import quantize
+
 if TYPE_CHECKING:
     from pali_jax.quantize import Quantization
 
@@ -62,6 +64,7 @@ Platform = Literal["cpu", "cuda", "rocm", "tpu"]
 PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
 AttentionKernel = Literal["einsum", "cudnn"]
 MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero"]
+QuantizedForm = Literal["dequantize", "tiled"]
 
 # /proc/cpuinfo flags of the x86 instruction sets XLA:CPU's kernels (YNNPACK, oneDNN, Eigen)
 # dispatch on for float32, bf16 and int8 matmuls.
@@ -116,6 +119,10 @@ CHECKPOINT_LAYOUT = Layout(stacked=True, out_first=False)  # converters, trainin
 # bf16 rows below which an output-first weight is streamed as the left operand (XLA:CPU; above
 # it dot_general wins: benchmarks/cpu_matmul.py, `left_zero` against `dot_general`).
 _FEW_ROWS = 16
+# A quantised weight's product on XLA:CPU (benchmarks/cpu_quant_matmul.py): below this many rows
+# it runs `tiled`, the weight dequantised a tile of about _TILE_BYTES of float32 at a time.
+_TILED_ROWS = 64
+_TILE_BYTES = 2 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +168,15 @@ class Policy:
             return "left_zero" if self._cpu_bfloat16(dtype) and rows < _FEW_ROWS else "dot_general"
         return "dot_pad" if self._cpu_bfloat16(dtype) and rows == 1 else "dot"
 
+    def quantized_form(self, dtype, rows: int) -> QuantizedForm:
+        """How `project` multiplies `rows` rows in `dtype` by a quantised weight (module docstring)."""
+        del dtype  # the tiled form computes in float32 whatever the activations' dtype
+        return "tiled" if self.platform == "cpu" and rows < _TILED_ROWS else "dequantize"
+
+    def tile_rows(self, n_in: int) -> int:
+        """Output channels per tile of the `tiled` form for a weight contracting `n_in` inputs."""
+        return max(1, _TILE_BYTES // (4 * n_in))
+
     def attention_kernel(self, dtype, softcap: float | None) -> AttentionKernel:
         """Which attention implementation a model in `dtype` runs (see module docstring)."""
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -183,18 +199,27 @@ def training_layout(dtype) -> Layout:
     return CHECKPOINT_LAYOUT
 
 
-def project(x: jax.Array, w: jax.Array, in_axes: int, out_first: bool, policy: Policy) -> jax.Array:
+def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> jax.Array:
     """x [..., *in] times a weight stored [*in, *out] (or [*out, *in] if out_first) -> [..., *out],
     as ONE 2-D matmul accumulated in float32 and rounded to x's dtype, in the form `policy` picks.
+    `w` is an array or a quantised weight ({"qvalue", "qscale"}, `quantize.py`, in the same stored
+    layout), multiplied as `policy.quantized_form` says.
 
     XLA:CPU runs einsums whose weight keeps several free axes (or whose contracted axis sits in the
     middle) through a generic loop far slower than its GEMM, hence the reshapes.
     """
-    n_in = math.prod(w.shape[w.ndim - in_axes :] if out_first else w.shape[:in_axes])
-    out_shape = w.shape[: w.ndim - in_axes] if out_first else w.shape[in_axes:]
+    quantized = quantize.is_quantized(w)
+    shape = w[quantize.QVALUE].shape if quantized else w.shape
+    n_in = math.prod(shape[len(shape) - in_axes :] if out_first else shape[:in_axes])
+    out_shape = shape[: len(shape) - in_axes] if out_first else shape[in_axes:]
     lead = x.shape[: x.ndim - in_axes]
     rows = x.reshape(-1, n_in)  # [M, n_in]
     m = rows.shape[0]
+    if quantized and policy.quantized_form(rows.dtype, m) == "tiled":
+        y = _tiled(rows, w, n_in, out_first, policy.tile_rows(n_in))
+        return y.astype(x.dtype).reshape(*lead, *out_shape)
+    if quantized:
+        w = quantize.dequantize(w, x.dtype)
     form = policy.matmul_form(rows.dtype, m, out_first)
     if form == "left_zero":
         cols = jnp.concatenate([rows.T, jnp.zeros((n_in, 1), rows.dtype)], axis=1)  # [n_in, M + 1]
@@ -205,3 +230,36 @@ def project(x: jax.Array, w: jax.Array, in_axes: int, out_first: bool, policy: P
         rows = jnp.concatenate([rows, jnp.zeros_like(rows)]) if form == "dot_pad" else rows
         y = jnp.dot(rows, w.reshape(n_in, -1), preferred_element_type=jnp.float32)[:m]
     return y.astype(x.dtype).reshape(*lead, *out_shape)
+
+
+def _tiled(rows: jax.Array, node, n_in: int, out_first: bool, tile: int) -> jax.Array:
+    """rows [M, K] times a quantised weight -> [M, N] float32, the weight dequantised (in float32,
+    as `quantize.dequantize` does) `tile` output channels at a time inside a loop (`lax.map`), each
+    tile multiplied while it is in cache: XLA:CPU does not fuse a dequantisation into a dot, and
+    dequantising the whole weight writes and reads a float copy of it on every call. The last
+    N % tile channels are one smaller product."""
+    q, scale = node[quantize.QVALUE], node[quantize.SCALE]
+    k = n_in
+    n = q.size // k
+    q2 = q.reshape(n, k) if out_first else q.reshape(k, n)  # [N, K] | [K, N]
+    s2 = scale.reshape(n, -1) if out_first else scale.reshape(-1, n)  # [N, G] | [G, N]: groups along K
+    g = s2.shape[1] if out_first else s2.shape[0]
+    x32 = rows.astype(jnp.float32)
+    axis = 0 if out_first else 1
+
+    def product(start, size):
+        qt = jax.lax.dynamic_slice_in_dim(q2, start, size, axis).astype(jnp.float32)
+        st = jax.lax.dynamic_slice_in_dim(s2, start, size, axis).astype(jnp.float32)
+        if out_first:  # [size, K] -> [M, size]
+            wt = (qt.reshape(size, g, k // g) * st[:, :, None]).reshape(size, k)
+            return jnp.dot(wt, x32.T).T
+        wt = (qt.reshape(g, k // g, size) * st[:, None, :]).reshape(k, size)
+        return jnp.dot(x32, wt)
+
+    tile = min(tile, n)
+    full = n // tile * tile
+    y = jax.lax.map(lambda i: product(i * tile, tile), jnp.arange(n // tile))  # [N // tile, M, tile]
+    y = jnp.moveaxis(y, 1, 0).reshape(rows.shape[0], full)
+    if full < n:
+        y = jnp.concatenate([y, product(full, n - full)], axis=1)
+    return y

@@ -85,7 +85,8 @@ class Embedder(nn.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V]: the table is [V, D], an output-first weight in every layout."""
-        return project(x, self._table(), 1, True, self.policy)
+        table = self.input_embedding if self.quant is not None else self._table()
+        return project(x, table, 1, True, self.policy)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:

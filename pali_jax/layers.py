@@ -18,8 +18,9 @@ layout, the parameter sits in the parent module's scope under `name` (big_vision
 
 Quantised weights (`layout.quant`, `quantize.py`): the parameter is a {"qvalue", "qscale"} subtree
 in the same stored layout, declared by `quantized_weight` (which every quantised weight of the
-package goes through: projections, the embedding table, SigLIP's kernels); the product runs on the
-dequantised weight `qvalue * qscale`, in the activation dtype, in the form `policy` picks.
+package goes through: projections, the embedding table, SigLIP's kernels); `backend.project`
+multiplies the stored {"qvalue", "qscale"} by x in the form `policy` picks (`quantized_form`): the
+dequantised weight `qvalue * qscale` in the activation dtype, or on CPU tile by tile in float32.
 
 LoRA: when a `"lora"` variable named like the weight is present (`lora.py` creates them), the
 projection adds `(x A) B`; A is [C?, *in, r] and B [C?, r, *out without C], a pair weight getting
@@ -70,11 +71,13 @@ def stored(shape: tuple[int, ...], n_in: int, out_first: bool) -> tuple[int, ...
 
 
 def quantized_weight(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple,
-                     contracted: tuple[int, ...], quant: Quantization | None, dtype) -> jax.Array:
+                     contracted: tuple[int, ...], quant: Quantization | None, dtype,
+                     dequantized: bool = True) -> jax.Array | dict[str, jax.Array]:
     """Declares `module`'s weight `name` of stored `shape` with logical `axes` (`init` the float
     initialiser, unboxed) and returns it in `dtype`: a plain float parameter, or, with `quant`, a
-    {"qvalue", "qscale"} subtree (both leaves carrying `axes`) returned dequantised. `contracted`:
-    the axes the weight's product sums over, in the stored shape."""
+    {"qvalue", "qscale"} subtree (both leaves carrying `axes`) returned dequantised, or as it is
+    stored with `dequantized=False` (for `backend.project`, which multiplies it in the form the
+    policy picks). `contracted`: the axes the weight's product sums over, in the stored shape."""
     if quant is None:
         return module.param(name, nn.with_logical_partitioning(init, axes), shape).astype(dtype)
 
@@ -82,7 +85,8 @@ def quantized_weight(module: nn.Module, name: str, init: Callable, shape: tuple[
         node = quantize.quantize(init(key, shape), quant, contracted, name)
         return {k: nn.LogicallyPartitioned(v, axes) for k, v in node.items()}
 
-    return quantize.dequantize(module.param(name, quantized_init, shape), dtype)
+    node = module.param(name, quantized_init, shape)
+    return quantize.dequantize(node, dtype) if dequantized else node
 
 
 class Einsum(nn.Module):
@@ -103,7 +107,7 @@ class Einsum(nn.Module):
         shape = stored(self.shape, n_in, out_first)
         contracted = tuple(range(len(shape) - n_in, len(shape)) if out_first else range(n_in))
         w = quantized_weight(self, self.weight, self.init, shape, stored(self.axes, n_in, out_first), contracted,
-                             self.layout.quant, self.dtype)
+                             self.layout.quant, self.dtype, dequantized=False)
         x = x.astype(self.dtype)
         y = backend.project(x, w, n_in, out_first, self.policy)
         if self.has_variable("lora", self.weight):

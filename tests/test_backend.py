@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pali_jax import backend
@@ -41,3 +42,35 @@ def test_choices_follow_the_named_platform_only():
     assert Policy("tpu").compiler_options() is None and Policy("cuda").compiler_options(inference=False) is None
     with pytest.raises(ValueError, match="unknown platform"):
         Policy("gpu")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("out_first", [True, False])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_tiled_quantized_product_equals_dequantize_then_dot(scheme, out_first, rows):
+    """The CPU policy's tiled product of a quantised weight gives the numbers of the plain form
+    (dequantise, then one dot) within float32 rounding: tiles that do not divide the output
+    channels, grouped int4 scales, both stored layouts, x over two contracted axes."""
+    from pali_jax import quantize
+    from pali_jax.quantize import Quantization
+
+    rng = np.random.default_rng(0)
+    ins, outs = (4, 32), (2, 13)  # [N=4, H=32] contracted (attn_vec_einsum-like), 26 output channels
+    shape = (*outs, *ins) if out_first else (*ins, *outs)
+    contracted = (2, 3) if out_first else (0, 1)
+    w = rng.standard_normal(shape).astype(np.float32)
+    node = quantize.quantize(w, Quantization(scheme, group_size=16), contracted)
+    x = jnp.asarray(rng.standard_normal((rows, 3, *ins)), jnp.float32)
+    cpu = Policy("cpu")
+    assert cpu.quantized_form(jnp.bfloat16, rows) == "tiled" and Policy("cuda").quantized_form(jnp.float32, rows) == "dequantize"
+    assert cpu.tile_rows(128) >= 26  # the test below narrows it to cut the channels unevenly
+    narrow = type("Narrow", (Policy,), {"tile_rows": lambda self, n_in: 4})("cpu")  # 6 tiles of 4 and one of 2
+    tiled = backend.project(x, node, 2, out_first, narrow)
+    plain = backend.project(x, quantize.dequantize(node, jnp.float32), 2, out_first, Policy())
+    assert tiled.shape == plain.shape == (rows, 3, *outs) and tiled.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(tiled), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    x16 = x.astype(jnp.bfloat16)
+    whole = backend.project(x16, node, 2, out_first, cpu)  # one tile; bf16 rows, float32 arithmetic
+    plain16 = backend.project(x16.astype(jnp.float32), quantize.dequantize(node, jnp.float32), 2, out_first, Policy())
+    assert whole.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(whole, np.float32), np.asarray(plain16), rtol=2 ** -8, atol=1e-6)
