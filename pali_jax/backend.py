@@ -23,6 +23,17 @@ A policy decides:
   output-first layout gains nothing worth a transpose at load. GPUs and TPUs multiply bf16
   natively: plain dots, checkpoint axis order. Benchmark: benchmarks/cpu_matmul.py (prints the
   CPU and its flags; the forms measured are the ones named here).
+* `quantized_form`: how a quantised weight (`quantize.py`, {"qvalue", "qscale"}) is multiplied.
+  GPUs and TPUs (and the portable policy): `dequantize`, the weight dequantised to the activation
+  dtype inside the program and multiplied in its `matmul_form` (XLA fuses the dequantisation into
+  the matmul's fusion on GPU and TPU). XLA:CPU fuses nothing into a dot: the dequantised weight is
+  written whole and read back on every call, slower than the float weight itself. On CPU, below
+  _TILED_ROWS rows (decoding), `tiled`: a `lax.map` over blocks of output channels, each block
+  dequantised to float32 (`tile_bytes`, about 2 MB: it stays in cache) and multiplied at once,
+  in float32 whatever the activations (XLA:CPU's float32 matrix-vector product is many times its
+  bf16 one). For more rows (prefill) the products are compute-bound and the whole-weight form
+  wins. Benchmark: benchmarks/cpu_quant_matmul.py (the forms, tile sizes, XLA:CPU's YNNPACK
+  elementwise fusion and an int8 x int8 dot, per CPU; docs/performance.md).
 * `compiler_options`: while-loop invariant code motion on XLA:CPU hoists the float32 conversion
   of every bf16 weight out of the decode loop (XLA:CPU computes all non-YNNPACK bf16 ops in
   float32): a bf16 model would then run on a float32 copy of its weights. CPU inference programs
@@ -107,11 +118,17 @@ class Layout:
       of the checkpoint's [*in, *out] (see `project`).
     quant: None, or how the projections, the embedding table and SigLIP's projections are
       quantised (`quantize.Quantization`): each such weight is then a {"qvalue", "qscale"} subtree.
+    int4_bytes: int4 values are held in int8 arrays, one per byte (the decoder's and the
+      embedding's, under int4 quantisation). XLA:CPU keeps a jnp.int4 array one value per byte
+      anyway, and converts int4 to float several times slower than int8 (the `tiled` product's
+      bottleneck: benchmarks/cpu_quant_matmul.py), so this costs no memory there. Checkpoints
+      (`CHECKPOINT_LAYOUT`) hold jnp.int4.
     """
 
     stacked: bool = True
     out_first: bool = False
     quant: Quantization | None = None
+    int4_bytes: bool = False
 
 
 CHECKPOINT_LAYOUT = Layout(stacked=True, out_first=False)  # converters, training, export
@@ -137,6 +154,7 @@ class Policy:
 
     platform: Platform | None = None
     cpu_features: frozenset[str] = frozenset()
+    tile_bytes: int = _TILE_BYTES  # the float32 bytes of one tile of the `tiled` quantised product
 
     def __post_init__(self):
         if self.platform is not None and self.platform not in PLATFORMS:
@@ -160,7 +178,7 @@ class Policy:
 
     def inference_layout(self, dtype) -> Layout:
         """The fastest layout to run inference in `dtype` (see module docstring)."""
-        return Layout(stacked=False, out_first=self._cpu_bfloat16(dtype))
+        return Layout(stacked=False, out_first=self._cpu_bfloat16(dtype), int4_bytes=self.platform == "cpu")
 
     def matmul_form(self, dtype, rows: int, out_first: bool) -> MatmulForm:
         """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first."""
@@ -175,7 +193,7 @@ class Policy:
 
     def tile_rows(self, n_in: int) -> int:
         """Output channels per tile of the `tiled` form for a weight contracting `n_in` inputs."""
-        return max(1, _TILE_BYTES // (4 * n_in))
+        return max(1, self.tile_bytes // (4 * n_in))
 
     def attention_kernel(self, dtype, softcap: float | None) -> AttentionKernel:
         """Which attention implementation a model in `dtype` runs (see module docstring)."""

@@ -29,7 +29,7 @@ def test_cpu_features_are_the_tracked_flags_of_cpuinfo(tmp_path, monkeypatch):
 
 def test_choices_follow_the_named_platform_only():
     bf16 = jnp.bfloat16
-    assert Policy("cpu").inference_layout(bf16) == Layout(stacked=False, out_first=True)
+    assert Policy("cpu").inference_layout(bf16) == Layout(stacked=False, out_first=True, int4_bytes=True)
     assert Policy("cuda").inference_layout(bf16) == Layout(stacked=False, out_first=False)
     assert Policy("cpu").matmul_form(bf16, 1, True) == "left_zero"
     assert {Policy(p).matmul_form(bf16, 1, True) for p in ("cuda", "rocm", "tpu", None)} == {"dot_general"}
@@ -64,7 +64,8 @@ def test_tiled_quantized_product_equals_dequantize_then_dot(scheme, out_first, r
     cpu = Policy("cpu")
     assert cpu.quantized_form(jnp.bfloat16, rows) == "tiled" and Policy("cuda").quantized_form(jnp.float32, rows) == "dequantize"
     assert cpu.tile_rows(128) >= 26  # the test below narrows it to cut the channels unevenly
-    narrow = type("Narrow", (Policy,), {"tile_rows": lambda self, n_in: 4})("cpu")  # 6 tiles of 4 and one of 2
+    narrow = Policy("cpu", tile_bytes=4 * 128 * 4)  # 6 tiles of 4 output channels and one of 2
+    assert narrow.tile_rows(128) == 4
     tiled = backend.project(x, node, 2, out_first, narrow)
     plain = backend.project(x, quantize.dequantize(node, jnp.float32), 2, out_first, Policy())
     assert tiled.shape == plain.shape == (rows, 3, *outs) and tiled.dtype == jnp.float32

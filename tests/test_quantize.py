@@ -67,9 +67,13 @@ def _equal_trees(a, b) -> None:
 def test_logits_equal_float32_on_dequantized_weights(scheme):
     pg = PaliGemma.from_pretrained(DEMO, quantize=scheme)
     assert pg.layout.quant == Quantization(scheme)
-    leaves = jax.tree_util.tree_flatten_with_path(pg.params)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(pg.checkpoint_params())[0]
     qvalues = [x for p, x in leaves if p[-1].key == QVALUE]
     assert qvalues and {str(x.dtype) for x in qvalues} == ({"int8"} if scheme == "int8" else {"int8", "int4"})
+    # held for the CPU's products: the int4 values one per int8 byte (backend.Layout.int4_bytes)
+    held = {str(x.dtype) for p, x in jax.tree_util.tree_flatten_with_path(pg.params)[0] if p[-1].key == QVALUE}
+    assert pg.layout.int4_bytes == (jax.default_backend() == "cpu") and held == ({"int8"} if pg.layout.int4_bytes
+                                                                               else {str(x.dtype) for x in qvalues})
     pixels, ids, types = _inputs(pg)
     ours = np.asarray(pg.forward(pixels, ids, types))
     float_layout = dataclasses.replace(pg.layout, quant=None)
