@@ -13,14 +13,18 @@ Forms (x [M, K] bf16; w [N, K]; every product accumulates in float32 and is roun
   dequantize f32    the whole weight dequantised to float32, one float32 dot;
   dequantize ynn    `dequantize` compiled with XLA:CPU's YNNPACK fusions of elementwise ops
                     (xla_cpu_experimental_ynn_fusion_type dot + eltwise);
-  tiled             `backend.project`'s `tiled` form with the policy's tile (float32, about
-                    Policy.tile_bytes per tile); `tiled NK` the same with N KiB tiles;
+  tiled             `backend.project` as the CPU policy runs it (`quantized_form`: float32 tiles
+                    below 16 rows, bf16 tiles above; about Policy.tile_bytes per tile) on the
+                    weight as a loaded model holds it on CPU (int4 one value per int8 byte:
+                    `Layout.int4_bytes`); `tiled NK` the same with N KiB tiles; `tiled jnp.int4`
+                    on the jnp.int4 array;
+  tiled f32 / bf16  the tiles in float32 (multiplied in float32) or in bf16 (multiplied by the bf16
+                    model's product: YNNPACK's bf16 GEMM), whatever the rows;
   int8 dot          int8 only, not weight-only: the rows quantised per row (absmax / 127) and an
                     int8 x int8 -> int32 dot, rescaled (its error is the activations' rounding too);
   tiled packed      int4 only: two values per byte (the first half of K in the low nibbles, the
                     second in the high), unpacked inside the `tiled` loop: half the bytes in RAM.
-Schemes as `quantize.py` makes them: int8 per output channel, int4 in groups of 128 along K
-(held as jnp.int4, which XLA:CPU keeps one value per byte).
+Schemes as `quantize.py` makes them: int8 per output channel, int4 in groups of 128 along K.
 
 Timings are interleaved across forms (medians and best of --repeats: the machine is shared); the
 error is the largest max-abs error over the five products relative to the largest exact value
@@ -100,6 +104,17 @@ def _tiled_packed(tile_bytes: int):
     return product
 
 
+def _tiled_in(dtype):
+    """backend's tiled product with its tiles in `dtype`, whatever the policy would pick."""
+    policy = backend.Policy("cpu")
+
+    def product(x, node):
+        k = node[quantize.QVALUE].shape[1]
+        return backend._tiled(x.astype(dtype), node, k, True, policy.tile_rows(k, dtype), policy).astype(x.dtype)
+
+    return product
+
+
 def forms(scheme: str, tile_sweep: list[int]) -> dict:
     """name -> (product, compiler options beyond the policy's, operand kind)."""
     out = {
@@ -107,13 +122,16 @@ def forms(scheme: str, tile_sweep: list[int]) -> dict:
         "dequantize": (_dequantize(jnp.bfloat16), None, "q"),
         "dequantize f32": (_dequantize(F32), None, "q"),
         "dequantize ynn": (_dequantize(jnp.bfloat16), YNN_ELTWISE, "q"),
-        "tiled": (_project(backend.Policy("cpu")), None, "q"),
+        "tiled": (_project(backend.Policy("cpu")), None, "held"),
+        "tiled f32": (_tiled_in(F32), None, "held"),
+        "tiled bf16": (_tiled_in(jnp.bfloat16), None, "held"),
     }
     for kib in tile_sweep:
-        out[f"tiled {kib}K"] = (_project(backend.Policy("cpu", tile_bytes=kib << 10)), None, "q")
+        out[f"tiled {kib}K"] = (_project(backend.Policy("cpu", tile_bytes=kib << 10)), None, "held")
     if scheme == "int8":
         out["int8 dot"] = (_int8_dot, None, "q")
     else:
+        out["tiled jnp.int4"] = (_project(backend.Policy("cpu")), None, "q")
         out["tiled packed"] = (_tiled_packed(backend.Policy("cpu").tile_bytes), None, "packed")
     return out
 
@@ -149,7 +167,8 @@ def main() -> None:
                 packed.append({"packed": jnp.asarray(pack(np.asarray(node[quantize.QVALUE], np.int8))),
                                quantize.SCALE: node[quantize.SCALE]})
         deq64 = [np.asarray(quantize.dequantize(n, F32), np.float64) for n in nodes]
-        operands = {"q": nodes, "bf16": bf16, "packed": packed}
+        held = [{**n, quantize.QVALUE: n[quantize.QVALUE].astype(jnp.int8)} for n in nodes]  # Layout.int4_bytes
+        operands = {"q": nodes, "held": held, "bf16": bf16, "packed": packed}
         candidates = forms(scheme, args.tile_kib)
         for m in args.rows:
             xs = [jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16) for _, k, _ in shapes]

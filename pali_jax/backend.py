@@ -27,13 +27,15 @@ A policy decides:
   GPUs and TPUs (and the portable policy): `dequantize`, the weight dequantised to the activation
   dtype inside the program and multiplied in its `matmul_form` (XLA fuses the dequantisation into
   the matmul's fusion on GPU and TPU). XLA:CPU fuses nothing into a dot: the dequantised weight is
-  written whole and read back on every call, slower than the float weight itself. On CPU, below
-  _TILED_ROWS rows (decoding), `tiled`: a `lax.map` over blocks of output channels, each block
-  dequantised to float32 (`tile_bytes`, about 2 MB: it stays in cache) and multiplied at once,
-  in float32 whatever the activations (XLA:CPU's float32 matrix-vector product is many times its
-  bf16 one). For more rows (prefill) the products are compute-bound and the whole-weight form
-  wins. Benchmark: benchmarks/cpu_quant_matmul.py (the forms, tile sizes, XLA:CPU's YNNPACK
-  elementwise fusion and an int8 x int8 dot, per CPU; docs/performance.md).
+  written whole and read back on every call, slower than the float weight itself. On CPU the
+  product is therefore tiled: a `lax.map` over blocks of output channels, each block dequantised
+  (about `tile_bytes`, 2 MB: it stays in cache) and multiplied at once. Below _FEW_ROWS rows
+  (decoding) the tiles are float32 whatever the activations (`tiled_f32`: XLA:CPU's float32
+  matrix-vector product is many times its bf16 one); for more rows (prefill, batches) they are in
+  the activation dtype and multiplied in its `matmul_form` (`tiled`: YNNPACK's bf16 GEMM). Each
+  output is computed within one tile, so it is rounded once, as in one dot. Benchmark:
+  benchmarks/cpu_quant_matmul.py (the forms, tile sizes, XLA:CPU's YNNPACK elementwise fusion, an
+  int8 x int8 dot on dynamically quantised rows, nibble-packed int4; docs/performance.md).
 * `compiler_options`: while-loop invariant code motion on XLA:CPU hoists the float32 conversion
   of every bf16 weight out of the decode loop (XLA:CPU computes all non-YNNPACK bf16 ops in
   float32): a bf16 model would then run on a float32 copy of its weights. CPU inference programs
@@ -75,7 +77,7 @@ Platform = Literal["cpu", "cuda", "rocm", "tpu"]
 PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
 AttentionKernel = Literal["einsum", "cudnn"]
 MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero"]
-QuantizedForm = Literal["dequantize", "tiled"]
+QuantizedForm = Literal["dequantize", "tiled", "tiled_f32"]
 
 # /proc/cpuinfo flags of the x86 instruction sets XLA:CPU's kernels (YNNPACK, oneDNN, Eigen)
 # dispatch on for float32, bf16 and int8 matmuls.
@@ -136,9 +138,8 @@ CHECKPOINT_LAYOUT = Layout(stacked=True, out_first=False)  # converters, trainin
 # bf16 rows below which an output-first weight is streamed as the left operand (XLA:CPU; above
 # it dot_general wins: benchmarks/cpu_matmul.py, `left_zero` against `dot_general`).
 _FEW_ROWS = 16
-# A quantised weight's product on XLA:CPU (benchmarks/cpu_quant_matmul.py): below this many rows
-# it runs `tiled`, the weight dequantised a tile of about _TILE_BYTES of float32 at a time.
-_TILED_ROWS = 64
+# A quantised weight's product on XLA:CPU is dequantised a tile of about this many bytes at a time
+# (benchmarks/cpu_quant_matmul.py: `tiled` against `tiled 512K` and `tiled 8192K`).
 _TILE_BYTES = 2 << 20
 
 
@@ -188,12 +189,14 @@ class Policy:
 
     def quantized_form(self, dtype, rows: int) -> QuantizedForm:
         """How `project` multiplies `rows` rows in `dtype` by a quantised weight (module docstring)."""
-        del dtype  # the tiled form computes in float32 whatever the activations' dtype
-        return "tiled" if self.platform == "cpu" and rows < _TILED_ROWS else "dequantize"
+        if self.platform != "cpu":
+            return "dequantize"
+        return "tiled_f32" if rows < _FEW_ROWS or jnp.dtype(dtype) == jnp.float32 else "tiled"
 
-    def tile_rows(self, n_in: int) -> int:
-        """Output channels per tile of the `tiled` form for a weight contracting `n_in` inputs."""
-        return max(1, self.tile_bytes // (4 * n_in))
+    def tile_rows(self, n_in: int, dtype) -> int:
+        """Output channels per tile of the tiled forms for a weight contracting `n_in` inputs,
+        dequantised to `dtype`."""
+        return max(1, self.tile_bytes // (jnp.dtype(dtype).itemsize * n_in))
 
     def attention_kernel(self, dtype, softcap: float | None) -> AttentionKernel:
         """Which attention implementation a model in `dtype` runs (see module docstring)."""
@@ -233,8 +236,10 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
     lead = x.shape[: x.ndim - in_axes]
     rows = x.reshape(-1, n_in)  # [M, n_in]
     m = rows.shape[0]
-    if quantized and policy.quantized_form(rows.dtype, m) == "tiled":
-        y = _tiled(rows, w, n_in, out_first, policy.tile_rows(n_in))
+    form = policy.quantized_form(rows.dtype, m) if quantized else None
+    if form in ("tiled", "tiled_f32"):
+        dtype = jnp.float32 if form == "tiled_f32" else rows.dtype
+        y = _tiled(rows.astype(dtype), w, n_in, out_first, policy.tile_rows(n_in, dtype), policy)
         return y.astype(x.dtype).reshape(*lead, *out_shape)
     if quantized:
         w = quantize.dequantize(w, x.dtype)
@@ -250,29 +255,30 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
     return y.astype(x.dtype).reshape(*lead, *out_shape)
 
 
-def _tiled(rows: jax.Array, node, n_in: int, out_first: bool, tile: int) -> jax.Array:
-    """rows [M, K] times a quantised weight -> [M, N] float32, the weight dequantised (in float32,
-    as `quantize.dequantize` does) `tile` output channels at a time inside a loop (`lax.map`), each
-    tile multiplied while it is in cache: XLA:CPU does not fuse a dequantisation into a dot, and
-    dequantising the whole weight writes and reads a float copy of it on every call. The last
-    N % tile channels are one smaller product."""
+def _tiled(rows: jax.Array, node, n_in: int, out_first: bool, tile: int, policy: Policy) -> jax.Array:
+    """rows [M, K] times a quantised weight -> [M, N] in rows' dtype, the weight dequantised (as
+    `quantize.dequantize` does, to rows' dtype) `tile` output channels at a time inside a loop
+    (`lax.map`), each tile multiplied by `project` while it is in cache: XLA:CPU does not fuse a
+    dequantisation into a dot, and dequantising the whole weight writes and reads a float copy of
+    it on every call. The last N % tile channels are one smaller product."""
     q, scale = node[quantize.QVALUE], node[quantize.SCALE]
     k = n_in
     n = q.size // k
     q2 = q.reshape(n, k) if out_first else q.reshape(k, n)  # [N, K] | [K, N]
     s2 = scale.reshape(n, -1) if out_first else scale.reshape(-1, n)  # [N, G] | [G, N]: groups along K
     g = s2.shape[1] if out_first else s2.shape[0]
-    x32 = rows.astype(jnp.float32)
     axis = 0 if out_first else 1
 
-    def product(start, size):
+    def product(start, size):  # -> [M, size]
         qt = jax.lax.dynamic_slice_in_dim(q2, start, size, axis).astype(jnp.float32)
         st = jax.lax.dynamic_slice_in_dim(s2, start, size, axis).astype(jnp.float32)
-        if out_first:  # [size, K] -> [M, size]
+        if out_first:
             wt = (qt.reshape(size, g, k // g) * st[:, :, None]).reshape(size, k)
-            return jnp.dot(wt, x32.T).T
-        wt = (qt.reshape(g, k // g, size) * st[:, None, :]).reshape(k, size)
-        return jnp.dot(x32, wt)
+        else:
+            wt = (qt.reshape(g, k // g, size) * st[:, None, :]).reshape(k, size)
+        if rows.dtype == jnp.float32:  # XLA:CPU's float32 matrix-vector product takes the weight on the left
+            return jnp.dot(wt, rows.T).T if out_first else jnp.dot(rows, wt)
+        return project(rows, wt.astype(rows.dtype), 1, out_first, policy)
 
     tile = min(tile, n)
     full = n // tile * tile
