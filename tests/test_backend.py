@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,3 +85,22 @@ def test_tiled_quantized_product_equals_dequantize_then_dot(scheme, out_first, r
     plain16 = backend.project(x16, quantize.dequantize(node, jnp.bfloat16), 2, out_first, cpu)
     assert narrow.quantized_form(jnp.bfloat16, 20) == "tiled" and tiled16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(tiled16, np.float32), np.asarray(plain16, np.float32), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tiled_program_never_holds_the_whole_dequantised_weight(dtype):
+    """What the tiled form is for: XLA:CPU's compiled program dequantises tile-sized buffers only,
+    where the dequantise-then-dot form writes the whole float weight."""
+    from pali_jax import quantize
+    from pali_jax.quantize import Quantization
+
+    w = np.random.default_rng(1).standard_normal((64, 512)).astype(np.float32)  # [N, K] output-first
+    node = quantize.quantize(w, Quantization("int8"), (1,))
+    x = jnp.ones((1, 512), dtype)
+
+    def buffers(policy) -> str:
+        return jax.jit(lambda x, node: backend.project(x, node, 1, True, policy)).lower(x, node).compile().as_text()
+
+    tiled = buffers(Policy("cpu", tile_bytes=8 * 512 * 4))  # float32 tiles of 8 channels
+    assert "f32[8,512]" in tiled and not re.search(r"(f32|bf16)\[64,512\]", tiled)
+    assert re.search(r"(f32|bf16)\[64,512\]", buffers(Policy()))
