@@ -142,7 +142,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--schemes", nargs="+", default=["int8", "int4"], choices=["int8", "int4"])
     p.add_argument("--width-scale", type=float, default=1.0)
-    p.add_argument("--tile-kib", type=int, nargs="*", default=[512, 8192], help="tile sizes tried beside the policy's")
+    p.add_argument("--tile-kib", type=int, nargs="*", default=[512, 2048, 8192, 16384], help="tile sizes tried beside the policy's")
     report.add_arguments(p)
     args = p.parse_args()
     features = backend.cpu_features()

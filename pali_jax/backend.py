@@ -29,10 +29,11 @@ A policy decides:
   the matmul's fusion on GPU and TPU). XLA:CPU fuses nothing into a dot: the dequantised weight is
   written whole and read back on every call, slower than the float weight itself. On CPU the
   product is therefore tiled: a `lax.map` over blocks of output channels, each block dequantised
-  (about `tile_bytes`, 2 MB: it stays in cache) and multiplied at once. Below _FEW_ROWS rows
-  (decoding) the tiles are float32 whatever the activations (`tiled_f32`: XLA:CPU's float32
-  matrix-vector product is many times its bf16 one); for more rows (prefill, batches) they are in
-  the activation dtype and multiplied in its `matmul_form` (`tiled`: YNNPACK's bf16 GEMM). Each
+  (about `tile_bytes`, 4 MB: it stays in cache, and its product runs on several threads) and
+  multiplied at once. Below _FEW_ROWS rows (decoding) the tiles are float32 whatever the
+  activations (`tiled_f32`: XLA:CPU's float32 matrix-vector product is many times its bf16 one);
+  for more rows (prefill, batches) they are in the activation dtype and multiplied in its
+  `matmul_form` (`tiled`: YNNPACK's bf16 GEMM). Each
   output is computed within one tile, so it is rounded once, as in one dot. Benchmark:
   benchmarks/cpu_quant_matmul.py (the forms, tile sizes, XLA:CPU's YNNPACK elementwise fusion, an
   int8 x int8 dot on dynamically quantised rows, nibble-packed int4; docs/performance.md).
@@ -139,8 +140,10 @@ CHECKPOINT_LAYOUT = Layout(stacked=True, out_first=False)  # converters, trainin
 # it dot_general wins: benchmarks/cpu_matmul.py, `left_zero` against `dot_general`).
 _FEW_ROWS = 16
 # A quantised weight's product on XLA:CPU is dequantised a tile of about this many bytes at a time
-# (benchmarks/cpu_quant_matmul.py: `tiled` against `tiled 512K` and `tiled 8192K`).
-_TILE_BYTES = 2 << 20
+# (benchmarks/cpu_quant_matmul.py, `tiled` against `tiled NK`: 4 and 8 MB decode one row twice as
+# fast as 2 MB on this project's 2-core machines, their products running on both threads; 16 MB
+# spills the cache).
+_TILE_BYTES = 4 << 20
 
 
 @dataclasses.dataclass(frozen=True)
