@@ -26,7 +26,8 @@ Forms (x [M, K] bf16; w [N, K]; every product accumulates in float32 and is roun
                     second in the high), unpacked inside the `tiled` loop: half the bytes in RAM.
 Schemes as `quantize.py` makes them: int8 per output channel, int4 in groups of 128 along K.
 
-Timings are interleaved across forms (medians and best of --repeats: the machine is shared); the
+Timings are interleaved across forms, shuffled each round (medians and best of --repeats: the
+machine is shared); the
 error is the largest max-abs error over the five products relative to the largest exact value
 (float64 on the bf16 rows and the dequantised weight). The table goes into docs/performance.md.
 """
@@ -185,8 +186,11 @@ def main() -> None:
                                          / np.abs(np.asarray(x, np.float64) @ r.T).max()) for y, x, r in zip(outs, xs, ref))
                 runs[name] = (run, ws)
             times = {name: [] for name in runs}
-            for _ in range(args.repeats):  # interleaved, so every form sees the same machine
-                for name, (run, ws) in runs.items():
+            order = list(runs)
+            for _ in range(args.repeats):  # interleaved, so every form sees the same machine, in a new
+                rng.shuffle(order)  # order each round: a form runs slower after some others (threads asleep)
+                for name in order:
+                    run, ws = runs[name]
                     t0 = time.perf_counter()
                     jax.block_until_ready(run(xs, ws))
                     times[name].append(time.perf_counter() - t0)
