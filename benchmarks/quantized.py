@@ -17,10 +17,9 @@ child protocol), batch 1, greedy, medians of --runs after a warm-up:
 * the demo model (pali_jax/assets/demo/model) on 100 fresh scenes (`shapes.scenes(100, seed=777)`,
   every prompt: captions, colour questions, detections): the share of answers equal to the float
   model's;
-* the CPU compute form: an int8 weight times a bf16 / f32 row vector, dequantised then multiplied
-  in one jitted program (what `backend.project` runs on a quantised weight), against the bf16 /
-  f32 weight itself, and whether XLA fused the dequantisation into the dot (a fusion in the HLO
-  holding both the convert and the dot).
+* the CPU compute form: an int8 weight times a bf16 / f32 row vector, dequantised then multiplied,
+  and as `backend.project` multiplies it (the policy's `quantized_form`), against the bf16 / f32
+  weight itself.
 """
 
 from __future__ import annotations
@@ -96,29 +95,31 @@ def demo_agreement(n_scenes: int = 100) -> dict[str, float]:
 
 
 def compute_forms(runs: int = 20, k: int = 2048, n: int = 16384) -> list[list]:
-    """XLA:CPU on an int8 weight [k, n] times one row: dequantise-then-dot vs the float weight."""
+    """XLA:CPU on an int8 weight [n, k] (output-first) times one row: the float weight, the whole
+    weight dequantised then multiplied, and `backend.project` in the form the policy picks."""
     import time
 
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from pali_jax import quantize
+    from pali_jax import backend, quantize
     from pali_jax.quantize import Quantization
 
-    w32 = np.random.default_rng(0).normal(size=(k, n)).astype(np.float32)
-    q = jax.device_put(quantize.quantize(w32, Quantization("int8"), (0,)))
+    w32 = np.random.default_rng(0).normal(size=(n, k)).astype(np.float32)
+    q = jax.device_put(quantize.quantize(w32, Quantization("int8"), (1,)))
+    policy = backend.Policy.host()
+    options = policy.compiler_options()
     rows = []
     for dtype in (jnp.bfloat16, jnp.float32):
         x = jnp.ones((1, k), dtype)
         w = jnp.asarray(w32, dtype)
-        plain = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
-        deq = jax.jit(lambda x, q: jnp.dot(x, quantize.dequantize(q, x.dtype), preferred_element_type=jnp.float32))
-        hlo = deq.lower(x, q).compile().as_text()
-        fused = any("fusion" in line and "dot(" in line and "convert" in hlo for line in hlo.splitlines()
-                    if line.lstrip().startswith("ROOT") or "kind=kOutput" in line)
+        plain = jax.jit(lambda x, w: backend.project(x, w, 1, True, policy), compiler_options=options)
+        deq = jax.jit(lambda x, q: backend.project(x, quantize.dequantize(q, x.dtype), 1, True, policy),
+                      compiler_options=options)
+        chosen = jax.jit(lambda x, q: backend.project(x, q, 1, True, policy), compiler_options=options)
         timings = {}
-        for name, fn, args in (("weight", plain, (x, w)), ("int8 dequantise-then-dot", deq, (x, q))):
+        for name, fn, args in (("weight", plain, (x, w)), ("dequantize", deq, (x, q)), ("policy", chosen, (x, q))):
             fn(*args).block_until_ready()
             ts = []
             for _ in range(runs):
@@ -126,8 +127,8 @@ def compute_forms(runs: int = 20, k: int = 2048, n: int = 16384) -> list[list]:
                 fn(*args).block_until_ready()
                 ts.append(time.perf_counter() - t0)
             timings[name] = statistics.median(ts) * 1e3
-        rows.append([jnp.dtype(dtype).name, f"{timings['weight']:.2f}", f"{timings['int8 dequantise-then-dot']:.2f}",
-                     "yes" if fused else "no"])
+        rows.append([jnp.dtype(dtype).name, f"{timings['weight']:.2f}", f"{timings['dequantize']:.2f}",
+                     f"{timings['policy']:.2f} ({policy.quantized_form(dtype, 1)})"])
     return rows
 
 
@@ -196,9 +197,9 @@ def main() -> None:
     for row in forms:
         print(" | ".join(row))
     report.write(args, "quantized_cpu_form", ["activation dtype", "float weight ms", "int8 dequantise-then-dot ms",
-                                              "dequantisation fused into the dot"], forms,
-                 note=f"[1, 2048] x [2048, 16384], CPU flags: {flags}. backend.Policy multiplies a quantised weight "
-                      "by dequantising it inside the jitted program (the only form implemented).")
+                                              "int8 as backend.project runs it ms (form)"], forms,
+                 note=f"[1, 2048] x [16384, 2048] output-first, CPU flags: {flags}. The forms are compared on a "
+                      "whole layer by benchmarks/cpu_quant_matmul.py.")
     if not args.skip_demo:
         agree = demo_agreement()
         print(agree)

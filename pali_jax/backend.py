@@ -23,6 +23,20 @@ A policy decides:
   output-first layout gains nothing worth a transpose at load. GPUs and TPUs multiply bf16
   natively: plain dots, checkpoint axis order. Benchmark: benchmarks/cpu_matmul.py (prints the
   CPU and its flags; the forms measured are the ones named here).
+* `quantized_form`: how a quantised weight (`quantize.py`, {"qvalue", "qscale"}) is multiplied.
+  GPUs and TPUs (and the portable policy): `dequantize`, the weight dequantised to the activation
+  dtype inside the program and multiplied in its `matmul_form` (XLA fuses the dequantisation into
+  the matmul's fusion on GPU and TPU). XLA:CPU fuses nothing into a dot: the dequantised weight is
+  written whole and read back on every call, slower than the float weight itself. On CPU the
+  product is therefore tiled: a `lax.map` over blocks of output channels, each block dequantised
+  (about `tile_bytes`, 4 MB: it stays in cache, and its product runs on several threads) and
+  multiplied at once. Below _FEW_ROWS rows (decoding) the tiles are float32 whatever the
+  activations (`tiled_f32`: XLA:CPU's float32 matrix-vector product is many times its bf16 one);
+  for more rows (prefill, batches) they are in the activation dtype and multiplied in its
+  `matmul_form` (`tiled`: YNNPACK's bf16 GEMM). Each
+  output is computed within one tile, so it is rounded once, as in one dot. Benchmark:
+  benchmarks/cpu_quant_matmul.py (the forms, tile sizes, XLA:CPU's YNNPACK elementwise fusion, an
+  int8 x int8 dot on dynamically quantised rows, nibble-packed int4; docs/performance.md).
 * `compiler_options`: while-loop invariant code motion on XLA:CPU hoists the float32 conversion
   of every bf16 weight out of the decode loop (XLA:CPU computes all non-YNNPACK bf16 ops in
   float32): a bf16 model would then run on a float32 copy of its weights. CPU inference programs
@@ -55,6 +69,8 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
+from pali_jax import quantize
+
 if TYPE_CHECKING:
     from pali_jax.quantize import Quantization
 
@@ -62,6 +78,7 @@ Platform = Literal["cpu", "cuda", "rocm", "tpu"]
 PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
 AttentionKernel = Literal["einsum", "cudnn"]
 MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero"]
+QuantizedForm = Literal["dequantize", "tiled", "tiled_f32"]
 
 # /proc/cpuinfo flags of the x86 instruction sets XLA:CPU's kernels (YNNPACK, oneDNN, Eigen)
 # dispatch on for float32, bf16 and int8 matmuls.
@@ -104,11 +121,17 @@ class Layout:
       of the checkpoint's [*in, *out] (see `project`).
     quant: None, or how the projections, the embedding table and SigLIP's projections are
       quantised (`quantize.Quantization`): each such weight is then a {"qvalue", "qscale"} subtree.
+    int4_bytes: int4 values are held in int8 arrays, one per byte (the decoder's and the
+      embedding's, under int4 quantisation). XLA:CPU keeps a jnp.int4 array one value per byte
+      anyway, and converts int4 to float several times slower than int8 (the `tiled` product's
+      bottleneck: benchmarks/cpu_quant_matmul.py), so this costs no memory there. Checkpoints
+      (`CHECKPOINT_LAYOUT`) hold jnp.int4.
     """
 
     stacked: bool = True
     out_first: bool = False
     quant: Quantization | None = None
+    int4_bytes: bool = False
 
 
 CHECKPOINT_LAYOUT = Layout(stacked=True, out_first=False)  # converters, training, export
@@ -116,6 +139,11 @@ CHECKPOINT_LAYOUT = Layout(stacked=True, out_first=False)  # converters, trainin
 # bf16 rows below which an output-first weight is streamed as the left operand (XLA:CPU; above
 # it dot_general wins: benchmarks/cpu_matmul.py, `left_zero` against `dot_general`).
 _FEW_ROWS = 16
+# A quantised weight's product on XLA:CPU is dequantised a tile of about this many bytes at a time
+# (benchmarks/cpu_quant_matmul.py, `tiled` against `tiled NK`: 4 and 8 MB decode one row twice as
+# fast as 2 MB on this project's 2-core machines, their products running on both threads; 16 MB
+# spills the cache).
+_TILE_BYTES = 4 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +158,7 @@ class Policy:
 
     platform: Platform | None = None
     cpu_features: frozenset[str] = frozenset()
+    tile_bytes: int = _TILE_BYTES  # the float32 bytes of one tile of the `tiled` quantised product
 
     def __post_init__(self):
         if self.platform is not None and self.platform not in PLATFORMS:
@@ -153,13 +182,24 @@ class Policy:
 
     def inference_layout(self, dtype) -> Layout:
         """The fastest layout to run inference in `dtype` (see module docstring)."""
-        return Layout(stacked=False, out_first=self._cpu_bfloat16(dtype))
+        return Layout(stacked=False, out_first=self._cpu_bfloat16(dtype), int4_bytes=self.platform == "cpu")
 
     def matmul_form(self, dtype, rows: int, out_first: bool) -> MatmulForm:
         """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first."""
         if out_first:
             return "left_zero" if self._cpu_bfloat16(dtype) and rows < _FEW_ROWS else "dot_general"
         return "dot_pad" if self._cpu_bfloat16(dtype) and rows == 1 else "dot"
+
+    def quantized_form(self, dtype, rows: int) -> QuantizedForm:
+        """How `project` multiplies `rows` rows in `dtype` by a quantised weight (module docstring)."""
+        if self.platform != "cpu":
+            return "dequantize"
+        return "tiled_f32" if rows < _FEW_ROWS or jnp.dtype(dtype) == jnp.float32 else "tiled"
+
+    def tile_rows(self, n_in: int, dtype) -> int:
+        """Output channels per tile of the tiled forms for a weight contracting `n_in` inputs,
+        dequantised to `dtype`."""
+        return max(1, self.tile_bytes // (jnp.dtype(dtype).itemsize * n_in))
 
     def attention_kernel(self, dtype, softcap: float | None) -> AttentionKernel:
         """Which attention implementation a model in `dtype` runs (see module docstring)."""
@@ -183,18 +223,29 @@ def training_layout(dtype) -> Layout:
     return CHECKPOINT_LAYOUT
 
 
-def project(x: jax.Array, w: jax.Array, in_axes: int, out_first: bool, policy: Policy) -> jax.Array:
+def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> jax.Array:
     """x [..., *in] times a weight stored [*in, *out] (or [*out, *in] if out_first) -> [..., *out],
     as ONE 2-D matmul accumulated in float32 and rounded to x's dtype, in the form `policy` picks.
+    `w` is an array or a quantised weight ({"qvalue", "qscale"}, `quantize.py`, in the same stored
+    layout), multiplied as `policy.quantized_form` says.
 
     XLA:CPU runs einsums whose weight keeps several free axes (or whose contracted axis sits in the
     middle) through a generic loop far slower than its GEMM, hence the reshapes.
     """
-    n_in = math.prod(w.shape[w.ndim - in_axes :] if out_first else w.shape[:in_axes])
-    out_shape = w.shape[: w.ndim - in_axes] if out_first else w.shape[in_axes:]
+    quantized = quantize.is_quantized(w)
+    shape = w[quantize.QVALUE].shape if quantized else w.shape
+    n_in = math.prod(shape[len(shape) - in_axes :] if out_first else shape[:in_axes])
+    out_shape = shape[: len(shape) - in_axes] if out_first else shape[in_axes:]
     lead = x.shape[: x.ndim - in_axes]
     rows = x.reshape(-1, n_in)  # [M, n_in]
     m = rows.shape[0]
+    form = policy.quantized_form(rows.dtype, m) if quantized else None
+    if form in ("tiled", "tiled_f32"):
+        dtype = jnp.float32 if form == "tiled_f32" else rows.dtype
+        y = _tiled(rows.astype(dtype), w, n_in, out_first, policy.tile_rows(n_in, dtype), policy)
+        return y.astype(x.dtype).reshape(*lead, *out_shape)
+    if quantized:
+        w = quantize.dequantize(w, x.dtype)
     form = policy.matmul_form(rows.dtype, m, out_first)
     if form == "left_zero":
         cols = jnp.concatenate([rows.T, jnp.zeros((n_in, 1), rows.dtype)], axis=1)  # [n_in, M + 1]
@@ -205,3 +256,37 @@ def project(x: jax.Array, w: jax.Array, in_axes: int, out_first: bool, policy: P
         rows = jnp.concatenate([rows, jnp.zeros_like(rows)]) if form == "dot_pad" else rows
         y = jnp.dot(rows, w.reshape(n_in, -1), preferred_element_type=jnp.float32)[:m]
     return y.astype(x.dtype).reshape(*lead, *out_shape)
+
+
+def _tiled(rows: jax.Array, node, n_in: int, out_first: bool, tile: int, policy: Policy) -> jax.Array:
+    """rows [M, K] times a quantised weight -> [M, N] in rows' dtype, the weight dequantised (as
+    `quantize.dequantize` does, to rows' dtype) `tile` output channels at a time inside a loop
+    (`lax.map`), each tile multiplied by `project` while it is in cache: XLA:CPU does not fuse a
+    dequantisation into a dot, and dequantising the whole weight writes and reads a float copy of
+    it on every call. The last N % tile channels are one smaller product."""
+    q, scale = node[quantize.QVALUE], node[quantize.SCALE]
+    k = n_in
+    n = q.size // k
+    q2 = q.reshape(n, k) if out_first else q.reshape(k, n)  # [N, K] | [K, N]
+    s2 = scale.reshape(n, -1) if out_first else scale.reshape(-1, n)  # [N, G] | [G, N]: groups along K
+    g = s2.shape[1] if out_first else s2.shape[0]
+    axis = 0 if out_first else 1
+
+    def product(start, size):  # -> [M, size]
+        qt = jax.lax.dynamic_slice_in_dim(q2, start, size, axis).astype(jnp.float32)
+        st = jax.lax.dynamic_slice_in_dim(s2, start, size, axis).astype(jnp.float32)
+        if out_first:
+            wt = (qt.reshape(size, g, k // g) * st[:, :, None]).reshape(size, k)
+        else:
+            wt = (qt.reshape(g, k // g, size) * st[:, None, :]).reshape(k, size)
+        if rows.dtype == jnp.float32:  # XLA:CPU's float32 matrix-vector product takes the weight on the left
+            return jnp.dot(wt, rows.T).T if out_first else jnp.dot(rows, wt)
+        return project(rows, wt.astype(rows.dtype), 1, out_first, policy)
+
+    tile = min(tile, n)
+    full = n // tile * tile
+    y = jax.lax.map(lambda i: product(i * tile, tile), jnp.arange(n // tile))  # [N // tile, M, tile]
+    y = jnp.moveaxis(y, 1, 0).reshape(rows.shape[0], full)
+    if full < n:
+        y = jnp.concatenate([y, product(full, n - full)], axis=1)
+    return y

@@ -18,9 +18,10 @@ layout, the parameter sits in the parent module's scope under `name` (big_vision
 
 Quantised weights (`layout.quant`, `quantize.py`): the parameter is a {"qvalue", "qscale"} subtree
 in the same stored layout, declared by `declare_weight` (which every quantised weight of the
-package goes through: projections, the embedding table, SigLIP's kernels); the product runs on the
-dequantised weight `qvalue * qscale`, in the activation dtype, in the form `policy` picks, and
-(`product`) never keeps the dequantised weight for a backward pass.
+package goes through: projections, the embedding table, SigLIP's kernels); `backend.project`
+multiplies the stored {"qvalue", "qscale"} by x in the form `policy` picks (`quantized_form`): the
+dequantised weight `qvalue * qscale` in the activation dtype, or on CPU tile by tile in float32;
+`product` never keeps a dequantised weight for a backward pass.
 
 LoRA: when a `"lora"` variable named like the weight is present (`lora.py` creates them), the
 projection adds `(x A) B`; A is [C?, *in, r] and B [C?, r, *out without C], a pair weight getting
@@ -93,15 +94,16 @@ def quantized_weight(module: nn.Module, name: str, init: Callable, shape: tuple[
     return quantize.dequantize(w, dtype) if quant is not None else w.astype(dtype)
 
 
-def product(multiply: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, w: Any, dtype) -> jax.Array:
-    """`multiply(x, weight in dtype)` for a parameter `declare_weight` returned. A quantised weight
-    is dequantised together with the product under `jax.checkpoint`: differentiated with respect
-    to x (LoRA adapters on a quantised base, QLoRA) the backward pass keeps the integers and
-    dequantises again, where it would otherwise keep every layer's dequantised weight, a float
-    copy of the model, until the backward pass. Without differentiation it is the plain product."""
+def product(multiply: Callable[[jax.Array, Any], jax.Array], x: jax.Array, w: Any, dtype) -> jax.Array:
+    """`multiply(x, w)` for a parameter `declare_weight` returned: a float weight cast to `dtype`,
+    or a quantised one as stored (`backend.project` multiplies it in the form the policy picks),
+    under `jax.checkpoint`: differentiated with respect to x (LoRA adapters on a quantised base,
+    QLoRA) the backward pass keeps the integers and dequantises again, where it would otherwise keep
+    every layer's dequantised weight, a float copy of the model, until the backward pass. Without
+    differentiation it is the plain product."""
     if not quantize.is_quantized(w):
         return multiply(x, w.astype(dtype))
-    return jax.checkpoint(lambda x, w: multiply(x, quantize.dequantize(w, dtype)), prevent_cse=False)(x, w)
+    return jax.checkpoint(multiply, prevent_cse=False)(x, w)
 
 
 class Einsum(nn.Module):

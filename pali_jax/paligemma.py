@@ -183,12 +183,15 @@ def _decoder_leaves(params: dict, stacked: bool) -> dict[str, Any]:
 def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
     """The same parameters in another decoder layout (see `backend.Layout`).
 
-    Works in place on `params` (its decoder subtrees are replaced). From stacked to per-layer, host
+    Works in place on `params` (its decoder subtrees are replaced; `int4_bytes`: the language
+    model's int4 values are cast). From stacked to per-layer, host
     (numpy) arrays are split into views and device arrays one program per stacked shape; a weight
     whose axes move (output-first) is transposed one layer at a time; each stacked array is dropped
     once split, so memory peaks at the model plus its largest stacked array.
     """
-    if src == dst:
+    if src.int4_bytes != dst.int4_bytes:
+        _hold_int4(params, dst)
+    if dataclasses.replace(src, int4_bytes=dst.int4_bytes) == dst:
         return params
     src_axes, dst_axes = axes_table(src), axes_table(dst)
     src_prefix = "llm/layers/" if src.stacked else "llm/layers_*/"
@@ -217,6 +220,25 @@ def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
         for i in range(depth):
             llm[f"layers_{i}"] = nest({tuple(sub.split("/")): layers[i] for sub, layers in out.items()})
     return params
+
+
+def _hold_int4(params: dict, dst: Layout) -> None:
+    """The language model's int4 values (under int4 quantisation, every quantised weight of
+    `params["llm"]`; SigLIP's are int8) in int8 arrays (`dst.int4_bytes`) or back in jnp.int4, in
+    place."""
+    quant = dst.quant
+    if quant is None or quant.scheme != "int4":
+        return
+    dtype = jnp.int8 if dst.int4_bytes else jnp.int4
+
+    def walk(node):
+        for key, value in node.items():
+            if key == quantize.QVALUE:
+                node[key] = value.astype(dtype)
+            elif isinstance(value, dict):
+                walk(value)
+
+    walk(params["llm"])
 
 
 def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from pali_jax import backend
@@ -28,7 +31,7 @@ def test_cpu_features_are_the_tracked_flags_of_cpuinfo(tmp_path, monkeypatch):
 
 def test_choices_follow_the_named_platform_only():
     bf16 = jnp.bfloat16
-    assert Policy("cpu").inference_layout(bf16) == Layout(stacked=False, out_first=True)
+    assert Policy("cpu").inference_layout(bf16) == Layout(stacked=False, out_first=True, int4_bytes=True)
     assert Policy("cuda").inference_layout(bf16) == Layout(stacked=False, out_first=False)
     assert Policy("cpu").matmul_form(bf16, 1, True) == "left_zero"
     assert {Policy(p).matmul_form(bf16, 1, True) for p in ("cuda", "rocm", "tpu", None)} == {"dot_general"}
@@ -41,3 +44,63 @@ def test_choices_follow_the_named_platform_only():
     assert Policy("tpu").compiler_options() is None and Policy("cuda").compiler_options(inference=False) is None
     with pytest.raises(ValueError, match="unknown platform"):
         Policy("gpu")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("out_first", [True, False])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_tiled_quantized_product_equals_dequantize_then_dot(scheme, out_first, rows):
+    """The CPU policy's tiled product of a quantised weight gives the numbers of the plain form
+    (dequantise, then one dot) within float32 rounding: tiles that do not divide the output
+    channels, grouped int4 scales, both stored layouts, x over two contracted axes."""
+    from pali_jax import quantize
+    from pali_jax.quantize import Quantization
+
+    rng = np.random.default_rng(0)
+    ins, outs = (4, 32), (2, 13)  # [N=4, H=32] contracted (attn_vec_einsum-like), 26 output channels
+    shape = (*outs, *ins) if out_first else (*ins, *outs)
+    contracted = (2, 3) if out_first else (0, 1)
+    w = rng.standard_normal(shape).astype(np.float32)
+    node = quantize.quantize(w, Quantization(scheme, group_size=16), contracted)
+    x = jnp.asarray(rng.standard_normal((rows, 3, *ins)), jnp.float32)
+    cpu = Policy("cpu")
+    assert cpu.quantized_form(jnp.bfloat16, 1) == cpu.quantized_form(jnp.float32, 64) == "tiled_f32"
+    assert cpu.quantized_form(jnp.bfloat16, 64) == "tiled"
+    assert Policy("cuda").quantized_form(jnp.float32, rows) == Policy().quantized_form(jnp.bfloat16, 1) == "dequantize"
+    assert cpu.tile_rows(128, jnp.float32) >= 26  # the test below narrows it to cut the channels unevenly
+    narrow = Policy("cpu", tile_bytes=4 * 128 * 4)  # 6 tiles of 4 output channels and one of 2
+    assert narrow.tile_rows(128, jnp.float32) == 4 and narrow.tile_rows(128, jnp.bfloat16) == 8
+    tiled = backend.project(x, node, 2, out_first, narrow)
+    plain = backend.project(x, quantize.dequantize(node, jnp.float32), 2, out_first, Policy())
+    assert tiled.shape == plain.shape == (rows, 3, *outs) and tiled.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(tiled), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    x16 = x.astype(jnp.bfloat16)
+    whole = backend.project(x16, node, 2, out_first, cpu)  # one tile; bf16 rows, float32 arithmetic
+    plain16 = backend.project(x16.astype(jnp.float32), quantize.dequantize(node, jnp.float32), 2, out_first, Policy())
+    assert whole.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(whole, np.float32), np.asarray(plain16), rtol=2 ** -8, atol=1e-6)
+    # many bf16 rows: bf16 tiles through the bf16 product, as the dequantise-then-dot form rounds them
+    x16 = jnp.asarray(rng.standard_normal((4, 5, *ins)), jnp.bfloat16)  # 20 rows
+    tiled16 = backend.project(x16, node, 2, out_first, narrow)
+    plain16 = backend.project(x16, quantize.dequantize(node, jnp.bfloat16), 2, out_first, cpu)
+    assert narrow.quantized_form(jnp.bfloat16, 20) == "tiled" and tiled16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(tiled16, np.float32), np.asarray(plain16, np.float32), rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tiled_program_never_holds_the_whole_dequantised_weight(dtype):
+    """What the tiled form is for: XLA:CPU's compiled program dequantises tile-sized buffers only,
+    where the dequantise-then-dot form writes the whole float weight."""
+    from pali_jax import quantize
+    from pali_jax.quantize import Quantization
+
+    w = np.random.default_rng(1).standard_normal((64, 512)).astype(np.float32)  # [N, K] output-first
+    node = quantize.quantize(w, Quantization("int8"), (1,))
+    x = jnp.ones((1, 512), dtype)
+
+    def buffers(policy) -> str:
+        return jax.jit(lambda x, node: backend.project(x, node, 1, True, policy)).lower(x, node).compile().as_text()
+
+    tiled = buffers(Policy("cpu", tile_bytes=8 * 512 * 4))  # float32 tiles of 8 channels
+    assert "f32[8,512]" in tiled and not re.search(r"(f32|bf16)\[64,512\]", tiled)
+    assert re.search(r"(f32|bf16)\[64,512\]", buffers(Policy()))
