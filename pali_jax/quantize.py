@@ -13,7 +13,7 @@ n / group_size scales; an axis shorter than the group is one group) and keeps th
 broadcast over its group), which is what the model computes with (`dequantize`): gradients flow
 through it into LoRA adapters, and nothing weight-sized is ever stored in float.
 
-What is quantised (`layers.quantized_weight` is where each module declares it): the decoder's
+What is quantised (`layers.declare_weight` is where each module declares it): the decoder's
 projections (`layers.Einsum`), the tied embedding table [V, D] (by rows: it is also the logits
 projection, contracted over D) and SigLIP's projections and projector. SigLIP is int8 in both
 schemes: its MLP width 4304 and head dim 72 are not multiples of int4's groups, and it runs once
