@@ -127,8 +127,11 @@ def serve(pg, args, max_prompt_tokens: int, max_tokens: int):
     from pali_jax.openai_api import Limits
     from pali_jax.serve import Options, make_server
 
-    server = make_server(pg, Options(NAME, Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens)),
-                         slots=args.slots, queue_size=max(args.clients * 2, 64), steps=args.decode_steps)
+    # The load is bounded by --time-limit, not per request: a request's queue wait counts toward the
+    # server's timeout, which at PaliGemma widths exceeds the 60 s default.
+    options = Options(NAME, Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens),
+                      request_timeout_s=args.request_timeout)
+    server = make_server(pg, options, slots=args.slots, queue_size=max(args.clients * 2, 64), steps=args.decode_steps)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -299,6 +302,7 @@ def main(argv=None) -> None:
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--slots", type=int, default=32)
+    p.add_argument("--request-timeout", type=float, default=600.0, help="the server's per-request timeout, s")
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--hostile", type=int, default=0, help="demo: malformed requests mixed in")
     p.add_argument("--distinct", type=int, default=200, help="demo: distinct images (requests cycle over them)")
