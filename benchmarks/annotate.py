@@ -140,15 +140,21 @@ def wide_model(vision_layers: int = 2, text_layers: int = 2) -> PaliGemma:
     return PaliGemma(cfg, params, jnp.float32, DEMO_MODEL, layout=layout)
 
 
+def wide_items(n: int, folder: str) -> list[Item]:
+    """`n` random 224 px images written into `folder`, captioned with max_new_tokens 8 and 64 mixed."""
+    rng = np.random.default_rng(5)
+    items = []
+    for i, limit in enumerate(rng.permutation([8, 64] * (n // 2))):
+        path = Path(folder) / f"{i:05d}.png"
+        PIL.Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(path)
+        items.append(Item(str(path), "caption en", int(limit)))
+    return items
+
+
 def run_wide(args) -> dict:
     pg = wide_model()
-    rng = np.random.default_rng(5)
     with tempfile.TemporaryDirectory() as tmp:
-        items = []
-        for i, limit in enumerate(rng.permutation([8, 64] * (args.images // 2))):
-            path = Path(tmp) / f"{i:05d}.png"
-            PIL.Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(path)
-            items.append(Item(str(path), "caption en", int(limit)))
+        items = wide_items(args.images, tmp)
         # The warm-up compiles the job's programs for the sizes of its first refills (a refill size
         # first met later compiles inside the timed run) and both fixed-batch programs.
         warm = [Item(i.image, i.prompt, 64 if k == 0 else 2) for k, i in enumerate(items[: args.slots + 1])]

@@ -33,8 +33,6 @@ import dataclasses
 import gc
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import child as child_process
 from benchmarks import report
 from pali_jax.config import PaliGemmaConfig
 from pali_jax.pretrained import PaliGemma
@@ -188,10 +187,7 @@ def child(spec: dict) -> dict:
 
 
 def run_child(spec: dict, tmp: Path) -> dict:
-    out = tmp / "child.json"
-    cmd = [sys.executable, "-m", "benchmarks.generation", "--child", json.dumps(spec), str(out)]
-    subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
+    return child_process.run("benchmarks.generation", spec, tmp)
 
 
 # -- the matrix ------------------------------------------------------------------------------------

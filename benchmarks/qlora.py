@@ -19,12 +19,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import child as child_process
 from benchmarks import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,14 +71,6 @@ def child(spec: dict) -> dict:
     return {"losses": losses, "step_s": float(np.median(times[1:])), "peak_rss_bytes": peak_rss_bytes()}
 
 
-def run_child(spec: dict, tmp: Path) -> dict:
-    import subprocess
-
-    out = tmp / "child.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.qlora", "--child", json.dumps(spec), str(out)], check=True)
-    return json.loads(out.read_text())
-
-
 def demo_accuracy(steps: int, train_scenes: int = 256, eval_scenes: int = 100) -> dict[str, dict]:
     """The demo model fine-tuned on counting (LoRA rank 8) per base: exact-match rate on unseen scenes."""
     import dataclasses
@@ -119,8 +110,7 @@ def demo_accuracy(steps: int, train_scenes: int = 256, eval_scenes: int = 100) -
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        Path(sys.argv[3]).write_text(json.dumps(child(json.loads(sys.argv[2]))))
+    if child_process.serve(child):
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, help="where the random checkpoint is built and kept (default: a temporary folder)")
@@ -146,7 +136,7 @@ def main() -> None:
             build(hf_config(preset("paligemma-3b-224"), args.vision_layers, args.text_layers),
                   torch.bfloat16).save_pretrained(hf_dir)
         tmp = Path(tempfile.mkdtemp(prefix="pali-jax-qlora-run-"))
-        results = {b: run_child({"hf_dir": str(hf_dir), "base": b}, tmp) for b in BASES}
+        results = {b: child_process.run("benchmarks.qlora", {"hf_dir": str(hf_dir), "base": b}, tmp) for b in BASES}
         ref = results["bfloat16"]
         rows = []
         for b, res in results.items():

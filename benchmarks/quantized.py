@@ -25,12 +25,11 @@ child protocol), batch 1, greedy, medians of --runs after a warm-up:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import child as child_process
 from benchmarks import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,14 +67,6 @@ def child(spec: dict) -> dict:
     logits = np.asarray(pg.forward(pixels, ids, types))[0, -SUFFIX - 1 : -1].astype(np.float32)
     np.save(spec["logits"], logits)
     return {"row": row, "decoder_bytes": held, "peak_rss_bytes": peak_rss_bytes()}
-
-
-def run_child(spec: dict, tmp: Path) -> dict:
-    import subprocess
-
-    out = tmp / "child.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.quantized", "--child", json.dumps(spec), str(out)], check=True)
-    return json.loads(out.read_text())
 
 
 def demo_agreement(n_scenes: int = 100) -> dict[str, float]:
@@ -133,8 +124,7 @@ def compute_forms(runs: int = 20, k: int = 2048, n: int = 16384) -> list[list]:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        Path(sys.argv[3]).write_text(json.dumps(child(json.loads(sys.argv[2]))))
+    if child_process.serve(child):
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", type=Path, help="where the random checkpoint is built and kept (default: a temporary folder)")
@@ -164,10 +154,10 @@ def main() -> None:
         build(hf_config(preset("paligemma-3b-224"), args.vision_layers, args.text_layers), torch.bfloat16).save_pretrained(hf_dir)
     tmp = Path(tempfile.mkdtemp(prefix="pali-jax-quantized-run-"))
     common = {"hf_dir": str(hf_dir), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs}
-    results = {s: run_child({**common, "impl": "pali_jax", "scheme": s, "logits": str(_logits_file(tmp, s))}, tmp)
+    results = {s: child_process.run("benchmarks.quantized", {**common, "impl": "pali_jax", "scheme": s, "logits": str(_logits_file(tmp, s))}, tmp)
                for s in SCHEMES}
     if not args.skip_transformers:
-        results["transformers"] = run_child({**common, "impl": "transformers"}, tmp)
+        results["transformers"] = child_process.run("benchmarks.quantized", {**common, "impl": "transformers"}, tmp)
     bandwidth = read_bandwidth()
     ref = np.load(_logits_file(tmp, "bfloat16"), allow_pickle=False)
     rows = []

@@ -36,7 +36,7 @@ import numpy as np
 import PIL.Image
 
 from benchmarks import report
-from benchmarks.annotate import demo_items, wide_model
+from benchmarks.annotate import demo_items, wide_items, wide_model
 from pali_jax.annotate import Item, JobStats, annotate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,13 +266,8 @@ def run_demo(args) -> dict:
 
 def run_wide(args) -> dict:
     pg = wide_model()
-    rng = np.random.default_rng(5)
     with tempfile.TemporaryDirectory() as tmp:
-        items = []
-        for i, limit in enumerate(rng.permutation([8, 64] * (args.requests // 2))):
-            path = Path(tmp) / f"{i:05d}.png"
-            PIL.Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(path)
-            items.append(Item(str(path), "caption en", int(limit)))
+        items = wide_items(args.requests, tmp)
         rate, wants = job_rate(pg, items, args.slots, 64)
         bodies = [body(data_url(i.image), i.prompt, i.max_new_tokens) for i in items]
         longest = len(pg.tokenizer.encode_example("caption en", num_image_tokens=pg.config.num_image_tokens)[0])
