@@ -79,7 +79,7 @@ def clients_main(spec_path: str) -> None:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(spec["clients"]) as pool:
         list(pool.map(client, range(spec["clients"])))
-    print(json.dumps({"wall_s": time.perf_counter() - t0, "results": out}))
+    print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time(), "results": out}))
 
 
 # -- the server side -------------------------------------------------------------------------------
@@ -158,6 +158,8 @@ def load(url: str, bodies: list[str], args, engine) -> dict:
     """Runs the clients; samples this process's RSS after 100 valid answers and at the end."""
     rss = {}
     done = threading.Event()
+    counted = ("pali_jax_refills_total", "pali_jax_decode_calls_total")
+    before = [engine.metrics.registry.get_sample_value(name) or 0 for name in counted]
 
     def sample():
         registry = engine.metrics.registry
@@ -171,6 +173,7 @@ def load(url: str, bodies: list[str], args, engine) -> dict:
     sampler.start()
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"url": url, "clients": args.clients, "time_limit": args.time_limit, "requests": bodies}, f)
+    cpu0 = time.process_time()
     try:
         out = subprocess.run([sys.executable, "-m", "benchmarks.serve_load", "--clients-of", f.name],
                              capture_output=True, text=True, cwd=ROOT, check=True)
@@ -178,19 +181,24 @@ def load(url: str, bodies: list[str], args, engine) -> dict:
         Path(f.name).unlink()
         done.set()
     rss["at_end"] = rss_mb()
+    server_cpu_s = time.process_time() - cpu0
     result = json.loads(out.stdout)
+    result["server_cpu_s"] = server_cpu_s
+    result["server_refills"], result["server_decode_calls"] = (
+        (engine.metrics.registry.get_sample_value(name) or 0) - b for name, b in zip(counted, before))
     result["rss_mb"] = rss
     return result
 
 
-def job_rate(pg, items: list[Item], slots: int, default_tokens: int) -> tuple[float, list[list[int]]]:
+def job_rate(pg, items: list[Item], slots: int, default_tokens: int) -> tuple[float, list[list[int]], JobStats]:
     # The whole set once first: the timed job meets no refill size it has not compiled, as the
     # server, warmed up on every size, meets none.
     list(annotate(pg, items, slots=slots, max_new_tokens=default_tokens))
     stats = JobStats()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     records = list(annotate(pg, items, slots=slots, max_new_tokens=default_tokens, stats=stats))
-    return len(items) / (time.perf_counter() - t0), [r["token_ids"] for r in records]
+    stats.cpu_s = time.process_time() - cpu0
+    return len(items) / (time.perf_counter() - t0), [r["token_ids"] for r in records], stats
 
 
 def summarise(result: dict, n_valid: int, check) -> dict:
@@ -206,6 +214,8 @@ def summarise(result: dict, n_valid: int, check) -> dict:
         "requests_per_s": round(len(ok) / result["wall_s"], 2), "wall_s": round(result["wall_s"], 2),
         "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
         "latency_p99_s": round(float(np.percentile(latencies, 99)), 4),
+        "server_cpu_s": round(result["server_cpu_s"], 2), "clients_cpu_s": round(result["cpu_s"], 2),
+        "server_refills": int(result["server_refills"]), "server_decode_calls": int(result["server_decode_calls"]),
     }
     if hostile:
         out["hostile"] = len(hostile)
@@ -229,7 +239,7 @@ def run_demo(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         distinct = demo_items(Path(tmp), min(args.requests, args.distinct))
         items = [distinct[i % len(distinct)] for i in range(args.requests)]
-        rate, _ = job_rate(pg, items, args.slots, 32)
+        rate, _, stats = job_rate(pg, items, args.slots, 32)
         wants = [pg.generate(i.image, i.prompt, max_new_tokens=32)[0] for i in distinct]
         sizes = [PIL.Image.open(i.image).size for i in distinct]
         urls = [data_url(i.image) for i in distinct]
@@ -260,7 +270,8 @@ def run_demo(args) -> dict:
     result["results"] = [[back[r[0]], *r[1:]] for r in result["results"]]
     out = summarise(result, len(bodies), check)
     out.update(slots=args.slots, clients=args.clients, job_images_per_s=round(rate, 2),
-               ratio_to_job=round(out["requests_per_s"] / rate, 3), server_startup_s=round(startup_s, 1))
+               ratio_to_job=round(out["requests_per_s"] / rate, 3), server_startup_s=round(startup_s, 1),
+               job_cpu_s=round(stats.cpu_s, 2), job_refills=stats.decoder.refills, job_decode_calls=stats.decoder.decode_calls)
     return out
 
 
@@ -268,7 +279,7 @@ def run_wide(args) -> dict:
     pg = wide_model()
     with tempfile.TemporaryDirectory() as tmp:
         items = wide_items(args.requests, tmp)
-        rate, wants = job_rate(pg, items, args.slots, 64)
+        rate, wants, stats = job_rate(pg, items, args.slots, 64)
         bodies = [body(data_url(i.image), i.prompt, i.max_new_tokens) for i in items]
         longest = len(pg.tokenizer.encode_example("caption en", num_image_tokens=pg.config.num_image_tokens)[0])
         running, thread, url, engine, startup_s = serve(pg, args, max(longest - pg.config.num_image_tokens, 16), 64)
@@ -283,7 +294,8 @@ def run_wide(args) -> dict:
 
     out = summarise(result, len(bodies), check)
     out.update(slots=args.slots, clients=args.clients, job_images_per_s=round(rate, 3),
-               ratio_to_job=round(out["requests_per_s"] / rate, 3), server_startup_s=round(startup_s, 1))
+               ratio_to_job=round(out["requests_per_s"] / rate, 3), server_startup_s=round(startup_s, 1),
+               job_cpu_s=round(stats.cpu_s, 2), job_refills=stats.decoder.refills, job_decode_calls=stats.decoder.decode_calls)
     return out
 
 

@@ -99,14 +99,16 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.requests = Counter("pali_jax_requests", "requests answered, by HTTP status", ["status"], registry=r)
         self._window: deque[tuple[float, int]] = deque()
+        self._window_tokens = 0  # the sum over _window
 
     def add_tokens(self, n: int, now: float) -> None:
         self.tokens.inc(n)
         self._window.append((now, n))
+        self._window_tokens += n
         while self._window and self._window[0][0] < now - RATE_WINDOW_S:
-            self._window.popleft()
+            self._window_tokens -= self._window.popleft()[1]
         span = max(now - self._window[0][0], 1e-3) if len(self._window) > 1 else RATE_WINDOW_S
-        self.tokens_per_s.set(sum(k for _, k in self._window) / span)
+        self.tokens_per_s.set(self._window_tokens / span)
 
 
 @dataclasses.dataclass

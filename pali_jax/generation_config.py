@@ -186,12 +186,16 @@ class GenerationConfig:
             self.effective_temperature, self.top_k or 0, 1.0 if self.top_p is None else self.top_p
         )
 
-    def prng_key(self) -> jax.Array:
-        """The decode loop's key. `jax.random.PRNGKey` keeps only a seed's low 32 bits (without
-        x64), so the high bits are folded in: seeds 2**32 apart differ. Seeds below 2**32 keep the
-        key they always had."""
+    def prng_key(self) -> np.ndarray:
+        """The decode loop's key, [2] uint32. `jax.random.PRNGKey` keeps only a seed's low 32 bits
+        (without x64), so the high bits are folded in: seeds 2**32 apart differ. Seeds below 2**32
+        keep `PRNGKey(seed)`, which for the default threefry generator is [0, seed]: made here on
+        the host, since a server makes one per request and a dispatched JAX op costs it more than
+        the rest of a request's preparation."""
+        if self.seed >> 32 == 0 and jax.config.jax_default_prng_impl == "threefry2x32":
+            return np.array([0, self.seed], np.uint32)
         key = jax.random.PRNGKey(self.seed & 0xFFFFFFFF)
-        return jax.random.fold_in(key, self.seed >> 32) if self.seed >> 32 else key
+        return np.asarray(jax.random.fold_in(key, self.seed >> 32) if self.seed >> 32 else key)
 
     def check_model(self, cfg: PaliGemmaConfig) -> None:
         """Checks what needs the model but no prompt: room for a prompt within the model's

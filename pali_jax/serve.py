@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -193,9 +192,15 @@ class Server:
         return b"".join(chunks)
 
     # -- one request ---------------------------------------------------------------------------
-    def _prepare(self, req: api.ChatRequest) -> tuple[Prompt, tuple[int, int], int]:
-        """(the prompt for the engine, the image's (width, height), prompt tokens): on a worker thread."""
+    def _prepare(self, raw: bytes) -> tuple[api.ChatRequest, Prompt, tuple[int, int], int]:
+        """(the request, its prompt for the engine, the image's (width, height), prompt tokens),
+        from the body: on a worker thread (one hop per request: each wakes a thread that then
+        competes for the GIL with the event loop and the decoding thread)."""
         cfg, limits = self.pg.config, self.options.limits
+        req = api.parse_chat_request(raw, limits)
+        if req.model != self.options.model_name:
+            raise api.APIError(404, f"model {req.model!r} does not exist; this server has {self.options.model_name!r}",
+                               param="model", code="model_not_found")
         try:
             ids, types = self.pg.tokenizer.encode_example(req.prompt, num_image_tokens=cfg.num_image_tokens)
         except ProcessorError as e:
@@ -216,17 +221,17 @@ class Server:
             raise api.bad(str(e), "messages") from None
         pixels = preprocess_images([image], cfg.image_size)[0].astype(self.pg.dtype)
         prompt = Prompt(0, pixels, *pad_prompt(cfg, ids, types), req.max_tokens, ignore_stop_tokens=req.ignore_eos)
-        return prompt, image.size, len(ids)
+        return req, prompt, image.size, len(ids)
 
     def _sampling(self, req: api.ChatRequest) -> Sampling:
         """The request's sampler: its own settings, else the server's (--temperature, --top-p,
         --top-k; greedy by default); its seed, else --seed, else a random one."""
         o = self.options
         seed = next((s for s in (req.seed, o.seed) if s is not None), None)
-        seed = int.from_bytes(os.urandom(8), "little") >> 1 if seed is None else seed
+        seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed  # < 2**32: a host-made key
         temperature = o.temperature if req.temperature is None else req.temperature
         top_p = o.top_p if req.top_p is None else req.top_p
-        return Sampling(temperature, o.top_k, top_p, np.asarray(GenerationConfig(seed=seed).prng_key()))
+        return Sampling(temperature, o.top_k, top_p, GenerationConfig(seed=seed).prng_key())
 
     async def _chat(self, request):
         t0 = time.perf_counter()
@@ -238,11 +243,7 @@ class Server:
         if not self.engine.serving:
             raise self._unavailable("the server is compiling its programs; retry shortly (GET /health)")
         raw = await self._body(request)
-        req = await self._to_thread(api.parse_chat_request, raw, self.options.limits, limiter=self._images)
-        if req.model != self.options.model_name:
-            raise api.APIError(404, f"model {req.model!r} does not exist; this server has {self.options.model_name!r}",
-                               param="model", code="model_not_found")
-        prompt, size, prompt_tokens = await self._to_thread(self._prepare, req, limiter=self._images)
+        req, prompt, size, prompt_tokens = await self._to_thread(self._prepare, raw, limiter=self._images)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         try:
