@@ -259,26 +259,31 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
 
 
 def _tiled(rows: jax.Array, node, n_in: int, out_first: bool, tile: int, policy: Policy) -> jax.Array:
-    """rows [M, K] times a quantised weight -> [M, N] in rows' dtype, the weight dequantised (as
-    `quantize.dequantize` does, to rows' dtype) `tile` output channels at a time inside a loop
-    (`lax.map`), each tile multiplied by `project` while it is in cache: XLA:CPU does not fuse a
-    dequantisation into a dot, and dequantising the whole weight writes and reads a float copy of
-    it on every call. The last N % tile channels are one smaller product."""
-    q, scale = node[quantize.QVALUE], node[quantize.SCALE]
+    """rows [M, K] times a quantised (or bfloat16) weight -> [M, N] in rows' dtype, the weight
+    dequantised (as `quantize.dequantize` does, to rows' dtype; a bf16 weight converted) `tile`
+    output channels at a time inside a loop (`lax.map`), each tile multiplied by `project` while
+    it is in cache: XLA:CPU does not fuse a dequantisation into a dot, and dequantising the whole
+    weight writes and reads a float copy of it on every call. The last N % tile channels are one
+    smaller product."""
+    quantized = quantize.is_quantized(node)
+    q = node[quantize.QVALUE] if quantized else node
     k = n_in
     n = q.size // k
     q2 = q.reshape(n, k) if out_first else q.reshape(k, n)  # [N, K] | [K, N]
-    s2 = scale.reshape(n, -1) if out_first else scale.reshape(-1, n)  # [N, G] | [G, N]: groups along K
-    g = s2.shape[1] if out_first else s2.shape[0]
     axis = 0 if out_first else 1
+    if quantized:
+        scale = node[quantize.SCALE]
+        s2 = scale.reshape(n, -1) if out_first else scale.reshape(-1, n)  # [N, G] | [G, N]: groups along K
+        g = s2.shape[1] if out_first else s2.shape[0]
 
     def product(start, size):  # -> [M, size]
-        qt = jax.lax.dynamic_slice_in_dim(q2, start, size, axis).astype(jnp.float32)
-        st = jax.lax.dynamic_slice_in_dim(s2, start, size, axis).astype(jnp.float32)
-        if out_first:
-            wt = (qt.reshape(size, g, k // g) * st[:, :, None]).reshape(size, k)
-        else:
-            wt = (qt.reshape(g, k // g, size) * st[:, None, :]).reshape(k, size)
+        wt = jax.lax.dynamic_slice_in_dim(q2, start, size, axis).astype(jnp.float32)
+        if quantized:
+            st = jax.lax.dynamic_slice_in_dim(s2, start, size, axis).astype(jnp.float32)
+            if out_first:
+                wt = (wt.reshape(size, g, k // g) * st[:, :, None]).reshape(size, k)
+            else:
+                wt = (wt.reshape(g, k // g, size) * st[:, None, :]).reshape(k, size)
         if rows.dtype == jnp.float32:  # XLA:CPU's float32 matrix-vector product takes the weight on the left
             return jnp.dot(wt, rows.T).T if out_first else jnp.dot(rows, wt)
         return project(rows, wt.astype(rows.dtype), 1, out_first, policy)

@@ -87,6 +87,21 @@ def test_tiled_quantized_product_equals_dequantize_then_dot(scheme, out_first, r
     np.testing.assert_allclose(np.asarray(tiled16, np.float32), np.asarray(plain16, np.float32), rtol=2 ** -7, atol=1e-6)
 
 
+@pytest.mark.parametrize("out_first", [True, False])
+def test_tiled_product_of_a_bfloat16_weight_is_its_float32_product(out_first):
+    """`_tiled` on a plain bf16 weight (benchmarks/cpu_matmul.py's `tiled_f32` candidate) converts
+    each tile exactly: the float32 product of the converted weight, uneven tiles included."""
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.standard_normal((26, 128) if out_first else (128, 26)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((3, 128)), jnp.float32)
+    narrow = Policy("cpu", tile_bytes=4 * 128 * 4)  # tiles of 4 output channels, the last of 2
+    got = backend._tiled(x, w, 128, out_first, narrow.tile_rows(128, jnp.float32), narrow)
+    w32 = np.asarray(w, np.float32)
+    want = np.asarray(x) @ (w32.T if out_first else w32)
+    assert got.shape == (3, 26) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_tiled_program_never_holds_the_whole_dequantised_weight(dtype):
     """What the tiled form is for: XLA:CPU's compiled program dequantises tile-sized buffers only,
