@@ -221,6 +221,13 @@ def held_bytes(cfg, scheme: str | None) -> int:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def _existing(path: Path) -> Path:
+    """path, or its nearest existing parent (whose disk it would be on)."""
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def refusal(name: str, scheme: str, held: int, checkpoint: int, complete: bool, work: Path) -> str | None:
     """Why a scheme cannot run here (one line), or None."""
     mem = meminfo()
@@ -228,7 +235,7 @@ def refusal(name: str, scheme: str, held: int, checkpoint: int, complete: bool, 
         form = " (int4 held one value per byte on CPU)" if scheme == "int4" else ""
         return (f"{name} in {scheme} needs {held / GB:.1f} GB of weights held{form} + {WORKING_BYTES / GB:.0f} GB to run, "
                 f"more than the {mem['MemAvailable'] / GB:.1f} GB available (MemTotal {mem['MemTotal'] / GB:.1f} GB): not run")
-    free = shutil.disk_usage(work).free
+    free = shutil.disk_usage(_existing(work)).free
     if not complete and checkpoint + DISK_MARGIN > free:
         return (f"{name}'s bf16 checkpoint needs {checkpoint / GB:.1f} GB of disk, more than the "
                 f"{free / GB:.1f} GB free in {work} (less {DISK_MARGIN / GB:.0f} GB): not run")
@@ -318,7 +325,6 @@ def main() -> None:
     full_depth = (cfg.vision.depth, cfg.text.depth) == (full.vision.depth, full.text.depth)
     name = f"{args.preset} ({depth}{'' if full_depth else ', reduced'})"
     work = args.work or Path(tempfile.mkdtemp(prefix="pali-jax-big-"))
-    work.mkdir(parents=True, exist_ok=True)
     hf_dir = work / f"{args.preset}-{cfg.vision.depth}+{cfg.text.depth}"
     shapes = tensor_shapes(hf_cfg)
     checkpoint = sum(2 * math.prod(s) for s in shapes.values())
@@ -336,6 +342,7 @@ def main() -> None:
     if not schemes:
         sys.exit(2)
 
+    work.mkdir(parents=True, exist_ok=True)
     disk_free = shutil.disk_usage(work).free
     written = write_checkpoint(hf_cfg, hf_dir, args.seed)
     print(f"checkpoint {hf_dir}: {gb(written['bytes'])} GB in {written['shards']} shards, "
