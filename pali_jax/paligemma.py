@@ -187,7 +187,9 @@ def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
     model's int4 values are cast). From stacked to per-layer, host
     (numpy) arrays are split into views and device arrays one program per stacked shape; a weight
     whose axes move (output-first) is transposed one layer at a time; each stacked array is dropped
-    once split, so memory peaks at the model plus its largest stacked array.
+    once split, so memory peaks at the model plus its largest stacked array. From per-layer, each
+    layer's array is dropped as soon as it is moved: memory peaks at the model plus one layer's
+    weight (what `weights.load(..., per_layer=True)` is for).
     """
     if src.int4_bytes != dst.int4_bytes:
         _hold_int4(params, dst)
@@ -209,7 +211,7 @@ def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
         elif src.stacked:
             layers = [_transpose(layer, perm) for layer in value]  # one layer per call: faster than all at once
         else:
-            layers = value if identity else [_transpose(layer, perm) for layer in value]
+            layers = value if identity else [_transpose(_take(value, i), perm) for i in range(len(value))]
         del value
         out[sub] = jnp.stack(layers) if dst.stacked else layers
     llm = params["llm"]
@@ -220,6 +222,12 @@ def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
         for i in range(depth):
             llm[f"layers_{i}"] = nest({tuple(sub.split("/")): layers[i] for sub, layers in out.items()})
     return params
+
+
+def _take(items: list, i: int) -> Any:
+    """items[i], which the list then no longer holds (so it is freed once the caller drops it)."""
+    item, items[i] = items[i], None
+    return item
 
 
 def _hold_int4(params: dict, dst: Layout) -> None:

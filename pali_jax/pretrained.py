@@ -203,6 +203,8 @@ class PaliGemma:
         if not path.exists():
             path = _download(str(path_or_hub_id))
         npz = path.is_file() and path.suffix == ".npz"
+        policy = Policy.host() if policy is None else policy
+        layout = policy.inference_layout(DTYPES[dtype]) if layout is None else layout
         if (path / CONFIG_FILE).exists() and (path / lora.ADAPTERS_FILE).exists():
             config = read_model_config(path)
             params = _read_with_adapters(path, config, DTYPES[dtype], read_quantization(path), quant)
@@ -217,21 +219,20 @@ class PaliGemma:
                 )
             params, quant = _read_dir(path, config, DTYPES[dtype], mesh, stored, quant)
         elif npz or (path / "config.json").exists():
-            config, params = weights.load(path, dtype, mesh=mesh, quant=quant)
-            if mesh is None:
-                params = jax.tree.map(jnp.asarray, params)
+            # host arrays, the decoder's layers apart where the layout keeps them apart: moved into
+            # the layout one layer at a time below, then onto the device one array at a time
+            config, params = weights.load(path, dtype, mesh=mesh, quant=quant, per_layer=mesh is None and not layout.stacked)
             if npz:
                 path = path.parent  # where its tokenizer.model is looked for
         else:
             raise UserError(f"{path} is neither a pali-jax directory ({CONFIG_FILE}) nor an HF checkpoint (config.json)")
         if not sliding_window:
             config = config.without_sliding_window()
-        policy = Policy.host() if policy is None else policy
-        layout = policy.inference_layout(DTYPES[dtype]) if layout is None else layout
         layout = dataclasses.replace(layout, quant=quant)
-        params = to_layout(params, dataclasses.replace(CHECKPOINT_LAYOUT, quant=quant), layout)
+        stacked = "layers" in params["llm"]  # a checkpoint read per layer (weights.load) is not
+        params = to_layout(params, dataclasses.replace(CHECKPOINT_LAYOUT, stacked=stacked, quant=quant), layout)
         if mesh is None:
-            params = jax.device_put(params)
+            params = _to_device(params)
         else:  # the layout change keeps each slice's split: pin it to the rules of the new layout
             params = jax.device_put(params, sharding.param_shardings(params, mesh, out_first=layout.out_first))
         return cls(config, params, DTYPES[dtype], path, mesh, layout, mask_decoder, policy)
@@ -455,6 +456,18 @@ def _add_masks(results: list[Result], images: list, decoder: "MaskDecoder | None
         return results
     boxes = decoder.add_masks([res.boxes for res in results], [image.size for image in images])
     return [dataclasses.replace(res, boxes=b) for res, b in zip(results, boxes)]
+
+
+def _to_device(tree: dict) -> dict:
+    """`tree` (nested dicts) with its arrays on the default device, moved in place one at a time:
+    each host array is dropped once its copy is made, so memory never holds the host tree and the
+    device tree whole (a 64-byte-aligned host array is not copied at all on CPU)."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _to_device(value)
+        else:
+            tree[key] = jax.device_put(value).block_until_ready()  # copied before the next one starts
+    return tree
 
 
 def _read_dir(path: Path, config: PaliGemmaConfig, dtype, mesh: Mesh | None, stored: Quantization | None,

@@ -113,6 +113,39 @@ def test_every_layout_gives_the_same_logits(tiny, layout):
     assert_parity(other.forward(pixels, ids, types), tiny.pg.forward(pixels, ids, types), rel=1e-6, max_abs=1e-5)
 
 
+def test_a_per_layer_load_is_moved_into_the_layout_one_layer_at_a_time(tiny_models, monkeypatch):
+    """weights.load(per_layer=True) holds each decoder layer apart; to_layout drops each layer's
+    host array once it is moved, so a big model never holds a weight beside its moved copy."""
+    import weakref
+
+    from pali_jax import paligemma, weights
+
+    hf_dir = tiny_models["pg2"].hf_dir
+    config, params = weights.load(hf_dir, "float32", per_layer=True)
+    depth = config.text.depth
+    assert "layers" not in params["llm"] and sorted(k for k in params["llm"] if k.startswith("layers_")) == [
+        f"layers_{i}" for i in range(depth)]
+    _, stacked = weights.load(hf_dir, "float32")
+    for i in range(depth):  # the same values as the stacked load's layer i
+        jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(a, b[i]), params["llm"][f"layers_{i}"],
+                     stacked["llm"]["layers"])
+    assert all(x.ctypes.data % 64 == 0 for x in jax.tree.leaves(params))  # adopted by XLA:CPU uncopied
+    sources = [weakref.ref(params["llm"][f"layers_{i}"]["attn"]["q_einsum"]) for i in range(depth)]
+    alive, transpose = [], paligemma._transpose
+
+    def recording(w, perm):
+        if any(w is r() for r in sources):
+            alive.append([i for i, r in enumerate(sources) if r() is not None])
+        return transpose(w, perm)
+
+    monkeypatch.setattr(paligemma, "_transpose", recording)
+    moved = paligemma.to_layout(params, Layout(stacked=False), Layout(stacked=False, out_first=True))
+    # layer i is moved while layers < i - 1 are freed (jit holds on to its latest call's argument)
+    assert len(alive) == depth and all(min(layers) >= i - 1 for i, layers in enumerate(alive)), alive
+    want = paligemma.to_layout(stacked, CHECKPOINT_LAYOUT, Layout(stacked=False, out_first=True))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), moved, want)
+
+
 def test_default_layout_is_the_backends_choice(tiny):
     assert tiny.pg.layout == tiny.pg.policy.inference_layout(tiny.pg.dtype)
     back = tiny.pg.checkpoint_params()

@@ -144,6 +144,21 @@ def test_quantize_on_load_equals_quantize_after_load(hf_dir, tmp_path, monkeypat
                  {"llm": {"embedder": on_load["llm"]["embedder"]}})
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantize_on_load_per_layer_equals_the_stacked_load(hf_dir, tmp_path, scheme):
+    """weights.load(per_layer=True) (what from_pretrained reads for its per-layer layouts): each
+    decoder layer quantised apart gives that layer of the stacked quantised tree."""
+    quant = Quantization(scheme, 32)
+    config, stacked = weights.load(hf_dir, "bfloat16", quant=quant)
+    _, split = weights.load(hf_dir, "bfloat16", quant=quant, per_layer=True)
+    layers = [split["llm"].pop(f"layers_{i}") for i in range(config.text.depth)]
+    _equal_trees(jax.tree.map(lambda *xs: np.stack(xs), *layers), stacked["llm"].pop("layers"))
+    _equal_trees(split, stacked)
+    # big_vision's tensors hold every layer: read stacked whatever is asked
+    npz = big_vision.save_npz(tmp_path / "pg.npz", *weights.load(hf_dir, "float32"))
+    assert "layers" in weights.load(npz, "float32", quant=quant, per_layer=True)[1]["llm"]
+
+
 # -- (d) a converted quantised directory round-trips ----------------------------------------------
 def test_converted_quantized_directory_round_trips(hf_dir, tmp_path, capsys):
     dst = tmp_path / "q4"

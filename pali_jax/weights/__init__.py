@@ -37,12 +37,13 @@ def plan(src: str | os.PathLike, dtype: str | None = None) -> Plan:
 
 def load(
     src: str | os.PathLike, dtype: str | None = None, *, mesh: Mesh | None = None, min_elements: int | None = None,
-    quant: Quantization | None = None,
+    quant: Quantization | None = None, per_layer: bool = False,
 ) -> tuple[PaliGemmaConfig, dict[str, Any]]:
     """(config, nested parameter dict) of a checkpoint (see `plan`): numpy arrays, or global arrays
     split over `mesh` (`sharding.partition_spec`; min_elements as there); with `quant`, its weights
-    quantised tensor by tensor as they are read (`pali_jax.quantize`).
+    quantised tensor by tensor as they are read (`pali_jax.quantize`). per_layer: numpy arrays of
+    the decoder's layers apart (`llm/layers_{i}`) where the checkpoint's tensors allow it (`to_host`).
 
     dtype: "float32", "bfloat16", or None / "auto" for the checkpoint's own (float16: float32)."""
     p = plan(src, dtype)
-    return p.config, (to_host(p, quant) if mesh is None else to_mesh(p, mesh, min_elements, quant))
+    return p.config, (to_host(p, quant, per_layer) if mesh is None else to_mesh(p, mesh, min_elements, quant))

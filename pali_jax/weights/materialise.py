@@ -29,9 +29,22 @@ from pali_jax.quantize import QVALUE, SCALE, Quantization
 from pali_jax.sharding import _canonical, partition_spec, scale_spec
 from pali_jax.weights.plan import LeafPath, Piece, Plan, WeightError
 
+# XLA:CPU adopts a host array aligned to this many bytes without copying it (`jax.device_put`), so
+# a loaded model moves onto the CPU device in no extra memory.
+_ALIGN = 64
+
 # Rows of a tensor read (and placed) at once: about this many bytes. Assign to change it for a
 # whole process (the tests do, to cut tiny tensors into several blocks).
 BLOCK_BYTES = 64 << 20
+
+
+def _empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """np.empty, its data aligned to _ALIGN bytes."""
+    dtype = np.dtype(dtype)
+    n = math.prod(shape) * dtype.itemsize
+    raw = np.empty(n + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + n].view(dtype).reshape(shape)
 
 
 def _rows_per_block(piece: Piece) -> int:
@@ -112,13 +125,57 @@ def check_finite(piece: Piece, values: np.ndarray) -> None:
         raise WeightError(f"{piece.name} holds NaN or infinite values: the checkpoint is damaged")
 
 
-def to_host(plan: Plan, quant: Quantization | None = None) -> dict[str, Any]:
+_STACKED = ("llm", "layers")  # the decoder's stacked layers in the checkpoint layout
+
+
+def _layer_path(path: LeafPath, layer: int) -> LeafPath:
+    return ("llm", f"layers_{layer}", *path[len(_STACKED):])
+
+
+def per_layer_possible(plan: Plan) -> bool:
+    """Whether every piece of the decoder's stacked leaves fills one layer (HF checkpoints; not
+    big_vision's, whose tensors hold every layer)."""
+    return all(p.index and isinstance(p.index[0], int) for p in plan.pieces if p.path[: len(_STACKED)] == _STACKED)
+
+
+def _split_layers(plan: Plan, quantized: dict[LeafPath, _Quantized]) -> tuple[dict, list[Piece], dict]:
+    """The plan's leaves, pieces and quantised leaves with each stacked decoder leaf [L, ...] cut
+    into L leaves `llm/layers_{i}/...` (the per-layer tree, in the checkpoint's axis order)."""
+    leaves: dict[LeafPath, jax.ShapeDtypeStruct] = {}
+    split: dict[LeafPath, _Quantized] = {}
+    for path, leaf in plan.leaves.items():
+        q = quantized.get(path)
+        if path[: len(_STACKED)] != _STACKED:
+            leaves[path] = leaf
+            if q is not None:
+                split[path] = q
+            continue
+        for layer in range(leaf.shape[0]):
+            leaves[_layer_path(path, layer)] = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+            if q is not None:  # the layer axis is never contracted: the scales keep it whole
+                split[_layer_path(path, layer)] = _Quantized(
+                    q.how, tuple(a - 1 for a in q.contracted), jax.ShapeDtypeStruct(q.qvalue.shape[1:], q.qvalue.dtype),
+                    jax.ShapeDtypeStruct(q.qscale.shape[1:], q.qscale.dtype))
+    pieces = [dataclasses.replace(p, path=_layer_path(p.path, p.index[0]), index=p.index[1:])
+              if p.path[: len(_STACKED)] == _STACKED else p for p in plan.pieces]
+    return leaves, pieces, split
+
+
+def to_host(plan: Plan, quant: Quantization | None = None, per_layer: bool = False) -> dict[str, Any]:
     """The parameters as a nested dict of numpy arrays of `plan.dtype`, the weights `quant`
     quantises as {"qvalue", "qscale"} (quantised tensor by tensor). Refused up front if they would
-    not fit the host's available memory."""
+    not fit the host's available memory.
+
+    per_layer (where `per_layer_possible`): the decoder's layers as separate arrays,
+    `llm/layers_{i}/...` (`Layout(stacked=False)` in the checkpoint's axis order), so that a
+    layout change can move them one layer at a time and drop each once moved, never holding a
+    stacked weight beside its moved copy."""
     quantized = quantized_leaves(plan, quant)
+    leaves, pieces = plan.leaves, plan.pieces
+    if per_layer and per_layer_possible(plan):
+        leaves, pieces, quantized = _split_layers(plan, quantized)
     shapes: dict[LeafPath, tuple[tuple[int, ...], Any]] = {}
-    for path, leaf in plan.leaves.items():
+    for path, leaf in leaves.items():
         q = quantized.get(path)
         if q is None:
             shapes[path] = (leaf.shape, plan.dtype)
@@ -131,8 +188,8 @@ def to_host(plan: Plan, quant: Quantization | None = None) -> dict[str, Any]:
         advice = "quantize it, load it onto a mesh" if quant is None else "load it onto a mesh"
         raise WeightError(f"the model needs {need / 2**30:.1f} GiB{'' if quant else f' in {plan.dtype}'}, more than the "
                           f"{free / 2**30:.1f} GiB of {where}: {'load it in bfloat16, ' if quant is None else ''}{advice}")
-    arrays = {path: np.empty(shape, dtype) for path, (shape, dtype) in shapes.items()}
-    for piece in plan.pieces:
+    arrays = {path: _empty(shape, dtype) for path, (shape, dtype) in shapes.items()}
+    for piece in pieces:
         q = quantized.get(piece.path)
         piece = _whole(piece, q)
         # the piece's indexed axes are kept (size 1) in a quantised block, dropped in a float one
