@@ -130,8 +130,7 @@ def serve(pg, args, max_prompt_tokens: int, max_tokens: int):
     # The load is bounded by --time-limit, not per request: a request's queue wait counts toward the
     # server's timeout, which at PaliGemma widths exceeds the 60 s default.
     options = Options(NAME, Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens),
-                      request_timeout_s=args.request_timeout,
-                      switch_interval_s=Options.switch_interval_s if args.switch_interval is None else args.switch_interval)
+                      request_timeout_s=args.request_timeout)
     server = make_server(pg, options, slots=args.slots, queue_size=max(args.clients * 2, 64), steps=args.decode_steps)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -174,7 +173,7 @@ def load(url: str, bodies: list[str], args, engine) -> dict:
     sampler.start()
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({"url": url, "clients": args.clients, "time_limit": args.time_limit, "requests": bodies}, f)
-    cpu0, interval = time.process_time(), sys.getswitchinterval()  # the server's, while it serves
+    cpu0 = time.process_time()
     try:
         out = subprocess.run([sys.executable, "-m", "benchmarks.serve_load", "--clients-of", f.name],
                              capture_output=True, text=True, cwd=ROOT, check=True)
@@ -185,7 +184,6 @@ def load(url: str, bodies: list[str], args, engine) -> dict:
     server_cpu_s = time.process_time() - cpu0
     result = json.loads(out.stdout)
     result["server_cpu_s"] = server_cpu_s
-    result["switch_interval_s"] = interval
     result["server_refills"], result["server_decode_calls"] = (
         (engine.metrics.registry.get_sample_value(name) or 0) - b for name, b in zip(counted, before))
     result["rss_mb"] = rss
@@ -217,8 +215,7 @@ def summarise(result: dict, n_valid: int, check) -> dict:
         "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
         "latency_p99_s": round(float(np.percentile(latencies, 99)), 4),
         "server_cpu_s": round(result["server_cpu_s"], 2), "clients_cpu_s": round(result["cpu_s"], 2),
-        "switch_interval_s": result["switch_interval_s"], "server_refills": int(result["server_refills"]),
-        "server_decode_calls": int(result["server_decode_calls"]),
+        "server_refills": int(result["server_refills"]), "server_decode_calls": int(result["server_decode_calls"]),
     }
     if hostile:
         out["hostile"] = len(hostile)
@@ -314,8 +311,6 @@ def main(argv=None) -> None:
     p.add_argument("--slots", type=int, default=32)
     p.add_argument("--request-timeout", type=float, default=600.0, help="the server's per-request timeout, s")
     p.add_argument("--decode-steps", type=int, default=8)
-    p.add_argument("--switch-interval", type=float, help="the server's GIL switch interval, s (default: the "
-                   "server's, serve.Options.switch_interval_s)")
     p.add_argument("--hostile", type=int, default=0, help="demo: malformed requests mixed in")
     p.add_argument("--distinct", type=int, default=200, help="demo: distinct images (requests cycle over them)")
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds the clients run at most")

@@ -83,11 +83,6 @@ class Options:
     top_p: float = 1.0
     top_k: int = 0  # every request's (OpenAI has no top_k)
     seed: int | None = None  # None: a random seed for each request that gives none
-    # The interpreter's GIL switch interval while serving (None: left as it is). The event loop,
-    # the image workers and the decoding thread share one GIL; at Python's default 5 ms, the
-    # decoding thread can wait that long for it after each device call while the others parse
-    # requests (benchmarks/serve_load.py --switch-interval measures it).
-    switch_interval_s: float | None = 0.001
 
 
 class _Gone(Exception):
@@ -105,15 +100,9 @@ class Server:
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
-            interval = sys.getswitchinterval()
-            if options.switch_interval_s is not None:
-                sys.setswitchinterval(options.switch_interval_s)
-            try:
-                yield
-                self.draining = True
-                await self._to_thread(self.engine.stop)
-            finally:
-                sys.setswitchinterval(interval)
+            yield
+            self.draining = True
+            await self._to_thread(self.engine.stop)
 
         app = FastAPI(title="pali-jax", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
         self.app = app
