@@ -84,15 +84,18 @@ class PaliGemmaModel(nn.Module):
             cache = cache.advance(kv[0], kv[1], valid)
         return h, cache
 
-    def __call__(self, pixel_values, input_ids, token_type_ids=None, attention_mask=None) -> jax.Array:
-        """Logits [B, T, V] float32 for every position (no cache).
+    def __call__(self, pixel_values, input_ids, token_type_ids=None, attention_mask=None, logits_from: int = 0
+                 ) -> jax.Array:
+        """Logits [B, T - logits_from, V] float32 of positions logits_from.. (no cache).
 
         token_type_ids None: everything is prefix (bidirectional); attention_mask None: no padding.
+        logits_from: training skips the image positions, which never predict a target: at the full
+        vocabulary their logits would be most of a fine-tuning step's activations.
         """
         prefix, valid = _types_and_mask(input_ids, token_type_ids, attention_mask)
         x = self.embed_inputs(input_ids, self.embed_image(pixel_values))
         h, _ = self._decode(x, prefix, valid, None)
-        return self.llm.logits(h)
+        return self.llm.logits(h[:, logits_from:])
 
     def prefill(self, pixel_values, input_ids, token_type_ids, attention_mask, cache: KVCache):
         """Runs image + prompt into `cache`; returns (logits [B, V] of the last position, cache).

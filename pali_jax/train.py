@@ -354,6 +354,10 @@ class Trainer:
         this process's rows (`process_rows`: on one process, all `batch_size`) of one global batch,
         split over the batch axes (`sharding.shard_batch`); without a mesh it is used as it is."""
         batch = {k: batch[k] for k in BATCH_KEYS}
+        first = self.model.cfg.num_image_tokens + 1
+        if np.asarray(batch["loss_mask"])[:, :first].any():
+            raise UserError(f"loss_mask marks a target among a row's first {first} positions (image tokens, <bos>): "
+                            "targets are suffix tokens, after the image and the prompt")
         return batch if self.mesh is None else sharding.shard_batch(batch, self.mesh, self.train_config.batch_size)
 
     def inference_params(self, state: TrainState) -> Any:
@@ -373,11 +377,17 @@ class Trainer:
         return tree if self.mesh is None else sharding.replicate(tree, self.mesh)
 
     def _loss_terms(self, variables: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        # Targets come after the image tokens, <bos> and the prompt, whatever the padding: the
+        # logits of positions before num_image_tokens predict none (`place_batch` refuses a batch
+        # where they would).
+        start = self.model.cfg.num_image_tokens
         logits = self.model.apply(
-            variables, batch["pixel_values"], batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]
+            variables, batch["pixel_values"], batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+            logits_from=start,
         )
         t = self.train_config
-        return suffix_nll_terms(logits, batch["input_ids"], batch["loss_mask"], t.reduction, t.label_smoothing)
+        return suffix_nll_terms(logits, batch["input_ids"][:, start:], batch["loss_mask"][:, start:], t.reduction,
+                                t.label_smoothing)
 
     def loss(self, variables: Any, batch: Mapping[str, Any]) -> jax.Array:
         """The training loss of one batch (not jitted: a building block for tests and custom loops)."""

@@ -16,6 +16,7 @@ from parity import assert_parity, errors
 from pali_jax.weights.hf import target
 from pali_jax import lora, quantize
 from pali_jax.pretrained import PaliGemma
+from pali_jax.errors import UserError
 from pali_jax.train import Trainer, TrainConfig, TrainConfigError, suffix_nll
 from test_paligemma import make_inputs
 
@@ -156,6 +157,29 @@ def test_lora_trains_adapters_only_and_merges_exactly(tiny_models):
     merged = forward({"params": trainer.inference_params(state)}, *inputs)
     assert_parity(merged, applied, what="merged adapters")
     assert errors(forward({"params": params}, *inputs), applied)[0] > 1e-3  # the adapters did something
+
+
+def test_loss_skips_the_image_positions_logits_only(tiny_models):
+    """The trainer takes logits from the last image token on: the loss of every position's logits
+    (`suffix_nll`), left padding included; a target among the image positions is refused."""
+    pg = tiny_models["pg2"].pg
+    b = batch_of(pg, batch=3, n_suffix=5)
+    pad = np.zeros((3, 2), np.int32)  # two left-padding columns, then row 0 unpadded
+    for key in ("input_ids", "token_type_ids", "attention_mask", "loss_mask"):
+        b[key] = np.concatenate([pad.astype(b[key].dtype), b[key]], axis=1)
+    b["input_ids"][0], b["attention_mask"][0], b["loss_mask"][0] = np.roll(b["input_ids"][0], -2), 1, np.roll(
+        b["loss_mask"][0], -2)
+    b["token_type_ids"][0] = np.roll(b["token_type_ids"][0], -2)
+    b["attention_mask"][0, -2:], b["loss_mask"][0, -2:] = 0, False
+    trainer = Trainer(pg.config, TrainConfig(reduction="token"))
+    variables = {"params": pg.checkpoint_params()}
+    logits = trainer.model.apply(variables, b["pixel_values"], b["input_ids"], b["token_type_ids"], b["attention_mask"])
+    whole = suffix_nll(logits, b["input_ids"], b["loss_mask"], "token")
+    assert float(trainer.loss(variables, b)) == pytest.approx(float(whole), rel=1e-6)
+    trainer.place_batch(b)
+    b["loss_mask"][1, pg.config.num_image_tokens] = True
+    with pytest.raises(UserError, match="loss_mask marks a target among a row's first"):
+        trainer.place_batch(b)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_models):
