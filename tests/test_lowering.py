@@ -127,4 +127,6 @@ def test_train_step_is_the_platforms_own(kind, trainable, lora_rank, platform):
     fused = platform == "cuda" and kind == "pg1"
     assert (CUDNN_ATTENTION in text) == fused
     assert ("__cudnn$fmhaScaleBiasSoftmaxBackward" in text) == fused
-    assert not ZERO_COLUMN.search(text)
+    # The loss's logits cover the 2 x 4 text positions only (not the image's): on CPU so few bf16
+    # rows take the zero column, the policy's form under 16 rows; no other platform has it.
+    assert bool(ZERO_COLUMN.search(text)) == (platform == "cpu")
