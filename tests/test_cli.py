@@ -153,7 +153,8 @@ def test_mesh_flag_gives_the_same_tokens(checkpoint):
     common = ("--model", checkpoint["converted"], "--image", *checkpoint["images"], "--max-tokens", 8, "--json",
               "--no-compilation-cache")
     single = run_cli(*common)
-    meshed = run_cli(*common, "--mesh", "data=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    two_devices = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2"  # and conftest's flags
+    meshed = run_cli(*common, "--mesh", "data=2", env={"XLA_FLAGS": two_devices})
     assert single.returncode == meshed.returncode == 0, single.stderr + meshed.stderr
     tokens = lambda out: [json.loads(line)["token_ids"] for line in out.splitlines()]  # noqa: E731
     assert tokens(meshed.stdout) == tokens(single.stdout)
