@@ -62,8 +62,12 @@ def test_answers_equal_one_by_one_greedy(demo, images):
     stats = JobStats()
     records = list(annotate(demo, items, **JOB, max_new_tokens=20, stats=stats))
     assert [r["image"] for r in records] == [i.image for i in items]  # input order
+    alone = {}  # the 20 items come three times: `generate` alone once for each
     for item, record in zip(items, records):
-        assert record["token_ids"] == one_by_one(demo, item, item.max_new_tokens or 20), item
+        key = (item.image, item.prompt, item.max_new_tokens or 20)
+        if key not in alone:
+            alone[key] = one_by_one(demo, item, key[2])
+        assert record["token_ids"] == alone[key], item
         assert record["text"] == demo.tokenizer.decode(record["token_ids"])
     assert {r["stop_reason"] for r in records} == {"stop_token", "max_new_tokens"}
     assert any(r["boxes"] for r in records) and any(r["prompt"].startswith("detect") for r in records)
