@@ -27,11 +27,12 @@ import sys
 
 PROCESSES = 2
 CHILD = "--process" in sys.argv
-# Before jax is imported anywhere. Cheap LLVM code generation: every program here is compiled
-# once and runs on tiny arrays.
+# Before jax is imported anywhere. Cheap code generation (tests/conftest.py's): every program
+# here is compiled once and runs on tiny arrays.
 os.environ["XLA_FLAGS"] = " ".join([
     os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={8 // PROCESSES if CHILD else 8}",
     "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
 ])
 os.environ["JAX_PLATFORMS"] = "cpu"
 

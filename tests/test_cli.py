@@ -40,11 +40,20 @@ def run_cli(*args, env=None):
     )
 
 
-def test_json_token_ids_equal_transformers(checkpoint):
-    proc = run_cli(
-        "--model", checkpoint["converted"], "--image", *checkpoint["images"], "--prompt", "caption en",
-        "--max-tokens", 12, "--json", "--no-compilation-cache",
-    )
+def json_args(checkpoint) -> tuple:
+    return ("--model", checkpoint["converted"], "--image", *checkpoint["images"], "--prompt", "caption en",
+            "--max-tokens", 12, "--json", "--no-compilation-cache")
+
+
+@pytest.fixture(scope="module")
+def json_run(checkpoint) -> subprocess.CompletedProcess:
+    """run_generate.py --json on both images, one device: checked against transformers, and the
+    reference of the --mesh run."""
+    return run_cli(*json_args(checkpoint))
+
+
+def test_json_token_ids_equal_transformers(checkpoint, json_run):
+    proc = json_run
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [line["image"] for line in lines] == [str(p) for p in checkpoint["images"]]
@@ -67,12 +76,19 @@ def test_api_generate_and_stream(checkpoint):
     assert [r.token_ids for r in batched] == [r.token_ids for r in results]
 
 
-def test_stream_flag_prints_the_same_text(checkpoint):
-    common = ("--model", checkpoint["converted"], "--image", checkpoint["images"][0], "--max-tokens", 8,
-              "--no-compilation-cache")
-    plain, streamed = run_cli(*common), run_cli(*common, "--stream")
-    assert plain.returncode == streamed.returncode == 0, plain.stderr + streamed.stderr
-    assert plain.stdout == streamed.stdout
+def test_stream_flag_prints_the_same_text(checkpoint, capsys):
+    """In this process (the command's output, not the process, is under test: run_generate.py runs
+    in one in test_json_token_ids_equal_transformers)."""
+    common = ["generate", "--model", str(checkpoint["converted"]), "--image", str(checkpoint["images"][0]),
+              "--max-tokens", "8", "--no-compilation-cache"]
+    outputs = []
+    for extra in ([], ["--stream"]):
+        code = cli.main([*common, *extra])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        outputs.append(captured.out)
+    plain, streamed = outputs
+    assert plain.strip() and plain == streamed
 
 
 @pytest.mark.parametrize("args, message", [
@@ -149,11 +165,10 @@ def test_hub_id_offline(checkpoint, tmp_path):
     assert found.stdout.strip() == "3"
 
 
-def test_mesh_flag_gives_the_same_tokens(checkpoint):
-    common = ("--model", checkpoint["converted"], "--image", *checkpoint["images"], "--max-tokens", 8, "--json",
-              "--no-compilation-cache")
-    single = run_cli(*common)
-    meshed = run_cli(*common, "--mesh", "data=2", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+def test_mesh_flag_gives_the_same_tokens(checkpoint, json_run):
+    single = json_run
+    two_devices = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2"  # and conftest's flags
+    meshed = run_cli(*json_args(checkpoint), "--mesh", "data=2", env={"XLA_FLAGS": two_devices})
     assert single.returncode == meshed.returncode == 0, single.stderr + meshed.stderr
     tokens = lambda out: [json.loads(line)["token_ids"] for line in out.splitlines()]  # noqa: E731
     assert tokens(meshed.stdout) == tokens(single.stdout)
