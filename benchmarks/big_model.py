@@ -247,16 +247,13 @@ def child(spec: dict) -> dict:
     """from_pretrained quantised, then generate as a user does; timings, bytes and peak RSS."""
     import jax
 
-    from benchmarks.peak_rss import peak_rss_bytes
+    from benchmarks.peak_rss import peak_rss_bytes, rss_bytes
     from pali_jax import PaliGemma
-
-    def rss() -> int:
-        return meminfo_self()["VmRSS"]
 
     t0 = time.perf_counter()
     pg = PaliGemma.from_pretrained(spec["hf_dir"], dtype="bfloat16", quantize=spec["scheme"])
     load_s = time.perf_counter() - t0
-    load_peak, load_rss = peak_rss_bytes(), rss()
+    load_peak, load_rss = peak_rss_bytes(), rss_bytes()
     held = sum(x.addressable_shards[0].data.on_device_size_in_bytes() for x in jax.tree.leaves(pg.params))
     n = spec["new_tokens"]
 
@@ -282,16 +279,6 @@ def child(spec: dict) -> dict:
         "tokens": len(result.token_ids), "stop_reason": result.stop_reason,
         "same_tokens": result.token_ids == first.token_ids, "peak_rss_bytes": peak_rss_bytes(),
     }
-
-
-def meminfo_self() -> dict[str, int]:
-    """This process's /proc/self/status memory fields (Vm*), in bytes."""
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("Vm"):
-            key, value = line.split(":", 1)
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 # -- the run ---------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import torch
 from transformers import Gemma2Config, GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, SiglipVisionConfig
 
@@ -41,3 +44,22 @@ def build(config: PaliGemmaConfig, dtype: torch.dtype) -> PaliGemmaForConditiona
         torch.set_default_dtype(previous)
     model.set_attn_implementation("eager")
     return model
+
+
+def add_checkpoint_arguments(p) -> None:
+    """--work, --vision-layers, --text-layers: where and how deep `pg1_checkpoint` builds."""
+    p.add_argument("--work", type=Path, help="where the random checkpoint is built and kept (default: a temporary folder)")
+    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--text-layers", type=int, default=2)
+
+
+def pg1_checkpoint(args, prefix: str) -> Path:
+    """A random PaliGemma 1 3B-widths transformers checkpoint at `args`' depth, saved in bfloat16 (as
+    hub checkpoints are) under --work (else a new temporary folder named `prefix`), built once."""
+    from pali_jax.config import preset
+
+    work = args.work or Path(tempfile.mkdtemp(prefix=prefix))
+    hf_dir = work / f"pg1-{args.vision_layers}+{args.text_layers}" / "hf"
+    if not (hf_dir / "config.json").exists():
+        build(hf_config(preset("paligemma-3b-224"), args.vision_layers, args.text_layers), torch.bfloat16).save_pretrained(hf_dir)
+    return hf_dir

@@ -11,11 +11,20 @@ import sys
 from pathlib import Path
 
 
-def peak_rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory field of this process's /proc/self/status (VmHWM, VmRSS, ...), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def peak_rss_bytes() -> int:
+    return _status_bytes("VmHWM")
+
+
+def rss_bytes() -> int:
+    return _status_bytes("VmRSS")
 
 
 if __name__ == "__main__":

@@ -112,10 +112,10 @@ def demo_accuracy(steps: int, train_scenes: int = 256, eval_scenes: int = 100) -
 def main() -> None:
     if child_process.serve(child):
         return
+    from benchmarks.hf_reference import add_checkpoint_arguments, pg1_checkpoint  # torch: not in the children
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", type=Path, help="where the random checkpoint is built and kept (default: a temporary folder)")
-    p.add_argument("--vision-layers", type=int, default=2)
-    p.add_argument("--text-layers", type=int, default=2)
+    add_checkpoint_arguments(p)
     p.add_argument("--demo-steps", type=int, default=150, help="fine-tuning steps of the demo model (0: skip)")
     p.add_argument("--skip-3b", action="store_true", help="only the demo model")
     report.add_arguments(p)
@@ -125,16 +125,7 @@ def main() -> None:
 
     flags = " ".join(sorted(cpu_features())) or "none tracked"
     if not args.skip_3b:
-        work = args.work or Path(tempfile.mkdtemp(prefix="pali-jax-qlora-"))
-        hf_dir = work / f"pg1-{args.vision_layers}+{args.text_layers}" / "hf"
-        if not (hf_dir / "config.json").exists():
-            import torch
-
-            from benchmarks.hf_reference import build, hf_config
-            from pali_jax.config import preset
-
-            build(hf_config(preset("paligemma-3b-224"), args.vision_layers, args.text_layers),
-                  torch.bfloat16).save_pretrained(hf_dir)
+        hf_dir = pg1_checkpoint(args, "pali-jax-qlora-")
         tmp = Path(tempfile.mkdtemp(prefix="pali-jax-qlora-run-"))
         results = {b: child_process.run("benchmarks.qlora", {"hf_dir": str(hf_dir), "base": b}, tmp) for b in BASES}
         ref = results["bfloat16"]

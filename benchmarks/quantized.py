@@ -126,10 +126,10 @@ def compute_forms(runs: int = 20, k: int = 2048, n: int = 16384) -> list[list]:
 def main() -> None:
     if child_process.serve(child):
         return
+    from benchmarks.hf_reference import add_checkpoint_arguments, pg1_checkpoint  # torch: not in the children
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--work", type=Path, help="where the random checkpoint is built and kept (default: a temporary folder)")
-    p.add_argument("--vision-layers", type=int, default=2)
-    p.add_argument("--text-layers", type=int, default=2)
+    add_checkpoint_arguments(p)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -143,15 +143,7 @@ def main() -> None:
     from benchmarks.generation import read_bandwidth
     from pali_jax.backend import cpu_features
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="pali-jax-quantized-"))
-    hf_dir = work / f"pg1-{args.vision_layers}+{args.text_layers}" / "hf"
-    if not (hf_dir / "config.json").exists():
-        import torch
-
-        from benchmarks.hf_reference import build, hf_config
-        from pali_jax.config import preset
-
-        build(hf_config(preset("paligemma-3b-224"), args.vision_layers, args.text_layers), torch.bfloat16).save_pretrained(hf_dir)
+    hf_dir = pg1_checkpoint(args, "pali-jax-quantized-")
     tmp = Path(tempfile.mkdtemp(prefix="pali-jax-quantized-run-"))
     common = {"hf_dir": str(hf_dir), "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs}
     results = {s: child_process.run("benchmarks.quantized", {**common, "impl": "pali_jax", "scheme": s, "logits": str(_logits_file(tmp, s))}, tmp)

@@ -36,6 +36,7 @@ import numpy as np
 import PIL.Image
 
 from benchmarks import report
+from benchmarks.peak_rss import rss_bytes
 from benchmarks.annotate import demo_items, wide_items, wide_model
 from pali_jax.annotate import Item, JobStats, annotate
 
@@ -76,20 +77,13 @@ def clients_main(spec_path: str) -> None:
                 with lock:
                     out.append(result)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(spec["clients"]) as pool:
         list(pool.map(client, range(spec["clients"])))
-    print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time(), "results": out}))
+    print(json.dumps({"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0, "results": out}))
 
 
 # -- the server side -------------------------------------------------------------------------------
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def data_url(path: str) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
@@ -166,7 +160,7 @@ def load(url: str, bodies: list[str], args, engine) -> dict:
         while not done.is_set():
             answered = registry.get_sample_value("pali_jax_requests_total", {"status": "200"}) or 0
             if answered >= 100 and "after_100" not in rss:
-                rss["after_100"] = rss_mb()
+                rss["after_100"] = rss_bytes() / 2**20
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -180,7 +174,7 @@ def load(url: str, bodies: list[str], args, engine) -> dict:
     finally:
         Path(f.name).unlink()
         done.set()
-    rss["at_end"] = rss_mb()
+    rss["at_end"] = rss_bytes() / 2**20
     server_cpu_s = time.process_time() - cpu0
     result = json.loads(out.stdout)
     result["server_cpu_s"] = server_cpu_s
@@ -190,15 +184,34 @@ def load(url: str, bodies: list[str], args, engine) -> dict:
     return result
 
 
-def job_rate(pg, items: list[Item], slots: int, default_tokens: int) -> tuple[float, list[list[int]], JobStats]:
+def job_run(pg, items: list[Item], slots: int, default_tokens: int) -> tuple[dict, list[list[int]]]:
+    """(the dataset job's figures on `items`, its token ids per item)."""
     # The whole set once first: the timed job meets no refill size it has not compiled, as the
     # server, warmed up on every size, meets none.
     list(annotate(pg, items, slots=slots, max_new_tokens=default_tokens))
     stats = JobStats()
     t0, cpu0 = time.perf_counter(), time.process_time()
     records = list(annotate(pg, items, slots=slots, max_new_tokens=default_tokens, stats=stats))
-    stats.cpu_s = time.process_time() - cpu0
-    return len(items) / (time.perf_counter() - t0), [r["token_ids"] for r in records], stats
+    figures = {"job_images_per_s": len(items) / (time.perf_counter() - t0), "job_cpu_s": time.process_time() - cpu0,
+               "job_refills": stats.decoder.refills, "job_decode_calls": stats.decoder.decode_calls}
+    return figures, [r["token_ids"] for r in records]
+
+
+def serve_and_load(pg, args, max_prompt_tokens: int, max_tokens: int, bodies: list[str]) -> tuple[dict, float]:
+    """(the clients' results against a server started for this load, the server's start-up seconds)."""
+    running, thread, url, engine, startup_s = serve(pg, args, max_prompt_tokens, max_tokens)
+    try:
+        return load(url, bodies, args, engine), startup_s
+    finally:
+        running.should_exit = True
+        thread.join(60)
+
+
+def with_job(out: dict, args, job: dict, startup_s: float) -> dict:
+    """`summarise`'s figures with the job's beside them and their ratio."""
+    return {**out, "slots": args.slots, "clients": args.clients, "server_startup_s": round(startup_s, 1),
+            **{k: round(v, 3) for k, v in job.items()},
+            "ratio_to_job": round(out["requests_per_s"] / job["job_images_per_s"], 3)}
 
 
 def summarise(result: dict, n_valid: int, check) -> dict:
@@ -239,7 +252,7 @@ def run_demo(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         distinct = demo_items(Path(tmp), min(args.requests, args.distinct))
         items = [distinct[i % len(distinct)] for i in range(args.requests)]
-        rate, _, stats = job_rate(pg, items, args.slots, 32)
+        job, _ = job_run(pg, items, args.slots, 32)
         wants = [pg.generate(i.image, i.prompt, max_new_tokens=32)[0] for i in distinct]
         sizes = [PIL.Image.open(i.image).size for i in distinct]
         urls = [data_url(i.image) for i in distinct]
@@ -259,44 +272,26 @@ def run_demo(args) -> dict:
                      for b in parse_detections(wants[k].text, *sizes[k])]
             return message["content"] == wants[k].text and message["detections"] == boxes
 
-        running, thread, url, engine, startup_s = serve(pg, args, max(longest, 16), 32)
-        try:
-            result = load(url, mixed, args, engine)
-        finally:
-            running.should_exit = True
-            thread.join(60)
+        result, startup_s = serve_and_load(pg, args, max(longest, 16), 32, mixed)
     # back to the original numbering: valid requests first
     back = {j: k for k, j in index.items()}
     result["results"] = [[back[r[0]], *r[1:]] for r in result["results"]]
-    out = summarise(result, len(bodies), check)
-    out.update(slots=args.slots, clients=args.clients, job_images_per_s=round(rate, 2),
-               ratio_to_job=round(out["requests_per_s"] / rate, 3), server_startup_s=round(startup_s, 1),
-               job_cpu_s=round(stats.cpu_s, 2), job_refills=stats.decoder.refills, job_decode_calls=stats.decoder.decode_calls)
-    return out
+    return with_job(summarise(result, len(bodies), check), args, job, startup_s)
 
 
 def run_wide(args) -> dict:
     pg = wide_model()
     with tempfile.TemporaryDirectory() as tmp:
         items = wide_items(args.requests, tmp)
-        rate, wants, stats = job_rate(pg, items, args.slots, 64)
+        job, wants = job_run(pg, items, args.slots, 64)
         bodies = [body(data_url(i.image), i.prompt, i.max_new_tokens) for i in items]
         longest = len(pg.tokenizer.encode_example("caption en", num_image_tokens=pg.config.num_image_tokens)[0])
-        running, thread, url, engine, startup_s = serve(pg, args, max(longest - pg.config.num_image_tokens, 16), 64)
-        try:
-            result = load(url, bodies, args, engine)
-        finally:
-            running.should_exit = True
-            thread.join(60)
+        result, startup_s = serve_and_load(pg, args, max(longest - pg.config.num_image_tokens, 16), 64, bodies)
 
     def check(k: int, answer: dict) -> bool:
         return answer["choices"][0]["message"]["content"] == pg.tokenizer.decode(wants[k])
 
-    out = summarise(result, len(bodies), check)
-    out.update(slots=args.slots, clients=args.clients, job_images_per_s=round(rate, 3),
-               ratio_to_job=round(out["requests_per_s"] / rate, 3), server_startup_s=round(startup_s, 1),
-               job_cpu_s=round(stats.cpu_s, 2), job_refills=stats.decoder.refills, job_decode_calls=stats.decoder.decode_calls)
-    return out
+    return with_job(summarise(result, len(bodies), check), args, job, startup_s)
 
 
 def main(argv=None) -> None:

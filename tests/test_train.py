@@ -160,24 +160,25 @@ def test_lora_trains_adapters_only_and_merges_exactly(tiny_models):
 
 
 def test_loss_skips_the_image_positions_logits_only(tiny_models):
-    """The trainer takes logits from the last image token on: the loss of every position's logits
-    (`suffix_nll`), left padding included; a target among the image positions is refused."""
+    """The trainer asks for no logits of the image positions (the traced loss holds none of
+    [B, T, V]) and gets the loss of every position's logits (`suffix_nll`), rows padded on either
+    side; a target among the image positions is refused."""
     pg = tiny_models["pg2"].pg
-    b = batch_of(pg, batch=3, n_suffix=5)
-    pad = np.zeros((3, 2), np.int32)  # two left-padding columns, then row 0 unpadded
+    b, pad = batch_of(pg, batch=3, n_suffix=5), 2
     for key in ("input_ids", "token_type_ids", "attention_mask", "loss_mask"):
-        b[key] = np.concatenate([pad.astype(b[key].dtype), b[key]], axis=1)
-    b["input_ids"][0], b["attention_mask"][0], b["loss_mask"][0] = np.roll(b["input_ids"][0], -2), 1, np.roll(
-        b["loss_mask"][0], -2)
-    b["token_type_ids"][0] = np.roll(b["token_type_ids"][0], -2)
-    b["attention_mask"][0, -2:], b["loss_mask"][0, -2:] = 0, False
+        x = b[key]
+        b[key] = np.zeros((3, x.shape[1] + pad), x.dtype)
+        b[key][0, :-pad], b[key][1:, pad:] = x[0], x[1:]  # row 0 padded on the right, rows 1 and 2 on the left
     trainer = Trainer(pg.config, TrainConfig(reduction="token"))
     variables = {"params": pg.checkpoint_params()}
     logits = trainer.model.apply(variables, b["pixel_values"], b["input_ids"], b["token_type_ids"], b["attention_mask"])
     whole = suffix_nll(logits, b["input_ids"], b["loss_mask"], "token")
     assert float(trainer.loss(variables, b)) == pytest.approx(float(whole), rel=1e-6)
+    (_, t, v), p = logits.shape, pg.config.num_image_tokens
+    traced = str(jax.make_jaxpr(trainer.loss)(variables, b))
+    assert f"[3,{t},{v}]" not in traced and f"[3,{t - p},{v}]" in traced
     trainer.place_batch(b)
-    b["loss_mask"][1, pg.config.num_image_tokens] = True
+    b["loss_mask"][1, p] = True
     with pytest.raises(UserError, match="loss_mask marks a target among a row's first"):
         trainer.place_batch(b)
 
