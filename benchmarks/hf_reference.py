@@ -34,12 +34,18 @@ def hf_config(cfg: OurConfig, vision_layers: int | None = None, text_layers: int
 
 
 def build(config: PaliGemmaConfig, dtype: torch.dtype) -> PaliGemmaForConditionalGeneration:
-    """A random model in `dtype`, eager attention, eval mode."""
+    """A random model in `dtype`, eager attention, eval mode, whose greedy answers never end early.
+
+    EOS's row of the (tied) embedding table is zero, so its logit is 0 while the largest of the
+    other 257k random logits is far above: every row decodes to max_new_tokens in both
+    implementations, and timings compare equal work (a random model otherwise stops rows at
+    arbitrary steps, and stops pali-jax's whole batch when all rows have)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.no_grad():
             model = PaliGemmaForConditionalGeneration(config).eval()
+            model.get_input_embeddings().weight[config.text_config.eos_token_id or 1] = 0
     finally:
         torch.set_default_dtype(previous)
     model.set_attn_implementation("eager")
