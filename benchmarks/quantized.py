@@ -153,26 +153,30 @@ def main() -> None:
     bandwidth = read_bandwidth()
     ref = np.load(_logits_file(tmp, "bfloat16"), allow_pickle=False)
     rows = []
+    bf16_ms = results["bfloat16"]["row"]["decode_ms_per_token"]
     for name, res in results.items():
         row = res["row"]
+        ms = row["decode_ms_per_token"]
         quality = ["", ""]
-        floor = ""
+        floor = over_floor = ""
         if name in SCHEMES:
-            floor = f"{res['decoder_bytes'] / bandwidth * 1e3:.1f} ({res['decoder_bytes'] / 1e9:.2f} GB)"
+            floor_ms = res["decoder_bytes"] / bandwidth * 1e3
+            floor = f"{floor_ms:.1f} ({res['decoder_bytes'] / 1e9:.2f} GB)"
+            over_floor = f"{ms / floor_ms:.2f}"
             if name != "bfloat16":
                 logits = np.load(_logits_file(tmp, name), allow_pickle=False)
                 quality = [f"{np.linalg.norm(logits - ref) / np.linalg.norm(ref):.2e}",
                            f"{np.mean(logits.argmax(-1) == ref.argmax(-1)):.1%}"]
         label = "transformers bf16" if name == "transformers" else f"pali-jax {name}"
-        rows.append([label, f"{row['decode_ms_per_token']:.1f}", floor, f"{row['ttft_s'] * 1e3:.0f}", *quality,
+        rows.append([label, f"{ms:.1f}", f"{ms / bf16_ms:.2f}", floor, over_floor, f"{row['ttft_s'] * 1e3:.0f}", *quality,
                      f"{res['peak_rss_bytes'] / 2**30:.2f}"])
     for row in rows:
         print(" | ".join(row))
     flags = " ".join(sorted(cpu_features())) or "none tracked"
     depth = f"{args.vision_layers} + {args.text_layers} layers"
     report.write(args, "quantized", [
-        f"PaliGemma 1 3B widths, {depth}, batch 1", "decode ms/token", "read floor ms (decoder bytes held)",
-        "TTFT ms", f"logits rel. error vs bf16 ({SUFFIX} tokens)", "top-1 agreement", "peak RSS GiB"], rows,
+        f"PaliGemma 1 3B widths, {depth}, batch 1", "decode ms/token", "x pali-jax bf16", "read floor ms (decoder bytes held)",
+        "x floor", "TTFT ms", f"logits rel. error vs bf16 ({SUFFIX} tokens)", "top-1 agreement", "peak RSS GiB"], rows,
         note=f"CPU flags: {flags}; read bandwidth {bandwidth / 1e9:.1f} GB/s. Random weights: agreement is against "
              "pali-jax's own bf16 model on the same checkpoint.")
     forms = compute_forms()
