@@ -54,9 +54,9 @@ def demo_items(folder: Path, n: int, seed: int = 11) -> list[Item]:
 
 def fixed_batches(pg: PaliGemma, items: list[Item], batch_size: int, default_tokens: int) -> list[list[int]]:
     """run_generate.py's loop: check every image, then one pg.generate per batch; token ids per item."""
-    import run_generate
+    from pali_jax.generate_command import check_images
 
-    paths = run_generate.check_images([Path(i.image) for i in items], skip_bad=False)
+    paths = check_images([Path(i.image) for i in items], skip_bad=False)
     out = []
     for start in range(0, len(paths), batch_size):
         part = items[start : start + batch_size]
