@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from pali_jax.config import SiglipConfig
 from pali_jax.intermediates import INTERMEDIATES
-from pali_jax.backend import Policy, project
-from pali_jax.layers import declare_weight, product
+from pali_jax.layers import quantized_weight
 from pali_jax.quantize import Quantization
 
 
@@ -42,17 +41,13 @@ _KERNEL, _BIAS = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
 class Dense(nn.Module):
     """A biased projection over x's last `n_in` axes (nn.DenseGeneral's parameters and numerics:
     kernel [*in, *out], bias [*out], products accumulated in float32 and rounded to `dtype`), whose
-    kernel `layers.declare_weight` declares, so that it can be quantised. A quantised kernel is
-    multiplied as stored by `backend.project`, in the form `policy` picks: dequantised whole, it
-    would be written and read back in float on every image (XLA:CPU fuses no dequantisation into a
-    dot), which made an int8 model's time to first token slower than bf16's."""
+    kernel `layers.quantized_weight` declares, so that it can be quantised."""
 
     features: int | tuple[int, ...]
     axes: tuple[str, ...]  # the kernel's logical axes, inputs then outputs
     n_in: int = 1
     dtype: jnp.dtype = jnp.float32
     quant: Quantization | None = None
-    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -64,21 +59,16 @@ class Dense(nn.Module):
             flat = (math.prod(shape[: self.n_in]), math.prod(shape[self.n_in :]))
             return _KERNEL(key, flat).reshape(shape)
 
-        kernel = declare_weight(self, "kernel", init, shape, self.axes, tuple(range(self.n_in)), self.quant)
+        kernel = quantized_weight(self, "kernel", init, shape, self.axes, tuple(range(self.n_in)), self.quant, self.dtype)
         bias = self.param("bias", _axes(_BIAS, *self.axes[self.n_in :]), features)
-        x = x.astype(self.dtype)
-        if self.quant is None:
-            dims = ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ()))
-            y = _accumulate_f32(x, kernel.astype(self.dtype), dims)
-        else:
-            y = product(lambda x, w: project(x, w, self.n_in, False, self.policy), x, kernel, self.dtype)
+        dims = ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ()))
+        y = _accumulate_f32(x.astype(self.dtype), kernel, dims)
         return y + bias.astype(self.dtype)
 
 
-def _dense(features, axes: tuple[str, ...], dtype, name: str | None = None, n_in: int = 1, quant=None,
-           policy: Policy = Policy()) -> Dense:
+def _dense(features, axes: tuple[str, ...], dtype, name: str | None = None, n_in: int = 1, quant=None) -> Dense:
     """A biased projection whose kernel has logical `axes` (inputs then outputs)."""
-    return Dense(features, axes, n_in, dtype, quant, policy, name=name)
+    return Dense(features, axes, n_in, dtype, quant, name=name)
 
 
 def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
@@ -91,40 +81,35 @@ class Attention(nn.Module):
     cfg: SiglipConfig
     dtype: jnp.dtype = jnp.float32
     quant: Quantization | None = None
-    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.cfg
         heads = (c.num_heads, c.head_dim)
         axes = ("vision_embed", "vision_heads", "vision_head_dim")
-        q, k, v = (_dense(heads, axes, self.dtype, name, quant=self.quant, policy=self.policy)(x)
-                   for name in ("query", "key", "value"))  # [B, T, N, H]
+        q, k, v = (_dense(heads, axes, self.dtype, name, quant=self.quant)(x) for name in ("query", "key", "value"))  # [B, T, N, H]
         logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * c.head_dim**-0.5
         probs = jax.nn.softmax(logits, axis=-1)
         self.sow(INTERMEDIATES, "attention", probs)
         out = jnp.einsum("bnts,bsnh->btnh", probs.astype(self.dtype), v)
         axes = ("vision_heads", "vision_head_dim", "vision_embed")
-        return _dense(c.width, axes, self.dtype, "out", n_in=2, quant=self.quant, policy=self.policy)(out)
+        return _dense(c.width, axes, self.dtype, "out", n_in=2, quant=self.quant)(out)
 
 
 class EncoderBlock(nn.Module):
     cfg: SiglipConfig
     dtype: jnp.dtype = jnp.float32
     quant: Quantization | None = None
-    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, None]:
         c = self.cfg
         h = _layer_norm(c.layer_norm_eps, self.dtype, "LayerNorm_0")(x)
-        x = x + Attention(c, self.dtype, self.quant, self.policy, name="MultiHeadDotProductAttention_0")(h)
+        x = x + Attention(c, self.dtype, self.quant, name="MultiHeadDotProductAttention_0")(h)
         h = _layer_norm(c.layer_norm_eps, self.dtype, "LayerNorm_1")(x)
-        h = _dense(c.mlp_dim, ("vision_embed", "vision_mlp"), self.dtype, "Dense_0", quant=self.quant,
-                   policy=self.policy)(h)
+        h = _dense(c.mlp_dim, ("vision_embed", "vision_mlp"), self.dtype, "Dense_0", quant=self.quant)(h)
         h = nn.gelu(h, approximate=c.gelu_approximate)
-        x = x + _dense(c.width, ("vision_mlp", "vision_embed"), self.dtype, "Dense_1", quant=self.quant,
-                       policy=self.policy)(h)
+        x = x + _dense(c.width, ("vision_mlp", "vision_embed"), self.dtype, "Dense_1", quant=self.quant)(h)
         self.sow(INTERMEDIATES, "output", x)
         return x, None
 
@@ -134,7 +119,6 @@ class Encoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     quant: Quantization | None = None
-    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -142,7 +126,7 @@ class Encoder(nn.Module):
         x, _ = nn.scan(
             block, variable_axes={"params": 0, INTERMEDIATES: 0}, split_rngs={"params": True}, length=self.cfg.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(self.cfg, self.dtype, self.quant, self.policy, name="encoderblock")(x, None)
+        )(self.cfg, self.dtype, self.quant, name="encoderblock")(x, None)
         return _layer_norm(self.cfg.layer_norm_eps, self.dtype, "encoder_norm")(x)
 
 
@@ -154,7 +138,6 @@ class SigLIP(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     quant: Quantization | None = None  # of the projections and the projector (int8: `Quantization.vision`)
-    policy: Policy = Policy()  # how a quantised kernel is multiplied (`Dense`)
 
     def setup(self):
         c = self.cfg
@@ -164,8 +147,8 @@ class SigLIP(nn.Module):
         )
         pos_init = _axes(nn.initializers.normal(0.02), None, "patches", "vision_embed")
         self.pos_embedding = self.param("pos_embedding", pos_init, (1, c.num_patches, c.width))
-        self.Transformer = Encoder(c, self.dtype, self.remat, self.quant, self.policy)
-        self.head = _dense(self.out_width, ("vision_embed", "embed"), self.dtype, quant=self.quant, policy=self.policy)
+        self.Transformer = Encoder(c, self.dtype, self.remat, self.quant)
+        self.head = _dense(self.out_width, ("vision_embed", "embed"), self.dtype, quant=self.quant)
 
     def encode(self, pixels: jax.Array) -> jax.Array:
         """[B, H, W, 3] -> [B, P, width]: the vision tower's last hidden state (after its final norm)."""
