@@ -38,10 +38,12 @@ A policy decides:
   benchmarks/cpu_quant_matmul.py (the forms, tile sizes, XLA:CPU's YNNPACK elementwise fusion, an
   int8 x int8 dot on dynamically quantised rows, nibble-packed int4; docs/performance.md).
 * `compiler_options`: while-loop invariant code motion on XLA:CPU hoists the float32 conversion
-  of every bf16 weight out of the decode loop (XLA:CPU computes all non-YNNPACK bf16 ops in
-  float32): a bf16 model would then run on a float32 copy of its weights. CPU inference programs
-  are compiled without that pass (float32 programs compile to the same code either way; checked
-  by tests/test_generate.py). Every CPU program (inference and training) is also compiled with
+  of every bf16 weight out of the loop that uses it (XLA:CPU computes all non-YNNPACK bf16 ops in
+  float32): a bf16 model would then decode on a float32 copy of its weights, and a train step over
+  `nn.scan`'s stacked layers would hold a float32 copy of every layer's frozen weights (checked
+  on the compiled step's memory by tests/test_train.py). Every CPU program is compiled without
+  that pass (float32 programs compile to the same code either way; checked by
+  tests/test_generate.py), and with
   `xla_cpu_enable_platform_dependent_math` off, which asks YNNPACK (XLA:CPU's matmul library) for
   consistent arithmetic: results that do not depend on the CPU's instruction set (with it on, an
   AVX512-BF16 CPU accumulates bf16 products its own way, farther from float64). Its cost and its
@@ -206,15 +208,13 @@ class Policy:
         half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         return "cudnn" if self.platform == "cuda" and half and softcap is None else "einsum"
 
-    def compiler_options(self, inference: bool = True) -> dict[str, str | bool] | None:
-        """XLA options for every program that runs the model: inference (generation, beam search,
-        forward passes) or, with `inference=False`, training (see module docstring)."""
+    def compiler_options(self) -> dict[str, str | bool] | None:
+        """XLA options for every program that runs the model: generation, beam search, forward
+        passes and training (see module docstring)."""
         if self.platform != "cpu":
             return None
-        options: dict[str, str | bool] = {"xla_cpu_enable_platform_dependent_math": False}
-        if inference:
-            options["xla_disable_hlo_passes"] = "while-loop-invariant-code-motion"
-        return options
+        return {"xla_cpu_enable_platform_dependent_math": False,
+                "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
 def training_layout(dtype) -> Layout:

@@ -446,10 +446,10 @@ class TrainingPrograms(NamedTuple):
 
 @functools.cache
 def programs(policy: Policy) -> TrainingPrograms:
-    """The jitted training programs for `policy`'s platform, with its compiler options for training
+    """The jitted training programs for `policy`'s platform, with its compiler options
     (`backend.Policy.compiler_options`). One per policy, the trainer a static argument, so equal
     trainers (a resumed run's) reuse what was compiled."""
-    options = policy.compiler_options(inference=False)
+    options = policy.compiler_options()
     return TrainingPrograms(
         jax.jit(Trainer._step_impl, static_argnums=0, donate_argnums=1, compiler_options=options),
         jax.jit(Trainer._eval_impl, static_argnums=0, compiler_options=options),

@@ -123,7 +123,9 @@ def test_train_step_is_the_platforms_own(kind, trainable, lora_rank, platform):
                  attention_mask=np.ones_like(ids), loss_mask=np.ones_like(ids, bool))
     program = train.programs(trainer.policy).step.trace(trainer, state, batch)
     text = program.lower(lowering_platforms=(platform,)).as_text()
-    assert ("xla_cpu_enable_platform_dependent_math" in _compiler_options(program)) == (platform == "cpu")
+    options = _compiler_options(program)
+    assert ("xla_cpu_enable_platform_dependent_math" in options) == (platform == "cpu")
+    assert ("xla_disable_hlo_passes" in options) == (platform == "cpu")
     fused = platform == "cuda" and kind == "pg1"
     assert (CUDNN_ATTENTION in text) == fused
     assert ("__cudnn$fmhaScaleBiasSoftmaxBackward" in text) == fused

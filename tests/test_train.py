@@ -332,3 +332,30 @@ def test_qlora_refusals(tiny_models):
         _qlora(pg, "int8").init_state(int4)
     with pytest.raises(TrainConfigError, match="quantized"):
         Trainer(pg.config, TrainConfig(trainable="lora", lora_rank=2)).init_state(int4)
+
+
+def test_cpu_train_step_keeps_no_float32_copy_of_frozen_bf16_weights():
+    """Compiled as `train.programs` compiles it for CPU, a LoRA step on a bf16 frozen base converts
+    each layer's weights inside the layer loop; with XLA's loop-invariant code motion the
+    conversion of every stacked layer would be hoisted out of it: a float32 copy of the model in
+    the step's scratch memory."""
+    from pali_jax.backend import Policy
+    from pali_jax.config import preset
+    from pali_jax.paligemma import abstract_params
+    from pali_jax.train import programs
+
+    big = preset("paligemma-3b-224")
+    text = dataclasses.replace(big.text, depth=8, width=256, mlp_dim=4096, num_heads=2, head_dim=128, vocab_size=512)
+    vision = dataclasses.replace(big.vision, depth=1, width=32, mlp_dim=64, num_heads=2, image_size=16, patch_size=8)
+    cfg = dataclasses.replace(big, text=text, vision=vision, image_token_id=511)
+    rows = cfg.num_image_tokens + 8
+    b = {k: jax.ShapeDtypeStruct((1, rows), jnp.int32) for k in ("input_ids", "token_type_ids", "attention_mask")}
+    b |= {"loss_mask": jax.ShapeDtypeStruct((1, rows), jnp.bool_),
+          "pixel_values": jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)}
+    trainer = Trainer(cfg, TrainConfig(trainable="lora", lora_rank=2, batch_size=1, frozen_dtype="bfloat16"),
+                      jnp.bfloat16, policy=Policy("cpu"))
+    state = trainer.abstract_state(abstract_params(cfg, jnp.bfloat16))
+    temp = programs(trainer.policy).step.lower(trainer, state, b).compile().memory_analysis().temp_size_in_bytes
+    # bytes of the stacked projections in float32; with the hoisting the scratch memory is about 1.5x this
+    float32_decoder = 8 * (4 * 256 * 256 + 3 * 256 * 4096) * 4
+    assert temp < float32_decoder, (temp, float32_decoder)
