@@ -296,27 +296,37 @@ def test_qlora_step_equals_float_lora_on_the_dequantized_weights(tiny_models):
         assert_parity(x, y, what="updated adapters")
 
 
-def test_qlora_keeps_no_dequantized_weight_for_the_backward_pass():
-    """The compiled QLoRA step's scratch memory stays below the bf16-base LoRA step's by about the
-    dequantised weights (which each projection recomputes in the backward pass)."""
+def _step_scratch_bytes(train_config: TrainConfig, depth: int, mlp_dim: int, vocab: int, image_size: int,
+                        policy=None) -> int:
+    """XLA's scratch memory for the compiled train step (`train.programs`) of a bf16 PaliGemma 1 with
+    a 256-wide decoder of `depth` layers, a one-layer vision tower, and `train_config.batch_size`
+    rows of 8 text tokens, for `policy` (default: this host's); shapes only, nothing is allocated."""
+    from pali_jax.backend import Policy
     from pali_jax.config import preset
     from pali_jax.paligemma import abstract_params
     from pali_jax.train import programs
 
     big = preset("paligemma-3b-224")
-    text = dataclasses.replace(big.text, depth=2, width=256, mlp_dim=2048, num_heads=2, head_dim=128, vocab_size=4096)
-    vision = dataclasses.replace(big.vision, depth=1, width=32, mlp_dim=64, num_heads=2, image_size=32, patch_size=8)
-    cfg = dataclasses.replace(big, text=text, vision=vision, image_token_id=4095)
-    rows = cfg.num_image_tokens + 8
-    b = {k: jax.ShapeDtypeStruct((2, rows), jnp.int32) for k in ("input_ids", "token_type_ids", "attention_mask")}
-    b |= {"loss_mask": jax.ShapeDtypeStruct((2, rows), jnp.bool_),
-          "pixel_values": jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)}
-    temp = {}
-    for scheme in (None, "int8"):
-        trainer = Trainer(cfg, TrainConfig(trainable="lora", lora_rank=2, batch_size=2, quantize=scheme), jnp.bfloat16)
-        state = trainer.abstract_state(abstract_params(cfg, jnp.bfloat16))
-        compiled = programs(trainer.policy).step.lower(trainer, state, b).compile()
-        temp[scheme] = compiled.memory_analysis().temp_size_in_bytes
+    text = dataclasses.replace(big.text, depth=depth, width=256, mlp_dim=mlp_dim, num_heads=2, head_dim=128,
+                               vocab_size=vocab)
+    vision = dataclasses.replace(big.vision, depth=1, width=32, mlp_dim=64, num_heads=2, image_size=image_size,
+                                 patch_size=8)
+    cfg = dataclasses.replace(big, text=text, vision=vision, image_token_id=vocab - 1)
+    shape = (train_config.batch_size, cfg.num_image_tokens + 8)
+    b = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ("input_ids", "token_type_ids", "attention_mask")}
+    b |= {"loss_mask": jax.ShapeDtypeStruct(shape, jnp.bool_),
+          "pixel_values": jax.ShapeDtypeStruct((shape[0], image_size, image_size, 3), jnp.float32)}
+    trainer = Trainer(cfg, train_config, jnp.bfloat16, policy=policy or Policy.host())
+    state = trainer.abstract_state(abstract_params(cfg, jnp.bfloat16))
+    return programs(trainer.policy).step.lower(trainer, state, b).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_qlora_keeps_no_dequantized_weight_for_the_backward_pass():
+    """The compiled QLoRA step's scratch memory stays below the bf16-base LoRA step's by about the
+    dequantised weights (which each projection recomputes in the backward pass)."""
+    temp = {scheme: _step_scratch_bytes(TrainConfig(trainable="lora", lora_rank=2, batch_size=2, quantize=scheme),
+                                        depth=2, mlp_dim=2048, vocab=4096, image_size=32)
+            for scheme in (None, "int8")}
     decoder = 2 * (4 * 256 * 256 + 3 * 256 * 2048) * 2  # bf16 bytes of the decoder's projections
     assert temp["int8"] < temp[None] - decoder / 2, temp
 
@@ -340,22 +350,9 @@ def test_cpu_train_step_keeps_no_float32_copy_of_frozen_bf16_weights():
     conversion of every stacked layer would be hoisted out of it: a float32 copy of the model in
     the step's scratch memory."""
     from pali_jax.backend import Policy
-    from pali_jax.config import preset
-    from pali_jax.paligemma import abstract_params
-    from pali_jax.train import programs
 
-    big = preset("paligemma-3b-224")
-    text = dataclasses.replace(big.text, depth=8, width=256, mlp_dim=4096, num_heads=2, head_dim=128, vocab_size=512)
-    vision = dataclasses.replace(big.vision, depth=1, width=32, mlp_dim=64, num_heads=2, image_size=16, patch_size=8)
-    cfg = dataclasses.replace(big, text=text, vision=vision, image_token_id=511)
-    rows = cfg.num_image_tokens + 8
-    b = {k: jax.ShapeDtypeStruct((1, rows), jnp.int32) for k in ("input_ids", "token_type_ids", "attention_mask")}
-    b |= {"loss_mask": jax.ShapeDtypeStruct((1, rows), jnp.bool_),
-          "pixel_values": jax.ShapeDtypeStruct((1, 16, 16, 3), jnp.float32)}
-    trainer = Trainer(cfg, TrainConfig(trainable="lora", lora_rank=2, batch_size=1, frozen_dtype="bfloat16"),
-                      jnp.bfloat16, policy=Policy("cpu"))
-    state = trainer.abstract_state(abstract_params(cfg, jnp.bfloat16))
-    temp = programs(trainer.policy).step.lower(trainer, state, b).compile().memory_analysis().temp_size_in_bytes
+    temp = _step_scratch_bytes(TrainConfig(trainable="lora", lora_rank=2, batch_size=1, frozen_dtype="bfloat16"),
+                               depth=8, mlp_dim=4096, vocab=512, image_size=16, policy=Policy("cpu"))
     # bytes of the stacked projections in float32; with the hoisting the scratch memory is about 1.5x this
     float32_decoder = 8 * (4 * 256 * 256 + 3 * 256 * 4096) * 4
     assert temp < float32_decoder, (temp, float32_decoder)
