@@ -18,6 +18,9 @@ Forms (x [M, K], the weight stored [K, N] as in the checkpoint, or [N, K] output
   tiled_f32    bf16 w [N, K] converted to float32 a few output channels at a time (about
                `backend.Policy.tile_bytes` each) and multiplied by float32 rows while in cache:
                `backend._tiled`, the form quantised weights take on CPU;
+  kernel       bf16, w [N, K] through `cpu_kernels.bf16_matvec` (AVX512-BF16 dot products streaming
+               each weight row once: what `backend.project` runs below `_BF16_KERNEL_ROWS` rows where
+               the CPU has AVX512-BF16 and the install built the kernels);
   float32      float32, x [M, K] @ w [K, N] (checkpoint layout).
 Every bf16 form accumulates in float32 (`preferred_element_type`), as the model does.
 
@@ -39,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import report
-from pali_jax import backend
+from pali_jax import backend, cpu_kernels
 
 # (name, K = contracted size, N = output size) of one PaliGemma 1 3B decoder layer.
 LAYER = (("q", 2048, 2048), ("kv", 2048, 512), ("attn_out", 2048, 2048), ("gate_up", 2048, 32768), ("down", 16384, 2048))
@@ -72,6 +75,10 @@ def _tiled_f32(x, w_out_first):
                           policy).astype(x.dtype)
 
 
+def _kernel(x, w_out_first):
+    return cpu_kernels.bf16_matvec(x, w_out_first).astype(x.dtype)
+
+
 # form -> (product, weight dtype, weight stored output axes first)
 FORMS = {
     "left_zero": (_left_zero, jnp.bfloat16, True),
@@ -79,6 +86,7 @@ FORMS = {
     "dot_pad": (_dot_pad, jnp.bfloat16, False),
     "dot_general": (_dot_general, jnp.bfloat16, True),
     "tiled_f32": (_tiled_f32, jnp.bfloat16, True),
+    "kernel": (_kernel, jnp.bfloat16, True),
     "float32": (_dot, jnp.float32, False),
 }
 
@@ -120,6 +128,8 @@ def main() -> None:
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     report.add_arguments(p)
     args = p.parse_args()
+    if "kernel" in args.forms and not cpu_kernels.load():
+        p.error("the kernel form needs pali-jax's CPU kernels, which this install did not build (see setup.py)")
     features = backend.cpu_features()
     print(f"cpu: {backend.cpu_model()}")
     print(f"flags: {' '.join(sorted(features)) or '(none of the tracked ones)'}")

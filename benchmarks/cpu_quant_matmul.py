@@ -23,7 +23,11 @@ Forms (x [M, K] bf16; w [N, K]; every product accumulates in float32 and is roun
   int8 dot          int8 only, not weight-only: the rows quantised per row (absmax / 127) and an
                     int8 x int8 -> int32 dot, rescaled (its error is the activations' rounding too);
   tiled packed      int4 only: two values per byte (the first half of K in the low nibbles, the
-                    second in the high), unpacked inside the `tiled` loop: half the bytes in RAM.
+                    second in the high), unpacked inside the `tiled` loop: half the bytes in RAM;
+  kernel            `cpu_kernels.quant_matvec` (what `backend.project` runs below
+                    `backend._QUANT_KERNEL_ROWS` rows where the install built the kernels and the CPU
+                    has AVX-512): the int8 bytes read once, converted in registers, scaled per group;
+                    `bf16 kernel` the bf16 weight through `cpu_kernels.bf16_matvec`.
 Schemes as `quantize.py` makes them: int8 per output channel, int4 in groups of 128 along K.
 
 Timings are interleaved across forms, shuffled each round (medians and best of --repeats: the
@@ -44,7 +48,7 @@ import numpy as np
 
 from benchmarks import report
 from benchmarks.cpu_matmul import LAYER
-from pali_jax import backend, quantize
+from pali_jax import backend, cpu_kernels, quantize
 from pali_jax.quantize import Quantization
 
 F32 = jnp.float32
@@ -127,6 +131,10 @@ def forms(scheme: str, tile_sweep: list[int]) -> dict:
         "tiled f32": (_tiled_in(F32), None, "held"),
         "tiled bf16": (_tiled_in(jnp.bfloat16), None, "held"),
     }
+    if cpu_kernels.load():
+        kernels = backend.Policy("cpu", backend.cpu_features(), cpu_kernels=True)
+        out["kernel"] = (_project(kernels), None, "held")
+        out["bf16 kernel"] = (_project(kernels), None, "bf16")
     for kib in tile_sweep:
         out[f"tiled {kib}K"] = (_project(backend.Policy("cpu", tile_bytes=kib << 10)), None, "held")
     if scheme == "int8":
@@ -144,6 +152,7 @@ def main() -> None:
     p.add_argument("--schemes", nargs="+", default=["int8", "int4"], choices=["int8", "int4"])
     p.add_argument("--width-scale", type=float, default=1.0)
     p.add_argument("--tile-kib", type=int, nargs="*", default=[512, 2048, 8192, 16384], help="tile sizes tried beside the policy's")
+    p.add_argument("--forms", nargs="*", help="only these forms (and 'bf16 weight', the reference); default all")
     report.add_arguments(p)
     args = p.parse_args()
     features = backend.cpu_features()
@@ -171,6 +180,11 @@ def main() -> None:
         held = [{**n, quantize.QVALUE: n[quantize.QVALUE].astype(jnp.int8)} for n in nodes]  # Layout.int4_bytes
         operands = {"q": nodes, "held": held, "bf16": bf16, "packed": packed}
         candidates = forms(scheme, args.tile_kib)
+        if args.forms:
+            unknown = set(args.forms) - set(candidates)
+            if unknown:
+                p.error(f"unknown forms {sorted(unknown)} for {scheme}; choose from {sorted(candidates)}")
+            candidates = {k: v for k, v in candidates.items() if k in args.forms or k == "bf16 weight"}
         for m in args.rows:
             xs = [jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16) for _, k, _ in shapes]
             runs, errors = {}, {}

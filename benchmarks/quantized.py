@@ -119,7 +119,7 @@ def compute_forms(runs: int = 20, k: int = 2048, n: int = 16384) -> list[list]:
                 ts.append(time.perf_counter() - t0)
             timings[name] = statistics.median(ts) * 1e3
         rows.append([jnp.dtype(dtype).name, f"{timings['weight']:.2f}", f"{timings['dequantize']:.2f}",
-                     f"{timings['policy']:.2f} ({policy.quantized_form(dtype, 1)})"])
+                     f"{timings['policy']:.2f} ({policy.quantized_form(dtype, 1, True, q[quantize.QVALUE].dtype)})"])
     return rows
 
 

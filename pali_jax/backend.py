@@ -17,26 +17,32 @@ A policy decides:
   only through YNNPACK ([M, K] @ [K, N], both row-major, M and N >= 2, float32 out); any other
   bf16 product runs in float32 on converted copies of its operands, and a weight given as the
   right operand is repacked on every call. On CPU in bf16 the weights are therefore stored output
-  axes first and, for few rows, streamed as the LEFT operand, `w [N, K] @ [x^T | 0]`: the zero
-  column keeps XLA from folding the transpose into the dot (which YNNPACK rejects) and makes
-  N >= 2 for a single row. For more rows a plain dot_general is faster; in float32 the
-  output-first layout gains nothing worth a transpose at load. GPUs and TPUs multiply bf16
-  natively: plain dots, checkpoint axis order. Benchmark: benchmarks/cpu_matmul.py (prints the
-  CPU and its flags; the forms measured are the ones named here).
+  axes first. For a few rows (decoding) even YNNPACK's best form streams the weights at a fraction
+  of the memory's rate, so where the install built `cpu_kernels` and the CPU has AVX512-BF16,
+  fewer than _BF16_KERNEL_ROWS rows go through `cpu_kernels.bf16_matvec` (`kernel`: each weight
+  row read once, bf16 products accumulated in float32). Otherwise, for one to three rows, the
+  weight is streamed as the LEFT operand, `w [N, K] @ [x^T | 0]` (`left_zero`: the zero column
+  keeps XLA from folding the transpose into the dot, which YNNPACK rejects, and makes N >= 2 for a
+  single row); for more rows a plain dot_general is faster. In float32 the output-first layout
+  gains nothing worth a transpose at load. GPUs and TPUs multiply bf16 natively: plain dots,
+  checkpoint axis order. Benchmark: benchmarks/cpu_matmul.py (prints the CPU and its flags; the
+  forms measured are the ones named here).
 * `quantized_form`: how a quantised weight (`quantize.py`, {"qvalue", "qscale"}) is multiplied.
   GPUs and TPUs (and the portable policy): `dequantize`, the weight dequantised to the activation
   dtype inside the program and multiplied in its `matmul_form` (XLA fuses the dequantisation into
   the matmul's fusion on GPU and TPU). XLA:CPU fuses nothing into a dot: the dequantised weight is
-  written whole and read back on every call, slower than the float weight itself. On CPU the
-  product is therefore tiled: a `lax.map` over blocks of output channels, each block dequantised
-  (about `tile_bytes`, 4 MB: it stays in cache, and its product runs on several threads) and
-  multiplied at once. Below _FEW_ROWS rows (decoding) the tiles are float32 whatever the
-  activations (`tiled_f32`: XLA:CPU's float32 matrix-vector product is many times its bf16 one);
-  for more rows (prefill, batches) they are in the activation dtype and multiplied in its
-  `matmul_form` (`tiled`: YNNPACK's bf16 GEMM). Each
+  written whole and read back on every call, slower than the float weight itself. On CPU, below
+  _QUANT_KERNEL_ROWS rows, an int8-held weight (int8, or int4 one value per byte) stored output
+  axes first goes through `cpu_kernels.quant_matvec` where it runs (`kernel`: the bytes read once,
+  converted to float32 in registers, each group's sum scaled once). Otherwise the product is
+  tiled: a `lax.map` over blocks of output channels, each block dequantised (about `tile_bytes`,
+  4 MB: it stays in cache, and its product runs on several threads) and multiplied at once. Below
+  _FEW_ROWS rows the tiles are float32 whatever the activations (`tiled_f32`: XLA:CPU's float32
+  matrix-vector product is many times its bf16 one); for more rows (prefill, batches) they are in
+  the activation dtype and multiplied in its `matmul_form` (`tiled`: YNNPACK's bf16 GEMM). Each
   output is computed within one tile, so it is rounded once, as in one dot. Benchmark:
-  benchmarks/cpu_quant_matmul.py (the forms, tile sizes, XLA:CPU's YNNPACK elementwise fusion, an
-  int8 x int8 dot on dynamically quantised rows, nibble-packed int4; docs/performance.md).
+  benchmarks/cpu_quant_matmul.py (the forms, the kernel, tile sizes, XLA:CPU's YNNPACK elementwise
+  fusion, an int8 x int8 dot on dynamically quantised rows, nibble-packed int4; docs/performance.md).
 * `compiler_options`: while-loop invariant code motion on XLA:CPU hoists the float32 conversion
   of every bf16 weight out of the loop that uses it (XLA:CPU computes all non-YNNPACK bf16 ops in
   float32): a bf16 model would then decode on a float32 copy of its weights, and a train step over
@@ -56,7 +62,9 @@ A policy decides:
 
 `cpu_features` (from /proc/cpuinfo) are part of the policy so that a choice can follow the CPU
 (this project's machines alternate between AMD EPYC and Intel Xeon with AMX and AVX512-VNNI);
-benchmarks/cpu_matmul.py prints them beside its figures.
+benchmarks/cpu_matmul.py prints them beside its figures. `cpu_kernels` says whether the kernels'
+library loaded in this process (the host policy asks `cpu_kernels.load()`; a named policy has them
+only if told, so a CPU host traces the same program for any policy).
 """
 
 from __future__ import annotations
@@ -71,7 +79,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
-from pali_jax import quantize
+from pali_jax import cpu_kernels, quantize
 
 if TYPE_CHECKING:
     from pali_jax.quantize import Quantization
@@ -79,8 +87,8 @@ if TYPE_CHECKING:
 Platform = Literal["cpu", "cuda", "rocm", "tpu"]
 PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
 AttentionKernel = Literal["einsum", "cudnn"]
-MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero"]
-QuantizedForm = Literal["dequantize", "tiled", "tiled_f32"]
+MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero", "kernel"]
+QuantizedForm = Literal["dequantize", "tiled", "tiled_f32", "kernel"]
 
 # /proc/cpuinfo flags of the x86 instruction sets XLA:CPU's kernels (YNNPACK, oneDNN, Eigen)
 # dispatch on for float32, bf16 and int8 matmuls.
@@ -138,14 +146,22 @@ class Layout:
 
 CHECKPOINT_LAYOUT = Layout(stacked=True, out_first=False)  # converters, training, export
 
-# bf16 rows below which an output-first weight is streamed as the left operand (XLA:CPU; above
-# it dot_general wins: benchmarks/cpu_matmul.py, `left_zero` against `dot_general`).
+# bf16 rows below which an output-first weight is streamed as the left operand (XLA:CPU; from
+# there on dot_general wins: benchmarks/cpu_matmul.py, `left_zero` against `dot_general`).
+_LEFT_ZERO_ROWS = 4
+# Rows below which a quantised weight's product is tiled in float32 rather than in the activation
+# dtype (benchmarks/cpu_quant_matmul.py, `tiled f32` against `tiled bf16`).
 _FEW_ROWS = 16
 # A quantised weight's product on XLA:CPU is dequantised a tile of about this many bytes at a time
 # (benchmarks/cpu_quant_matmul.py, `tiled` against `tiled NK`: 4 and 8 MB decode one row twice as
 # fast as 2 MB on this project's 2-core machines, their products running on both threads; 16 MB
 # spills the cache).
 _TILE_BYTES = 4 << 20
+# Rows below which `cpu_kernels` multiply (benchmarks/cpu_matmul.py and cpu_quant_matmul.py,
+# `kernel` against the other forms), and the instruction sets each kernel needs.
+_BF16_KERNEL_ROWS, _QUANT_KERNEL_ROWS = 8, 16
+_BF16_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
+_QUANT_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,6 +177,7 @@ class Policy:
     platform: Platform | None = None
     cpu_features: frozenset[str] = frozenset()
     tile_bytes: int = _TILE_BYTES  # the float32 bytes of one tile of the `tiled` quantised product
+    cpu_kernels: bool = False  # `cpu_kernels` loaded in this process (the host policy sets it)
 
     def __post_init__(self):
         if self.platform is not None and self.platform not in PLATFORMS:
@@ -177,7 +194,9 @@ class Policy:
             platform = "rocm" if "rocm" in version or "hip" in version else "cuda"
         if platform not in PLATFORMS:
             raise ValueError(f"no policy for backend {platform!r}")
-        return Policy(platform, cpu_features() if platform == "cpu" else frozenset())
+        if platform != "cpu":
+            return Policy(platform)
+        return Policy(platform, cpu_features(), cpu_kernels=cpu_kernels.load())
 
     def _cpu_bfloat16(self, dtype) -> bool:
         return self.platform == "cpu" and jnp.dtype(dtype) == jnp.bfloat16
@@ -186,16 +205,25 @@ class Policy:
         """The fastest layout to run inference in `dtype` (see module docstring)."""
         return Layout(stacked=False, out_first=self._cpu_bfloat16(dtype), int4_bytes=self.platform == "cpu")
 
+    def _kernel(self, rows: int, below: int, out_first: bool, flags: frozenset[str]) -> bool:
+        """Whether a `cpu_kernels` kernel needing the instruction sets `flags` multiplies `rows` rows."""
+        return self.cpu_kernels and out_first and rows < below and flags <= self.cpu_features
+
     def matmul_form(self, dtype, rows: int, out_first: bool) -> MatmulForm:
         """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first."""
         if out_first:
-            return "left_zero" if self._cpu_bfloat16(dtype) and rows < _FEW_ROWS else "dot_general"
+            if self._cpu_bfloat16(dtype) and self._kernel(rows, _BF16_KERNEL_ROWS, out_first, _BF16_KERNEL_FLAGS):
+                return "kernel"
+            return "left_zero" if self._cpu_bfloat16(dtype) and rows < _LEFT_ZERO_ROWS else "dot_general"
         return "dot_pad" if self._cpu_bfloat16(dtype) and rows == 1 else "dot"
 
-    def quantized_form(self, dtype, rows: int) -> QuantizedForm:
-        """How `project` multiplies `rows` rows in `dtype` by a quantised weight (module docstring)."""
+    def quantized_form(self, dtype, rows: int, out_first: bool, value_dtype) -> QuantizedForm:
+        """How `project` multiplies `rows` rows in `dtype` by a quantised weight whose values are
+        `value_dtype` (module docstring)."""
         if self.platform != "cpu":
             return "dequantize"
+        if jnp.dtype(value_dtype) == jnp.int8 and self._kernel(rows, _QUANT_KERNEL_ROWS, out_first, _QUANT_KERNEL_FLAGS):
+            return "kernel"
         return "tiled_f32" if rows < _FEW_ROWS or jnp.dtype(dtype) == jnp.float32 else "tiled"
 
     def tile_rows(self, n_in: int, dtype) -> int:
@@ -239,7 +267,11 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
     lead = x.shape[: x.ndim - in_axes]
     rows = x.reshape(-1, n_in)  # [M, n_in]
     m = rows.shape[0]
-    form = policy.quantized_form(rows.dtype, m) if quantized else None
+    form = policy.quantized_form(rows.dtype, m, out_first, w[quantize.QVALUE].dtype) if quantized else None
+    if form == "kernel":
+        q, scale = w[quantize.QVALUE].reshape(-1, n_in), w[quantize.SCALE]
+        y = cpu_kernels.quant_matvec(rows.astype(jnp.float32), q, scale.reshape(q.shape[0], -1).astype(jnp.float32))
+        return y.astype(x.dtype).reshape(*lead, *out_shape)
     if form in ("tiled", "tiled_f32"):
         dtype = jnp.float32 if form == "tiled_f32" else rows.dtype
         y = _tiled(rows.astype(dtype), w, n_in, out_first, policy.tile_rows(n_in, dtype), policy)
@@ -247,7 +279,9 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
     if quantized:
         w = quantize.dequantize(w, x.dtype)
     form = policy.matmul_form(rows.dtype, m, out_first)
-    if form == "left_zero":
+    if form == "kernel":
+        y = cpu_kernels.bf16_matvec(rows, w.reshape(-1, n_in))
+    elif form == "left_zero":
         cols = jnp.concatenate([rows.T, jnp.zeros((n_in, 1), rows.dtype)], axis=1)  # [n_in, M + 1]
         y = jnp.dot(w.reshape(-1, n_in), cols, preferred_element_type=jnp.float32)[:, :m].T
     elif form == "dot_general":

@@ -64,9 +64,11 @@ def test_tiled_quantized_product_equals_dequantize_then_dot(scheme, out_first, r
     node = quantize.quantize(w, Quantization(scheme, group_size=16), contracted)
     x = jnp.asarray(rng.standard_normal((rows, 3, *ins)), jnp.float32)
     cpu = Policy("cpu")
-    assert cpu.quantized_form(jnp.bfloat16, 1) == cpu.quantized_form(jnp.float32, 64) == "tiled_f32"
-    assert cpu.quantized_form(jnp.bfloat16, 64) == "tiled"
-    assert Policy("cuda").quantized_form(jnp.float32, rows) == Policy().quantized_form(jnp.bfloat16, 1) == "dequantize"
+    int8 = jnp.int8
+    assert cpu.quantized_form(jnp.bfloat16, 1, True, int8) == cpu.quantized_form(jnp.float32, 64, True, int8) == "tiled_f32"
+    assert cpu.quantized_form(jnp.bfloat16, 64, True, int8) == "tiled"
+    assert Policy("cuda").quantized_form(jnp.float32, rows, True, int8) == "dequantize"
+    assert Policy().quantized_form(jnp.bfloat16, 1, True, int8) == "dequantize"
     assert cpu.tile_rows(128, jnp.float32) >= 26  # the test below narrows it to cut the channels unevenly
     narrow = Policy("cpu", tile_bytes=4 * 128 * 4)  # 6 tiles of 4 output channels and one of 2
     assert narrow.tile_rows(128, jnp.float32) == 4 and narrow.tile_rows(128, jnp.bfloat16) == 8
@@ -83,7 +85,7 @@ def test_tiled_quantized_product_equals_dequantize_then_dot(scheme, out_first, r
     x16 = jnp.asarray(rng.standard_normal((4, 5, *ins)), jnp.bfloat16)  # 20 rows
     tiled16 = backend.project(x16, node, 2, out_first, narrow)
     plain16 = backend.project(x16, quantize.dequantize(node, jnp.bfloat16), 2, out_first, cpu)
-    assert narrow.quantized_form(jnp.bfloat16, 20) == "tiled" and tiled16.dtype == jnp.bfloat16
+    assert narrow.quantized_form(jnp.bfloat16, 20, out_first, jnp.int8) == "tiled" and tiled16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(tiled16, np.float32), np.asarray(plain16, np.float32), rtol=2 ** -7, atol=1e-6)
 
 

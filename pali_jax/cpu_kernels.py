@@ -1,0 +1,112 @@
+"""The decoding kernels of `cpu_kernels.cc`, called from XLA programs as FFI custom calls.
+
+    bf16_matvec(x bf16 [M, K], w bf16 [N, K])                    -> float32 [M, N]
+    quant_matvec(x f32 [M, K], w int8 [N, K], scale f32 [N, G])  -> float32 [M, N]
+
+They exist because XLA:CPU multiplies a few rows by a bf16 weight at a fraction of the rate the
+weight streams from memory, and cannot multiply an int8 weight without writing it out in float
+first: decoding, which reads every weight once per token, is bound by those products
+(benchmarks/cpu_matmul.py and benchmarks/cpu_quant_matmul.py measure each form against the
+kernels). `backend.Policy` decides where they run (few rows, an x86-64 CPU with the instruction
+set each needs, the library built); `backend.project` is their only caller.
+
+The library is compiled when the package is installed (setup.py, an optional extension: where no
+compiler or no x86-64 CPU is found the install goes on without it, and every product takes XLA's
+forms). Setting PALI_JAX_CPU_KERNELS=0 turns the kernels off in a process, to compare.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import logging
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+_LIBRARY_STEM = "_cpu_kernels"
+_TARGETS = {"pj_bf16_matvec": "PjBf16Matvec", "pj_quant_matvec": "PjQuantMatvec"}
+DISABLE_ENV = "PALI_JAX_CPU_KERNELS"
+
+
+def library_path() -> Path | None:
+    """The compiled library beside this file, if the install built it."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"{_LIBRARY_STEM}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+@functools.cache
+def load() -> bool:
+    """Registers the kernels with XLA's CPU platform, once; False where they cannot run here (no
+    library, or PALI_JAX_CPU_KERNELS=0): then the policy never picks them."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return False
+    path = library_path()
+    if path is None:
+        log.info("pali-jax's CPU kernels were not built with this install; XLA's products run instead")
+        return False
+    try:
+        library = ctypes.CDLL(str(path))
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    except (OSError, AttributeError) as e:
+        log.warning("pali-jax's CPU kernels (%s) could not be loaded: %s; XLA's products run instead", path, e)
+        return False
+    return True
+
+
+def _call(target: str, m: int, n: int, *operands: jax.Array) -> jax.Array:
+    if not load():
+        raise RuntimeError(f"{target}: pali-jax's CPU kernels are not available in this process")
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")(*operands)
+
+
+@jax.custom_vjp
+def bf16_matvec(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x bf16 [M, K] times w bf16 [N, K] (output channels first) -> float32 [M, N]: the products
+    exact in float32, accumulated in float32."""
+    return _call("pj_bf16_matvec", x.shape[0], w.shape[0], x, w)
+
+
+def _bf16_fwd(x, w):
+    return bf16_matvec(x, w), (x, w)
+
+
+def _bf16_bwd(residuals, g):  # g [M, N]: the plain products, so that a gradient never needs the kernel
+    x, w = residuals
+    gx = jnp.dot(g, w.astype(jnp.float32)).astype(x.dtype)
+    gw = jnp.dot(g.T, x.astype(jnp.float32)).astype(w.dtype)
+    return gx, gw
+
+
+bf16_matvec.defvjp(_bf16_fwd, _bf16_bwd)
+
+
+@jax.custom_vjp
+def quant_matvec(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+    """x float32 [M, K] times the weight w * scale -> float32 [M, N]; w int8 [N, K] (int8 values,
+    or int4 values one per byte), scale float32 [N, G] for G groups of K / G contracted inputs."""
+    return _call("pj_quant_matvec", x.shape[0], w.shape[0], x, w, scale)
+
+
+def _quant_fwd(x, w, scale):
+    return quant_matvec(x, w, scale), (x, w, scale)
+
+
+def _quant_bwd(residuals, g):  # the frozen integer weight and its scales get no gradient
+    x, w, scale = residuals
+    n, k = w.shape
+    dequantized = (w.astype(jnp.float32).reshape(n, scale.shape[1], -1) * scale[:, :, None]).reshape(n, k)
+    return jnp.dot(g, dequantized).astype(x.dtype), None, None
+
+
+quant_matvec.defvjp(_quant_fwd, _quant_bwd)

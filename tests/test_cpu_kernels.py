@@ -1,0 +1,131 @@
+"""The CPU decoding kernels (pali_jax/cpu_kernels.cc): built by the install, exact to float32
+rounding, picked by the policy only where they can run, and invisible in the model's answers."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pali_jax import backend, cpu_kernels, quantize
+from pali_jax.backend import Policy
+from pali_jax.demo import shapes
+from pali_jax.pretrained import PaliGemma
+from pali_jax.quantize import Quantization
+
+DEMO = Path(__file__).resolve().parents[1] / "pali_jax" / "assets" / "demo" / "model"
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+HOST = backend.cpu_features()
+KERNELS = Policy("cpu", HOST, cpu_kernels=True)
+NO_KERNELS = Policy("cpu", HOST, cpu_kernels=False)
+CAN_BF16 = backend._BF16_KERNEL_FLAGS <= HOST
+CAN_QUANT = backend._QUANT_KERNEL_FLAGS <= HOST
+
+
+def test_the_install_built_and_loads_the_kernels():
+    """On x86-64 the install compiles them (setup.py); a silent build failure would leave every CPU
+    decode on XLA's slower products, so it fails here instead."""
+    if not X86:
+        assert not cpu_kernels.load() or cpu_kernels.library_path() is not None
+        return
+    assert cpu_kernels.library_path() is not None, "pip install did not build pali_jax/_cpu_kernels (see setup.py)"
+    assert cpu_kernels.load()
+    assert Policy.host().cpu_kernels
+
+
+def test_policy_picks_a_kernel_only_where_it_runs():
+    bf16, int8 = jnp.bfloat16, jnp.int8
+    every = backend._BF16_KERNEL_FLAGS | backend._QUANT_KERNEL_FLAGS
+    on = Policy("cpu", every, cpu_kernels=True)
+    assert on.matmul_form(bf16, 1, True) == on.matmul_form(bf16, backend._BF16_KERNEL_ROWS - 1, True) == "kernel"
+    assert on.matmul_form(bf16, backend._BF16_KERNEL_ROWS, True) == "dot_general"
+    assert on.matmul_form(jnp.float32, 1, True) == "dot_general"  # float32 products already stream at the floor
+    assert on.matmul_form(bf16, 1, False) == "dot_pad"  # training's checkpoint layout: never a kernel
+    assert on.quantized_form(bf16, backend._QUANT_KERNEL_ROWS - 1, True, int8) == "kernel"
+    assert on.quantized_form(bf16, backend._QUANT_KERNEL_ROWS, True, int8) == "tiled"
+    assert on.quantized_form(bf16, 1, True, jnp.int4) == "tiled_f32"  # int4 values not held one per byte
+    assert on.quantized_form(bf16, 1, False, int8) == "tiled_f32"
+    # the kernels need their instruction sets, and the library loaded in this process
+    assert Policy("cpu", every - {"avx512_bf16"}, cpu_kernels=True).matmul_form(bf16, 1, True) == "left_zero"
+    assert Policy("cpu", every - {"avx512bw"}, cpu_kernels=True).quantized_form(bf16, 1, True, int8) == "tiled_f32"
+    assert Policy("cpu", every).matmul_form(bf16, 1, True) == "left_zero"
+    assert Policy("cuda", every, cpu_kernels=True).quantized_form(bf16, 1, True, int8) == "dequantize"
+
+
+def _float32_bound(x64: np.ndarray, w64: np.ndarray) -> np.ndarray:
+    """The float32 rounding bound of sums of exact products: K * eps * sum |x w|."""
+    return x64.shape[1] * np.finfo(np.float32).eps * (np.abs(x64) @ np.abs(w64).T)
+
+
+@pytest.mark.skipif(not CAN_BF16, reason="this CPU lacks AVX512-BF16: the policy never calls the kernel (test above)")
+@pytest.mark.parametrize("m", [1, 3, 4, 7])
+@pytest.mark.parametrize("n, k", [(13, 100), (64, 2048), (5, 31)])
+def test_bf16_matvec_is_exact_to_float32_rounding(m, n, k):
+    """bf16 products are exact in float32; only the float32 sums round. Shapes off every vector
+    width (K not a multiple of 32, N not of the 4-row blocks, M past the 4-row groups)."""
+    rng = np.random.default_rng(m * 1000 + n + k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
+    y = np.asarray(jax.jit(cpu_kernels.bf16_matvec)(x, w), np.float64)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    assert y.shape == (m, n)
+    assert np.all(np.abs(y - x64 @ w64.T) <= _float32_bound(x64, w64))
+
+
+@pytest.mark.skipif(not CAN_QUANT, reason="this CPU lacks AVX-512: the policy never calls the kernel (test above)")
+@pytest.mark.parametrize("scheme, group", [("int8", None), ("int4", 16), ("int4", 24)])
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_quant_matvec_is_the_dequantised_product(scheme, group, m):
+    """Against float64 on the dequantised weight: per-channel int8, int4 groups (a group that is
+    not a multiple of the 16-lane vector included), odd N."""
+    rng = np.random.default_rng(m)
+    n, k = 13, 96
+    node = quantize.quantize(rng.standard_normal((n, k)).astype(np.float32), Quantization(scheme, group or 128), (1,))
+    q, scale = node[quantize.QVALUE].astype(jnp.int8), node[quantize.SCALE].astype(jnp.float32)
+    assert scale.shape == ((n, 1) if scheme == "int8" else (n, k // group))
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    y = np.asarray(jax.jit(cpu_kernels.quant_matvec)(x, q, scale), np.float64)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(quantize.dequantize(node, jnp.float32), np.float64)
+    assert np.all(np.abs(y - x64 @ w64.T) <= 2 * _float32_bound(x64, w64))  # the group sums round, then their scaled sum
+
+
+@pytest.mark.skipif(not CAN_BF16, reason="this CPU lacks AVX512-BF16: the policy never calls the kernel (test above)")
+def test_gradients_through_the_kernels_are_the_plain_products():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 64)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((8, 64)), jnp.bfloat16)
+    loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w).astype(jnp.float32)))  # noqa: E731
+    plain = lambda x, w: jnp.dot(x, w.T, preferred_element_type=jnp.float32)  # noqa: E731
+    got = jax.grad(loss(cpu_kernels.bf16_matvec), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(plain), argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=2**-7, atol=1e-2)
+    node = quantize.quantize(np.asarray(w, np.float32), Quantization("int8"), (1,))
+    q, scale = node[quantize.QVALUE], node[quantize.SCALE]
+    gx = jax.grad(lambda x: jnp.sum(jnp.sin(cpu_kernels.quant_matvec(x, q, scale))))(x.astype(jnp.float32))
+    deq = quantize.dequantize(node, jnp.float32)
+    want_x = jax.grad(lambda x: jnp.sum(jnp.sin(x @ deq.T)))(x.astype(jnp.float32))
+    np.testing.assert_allclose(np.asarray(gx), np.asarray(want_x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (CAN_BF16 and CAN_QUANT), reason="this CPU lacks the kernels' instruction sets")
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_decode_through_the_kernels_matches_the_model_without_them(quant):
+    """The demo model decoding in bf16 (float weights, int8, int4) with the kernels and without:
+    the same greedy answers on scenes it never saw, each token's log-probability within bf16
+    rounding (the two sum their products in different orders)."""
+    pg = PaliGemma.from_pretrained(DEMO, dtype="bfloat16", quantize=quant)
+    with_k = dataclasses.replace(pg, policy=KERNELS)
+    without = dataclasses.replace(pg, policy=NO_KERNELS)
+    scenes = shapes.scenes(8, seed=4242)
+    images, prompts = [shapes.render(s) for s in scenes], ["caption en"] * 8
+    got = with_k.generate(images, prompts, max_new_tokens=12, batch_size=4, output_scores=True)
+    want = without.generate(images, prompts, max_new_tokens=12, batch_size=4, output_scores=True)
+    assert [a.token_ids for a in got] == [a.token_ids for a in want]
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=0.05)
