@@ -7,7 +7,8 @@
   checkpoint in bfloat16. Each base runs in its own process: `PaliGemma.from_pretrained(hf_dir,
   dtype="bfloat16", quantize=...)` (quantised as it is read), then `Trainer` with LoRA rank 16 on
   the bf16 base (frozen weights in bfloat16) or QLoRA on the int8 / int4 base, 10 AdamW steps on
-  one fixed batch of 4 (224 px, 8 prefix and 32 suffix tokens, random). Reported: the process's
+  one fixed batch of 4 (224 px, 8 prefix and 32 suffix tokens, random), recomputing layer
+  activations in the backward pass beyond 2 text layers (--remat / --no-remat). Reported: the process's
   peak RSS (VmHWM: loading, the train state and the steps), its ratio to the bf16 base's, and the
   largest relative difference of a step's loss from the bf16 base's loss at that step.
 * The bundled demo model on a task it was not trained on (`shapes.count_prompt`: how many shapes),
@@ -53,7 +54,8 @@ def child(spec: dict) -> dict:
     base = spec["base"]
     pg = PaliGemma.from_pretrained(spec["hf_dir"], dtype="bfloat16", layout=CHECKPOINT_LAYOUT,
                                    quantize=None if base == "bfloat16" else base)
-    trainer = Trainer(pg.config, _train_config(base, steps=STEPS, batch_size=BATCH, learning_rate=1e-3), jnp.bfloat16)
+    config = _train_config(base, steps=STEPS, batch_size=BATCH, learning_rate=1e-3, remat=spec["remat"])
+    trainer = Trainer(pg.config, config, jnp.bfloat16)
     state = trainer.init_state(pg.params)
     config, pg = pg.config, None  # the state holds the weights
     rng = np.random.default_rng(0)
@@ -129,6 +131,9 @@ def main() -> None:
     # at 3e-3 LoRA on the float base was still far from the task after 150 steps, and at 3e-2 it diverged
     p.add_argument("--demo-lr", type=float, default=1e-2, help="the demo fine-tuning's peak learning rate")
     p.add_argument("--skip-3b", action="store_true", help="only the demo model")
+    # at full depth the bf16 base's step alone needs about 17 GiB without it (24 GB here)
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute layer activations in the backward pass (default: on beyond 2 text layers)")
     report.add_arguments(p)
     args = p.parse_args()
 
@@ -138,7 +143,9 @@ def main() -> None:
     if not args.skip_3b:
         hf_dir = pg1_checkpoint(args, "pali-jax-qlora-")
         tmp = Path(tempfile.mkdtemp(prefix="pali-jax-qlora-run-"))
-        results = {b: child_process.run("benchmarks.qlora", {"hf_dir": str(hf_dir), "base": b}, tmp) for b in BASES}
+        remat = args.remat if args.remat is not None else args.text_layers > 2
+        results = {b: child_process.run("benchmarks.qlora", {"hf_dir": str(hf_dir), "base": b, "remat": remat}, tmp)
+                   for b in BASES}
         ref = results["bfloat16"]
         rows = []
         for b, res in results.items():
@@ -153,7 +160,7 @@ def main() -> None:
             f"PaliGemma 1 3B widths, {depth}", "peak RSS GiB", "x bf16 base", "largest loss difference vs bf16 base",
             f"losses, steps 1..{STEPS}", "median step s"], rows,
             note=f"LoRA rank {RANK}, batch {BATCH} (224 px, {PREFIX} prefix + {SUFFIX} suffix tokens, one fixed random "
-                 f"batch), AdamW lr 1e-3, bf16 activations, random weights. Peak RSS of the whole process: loading "
+                 f"batch), AdamW lr 1e-3, bf16 activations, random weights, remat {'on' if remat else 'off'}. Peak RSS of the whole process: loading "
                  f"(quantised as read), the train state and {STEPS} steps. CPU flags: {flags}.")
     if args.demo_steps:
         acc = demo_accuracy(args.demo_steps, args.demo_seeds, args.demo_lr)
