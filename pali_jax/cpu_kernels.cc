@@ -118,6 +118,32 @@ PJ_BF16 void Bf16Rows(const uint16_t* x, const uint16_t* w, float* y, int64_t M,
   for (; m < M; ++m) Bf16Block<R, 1>(x, w, y, m, n0, N, K);
 }
 
+// Output channels [n0, n1) for MB activation rows from m0 at once, two channels at a time: each
+// weight row is read once for up to 8 rows (16 accumulators), where 4-row blocks would read it twice.
+template <int MB>
+PJ_BF16 void Bf16Wide(const uint16_t* x, const uint16_t* w, float* y, int64_t m0, int64_t n0, int64_t n1, int64_t N,
+                      int64_t K) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) Bf16Block<2, MB>(x, w, y, m0, n, N, K);
+  for (; n < n1; ++n) Bf16Block<1, MB>(x, w, y, m0, n, N, K);
+}
+
+PJ_BF16 void Bf16ManyRows(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t n0, int64_t n1, int64_t N,
+                          int64_t K) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) Bf16Wide<8>(x, w, y, m, n0, n1, N, K);
+  switch (M - m) {
+    case 7: return Bf16Wide<7>(x, w, y, m, n0, n1, N, K);
+    case 6: return Bf16Wide<6>(x, w, y, m, n0, n1, N, K);
+    case 5: return Bf16Wide<5>(x, w, y, m, n0, n1, N, K);
+    case 4: return Bf16Wide<4>(x, w, y, m, n0, n1, N, K);
+    case 3: return Bf16Wide<3>(x, w, y, m, n0, n1, N, K);
+    case 2: return Bf16Wide<2>(x, w, y, m, n0, n1, N, K);
+    case 1: return Bf16Wide<1>(x, w, y, m, n0, n1, N, K);
+    default: return;
+  }
+}
+
 ffi::Error Bf16Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
                       ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
@@ -131,6 +157,7 @@ ffi::Error Bf16Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   ParallelFor(pool, (N + per - 1) / per, [=](int64_t c) {
     const int64_t n1 = std::min(N, (c + 1) * per);
     int64_t n = c * per;
+    if (M > 4) return Bf16ManyRows(xp, wp, yp, M, n, n1, N, K);
     for (; n + kRowsPerBlock <= n1; n += kRowsPerBlock) Bf16Rows<kRowsPerBlock>(xp, wp, yp, M, n, N, K);
     for (; n < n1; ++n) Bf16Rows<1>(xp, wp, yp, M, n, N, K);
   });

@@ -63,11 +63,11 @@ def _float32_bound(x64: np.ndarray, w64: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.skipif(not CAN_BF16, reason="this CPU lacks AVX512-BF16: the policy never calls the kernel (test above)")
-@pytest.mark.parametrize("m", [1, 3, 4, 7])
+@pytest.mark.parametrize("m", [1, 3, 4, 7, 12])
 @pytest.mark.parametrize("n, k", [(13, 100), (64, 2048), (5, 31)])
 def test_bf16_matvec_is_exact_to_float32_rounding(m, n, k):
     """bf16 products are exact in float32; only the float32 sums round. Shapes off every vector
-    width (K not a multiple of 32, N not of the 4-row blocks, M past the 4-row groups)."""
+    width (K not a multiple of 32, N not of the row blocks, M past the 4- and 8-row groups)."""
     rng = np.random.default_rng(m * 1000 + n + k)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
