@@ -4,6 +4,7 @@ rounding, picked by the policy only where they can run, and invisible in the mod
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 from pathlib import Path
 
@@ -34,8 +35,14 @@ def test_the_install_built_and_loads_the_kernels():
         assert not cpu_kernels.load() or cpu_kernels.library_path() is not None
         return
     assert cpu_kernels.library_path() is not None, "pip install did not build pali_jax/_cpu_kernels (see setup.py)"
-    assert cpu_kernels.load()
-    assert Policy.host().cpu_kernels
+    switched_off = os.environ.get(cpu_kernels.DISABLE_ENV) == "0"
+    assert cpu_kernels.load() != switched_off
+    assert Policy.host().cpu_kernels != switched_off
+
+
+def test_the_environment_switch_turns_them_off(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "0")
+    assert cpu_kernels.load.__wrapped__() is False  # the uncached body: what a fresh process would decide
 
 
 def test_policy_picks_a_kernel_only_where_it_runs():
