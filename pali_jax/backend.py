@@ -157,9 +157,10 @@ _FEW_ROWS = 16
 # fast as 2 MB on this project's 2-core machines, their products running on both threads; 16 MB
 # spills the cache).
 _TILE_BYTES = 4 << 20
-# Rows below which `cpu_kernels` multiply (benchmarks/cpu_matmul.py and cpu_quant_matmul.py,
-# `kernel` against the other forms), and the instruction sets each kernel needs.
-_BF16_KERNEL_ROWS, _QUANT_KERNEL_ROWS = 8, 16
+# Rows below which `cpu_kernels` multiply: up to 16 (benchmarks/cpu_matmul.py and
+# cpu_quant_matmul.py, `kernel` against the other forms: ahead at 16 rows, even at 24), and the
+# instruction sets each kernel needs.
+_BF16_KERNEL_ROWS = _QUANT_KERNEL_ROWS = 17
 _BF16_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 _QUANT_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 
