@@ -158,7 +158,7 @@ _FEW_ROWS = 16
 # spills the cache).
 _TILE_BYTES = 4 << 20
 # Rows below which `cpu_kernels` multiply: up to 16 (benchmarks/cpu_matmul.py and
-# cpu_quant_matmul.py, `kernel` against the other forms: ahead at 16 rows, even at 24), and the
+# cpu_quant_matmul.py, `kernel` against the other forms: ahead at 16 rows, level at 24), and the
 # instruction sets each kernel needs.
 _BF16_KERNEL_ROWS = _QUANT_KERNEL_ROWS = 17
 _BF16_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
@@ -206,14 +206,15 @@ class Policy:
         """The fastest layout to run inference in `dtype` (see module docstring)."""
         return Layout(stacked=False, out_first=self._cpu_bfloat16(dtype), int4_bytes=self.platform == "cpu")
 
-    def _kernel(self, rows: int, below: int, out_first: bool, flags: frozenset[str]) -> bool:
-        """Whether a `cpu_kernels` kernel needing the instruction sets `flags` multiplies `rows` rows."""
-        return self.cpu_kernels and out_first and rows < below and flags <= self.cpu_features
+    def _kernel(self, rows: int, below: int, flags: frozenset[str]) -> bool:
+        """Whether a `cpu_kernels` kernel needing the instruction sets `flags` multiplies `rows` rows
+        (of a weight stored output axes first, the only layout the kernels take)."""
+        return self.cpu_kernels and rows < below and flags <= self.cpu_features
 
     def matmul_form(self, dtype, rows: int, out_first: bool) -> MatmulForm:
         """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first."""
         if out_first:
-            if self._cpu_bfloat16(dtype) and self._kernel(rows, _BF16_KERNEL_ROWS, out_first, _BF16_KERNEL_FLAGS):
+            if self._cpu_bfloat16(dtype) and self._kernel(rows, _BF16_KERNEL_ROWS, _BF16_KERNEL_FLAGS):
                 return "kernel"
             return "left_zero" if self._cpu_bfloat16(dtype) and rows < _LEFT_ZERO_ROWS else "dot_general"
         return "dot_pad" if self._cpu_bfloat16(dtype) and rows == 1 else "dot"
@@ -223,7 +224,7 @@ class Policy:
         `value_dtype` (module docstring)."""
         if self.platform != "cpu":
             return "dequantize"
-        if jnp.dtype(value_dtype) == jnp.int8 and self._kernel(rows, _QUANT_KERNEL_ROWS, out_first, _QUANT_KERNEL_FLAGS):
+        if out_first and jnp.dtype(value_dtype) == jnp.int8 and self._kernel(rows, _QUANT_KERNEL_ROWS, _QUANT_KERNEL_FLAGS):
             return "kernel"
         return "tiled_f32" if rows < _FEW_ROWS or jnp.dtype(dtype) == jnp.float32 else "tiled"
 

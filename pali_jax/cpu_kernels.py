@@ -27,6 +27,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from pali_jax import quantize
+
 log = logging.getLogger(__name__)
 
 _LIBRARY_STEM = "_cpu_kernels"
@@ -104,9 +106,8 @@ def _quant_fwd(x, w, scale):
 
 def _quant_bwd(residuals, g):  # the frozen integer weight and its scales get no gradient
     x, w, scale = residuals
-    n, k = w.shape
-    dequantized = (w.astype(jnp.float32).reshape(n, scale.shape[1], -1) * scale[:, :, None]).reshape(n, k)
-    return jnp.dot(g, dequantized).astype(x.dtype), None, None
+    weight = quantize.dequantize({quantize.QVALUE: w, quantize.SCALE: scale}, jnp.float32)  # [N, K]
+    return jnp.dot(g, weight).astype(x.dtype), None, None
 
 
 quant_matvec.defvjp(_quant_fwd, _quant_bwd)
