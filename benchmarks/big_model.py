@@ -23,9 +23,9 @@ and N tokens (decode ms/token = (N tokens - TTFT) / (N - 1)), the tokens it prod
 stopped, the bytes of the parameters as held, and its peak RSS (VmHWM) after loading and at the end.
 
 bf16 is never attempted: its weights' bytes are computed and reported against MemTotal. A scheme
-whose weights as held (int4: one value per byte on CPU, docs/quantization.md) would not leave
-WORKING_BYTES of this machine's available memory, or a checkpoint that would not fit the free
-disk, is refused with one line instead of tried.
+whose weights as held (int4: two values per byte where the CPU kernels run, else one;
+docs/quantization.md) would not leave WORKING_BYTES of this machine's available memory, or a
+checkpoint that would not fit the free disk, is refused with one line instead of tried.
 """
 
 from __future__ import annotations
@@ -206,19 +206,29 @@ def meminfo() -> dict[str, int]:
 
 
 def held_bytes(cfg, scheme: str | None) -> int:
-    """Bytes of the parameters as pali-jax holds them on CPU in bfloat16 (int4: one value per byte),
-    from the model's abstract tree: what `weights.materialise.to_host` allocates."""
+    """Bytes of the parameters as pali-jax holds them on this CPU in bfloat16 (its inference layout:
+    int4 nibble-packed where the kernels run, else one value per byte), from the model's abstract
+    tree."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from pali_jax.backend import CHECKPOINT_LAYOUT
+    from pali_jax.backend import Policy
     from pali_jax.paligemma import abstract_params
     from pali_jax.quantize import Quantization
 
-    layout = dataclasses.replace(CHECKPOINT_LAYOUT, quant=Quantization(scheme) if scheme else None)
+    layout = dataclasses.replace(Policy.host().inference_layout(jnp.bfloat16), quant=Quantization(scheme) if scheme else None)
     tree = abstract_params(cfg, jnp.bfloat16, layout=layout)
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def int4_form() -> str:
+    """How this CPU holds int4 values in bfloat16, in words."""
+    import jax.numpy as jnp
+
+    from pali_jax.backend import Policy
+
+    return "two values per byte" if Policy.host().inference_layout(jnp.bfloat16).int4_packed else "one value per byte on this CPU"
 
 
 def _existing(path: Path) -> Path:
@@ -232,7 +242,7 @@ def refusal(name: str, scheme: str, held: int, checkpoint: int, complete: bool, 
     """Why a scheme cannot run here (one line), or None."""
     mem = meminfo()
     if held + WORKING_BYTES > mem["MemAvailable"]:
-        form = " (int4 held one value per byte on CPU)" if scheme == "int4" else ""
+        form = f" (int4 held {int4_form()})" if scheme == "int4" else ""
         return (f"{name} in {scheme} needs {held / GB:.1f} GB of weights held{form} + {WORKING_BYTES / GB:.0f} GB to run, "
                 f"more than the {mem['MemAvailable'] / GB:.1f} GB available (MemTotal {mem['MemTotal'] / GB:.1f} GB): not run")
     free = shutil.disk_usage(_existing(work)).free
@@ -367,7 +377,7 @@ def main() -> None:
         print(" | ".join(row))
     big = preset("paligemma2-28b-224")
     computed = [f"{s} would hold {gb(held_bytes(cfg, s))} GB" for s in ("int8", "int4") if s not in schemes]
-    computed.append(f"PaliGemma 2 28B would hold {gb(held_bytes(big, 'int4'))} GB in int4 (one value per byte on CPU), "
+    computed.append(f"PaliGemma 2 28B would hold {gb(held_bytes(big, 'int4'))} GB in int4 ({int4_form()}), "
                     f"{gb(held_bytes(big, 'int8'))} GB in int8, {gb(held_bytes(big, None))} GB in bf16")
     note = (f"Random weights, batch 1, greedy, {PROMPT!r} on {IMAGE.name}; GB = 10^9 bytes. This machine: MemTotal "
             f"{gb(mem['MemTotal'])} GB, {gb(mem['MemAvailable'])} GB available at the start; {gb(disk_free)} GB free "

@@ -22,8 +22,11 @@ Forms (x [M, K] bf16; w [N, K]; every product accumulates in float32 and is roun
                     model's product: YNNPACK's bf16 GEMM), whatever the rows;
   int8 dot          int8 only, not weight-only: the rows quantised per row (absmax / 127) and an
                     int8 x int8 -> int32 dot, rescaled (its error is the activations' rounding too);
-  tiled packed      int4 only: two values per byte (the first half of K in the low nibbles, the
-                    second in the high), unpacked inside the `tiled` loop: half the bytes in RAM;
+  tiled packed      int4 only: two values per byte (`quantize.pack_int4`), unpacked inside the
+                    `tiled` loop: half the bytes in RAM;
+  packed kernel     int4 only: the same bytes through `cpu_kernels.int4_matvec` (what
+                    `backend.project` runs on them at any row count where the install built the
+                    kernels and the CPU has AVX512-BF16: bf16 inference on CPU holds int4 so);
   kernel            `cpu_kernels.quant_matvec` (what `backend.project` runs below
                     `backend._QUANT_KERNEL_ROWS` rows where the install built the kernels and the CPU
                     has AVX-512): the int8 bytes read once, converted in registers, scaled per group;
@@ -77,22 +80,9 @@ def _int8_dot(x, node):
     return (acc.astype(F32) * sx * node[quantize.SCALE][:, 0]).astype(x.dtype)
 
 
-def pack(q: np.ndarray) -> np.ndarray:
-    """int4 values [N, K] (in int8) -> [N, K / 2] int8, K's first half in the low nibbles."""
-    half = q.shape[1] // 2
-    return ((q[:, :half] & 0xF) | (q[:, half:] << 4)).astype(np.int8)
-
-
-def _unpack(p):
-    """[.., K / 2] packed -> [.., K] float32 values."""
-    lo = jax.lax.shift_right_arithmetic(jax.lax.shift_left(p, jnp.int8(4)), jnp.int8(4))
-    hi = jax.lax.shift_right_arithmetic(p, jnp.int8(4))
-    return jnp.concatenate([lo, hi], axis=-1).astype(F32)
-
-
 def _tiled_packed(tile_bytes: int):
     def product(x, node):
-        p, s = node["packed"], node[quantize.SCALE]  # [N, K / 2], [N, G]
+        p, s = node[quantize.QVALUE], node[quantize.SCALE]  # [N, K / 2] nibble-packed, [N, G]
         n, k, g = p.shape[0], 2 * p.shape[1], s.shape[1]
         tile = min(n, max(1, tile_bytes // (4 * k)))
         x32 = x.astype(F32)
@@ -100,7 +90,7 @@ def _tiled_packed(tile_bytes: int):
         def one(i):
             pt = jax.lax.dynamic_slice_in_dim(p, i * tile, tile)
             st = jax.lax.dynamic_slice_in_dim(s, i * tile, tile)
-            w = (_unpack(pt).reshape(tile, g, k // g) * st[:, :, None]).reshape(tile, k)
+            w = (quantize.unpack_int4(pt).astype(F32).reshape(tile, g, k // g) * st[:, :, None]).reshape(tile, k)
             return jnp.dot(w, x32.T)
 
         y = jax.lax.map(one, jnp.arange(n // tile))  # N a multiple of the tile here
@@ -142,6 +132,8 @@ def forms(scheme: str, tile_sweep: list[int]) -> dict:
     else:
         out["tiled jnp.int4"] = (_project(backend.Policy("cpu")), None, "q")
         out["tiled packed"] = (_tiled_packed(backend.Policy("cpu").tile_bytes), None, "packed")
+        if cpu_kernels.load():
+            out["packed kernel"] = (_project(backend.Policy("cpu", backend.cpu_features(), cpu_kernels=True)), None, "packed")
     return out
 
 
@@ -174,8 +166,7 @@ def main() -> None:
             nodes.append(node)
             bf16.append(jnp.asarray(w, jnp.bfloat16))
             if scheme == "int4":
-                packed.append({"packed": jnp.asarray(pack(np.asarray(node[quantize.QVALUE], np.int8))),
-                               quantize.SCALE: node[quantize.SCALE]})
+                packed.append({**node, quantize.QVALUE: quantize.pack_int4(node[quantize.QVALUE])})
         deq64 = [np.asarray(quantize.dequantize(n, F32), np.float64) for n in nodes]
         held = [{**n, quantize.QVALUE: n[quantize.QVALUE].astype(jnp.int8)} for n in nodes]  # Layout.int4_bytes
         operands = {"q": nodes, "held": held, "bf16": bf16, "packed": packed}

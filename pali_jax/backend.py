@@ -43,6 +43,10 @@ A policy decides:
   output is computed within one tile, so it is rounded once, as in one dot. Benchmark:
   benchmarks/cpu_quant_matmul.py (the forms, the kernel, tile sizes, XLA:CPU's YNNPACK elementwise
   fusion, an int8 x int8 dot on dynamically quantised rows, nibble-packed int4; docs/performance.md).
+  Nibble-packed int4 (`Layout.int4_packed`, which `inference_layout` picks in bf16 on CPU where
+  the bf16 kernel runs) always goes through `cpu_kernels.int4_matvec` (`int4_kernel`), whatever
+  the rows: the same measurement has it ahead of the tiled forms at 1, 8 and 64 rows, and XLA:CPU
+  unpacks nibbles slowly (`tiled packed`). Elsewhere a packed weight is dequantised whole.
 * `compiler_options`: while-loop invariant code motion on XLA:CPU hoists the float32 conversion
   of every bf16 weight out of the loop that uses it (XLA:CPU computes all non-YNNPACK bf16 ops in
   float32): a bf16 model would then decode on a float32 copy of its weights, and a train step over
@@ -88,7 +92,7 @@ Platform = Literal["cpu", "cuda", "rocm", "tpu"]
 PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
 AttentionKernel = Literal["einsum", "cudnn"]
 MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero", "kernel"]
-QuantizedForm = Literal["dequantize", "tiled", "tiled_f32", "kernel"]
+QuantizedForm = Literal["dequantize", "tiled", "tiled_f32", "kernel", "int4_kernel"]
 
 # /proc/cpuinfo flags of the x86 instruction sets XLA:CPU's kernels (YNNPACK, oneDNN, Eigen)
 # dispatch on for float32, bf16 and int8 matmuls.
@@ -136,12 +140,16 @@ class Layout:
       anyway, and converts int4 to float several times slower than int8 (the `tiled` product's
       bottleneck: benchmarks/cpu_quant_matmul.py), so this costs no memory there. Checkpoints
       (`CHECKPOINT_LAYOUT`) hold jnp.int4.
+    int4_packed: the language model's int4 values nibble-packed, two per byte (`quantize.pack_int4`),
+      wherever a weight's groups allow it (`quantize.packable`; the others as `int4_bytes` says):
+      what `cpu_kernels.int4_matvec` multiplies, reading half the bytes of int8.
     """
 
     stacked: bool = True
     out_first: bool = False
     quant: Quantization | None = None
     int4_bytes: bool = False
+    int4_packed: bool = False
 
 
 CHECKPOINT_LAYOUT = Layout(stacked=True, out_first=False)  # converters, training, export
@@ -204,12 +212,18 @@ class Policy:
 
     def inference_layout(self, dtype) -> Layout:
         """The fastest layout to run inference in `dtype` (see module docstring)."""
-        return Layout(stacked=False, out_first=self._cpu_bfloat16(dtype), int4_bytes=self.platform == "cpu")
+        out_first = self._cpu_bfloat16(dtype)
+        packed = out_first and self._has_kernel(_BF16_KERNEL_FLAGS)
+        return Layout(stacked=False, out_first=out_first, int4_bytes=self.platform == "cpu", int4_packed=packed)
+
+    def _has_kernel(self, flags: frozenset[str]) -> bool:
+        """Whether a `cpu_kernels` kernel needing the instruction sets `flags` runs here."""
+        return self.cpu_kernels and flags <= self.cpu_features
 
     def _kernel(self, rows: int, below: int, flags: frozenset[str]) -> bool:
         """Whether a `cpu_kernels` kernel needing the instruction sets `flags` multiplies `rows` rows
         (of a weight stored output axes first, the only layout the kernels take)."""
-        return self.cpu_kernels and rows < below and flags <= self.cpu_features
+        return rows < below and self._has_kernel(flags)
 
     def matmul_form(self, dtype, rows: int, out_first: bool) -> MatmulForm:
         """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first."""
@@ -222,6 +236,9 @@ class Policy:
     def quantized_form(self, dtype, rows: int, out_first: bool, value_dtype) -> QuantizedForm:
         """How `project` multiplies `rows` rows in `dtype` by a quantised weight whose values are
         `value_dtype` (module docstring)."""
+        if jnp.dtype(value_dtype) == jnp.uint8:  # nibble-packed int4: the kernel's form, at any row count
+            packed_kernel = out_first and self._cpu_bfloat16(dtype) and self._has_kernel(_BF16_KERNEL_FLAGS)
+            return "int4_kernel" if packed_kernel else "dequantize"
         if self.platform != "cpu":
             return "dequantize"
         if out_first and jnp.dtype(value_dtype) == jnp.int8 and self._kernel(rows, _QUANT_KERNEL_ROWS, _QUANT_KERNEL_FLAGS):
@@ -263,16 +280,20 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
     middle) through a generic loop far slower than its GEMM, hence the reshapes.
     """
     quantized = quantize.is_quantized(w)
-    shape = w[quantize.QVALUE].shape if quantized else w.shape
+    shape = quantize.value_shape(w) if quantized else w.shape
     n_in = math.prod(shape[len(shape) - in_axes :] if out_first else shape[:in_axes])
     out_shape = shape[: len(shape) - in_axes] if out_first else shape[in_axes:]
     lead = x.shape[: x.ndim - in_axes]
     rows = x.reshape(-1, n_in)  # [M, n_in]
     m = rows.shape[0]
     form = policy.quantized_form(rows.dtype, m, out_first, w[quantize.QVALUE].dtype) if quantized else None
-    if form == "kernel":
-        q, scale = w[quantize.QVALUE].reshape(-1, n_in), w[quantize.SCALE]
-        y = cpu_kernels.quant_matvec(rows.astype(jnp.float32), q, scale.reshape(q.shape[0], -1).astype(jnp.float32))
+    if form in ("kernel", "int4_kernel"):
+        q, scale = w[quantize.QVALUE].reshape(-1, n_in // 2 if form == "int4_kernel" else n_in), w[quantize.SCALE]
+        scale = scale.reshape(q.shape[0], -1).astype(jnp.float32)
+        if form == "int4_kernel":
+            y = cpu_kernels.int4_matvec(rows, q, scale)
+        else:
+            y = cpu_kernels.quant_matvec(rows.astype(jnp.float32), q, scale)
         return y.astype(x.dtype).reshape(*lead, *out_shape)
     if form in ("tiled", "tiled_f32"):
         dtype = jnp.float32 if form == "tiled_f32" else rows.dtype

@@ -9,13 +9,14 @@
 //
 //   pj_bf16_matvec:  x bf16 [M, K], w bf16 [N, K]                -> y f32 [M, N]
 //   pj_quant_matvec: x f32 [M, K],  w int8 [N, K], s f32 [N, G]  -> y f32 [M, N]
+//   pj_int4_matvec:  x bf16 [M, K], w u8 [N, K / 2], s f32 [N, G] -> y f32 [M, N]  (nibble-packed)
 //
 // y[m, n] = sum_k x[m, k] w[n, k] (times s[n, g] per group of K / G contracted inputs). Weights
 // are output axes first ([N, K], the inference layout of pali_jax.backend), so each output is one
 // contiguous dot product. bf16 products are exact in float32 and accumulated in float32
 // (VDPBF16PS); int8 / int4 values (int4 held one per byte) are converted to float32 exactly and
-// accumulated in float32, each group's sum scaled once. Output channels are split across XLA's
-// intra-op threads.
+// accumulated in float32, each group's sum scaled once; packed int4 values are looked up as bf16
+// (exact) and multiplied like bf16 weights. Output channels are split across XLA's intra-op threads.
 //
 // Each kernel is compiled for its instruction set with a target attribute, so the library builds
 // and loads on any x86-64 CPU; pali_jax/backend.py calls a kernel only where the CPU has it
@@ -27,6 +28,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 
@@ -237,6 +239,112 @@ ffi::Error QuantMatvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+
+// ---- int4, two values per byte, scaled per group ---------------------------------------------
+//
+// w [N, K / 2] bytes: in each chunk of 128 contracted inputs, 16-bit word j holds inputs j, 32 + j,
+// 64 + j and 96 + j in its four nibbles, low to high, each as value + 8 (pali_jax/quantize.py,
+// `pack_int4`). A table lookup (VPERMW, which reads an index's low 5 bits: the table repeats at
+// 16, so the nibble above is ignored) turns each nibble into one of the bf16 values -8..7, exact,
+// and the four nibble streams multiply four contiguous runs of 32 bf16 inputs (VDPBF16PS: exact
+// products, float32 sums). Half int8's bytes and, per weight, fewer instructions.
+
+PJ_BF16 inline __m512i Int4Table() {
+  alignas(64) uint16_t table[32];
+  for (int i = 0; i < 32; ++i) {
+    const float value = static_cast<float>(i % 16 - 8);
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    table[i] = static_cast<uint16_t>(bits >> 16);  // exact: at most 4 significant bits
+  }
+  return _mm512_load_si512(table);
+}
+
+// Rows [n0, n0 + R) of w times rows [m0, m0 + MB) of x; s [N, G], groups of `group` inputs.
+template <int R, int MB>
+PJ_BF16 void Int4Block(const uint16_t* x, const uint8_t* w, const float* s, float* y, int64_t m0, int64_t n0,
+                       int64_t N, int64_t K, int64_t G, __m512i table) {
+  const int64_t group = K / G, half = K / 2;
+  __m512 total[R][MB];
+  PJ_UNROLL for (int r = 0; r < R; ++r)
+    PJ_UNROLL for (int m = 0; m < MB; ++m) total[r][m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[R][MB];
+    PJ_UNROLL for (int r = 0; r < R; ++r)
+      PJ_UNROLL for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 128) {
+      PJ_UNROLL for (int r = 0; r < R; ++r) {
+        const uint8_t* wr = w + (n0 + r) * half + k / 2;
+        _mm_prefetch(reinterpret_cast<const char*>(wr + R * half), _MM_HINT_T0);  // the next block's row
+        const __m512i words = _mm512_loadu_si512(wr);
+        __m512bh v[4];
+        v[0] = (__m512bh)_mm512_permutexvar_epi16(words, table);
+        v[1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
+        v[2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 8), table);
+        v[3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), table);
+        PJ_UNROLL for (int m = 0; m < MB; ++m) {
+          const uint16_t* row = x + (m0 + m) * K + k;
+          PJ_UNROLL for (int q = 0; q < 4; ++q)
+            acc[r][m] = _mm512_dpbf16_ps(acc[r][m], v[q], (__m512bh)_mm512_loadu_si512(row + 32 * q));
+        }
+      }
+    }
+    PJ_UNROLL for (int r = 0; r < R; ++r) {
+      const __m512 scale = _mm512_set1_ps(s[(n0 + r) * G + g]);
+      PJ_UNROLL for (int m = 0; m < MB; ++m) total[r][m] = _mm512_fmadd_ps(acc[r][m], scale, total[r][m]);
+    }
+  }
+  PJ_UNROLL for (int r = 0; r < R; ++r)
+    PJ_UNROLL for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(total[r][m]);
+}
+
+// Output channels [n0, n1) for MB rows from m0, R channels at a time (the last n1 - n0 % R one by one).
+template <int R, int MB>
+PJ_BF16 void Int4Channels(const uint16_t* x, const uint8_t* w, const float* s, float* y, int64_t m0, int64_t n0,
+                          int64_t n1, int64_t N, int64_t K, int64_t G, __m512i table) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) Int4Block<R, MB>(x, w, s, y, m0, n, N, K, G, table);
+  for (; n < n1; ++n) Int4Block<1, MB>(x, w, s, y, m0, n, N, K, G, table);
+}
+
+// Blocks of 8 rows, one channel at a time (each weight row converted once per 8 rows); fewer rows
+// take several channels at once, so that a block keeps 8 to 16 accumulators.
+PJ_BF16 void Int4Rows(const uint16_t* x, const uint8_t* w, const float* s, float* y, int64_t M, int64_t n0, int64_t n1,
+                      int64_t N, int64_t K, int64_t G) {
+  const __m512i table = Int4Table();
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) Int4Channels<1, 8>(x, w, s, y, m, n0, n1, N, K, G, table);
+  switch (M - m) {
+    case 7: return Int4Channels<1, 7>(x, w, s, y, m, n0, n1, N, K, G, table);
+    case 6: return Int4Channels<1, 6>(x, w, s, y, m, n0, n1, N, K, G, table);
+    case 5: return Int4Channels<1, 5>(x, w, s, y, m, n0, n1, N, K, G, table);
+    case 4: return Int4Channels<2, 4>(x, w, s, y, m, n0, n1, N, K, G, table);
+    case 3: return Int4Channels<2, 3>(x, w, s, y, m, n0, n1, N, K, G, table);
+    case 2: return Int4Channels<4, 2>(x, w, s, y, m, n0, n1, N, K, G, table);
+    case 1: return Int4Channels<8, 1>(x, w, s, y, m, n0, n1, N, K, G, table);
+    default: return;
+  }
+}
+
+ffi::Error Int4Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> w,
+                      ffi::Buffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != 2 * wd[1] || sd[0] != wd[0] || sd[1] < 1 ||
+      xd[1] % (128 * sd[1]) != 0)
+    return ffi::Error::InvalidArgument(
+        "pj_int4_matvec: expected x [M, K], w [N, K / 2] and s [N, G], groups of K / G a multiple of 128");
+  const int64_t M = xd[0], K = xd[1], N = wd[0], G = sd[1];
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
+  const uint8_t* wp = w.typed_data();
+  const float* sp = s.typed_data();
+  float* yp = y->typed_data();
+  const int64_t per = ChunkRows(N, pool.num_threads());  // a multiple of every block's channels
+  ParallelFor(pool, (N + per - 1) / per, [=](int64_t c) {
+    Int4Rows(xp, wp, sp, yp, M, c * per, std::min(N, (c + 1) * per), N, K, G);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PjBf16Matvec, Bf16Matvec,
@@ -251,5 +359,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PjQuantMatvec, QuantMatvec,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt4Matvec, Int4Matvec,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

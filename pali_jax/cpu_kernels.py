@@ -2,6 +2,7 @@
 
     bf16_matvec(x bf16 [M, K], w bf16 [N, K])                    -> float32 [M, N]
     quant_matvec(x f32 [M, K], w int8 [N, K], scale f32 [N, G])  -> float32 [M, N]
+    int4_matvec(x bf16 [M, K], w uint8 [N, K / 2], scale f32 [N, G]) -> float32 [M, N]
 
 They exist because XLA:CPU multiplies a few rows by a bf16 weight at a fraction of the rate the
 weight streams from memory, and cannot multiply an int8 weight without writing it out in float
@@ -32,7 +33,7 @@ from pali_jax import quantize
 log = logging.getLogger(__name__)
 
 _LIBRARY_STEM = "_cpu_kernels"
-_TARGETS = {"pj_bf16_matvec": "PjBf16Matvec", "pj_quant_matvec": "PjQuantMatvec"}
+_TARGETS = {"pj_bf16_matvec": "PjBf16Matvec", "pj_quant_matvec": "PjQuantMatvec", "pj_int4_matvec": "PjInt4Matvec"}
 DISABLE_ENV = "PALI_JAX_CPU_KERNELS"
 
 
@@ -104,10 +105,26 @@ def _quant_fwd(x, w, scale):
     return quant_matvec(x, w, scale), (x, w, scale)
 
 
-def _quant_bwd(residuals, g):  # the frozen integer weight and its scales get no gradient
+def _quantized_bwd(residuals, g):  # the frozen integer weight and its scales get no gradient
     x, w, scale = residuals
     weight = quantize.dequantize({quantize.QVALUE: w, quantize.SCALE: scale}, jnp.float32)  # [N, K]
     return jnp.dot(g, weight).astype(x.dtype), None, None
 
 
-quant_matvec.defvjp(_quant_fwd, _quant_bwd)
+quant_matvec.defvjp(_quant_fwd, _quantized_bwd)
+
+
+@jax.custom_vjp
+def int4_matvec(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+    """x bf16 [M, K] times the weight w * scale -> float32 [M, N]; w uint8 [N, K / 2], int4 values
+    nibble-packed (`quantize.pack_int4`), scale float32 [N, G] for G groups of K / G contracted
+    inputs, a multiple of `quantize.PACK_CHUNK`. The products are exact in float32 (bf16 times
+    int4), accumulated in float32, each group's sum scaled once."""
+    return _call("pj_int4_matvec", x.shape[0], w.shape[0], x, w, scale)
+
+
+def _int4_fwd(x, w, scale):
+    return int4_matvec(x, w, scale), (x, w, scale)
+
+
+int4_matvec.defvjp(_int4_fwd, _quantized_bwd)

@@ -24,7 +24,7 @@ from pali_jax import attention, quantize
 from pali_jax.backend import Layout, Policy, project
 from pali_jax.config import GemmaConfig
 from pali_jax.intermediates import INTERMEDIATES
-from pali_jax.layers import Einsum, default_init, product, shared_scope
+from pali_jax.layers import Einsum, declare_weight, default_init, product, shared_scope
 from pali_jax.masks import NO_WINDOW, PrefixLM
 from pali_jax.quantize import Quantization
 
@@ -56,17 +56,11 @@ class Embedder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     policy: Policy = Policy()
     quant: Quantization | None = None
+    packed: bool = False  # `Layout.int4_packed`
 
     def setup(self):
-        axes, shape = ("vocab", "embed"), (self.vocab_size, self.width)
-        if self.quant is None:
-            self.input_embedding = self.param("input_embedding", nn.with_logical_partitioning(default_init, axes), shape)
-        else:
-            def init(key, shape):
-                node = quantize.quantize(default_init(key, shape), self.quant, (1,), "input_embedding")
-                return {k: nn.LogicallyPartitioned(v, axes) for k, v in node.items()}
-
-            self.input_embedding = self.param("input_embedding", init, shape)
+        self.input_embedding = declare_weight(self, "input_embedding", default_init, (self.vocab_size, self.width),
+                                              ("vocab", "embed"), (1,), self.quant, self.packed)
 
     def encode(self, ids: jax.Array) -> jax.Array:
         """[B, T] -> [B, T, D], scaled by sqrt(D) rounded to the activation dtype as HF does."""
@@ -213,7 +207,7 @@ class Gemma(nn.Module):
     def setup(self):
         c = self.cfg
         block = nn.remat(Block, prevent_cse=False) if self.remat else Block
-        self.embedder = Embedder(c.vocab_size, c.width, self.dtype, self.policy, self.layout.quant)
+        self.embedder = Embedder(c.vocab_size, c.width, self.dtype, self.policy, self.layout.quant, self.layout.int4_packed)
         if self.layout.stacked:
             self.layers = nn.scan(
                 block,

@@ -72,16 +72,19 @@ def stored(shape: tuple[int, ...], n_in: int, out_first: bool) -> tuple[int, ...
 
 
 def declare_weight(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple,
-                   contracted: tuple[int, ...], quant: Quantization | None) -> Any:
+                   contracted: tuple[int, ...], quant: Quantization | None, packed: bool = False) -> Any:
     """Declares `module`'s weight `name` of stored `shape` with logical `axes` (`init` the float
     initialiser, unboxed) and returns the parameter as stored: a float array, or, with `quant`, a
     {"qvalue", "qscale"} subtree (both leaves carrying `axes`). `contracted`: the axes the
-    weight's product sums over, in the stored shape."""
+    weight's product sums over, in the stored shape. `packed` (`Layout.int4_packed`): int4 values
+    nibble-packed where the weight allows it (`quantize.packable`)."""
     if quant is None:
         return module.param(name, nn.with_logical_partitioning(init, axes), shape)
 
     def quantized_init(key, shape):
         node = quantize.quantize(init(key, shape), quant, contracted, name)
+        if packed and quant.scheme == "int4" and quantize.packable(node[quantize.QVALUE].shape, node[quantize.SCALE].shape):
+            node = {**node, quantize.QVALUE: quantize.pack_int4(node[quantize.QVALUE])}
         return {k: nn.LogicallyPartitioned(v, axes) for k, v in node.items()}
 
     return module.param(name, quantized_init, shape)
@@ -124,7 +127,7 @@ class Einsum(nn.Module):
         shape = stored(self.shape, n_in, out_first)
         contracted = tuple(range(len(shape) - n_in, len(shape)) if out_first else range(n_in))
         w = declare_weight(self, self.weight, self.init, shape, stored(self.axes, n_in, out_first), contracted,
-                           self.layout.quant)
+                           self.layout.quant, self.layout.int4_packed)
         x = x.astype(self.dtype)
         y = product(lambda x, w: backend.project(x, w, n_in, out_first, self.policy), x, w, self.dtype)
         if self.has_variable("lora", self.weight):

@@ -186,18 +186,25 @@ def _decoder_leaves(params: dict, stacked: bool) -> dict[str, Any]:
 def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
     """The same parameters in another decoder layout (see `backend.Layout`).
 
-    Works in place on `params` (its decoder subtrees are replaced; `int4_bytes`: the language
-    model's int4 values are cast). From stacked to per-layer, host
+    Works in place on `params` (its decoder subtrees are replaced; `int4_bytes`, `int4_packed`: the
+    language model's int4 values are cast or (un)packed). From stacked to per-layer, host
     (numpy) arrays are split into views and device arrays one program per stacked shape; a weight
     whose axes move (output-first) is transposed one layer at a time; each stacked array is dropped
     once split, so memory peaks at the model plus its largest stacked array. From per-layer, each
     layer's array is dropped as soon as it is moved: memory peaks at the model plus one layer's
     weight (what `weights.load(..., per_layer=True)` is for).
     """
-    if src.int4_bytes != dst.int4_bytes:
+    if src.int4_packed or src.int4_bytes != dst.int4_bytes:  # unpacked first: packing follows the axes
+        _hold_int4(params, dataclasses.replace(dst, int4_packed=False))
+    if dataclasses.replace(src, int4_bytes=dst.int4_bytes, int4_packed=dst.int4_packed) != dst:
+        _move_axes(params, src, dst)
+    if dst.int4_packed:
         _hold_int4(params, dst)
-    if dataclasses.replace(src, int4_bytes=dst.int4_bytes) == dst:
-        return params
+    return params
+
+
+def _move_axes(params: dict, src: Layout, dst: Layout) -> None:
+    """`to_layout`'s stacking and axis order, in place."""
     src_axes, dst_axes = axes_table(src), axes_table(dst)
     src_prefix = "llm/layers/" if src.stacked else "llm/layers_*/"
     dst_prefix = "llm/layers/" if dst.stacked else "llm/layers_*/"
@@ -224,7 +231,6 @@ def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
         depth = len(next(iter(out.values())))
         for i in range(depth):
             llm[f"layers_{i}"] = nest({tuple(sub.split("/")): layers[i] for sub, layers in out.items()})
-    return params
 
 
 def _take(items: list, i: int) -> Any:
@@ -235,21 +241,32 @@ def _take(items: list, i: int) -> Any:
 
 def _hold_int4(params: dict, dst: Layout) -> None:
     """The language model's int4 values (under int4 quantisation, every quantised weight of
-    `params["llm"]`; SigLIP's are int8) in int8 arrays (`dst.int4_bytes`) or back in jnp.int4, in
-    place."""
+    `params["llm"]`; SigLIP's are int8) held as `dst` says, in place: nibble-packed where a
+    weight allows it (`dst.int4_packed`: along the last axis, so after the axes have moved), else
+    in int8 arrays (`dst.int4_bytes`) or in jnp.int4."""
     quant = dst.quant
     if quant is None or quant.scheme != "int4":
         return
     dtype = jnp.int8 if dst.int4_bytes else jnp.int4
 
     def walk(node):
-        for key, value in node.items():
-            if key == quantize.QVALUE:
-                node[key] = value.astype(dtype)
-            elif isinstance(value, dict):
+        if quantize.is_quantized(node):
+            qvalue = quantize.values(node)
+            if dst.int4_packed and quantize.packable(qvalue.shape, node[quantize.SCALE].shape):
+                node[quantize.QVALUE] = _pack(qvalue)
+            else:
+                node[quantize.QVALUE] = qvalue.astype(dtype)
+            return
+        for value in node.values():
+            if isinstance(value, dict):
                 walk(value)
 
     walk(params["llm"])
+
+
+@jax.jit
+def _pack(qvalue: jax.Array) -> jax.Array:
+    return quantize.pack_int4(qvalue)
 
 
 def nest(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
@@ -268,11 +285,12 @@ def detect_layout(params: dict, cfg: PaliGemmaConfig) -> Layout:
     projection shapes."""
     stacked = "layers" in params["llm"]
     quant = quantize.scheme_of(params)
+    packed = quant is not None and any(jnp.dtype(x.dtype) == jnp.uint8 for x in jax.tree.leaves(params["llm"]))
     for out_first in (False, True):
-        layout = Layout(stacked, out_first, quant)
+        layout = Layout(stacked, out_first, quant, int4_packed=packed)
         want = abstract_params(cfg, layout=layout)
         if jax.tree.map(lambda x: tuple(x.shape), want) == jax.tree.map(lambda x: tuple(np.shape(x)), params):
-            other = abstract_params(cfg, layout=Layout(stacked, not out_first, quant))
+            other = abstract_params(cfg, layout=Layout(stacked, not out_first, quant, int4_packed=packed))
             if jax.tree.map(lambda x: x.shape, other) == jax.tree.map(lambda x: x.shape, want):
                 raise ValueError("the parameters' shapes fit both projection layouts: pass the layout explicitly")
             return layout

@@ -6,6 +6,9 @@ conversions treat it like any other pair of arrays):
 
     {"qvalue": int8 / int4 [same shape as the weight], "qscale": float32 [same rank]}
 
+or, int4 nibble-packed (`pack_int4`: what decoding reads on CPUs that run `cpu_kernels`' int4
+product, `backend.Layout.int4_packed`), "qvalue": uint8 [..., last axis / 2], two values per byte.
+
 `qscale` has the weight's size on every output axis and 1 on the contracted axes (int8), or
 (int4) cuts the LAST contracted axis into groups of `group_size` (a size-n axis gets
 n / group_size scales; an axis shorter than the group is one group) and keeps the others' sizes
@@ -142,9 +145,52 @@ def quantize(w, quant: Quantization, contracted: tuple[int, ...], name: str = "a
     return {QVALUE: qvalue, SCALE: scale}
 
 
+# A packed weight's values, in chunks of PACK_CHUNK along the last axis: little-endian 16-bit word
+# j of a chunk holds values j, 32 + j, 64 + j and 96 + j in its four nibbles, low to high, each as
+# value + 8. Each nibble stream is then a contiguous run of 32 inputs, multiplied without a shuffle.
+PACK_CHUNK = 128
+
+
+def packable(qvalue_shape: tuple[int, ...], scale_shape_: tuple[int, ...]) -> bool:
+    """Whether an int4 weight can be nibble-packed: its last axis is the grouped, contracted one,
+    and its groups are whole chunks (PACK_CHUNK)."""
+    if not qvalue_shape:
+        return False
+    n, groups_ = qvalue_shape[-1], scale_shape_[-1]
+    return groups_ < n and n % groups_ == 0 and (n // groups_) % PACK_CHUNK == 0
+
+
+def pack_int4(qvalue: jax.Array) -> jax.Array:
+    """int4 values [..., K] (any integer dtype, in [-8, 7]) -> uint8 [..., K / 2] (see PACK_CHUNK)."""
+    u = (qvalue.astype(jnp.int8) + 8).astype(jnp.uint8)
+    u = u.reshape(*qvalue.shape[:-1], -1, 2, 2, 32)  # [..., chunks, byte of the word, nibble, word]
+    b = u[..., 0, :] | (u[..., 1, :] << 4)  # [..., chunks, byte of the word, word]
+    return jnp.swapaxes(b, -1, -2).reshape(*qvalue.shape[:-1], -1)
+
+
+def unpack_int4(packed: jax.Array) -> jax.Array:
+    """uint8 [..., K / 2] from `pack_int4` -> int8 values [..., K]."""
+    b = jnp.swapaxes(packed.reshape(*packed.shape[:-1], -1, 32, 2), -1, -2)  # [..., chunks, byte of the word, word]
+    u = jnp.stack([b & 0xF, b >> 4], axis=-2).astype(jnp.int8)  # [..., chunks, byte of the word, nibble, word]
+    return (u - 8).reshape(*packed.shape[:-1], -1)
+
+
+def value_shape(node: Mapping[str, jax.Array]) -> tuple[int, ...]:
+    """A quantised weight's shape (that of its values, unpacked)."""
+    shape = tuple(node[QVALUE].shape)
+    return (*shape[:-1], 2 * shape[-1]) if jnp.dtype(node[QVALUE].dtype) == jnp.uint8 else shape
+
+
+def values(node: Mapping[str, jax.Array]) -> jax.Array:
+    """A quantised weight's integer values, unpacked (int8) where they are nibble-packed."""
+    q = node[QVALUE]
+    return unpack_int4(q) if jnp.dtype(q.dtype) == jnp.uint8 else q
+
+
 def dequantize(node: Mapping[str, jax.Array], dtype=jnp.float32) -> jax.Array:
     """{"qvalue", "qscale"} -> the weight `qvalue * qscale` (computed in float32) in `dtype`."""
-    q = qwix.QArray(node[QVALUE], node[SCALE].astype(jnp.float32), qtype=node[QVALUE].dtype)
+    qvalue = values(node)
+    q = qwix.QArray(qvalue, node[SCALE].astype(jnp.float32), qtype=qvalue.dtype)
     return qwix.dequantize(q).astype(dtype)
 
 
@@ -184,10 +230,10 @@ def scheme_of(params: Any) -> Quantization | None:
     def walk(node):
         nonlocal found, group
         if is_quantized(node):
-            qvalue, scale = node[QVALUE], node[SCALE]
-            if jnp.dtype(qvalue.dtype) == jnp.dtype(jnp.int4):
-                contracted = contracted_axes(tuple(qvalue.shape), tuple(scale.shape))
-                group = max(group, _group_of(tuple(qvalue.shape), tuple(scale.shape), contracted))
+            qvalue, scale, shape = node[QVALUE], node[SCALE], value_shape(node)
+            if jnp.dtype(qvalue.dtype) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint8)):
+                contracted = contracted_axes(shape, tuple(scale.shape))
+                group = max(group, _group_of(shape, tuple(scale.shape), contracted))
             found = found or "int8"
         elif isinstance(node, Mapping):
             for v in node.values():

@@ -62,6 +62,13 @@ def test_policy_picks_a_kernel_only_where_it_runs():
     assert Policy("cpu", every - {"avx512bw"}, cpu_kernels=True).quantized_form(bf16, 1, True, int8) == "tiled_f32"
     assert Policy("cpu", every).matmul_form(bf16, 1, True) == "left_zero"
     assert Policy("cuda", every, cpu_kernels=True).quantized_form(bf16, 1, True, int8) == "dequantize"
+    # nibble-packed int4 (uint8): the kernel at any row count, where the bf16 kernel runs; else dequantised
+    assert on.quantized_form(bf16, 1, True, jnp.uint8) == on.quantized_form(bf16, 512, True, jnp.uint8) == "int4_kernel"
+    assert on.quantized_form(jnp.float32, 1, True, jnp.uint8) == "dequantize"
+    assert Policy("cpu", every - {"avx512_bf16"}, cpu_kernels=True).quantized_form(bf16, 1, True, jnp.uint8) == "dequantize"
+    assert on.inference_layout(bf16).int4_packed and not on.inference_layout(jnp.float32).int4_packed
+    assert not Policy("cpu", every).inference_layout(bf16).int4_packed
+    assert not Policy("cuda", every, cpu_kernels=True).inference_layout(bf16).int4_packed
 
 
 def _float32_bound(x64: np.ndarray, w64: np.ndarray) -> np.ndarray:
@@ -102,6 +109,29 @@ def test_quant_matvec_is_the_dequantised_product(scheme, group, m):
 
 
 @pytest.mark.skipif(not CAN_BF16, reason="this CPU lacks AVX512-BF16: the policy never calls the kernel (test above)")
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6, 8, 11, 17])
+@pytest.mark.parametrize("n, k, group", [(13, 256, 128), (9, 384, 384), (40, 512, 256)])
+def test_int4_matvec_is_the_dequantised_product(m, n, k, group):
+    """Nibble-packed int4 against float64 on the dequantised weight: every row-block shape (1 to 8
+    rows, and past 8), N off every channel block, one group per row or several."""
+    rng = np.random.default_rng(m * 100 + n)
+    node = quantize.quantize(rng.standard_normal((n, k)).astype(np.float32), Quantization("int4", group), (1,))
+    packed = quantize.pack_int4(node[quantize.QVALUE])
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    y = np.asarray(jax.jit(cpu_kernels.int4_matvec)(x, packed, node[quantize.SCALE]), np.float64)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(quantize.dequantize(node, jnp.float32), np.float64)
+    assert y.shape == (m, n)
+    assert np.all(np.abs(y - x64 @ w64.T) <= 2 * _float32_bound(x64, w64))  # the group sums round, then their scaled sum
+
+
+@pytest.mark.skipif(not CAN_BF16, reason="this CPU lacks AVX512-BF16: the policy never calls the kernel (test above)")
+def test_int4_matvec_refuses_groups_off_the_packing():
+    x = jnp.ones((1, 128), jnp.bfloat16)
+    with pytest.raises(Exception, match="multiple of 128"):
+        jax.block_until_ready(cpu_kernels.int4_matvec(x, jnp.zeros((4, 64), jnp.uint8), jnp.ones((4, 2), jnp.float32)))
+
+
+@pytest.mark.skipif(not CAN_BF16, reason="this CPU lacks AVX512-BF16: the policy never calls the kernel (test above)")
 def test_gradients_through_the_kernels_are_the_plain_products():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2, 64)), jnp.bfloat16)
@@ -118,6 +148,14 @@ def test_gradients_through_the_kernels_are_the_plain_products():
     deq = quantize.dequantize(node, jnp.float32)
     want_x = jax.grad(lambda x: jnp.sum(jnp.sin(x @ deq.T)))(x.astype(jnp.float32))
     np.testing.assert_allclose(np.asarray(gx), np.asarray(want_x), rtol=1e-5, atol=1e-5)
+    w4 = jnp.asarray(rng.standard_normal((8, 128)), jnp.float32)
+    node = quantize.quantize(w4, Quantization("int4", 128), (1,))
+    x4 = x[:, :1].repeat(128, axis=1)
+    packed = quantize.pack_int4(node[quantize.QVALUE])
+    gx = jax.grad(lambda x: jnp.sum(jnp.sin(cpu_kernels.int4_matvec(x, packed, node[quantize.SCALE]))))(x4)
+    deq = quantize.dequantize(node, jnp.float32)
+    want_x = jax.grad(lambda x: jnp.sum(jnp.sin(x.astype(jnp.float32) @ deq.T)))(x4)
+    np.testing.assert_allclose(np.asarray(gx, np.float32), np.asarray(want_x, np.float32), rtol=2**-7, atol=1e-2)
 
 
 @pytest.mark.skipif(not (CAN_BF16 and CAN_QUANT), reason="this CPU lacks the kernels' instruction sets")

@@ -17,7 +17,7 @@ import pytest
 from parity import assert_parity
 
 from pali_jax import cli, quantize, sharding, weights
-from pali_jax.backend import CHECKPOINT_LAYOUT
+from pali_jax.backend import CHECKPOINT_LAYOUT, Layout
 from pali_jax.demo import shapes
 from pali_jax.errors import UserError
 from pali_jax.paligemma import PaliGemmaModel, abstract_params
@@ -105,6 +105,38 @@ def test_scales_are_per_output_channel_and_per_group():
     # attn_vec_einsum [N, H, D] contracts N and H: groups run along H within each head
     v = quantize.quantize(np.ones((4, 32, 8), np.float32), Quantization("int4", 16), (0, 1))
     assert v[SCALE].shape == (4, 2, 8)
+
+
+def test_int4_packs_two_values_per_byte_and_round_trips():
+    """`pack_int4`'s format (what cpu_kernels.cc reads): in each chunk of 128, little-endian word j
+    holds values j, 32 + j, 64 + j, 96 + j as value + 8, low nibble first."""
+    q = np.random.default_rng(3).integers(-8, 8, (3, 2, 256)).astype(np.int8)
+    packed = np.asarray(quantize.pack_int4(jnp.asarray(q, jnp.int4)))
+    assert packed.dtype == np.uint8 and packed.shape == (3, 2, 128)
+    words = packed.reshape(3, 2, 2, 32, 2).astype(np.uint16)
+    words = words[..., 0] | words[..., 1] << 8  # [3, 2, chunk, word]
+    for nibble in range(4):
+        want = q.reshape(3, 2, 2, 4, 32)[..., nibble, :] + 8
+        np.testing.assert_array_equal((words >> (4 * nibble)) & 0xF, want)
+    np.testing.assert_array_equal(np.asarray(quantize.unpack_int4(jnp.asarray(packed))), q)
+    node = {QVALUE: jnp.asarray(packed), SCALE: jnp.ones((3, 2, 2), jnp.float32)}
+    assert quantize.value_shape(node) == (3, 2, 256)
+    np.testing.assert_array_equal(np.asarray(quantize.dequantize(node)), q.astype(np.float32))
+    assert quantize.packable((3, 256), (3, 2)) and quantize.packable((3, 256), (3, 1))
+    assert not quantize.packable((3, 256), (3, 4))  # groups of 64: not whole chunks
+    assert not quantize.packable((256, 3), (2, 3))  # the last axis is not the grouped one
+
+
+def test_packed_inference_layout_holds_the_checkpoint_values():
+    """int4 in the packed layout (what bf16 inference holds on a CPU with the kernels) packs every
+    weight whose groups allow it, and converts back to exactly the checkpoint's jnp.int4 tree."""
+    packed_layout = Layout(stacked=False, out_first=True, int4_bytes=True, int4_packed=True)
+    pg = PaliGemma.from_pretrained(DEMO, dtype="bfloat16", quantize="int4", layout=packed_layout)
+    stored = {jnp.dtype(x.dtype) for x in jax.tree.leaves(pg.params["llm"])}
+    assert jnp.dtype(jnp.uint8) in stored and jnp.dtype(jnp.int4) not in stored
+    assert quantize.scheme_of(pg.params) == Quantization("int4", 128)
+    plain = PaliGemma.from_pretrained(DEMO, dtype="bfloat16", quantize="int4", layout=CHECKPOINT_LAYOUT)
+    _equal_trees(pg.checkpoint_params(), plain.params)
 
 
 # -- (b) the demo model keeps its answers ---------------------------------------------------------
