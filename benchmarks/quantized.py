@@ -9,9 +9,11 @@ child protocol), batch 1, greedy, medians of --runs after a warm-up:
 
 * pali-jax's default API, `PaliGemma.from_pretrained(hf_dir, dtype="bfloat16", quantize=...)` for
   bf16, int8 and int4 (quantised as the checkpoint is read), and transformers' bf16 `generate`:
-  TTFT and decode ms/token; the decoder's bytes as held in memory (int4 included: XLA:CPU keeps one
-  int4 per byte) and the floor they set (bytes / this machine's read bandwidth, measured in the
-  same run);
+  TTFT and decode ms/token (decode = (N tokens - 1 token) / (N - 1): pass --new-tokens 64 on
+  full-depth models, where a 16-token run's decode is a small difference of two noisy times);
+  the decoder's bytes as held in memory (int4: two values per byte where the CPU kernels run,
+  else one) and the floor they set (bytes / this machine's read bandwidth, measured in the same
+  run);
 * quality against pali-jax's bf16 model on the same checkpoint: the relative L2 error of the
   logits and the top-1 agreement, teacher-forced over 256 random suffix tokens;
 * the demo model (pali_jax/assets/demo/model) on 100 fresh scenes (`shapes.scenes(100, seed=777)`,
