@@ -54,8 +54,8 @@ def child(spec: dict) -> dict:
     base = spec["base"]
     pg = PaliGemma.from_pretrained(spec["hf_dir"], dtype="bfloat16", layout=CHECKPOINT_LAYOUT,
                                    quantize=None if base == "bfloat16" else base)
-    config = _train_config(base, steps=STEPS, batch_size=BATCH, learning_rate=1e-3, remat=spec["remat"])
-    trainer = Trainer(pg.config, config, jnp.bfloat16)
+    train_config = _train_config(base, steps=STEPS, batch_size=BATCH, learning_rate=1e-3, remat=spec["remat"])
+    trainer = Trainer(pg.config, train_config, jnp.bfloat16)
     state = trainer.init_state(pg.params)
     config, pg = pg.config, None  # the state holds the weights
     rng = np.random.default_rng(0)

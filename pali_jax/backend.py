@@ -45,8 +45,10 @@ A policy decides:
   fusion, an int8 x int8 dot on dynamically quantised rows, nibble-packed int4; docs/performance.md).
   Nibble-packed int4 (`Layout.int4_packed`, which `inference_layout` picks in bf16 on CPU where
   the bf16 kernel runs) always goes through `cpu_kernels.int4_matvec` (`int4_kernel`), whatever
-  the rows: the same measurement has it ahead of the tiled forms at 1, 8 and 64 rows, and XLA:CPU
-  unpacks nibbles slowly (`tiled packed`). Elsewhere a packed weight is dequantised whole.
+  the rows: packed bytes have no other fast product (XLA:CPU unpacks nibbles slowly: `tiled
+  packed`). The same measurement has it far ahead for decoding's few rows and behind the tiled
+  product of int4 held one per byte at a prefill's hundreds (`--rows 256`), the price of half the
+  bytes. Elsewhere a packed weight is dequantised whole.
 * `compiler_options`: while-loop invariant code motion on XLA:CPU hoists the float32 conversion
   of every bf16 weight out of the loop that uses it (XLA:CPU computes all non-YNNPACK bf16 ops in
   float32): a bf16 model would then decode on a float32 copy of its weights, and a train step over
@@ -212,9 +214,13 @@ class Policy:
 
     def inference_layout(self, dtype) -> Layout:
         """The fastest layout to run inference in `dtype` (see module docstring)."""
-        out_first = self._cpu_bfloat16(dtype)
-        packed = out_first and self._has_kernel(_BF16_KERNEL_FLAGS)
-        return Layout(stacked=False, out_first=out_first, int4_bytes=self.platform == "cpu", int4_packed=packed)
+        return Layout(stacked=False, out_first=self._cpu_bfloat16(dtype), int4_bytes=self.platform == "cpu",
+                      int4_packed=self._packs_int4(dtype))
+
+    def _packs_int4(self, dtype) -> bool:
+        """Whether int4 weights multiplied in `dtype` are held nibble-packed: only where
+        `cpu_kernels.int4_matvec` multiplies them (bf16 rows, its instruction sets)."""
+        return self._cpu_bfloat16(dtype) and self._has_kernel(_BF16_KERNEL_FLAGS)
 
     def _has_kernel(self, flags: frozenset[str]) -> bool:
         """Whether a `cpu_kernels` kernel needing the instruction sets `flags` runs here."""
@@ -237,8 +243,7 @@ class Policy:
         """How `project` multiplies `rows` rows in `dtype` by a quantised weight whose values are
         `value_dtype` (module docstring)."""
         if jnp.dtype(value_dtype) == jnp.uint8:  # nibble-packed int4: the kernel's form, at any row count
-            packed_kernel = out_first and self._cpu_bfloat16(dtype) and self._has_kernel(_BF16_KERNEL_FLAGS)
-            return "int4_kernel" if packed_kernel else "dequantize"
+            return "int4_kernel" if out_first and self._packs_int4(dtype) else "dequantize"
         if self.platform != "cpu":
             return "dequantize"
         if out_first and jnp.dtype(value_dtype) == jnp.int8 and self._kernel(rows, _QUANT_KERNEL_ROWS, _QUANT_KERNEL_FLAGS):
@@ -288,8 +293,8 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
     m = rows.shape[0]
     form = policy.quantized_form(rows.dtype, m, out_first, w[quantize.QVALUE].dtype) if quantized else None
     if form in ("kernel", "int4_kernel"):
-        q, scale = w[quantize.QVALUE].reshape(-1, n_in // 2 if form == "int4_kernel" else n_in), w[quantize.SCALE]
-        scale = scale.reshape(q.shape[0], -1).astype(jnp.float32)
+        n_out = math.prod(out_shape)  # output axes lead: [N, K] (packed: [N, K / 2]) and [N, G]
+        q, scale = w[quantize.QVALUE].reshape(n_out, -1), w[quantize.SCALE].reshape(n_out, -1).astype(jnp.float32)
         if form == "int4_kernel":
             y = cpu_kernels.int4_matvec(rows, q, scale)
         else:

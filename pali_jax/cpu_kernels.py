@@ -73,15 +73,16 @@ def _call(target: str, m: int, n: int, *operands: jax.Array) -> jax.Array:
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")(*operands)
 
 
+def _keeping_operands(kernel):
+    """A custom VJP's forward: the kernel's result, its operands kept for the backward pass."""
+    return lambda *operands: (kernel(*operands), operands)
+
+
 @jax.custom_vjp
 def bf16_matvec(x: jax.Array, w: jax.Array) -> jax.Array:
     """x bf16 [M, K] times w bf16 [N, K] (output channels first) -> float32 [M, N]: the products
     exact in float32, accumulated in float32."""
     return _call("pj_bf16_matvec", x.shape[0], w.shape[0], x, w)
-
-
-def _bf16_fwd(x, w):
-    return bf16_matvec(x, w), (x, w)
 
 
 def _bf16_bwd(residuals, g):  # g [M, N]: the plain products, so that a gradient never needs the kernel
@@ -91,7 +92,7 @@ def _bf16_bwd(residuals, g):  # g [M, N]: the plain products, so that a gradient
     return gx, gw
 
 
-bf16_matvec.defvjp(_bf16_fwd, _bf16_bwd)
+bf16_matvec.defvjp(_keeping_operands(bf16_matvec), _bf16_bwd)
 
 
 @jax.custom_vjp
@@ -101,17 +102,13 @@ def quant_matvec(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
     return _call("pj_quant_matvec", x.shape[0], w.shape[0], x, w, scale)
 
 
-def _quant_fwd(x, w, scale):
-    return quant_matvec(x, w, scale), (x, w, scale)
-
-
 def _quantized_bwd(residuals, g):  # the frozen integer weight and its scales get no gradient
     x, w, scale = residuals
     weight = quantize.dequantize({quantize.QVALUE: w, quantize.SCALE: scale}, jnp.float32)  # [N, K]
     return jnp.dot(g, weight).astype(x.dtype), None, None
 
 
-quant_matvec.defvjp(_quant_fwd, _quantized_bwd)
+quant_matvec.defvjp(_keeping_operands(quant_matvec), _quantized_bwd)
 
 
 @jax.custom_vjp
@@ -123,8 +120,4 @@ def int4_matvec(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
     return _call("pj_int4_matvec", x.shape[0], w.shape[0], x, w, scale)
 
 
-def _int4_fwd(x, w, scale):
-    return int4_matvec(x, w, scale), (x, w, scale)
-
-
-int4_matvec.defvjp(_int4_fwd, _quantized_bwd)
+int4_matvec.defvjp(_keeping_operands(int4_matvec), _quantized_bwd)

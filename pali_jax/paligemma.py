@@ -194,6 +194,8 @@ def to_layout(params: dict, src: Layout, dst: Layout) -> dict:
     layer's array is dropped as soon as it is moved: memory peaks at the model plus one layer's
     weight (what `weights.load(..., per_layer=True)` is for).
     """
+    if src == dst:
+        return params
     if src.int4_packed or src.int4_bytes != dst.int4_bytes:  # unpacked first: packing follows the axes
         _hold_int4(params, dataclasses.replace(dst, int4_packed=False))
     if dataclasses.replace(src, int4_bytes=dst.int4_bytes, int4_packed=dst.int4_packed) != dst:
