@@ -108,11 +108,9 @@ class BeamSearch:
             lambda s: decode.running(s.step, max_new_tokens, s.done, s.cache), body, state
         ), self.mesh)
 
-    def search(self, params, pixel_values, input_ids, token_type_ids=None, attention_mask=None, *,
-               generation_config: GenerationConfig | None = None, **options: Any) -> GenerateOutput:
-        """The best of `beams` hypotheses per prompt; `GenerateOutput.scores` holds its normalised
-        log-probability. `options` are `GenerationConfig` fields overriding `generation_config`'s
-        (beams, max_new_tokens, length_penalty, stop_tokens, cache_length; sampling is refused)."""
+    def _run_arguments(self, params, pixel_values, input_ids, token_type_ids, attention_mask, generation_config,
+                       options) -> tuple[GenerationConfig, tuple]:
+        """(options resolved and checked, `_run`'s arguments)."""
         generation = GenerationConfig.resolve(generation_config, options)
         if generation.do_sample:
             raise GenerationError("temperature", "beam search is deterministic: drop temperature / top_k / top_p")
@@ -121,11 +119,21 @@ class BeamSearch:
             self.model.cfg, input_ids, token_type_ids, attention_mask, generation, dtype=self.model.dtype,
             mesh=self.mesh,
         )
-        alpha = generation.length_penalty
-        state = self._run(
+        return generation, (
             statics, generation.beams, params, pixel_values, ids, types, mask, jnp.int32(generation.max_new_tokens),
-            stops, jnp.float32(alpha),
+            stops, jnp.float32(generation.length_penalty),
         )
+
+    def search(self, params, pixel_values, input_ids, token_type_ids=None, attention_mask=None, *,
+               generation_config: GenerationConfig | None = None, **options: Any) -> GenerateOutput:
+        """The best of `beams` hypotheses per prompt; `GenerateOutput.scores` holds its normalised
+        log-probability. `options` are `GenerationConfig` fields overriding `generation_config`'s
+        (beams, max_new_tokens, length_penalty, stop_tokens, cache_length; sampling is refused)."""
+        generation, arguments = self._run_arguments(
+            params, pixel_values, input_ids, token_type_ids, attention_mask, generation_config, options
+        )
+        alpha = generation.length_penalty
+        state = self._run(*arguments)
         score = np.asarray(_normalised(state.logprob, state.lengths, alpha))
         best = score.argmax(axis=1)
         rows = np.arange(len(best))
@@ -136,3 +144,12 @@ class BeamSearch:
         return GenerateOutput(
             tokens, lengths, decode.stop_reasons(done, lengths, generation.max_new_tokens), scores=score[rows, best]
         )
+
+    def compile(self, params, pixel_values, input_ids, token_type_ids=None, attention_mask=None, *,
+                generation_config: GenerationConfig | None = None, **options: Any) -> None:
+        """Compiles the program `search` runs for these arguments, without running it (`params` and
+        `pixel_values` may be `jax.ShapeDtypeStruct`s, as in `Generator.compile`)."""
+        _, arguments = self._run_arguments(
+            params, pixel_values, input_ids, token_type_ids, attention_mask, generation_config, options
+        )
+        self._run.lower(*arguments).compile()

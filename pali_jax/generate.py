@@ -182,18 +182,35 @@ class Generator:
         )
         return generation, prepared
 
+    def _generate_arguments(self, params, pixel_values, input_ids, token_type_ids, attention_mask,
+                            generation_config, options) -> tuple[GenerationConfig, np.ndarray, tuple]:
+        """(options resolved, the bucketed attention mask, `_generate`'s arguments)."""
+        generation, (statics, ids, types, mask, stops) = self._prepare(
+            input_ids, token_type_ids, attention_mask, generation_config, options
+        )
+        return generation, mask, (
+            statics, params, pixel_values, ids, types, mask, jnp.int32(generation.max_new_tokens),
+            generation.sampling_params(), generation.prng_key(), stops,
+        )
+
     def generate(self, params, pixel_values, input_ids, token_type_ids=None, attention_mask=None, *,
                  generation_config: GenerationConfig | None = None, **options: Any) -> GenerateOutput:
         """Decodes a batch of left-padded prompts; see the module docstring. `options` are
         `GenerationConfig` fields overriding `generation_config`'s (`beams` must stay 1 here)."""
-        generation, (statics, ids, types, mask, stops) = self._prepare(
-            input_ids, token_type_ids, attention_mask, generation_config, options
+        generation, mask, arguments = self._generate_arguments(
+            params, pixel_values, input_ids, token_type_ids, attention_mask, generation_config, options
         )
-        state = self._generate(
-            statics, params, pixel_values, ids, types, mask, jnp.int32(generation.max_new_tokens),
-            generation.sampling_params(), generation.prng_key(), stops,
+        return self._output(self._generate(*arguments), generation.max_new_tokens, mask)
+
+    def compile(self, params, pixel_values, input_ids, token_type_ids=None, attention_mask=None, *,
+                generation_config: GenerationConfig | None = None, **options: Any) -> None:
+        """Compiles the program `generate` runs for these arguments, without running it. Only the
+        shapes and dtypes of `params` and `pixel_values` count: they may be `jax.ShapeDtypeStruct`s
+        (placed as the arrays `generate` will get), so this can run while the weights load."""
+        _, _, arguments = self._generate_arguments(
+            params, pixel_values, input_ids, token_type_ids, attention_mask, generation_config, options
         )
-        return self._output(state, generation.max_new_tokens, mask)
+        self._generate.lower(*arguments).compile()
 
     def stream(self, params, pixel_values, input_ids, token_type_ids=None, attention_mask=None, *,
                generation_config: GenerationConfig | None = None, **options: Any) -> Iterator[np.ndarray]:

@@ -29,7 +29,7 @@ from pali_jax.cli import OneLineParser, add_generation_arguments, generation_con
 from pali_jax.detection import draw_detections
 from pali_jax.errors import UserError
 from pali_jax.generate import enable_compilation_cache
-from pali_jax.pretrained import PaliGemma
+from pali_jax.pretrained import PaliGemma, Workload
 from pali_jax.processor import folder_images, load_image
 from pali_jax.results_file import box_record
 from pali_jax.segmentation import resolve_vae_path
@@ -176,8 +176,10 @@ def run(args: argparse.Namespace) -> None:
         generation = generation.replace(output_attentions=True)
     t0 = time.perf_counter()
     # Inference only, so on one device each decoder layer keeps its own weights: faster decoding.
+    # The program compiles while the weights are read (not for --stream, whose programs differ).
+    workload = None if args.stream else Workload(tuple([args.prompt] * len(images)), generation)
     pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae,
-                                    quantize=args.quantize, group_size=args.group_size)
+                                    quantize=args.quantize, group_size=args.group_size, compile_for=workload)
     load_s = time.perf_counter() - t0
     if args.stream:
         for path in images:

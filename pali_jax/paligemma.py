@@ -138,12 +138,14 @@ def _model_init_shapes(cfg: PaliGemmaConfig, layout: Layout):
 def abstract_params(cfg: PaliGemmaConfig, dtype: jnp.dtype = jnp.float32, layout: Layout = CHECKPOINT_LAYOUT):
     """The model's parameters as `jax.ShapeDtypeStruct`s (no memory), in `layout`: float
     parameters in `dtype`; a quantised weight's leaves (`layout.quant`) keep their own dtypes
-    (integers, float32 scales)."""
+    (integers as the layout holds them, float32 scales)."""
     shapes = nn.meta.unbox(_model_init_shapes(cfg, layout))
 
     def leaf(path, x):
-        keep = quantize.is_quantized_leaf(path)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype if keep else dtype)
+        if not quantize.is_quantized_leaf(path):
+            return jax.ShapeDtypeStruct(x.shape, dtype)
+        held = jnp.int8 if layout.int4_bytes and x.dtype == jnp.int4 else x.dtype
+        return jax.ShapeDtypeStruct(x.shape, held)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 

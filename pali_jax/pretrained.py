@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +119,15 @@ def _pair(images, prompts) -> tuple[list, list[str]]:
     return images, prompts
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The `generate(images, prompts, generation_config=...)` calls a process is about to make, one
+    prompt per image (which images does not matter), for `PaliGemma.from_pretrained(compile_for=)`."""
+
+    prompts: tuple[str, ...]
+    generation_config: GenerationConfig | None = None
+
+
 @dataclasses.dataclass
 class PaliGemma:
     """A PaliGemma model ready to run. `params` is a nested dict of jax arrays (`img/...`, `llm/...`)."""
@@ -168,6 +179,7 @@ class PaliGemma:
         policy: Policy | None = None,
         quantize: str | Quantization | None = None,
         group_size: int | None = None,
+        compile_for: Workload | None = None,
     ) -> "PaliGemma":
         """Loads a converted directory, an HF checkpoint directory (converted in memory), a
         big_vision `.npz` (read in memory, `pali_jax.weights`; its tokenizer.model is looked for
@@ -191,6 +203,9 @@ class PaliGemma:
         A directory holding LoRA adapters apart from its base (`lora.ADAPTERS_FILE`, written by
         `pali-jax finetune --export-adapters-apart`) loads with them merged: float weights
         (a quantised base dequantised) `W + A B`, or with `quantize` those weights quantised.
+        compile_for: the `generate` calls to come (`Workload`), compiled while the weights are
+        read (`compile`), so that the first of them starts at once: a fresh process waits for the
+        longer of the two instead of both. Its option errors are raised here.
         """
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
@@ -202,40 +217,24 @@ class PaliGemma:
         path = Path(path_or_hub_id).expanduser()
         if not path.exists():
             path = _download(str(path_or_hub_id))
-        npz = path.is_file() and path.suffix == ".npz"
         policy = Policy.host() if policy is None else policy
         layout = policy.inference_layout(DTYPES[dtype]) if layout is None else layout
-        if (path / CONFIG_FILE).exists() and (path / lora.ADAPTERS_FILE).exists():
-            config = read_model_config(path)
-            params = _read_with_adapters(path, config, DTYPES[dtype], read_quantization(path), quant)
-            if mesh is not None:
-                params = jax.device_put(params, sharding.param_shardings(params, mesh))
-        elif (path / CONFIG_FILE).exists():
-            config = read_model_config(path)
-            stored = read_quantization(path)
-            if stored is not None and quant is not None and quant != stored:
-                raise quantization.QuantizationError(
-                    f"{path} is already quantized ({stored.scheme}): load it without quantize=, or quantize its source"
-                )
-            params, quant = _read_dir(path, config, DTYPES[dtype], mesh, stored, quant)
-        elif npz or (path / "config.json").exists():
-            # host arrays, the decoder's layers apart where the layout keeps them apart: moved into
-            # the layout one layer at a time below, then onto the device one array at a time
-            config, params = weights.load(path, dtype, mesh=mesh, quant=quant, per_layer=mesh is None and not layout.stacked)
-            if npz:
-                path = path.parent  # where its tokenizer.model is looked for
-        else:
-            raise UserError(f"{path} is neither a pali-jax directory ({CONFIG_FILE}) nor an HF checkpoint (config.json)")
+        config, quant, read = _source(path, dtype, mesh, layout, quant)
         if not sliding_window:
             config = config.without_sliding_window()
         layout = dataclasses.replace(layout, quant=quant)
-        stacked = "layers" in params["llm"]  # a checkpoint read per layer (weights.load) is not
-        params = to_layout(params, dataclasses.replace(CHECKPOINT_LAYOUT, stacked=stacked, quant=quant), layout)
-        if mesh is None:
-            params = _to_device(params)
-        else:  # the layout change keeps each slice's split: pin it to the rules of the new layout
-            params = jax.device_put(params, sharding.param_shardings(params, mesh, out_first=layout.out_first))
-        return cls(config, params, DTYPES[dtype], path, mesh, layout, mask_decoder, policy)
+        home = path.parent if path.is_file() else path  # where tokenizer.model is looked for
+        pg = cls(config, None, DTYPES[dtype], home, mesh, layout, mask_decoder, policy)
+        with _compiling(pg, compile_for):
+            params = read()
+            stacked = "layers" in params["llm"]  # a checkpoint read per layer (weights.to_host) is not
+            params = to_layout(params, dataclasses.replace(CHECKPOINT_LAYOUT, stacked=stacked, quant=quant), layout)
+            if mesh is None:
+                params = _to_device(params)
+            else:  # the layout change keeps each slice's split: pin it to the rules of the new layout
+                params = jax.device_put(params, sharding.param_shardings(params, mesh, out_first=layout.out_first))
+        pg.params = params
+        return pg
 
     def checkpoint_params(self) -> Any:
         """`params` in the checkpoint layout (stacked layers, input axes first; quantised weights
@@ -352,6 +351,12 @@ class PaliGemma:
         batch = self.tokenizer(list(prompts), num_image_tokens=self.config.num_image_tokens)
         return pixels, batch
 
+    def _for_results(self, generation: GenerationConfig) -> GenerationConfig:
+        """`generation`, refused where it asks for what a `Result` does not hold."""
+        if generation.return_logits:
+            raise GenerationError("return_logits", "return_logits needs generate_ids (Results hold no logits)")
+        return generation
+
     def _start(self, images, prompts, generation_config, options) -> tuple[GenerationConfig, list, list[str]]:
         """Options checked against the model before any image is read, then the (image, prompt) pairs."""
         generation = GenerationConfig.resolve(generation_config, options)
@@ -379,8 +384,7 @@ class PaliGemma:
         `segment` answers into `Detection.mask`, all of a batch in one call.
         """
         generation, loaded, prompts = self._start(images, prompts, generation_config, options)
-        if generation.return_logits:
-            raise GenerationError("return_logits", "return_logits needs generate_ids (Results hold no logits)")
+        self._for_results(generation)
         results = []
         for rows in _batches(len(prompts), generation.batch_size):
             pixels, enc = self._encode(loaded[rows], prompts[rows])
@@ -392,6 +396,25 @@ class PaliGemma:
                                       **out.row_records(row)))
             results[rows] = _add_masks(results[rows], loaded[rows], mask_decoder or self.mask_decoder, prompts[rows])
         return results
+
+    def compile(self, prompts: str | Sequence[str], *, generation_config: GenerationConfig | None = None,
+                **options: Any) -> None:
+        """Compiles the programs `generate(images, prompts, ...)` runs, for any images (one per
+        prompt), without running them. Works on `params` as arrays or as their abstract tree
+        (`jax.ShapeDtypeStruct`s, as `from_pretrained(compile_for=)` holds while reading). `stream`
+        and the mask decoder compile on first use."""
+        generation = self._for_results(GenerationConfig.resolve(generation_config, options))
+        generation.check_model(self.config)
+        prompts = texts("prompts", prompts)
+        if not prompts:
+            raise UserError("no prompts to compile for: give one prompt per image")
+        size = self.config.image_size
+        run = self.beam_search.compile if generation.beams > 1 else self.generator.compile
+        for rows in _batches(len(prompts), generation.batch_size):
+            batch = self.tokenizer(prompts[rows], num_image_tokens=self.config.num_image_tokens)
+            pixels = jax.ShapeDtypeStruct((len(batch.input_ids), size, size, 3), self.dtype)
+            run(self.params, pixels, batch.input_ids, batch.token_type_ids, batch.attention_mask,
+                generation_config=generation)
 
     def stream(
         self,
@@ -470,19 +493,47 @@ def _to_device(tree: dict) -> dict:
     return tree
 
 
+def _source(path: Path, dtype: str, mesh: Mesh | None, layout: Layout, quant: Quantization | None
+            ) -> tuple[PaliGemmaConfig, Quantization | None, Callable[[], dict]]:
+    """What `from_pretrained` loads from `path`: (config, the quantisation the params will hold, a
+    reader of the params in the checkpoint layout). Only the config is read here."""
+    if (path / CONFIG_FILE).exists():
+        config = read_model_config(path)
+        stored = read_quantization(path)
+        if (path / lora.ADAPTERS_FILE).exists():
+            def read_merged() -> dict:
+                params = _read_with_adapters(path, config, DTYPES[dtype], stored, quant)
+                return params if mesh is None else jax.device_put(params, sharding.param_shardings(params, mesh))
+
+            return config, quant, read_merged
+        if stored is not None and quant is not None and quant != stored:
+            raise quantization.QuantizationError(
+                f"{path} is already quantized ({stored.scheme}): load it without quantize=, or quantize its source"
+            )
+        held = stored if stored is not None else quant
+        return config, held, lambda: _read_dir(path, config, DTYPES[dtype], mesh, stored, held)
+    if (path.is_file() and path.suffix == ".npz") or (path / "config.json").exists():
+        # host arrays, the decoder's layers apart where the layout keeps them apart: moved into the
+        # layout one layer at a time, then onto the device one array at a time
+        plan = weights.plan(path, dtype)
+        if mesh is None:
+            return plan.config, quant, lambda: weights.to_host(plan, quant, per_layer=not layout.stacked)
+        return plan.config, quant, lambda: weights.to_mesh(plan, mesh, None, quant)
+    raise UserError(f"{path} is neither a pali-jax directory ({CONFIG_FILE}) nor an HF checkpoint (config.json)")
+
+
 def _read_dir(path: Path, config: PaliGemmaConfig, dtype, mesh: Mesh | None, stored: Quantization | None,
-              quant: Quantization | None) -> tuple[Any, Quantization | None]:
-    """(params in the checkpoint layout, their quantisation) of a converted directory: as stored, or
-    a float directory quantised leaf by leaf as it is read (`quant`)."""
-    if stored is not None or quant is None:
-        quant = stored
+              quant: Quantization | None) -> Any:
+    """The params of a converted directory in the checkpoint layout, quantised as `quant` says:
+    as stored, or a float directory quantised leaf by leaf as it is read."""
+    if quant == stored:
         abstract = abstract_params(config, dtype, dataclasses.replace(CHECKPOINT_LAYOUT, quant=quant))
         if mesh is not None:
             shardings = sharding.param_shardings(abstract, mesh)
             abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-            return restore_params(path / PARAMS_DIR, abstract), quant
+            return restore_params(path / PARAMS_DIR, abstract)
         # host arrays: split below as views, then made device arrays (in place on CPU)
-        return read_params(path / PARAMS_DIR, abstract), quant
+        return read_params(path / PARAMS_DIR, abstract)
     # A float directory read in its stored dtypes (memory-mapped: nothing float is held whole), each
     # weight quantised from the stored values, the other leaves cast to `dtype`.
     target = abstract_params(config, dtype, dataclasses.replace(CHECKPOINT_LAYOUT, quant=quant))
@@ -490,7 +541,26 @@ def _read_dir(path: Path, config: PaliGemmaConfig, dtype, mesh: Mesh | None, sto
     params = quantization.quantize_params(host, target, cast=dtype)
     if mesh is not None:
         params = jax.device_put(params, sharding.param_shardings(params, mesh))
-    return params, quant
+    return params
+
+
+@contextlib.contextmanager
+def _compiling(pg: PaliGemma, workload: Workload | None) -> Iterator[None]:
+    """Runs `pg.compile` for `workload` on another thread while the body reads the weights (XLA
+    compiles with the GIL released, so the two overlap), `pg.params` standing for them meanwhile
+    as the abstract tree they will fill. Its errors are raised after the body's."""
+    if workload is None:
+        yield
+        return
+    abstract = abstract_params(pg.config, pg.dtype, pg.layout)
+    if pg.mesh is not None:
+        shardings = sharding.param_shardings(abstract, pg.mesh, out_first=pg.layout.out_first)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    pg.params = abstract
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pali-jax-compile") as pool:
+        compiled = pool.submit(pg.compile, workload.prompts, generation_config=workload.generation_config)
+        yield
+        compiled.result()
 
 
 def _read_with_adapters(path: Path, config: PaliGemmaConfig, dtype, stored: Quantization | None,

@@ -3,8 +3,10 @@ one `UserError` line naming what it got, before anything is compiled or run."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from hostile import (  # noqa: F401  (fixtures)
@@ -19,7 +21,9 @@ from hostile import (  # noqa: F401  (fixtures)
 )
 
 from pali_jax import PaliGemma, UserError, preprocess_images
+from pali_jax.generation_config import GenerationConfig
 from pali_jax.model_dir import MANIFEST_FILE
+from pali_jax.pretrained import Workload
 
 DEMO = Path(__file__).resolve().parent.parent / "pali_jax" / "assets" / "demo"
 IMAGE = DEMO / "images" / "shapes_0.png"
@@ -237,3 +241,41 @@ def test_hub_downloads_fetch_only_what_the_loader_reads(monkeypatch, tmp_path):
     matches = lambda name: any(fnmatch.fnmatch(name, p) for p in asked["patterns"])  # noqa: E731
     assert asked["patterns"] == pretrained.HUB_PATTERNS
     assert all(matches(n) for n in wanted) and not any(matches(n) for n in unwanted)
+
+
+@pytest.mark.parametrize("dtype, quantize", [("float32", None), ("bfloat16", "int4")])
+def test_compile_for_compiles_while_loading_and_generate_reuses_it(dtype, quantize):
+    generation = GenerationConfig(max_new_tokens=6, batch_size=2)
+    work = Workload(("caption en",) * 3, generation)
+    pg = PaliGemma.from_pretrained(DEMO / "model", dtype=dtype, quantize=quantize, compile_for=work)
+    assert pg.generator.traces == 2  # a batch of two and one of one, traced on the weights' shapes
+    found = pg.generate([IMAGE] * 3, "caption en", generation_config=generation)
+    assert pg.generator.traces == 2  # generate ran what was compiled (int4: held as the layout holds it)
+    plain = PaliGemma.from_pretrained(DEMO / "model", dtype=dtype, quantize=quantize)
+    want = plain.generate([IMAGE] * 3, "caption en", generation_config=generation)
+    assert [r.token_ids for r in found] == [r.token_ids for r in want]
+
+
+def test_compile_for_beam_search(caplog):
+    generation = GenerationConfig(max_new_tokens=4, beams=2)
+    jax.config.update("jax_log_compiles", True)  # for every thread: the compile runs on another one
+    try:
+        with caplog.at_level(logging.WARNING):
+            pg = PaliGemma.from_pretrained(DEMO / "model", compile_for=Workload(("caption en",), generation))
+            loading = caplog.text.count("Compiling jit(_run_impl)")
+            pg.generate(IMAGE, "caption en", generation_config=generation)
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert loading == 1 and caplog.text.count("Compiling jit(_run_impl)") == 1
+
+
+@pytest.mark.parametrize("prompts, generation, message", [
+    (("caption en",), GenerationConfig(return_logits=True), "return_logits needs generate_ids"),
+    (("caption en",), GenerationConfig(cache_length=8), "leaves no room"),
+    ((LONG_TEXT,), GenerationConfig(max_new_tokens=8), "exceed the model's 8192 positions"),
+    ((), GenerationConfig(), "no prompts to compile for"),
+])
+def test_compile_for_refuses_what_generate_refuses(checkpoint, prompts, generation, message):
+    with pytest.raises(UserError) as info:
+        PaliGemma.from_pretrained(checkpoint["converted"], compile_for=Workload(prompts, generation))
+    assert message in str(info.value) and "\n" not in str(info.value)
