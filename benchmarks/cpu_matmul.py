@@ -21,7 +21,10 @@ Forms (x [M, K], the weight stored [K, N] as in the checkpoint, or [N, K] output
   kernel       bf16, w [N, K] through `cpu_kernels.bf16_matvec` (AVX512-BF16 dot products streaming
                each weight row once: what `backend.project` runs below `_BF16_KERNEL_ROWS` rows where
                the CPU has AVX512-BF16 and the install built the kernels);
-  float32      float32, x [M, K] @ w [K, N] (checkpoint layout).
+  float32      float32, x [M, K] @ w [K, N] (checkpoint layout);
+  onednn       `dot` with XLA:CPU's oneDNN path on (`xla_cpu_use_onednn`) and YNNPACK's dot fusion
+               off, so that oneDNN gets the dot: what XLA offers besides YNNPACK (it hands oneDNN
+               the bf16 operands converted to float32; ONEDNN_VERBOSE=1 shows the primitive).
 Every bf16 form accumulates in float32 (`preferred_element_type`), as the model does.
 
 Prints the CPU model, the instruction-set flags that matter to XLA:CPU's kernels (AVX-512,
@@ -79,15 +82,18 @@ def _kernel(x, w_out_first):
     return cpu_kernels.bf16_matvec(x, w_out_first).astype(x.dtype)
 
 
-# form -> (product, weight dtype, weight stored output axes first)
+ONEDNN = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_ynn_fusion_type": ""}
+
+# form -> (product, weight dtype, weight stored output axes first, XLA options added to both compiles)
 FORMS = {
-    "left_zero": (_left_zero, jnp.bfloat16, True),
-    "dot": (_dot, jnp.bfloat16, False),
-    "dot_pad": (_dot_pad, jnp.bfloat16, False),
-    "dot_general": (_dot_general, jnp.bfloat16, True),
-    "tiled_f32": (_tiled_f32, jnp.bfloat16, True),
-    "kernel": (_kernel, jnp.bfloat16, True),
-    "float32": (_dot, jnp.float32, False),
+    "left_zero": (_left_zero, jnp.bfloat16, True, {}),
+    "dot": (_dot, jnp.bfloat16, False, {}),
+    "dot_pad": (_dot_pad, jnp.bfloat16, False, {}),
+    "dot_general": (_dot_general, jnp.bfloat16, True, {}),
+    "tiled_f32": (_tiled_f32, jnp.bfloat16, True, {}),
+    "kernel": (_kernel, jnp.bfloat16, True, {}),
+    "float32": (_dot, jnp.float32, False, {}),
+    "onednn": (_dot, jnp.bfloat16, False, ONEDNN),
 }
 
 
@@ -143,9 +149,9 @@ def main() -> None:
     print(" | ".join(columns))
     rows = []
     for form in args.forms:
-        product, dtype, out_first = FORMS[form]
+        product, dtype, out_first, extra = FORMS[form]
         ws = [jnp.asarray(w.T.copy() if out_first else w, dtype) for w in master]
-        default, policy = _layer_program(product, None), _layer_program(product, POLICY)
+        default, policy = _layer_program(product, extra or None), _layer_program(product, {**(POLICY or {}), **extra} or None)
         for m in args.rows:
             xs = [jnp.asarray(rng.standard_normal((m, k), np.float32), dtype) for _, k, _ in shapes]
             errors = [_error(run(xs, ws), xs, ws, out_first) for run in (default, policy)]  # compiles both

@@ -12,8 +12,8 @@ child protocol), batch 1, greedy, medians of --runs after a warm-up:
   TTFT and decode ms/token (decode = (N tokens - 1 token) / (N - 1): pass --new-tokens 64 on
   full-depth models, where a 16-token run's decode is a small difference of two noisy times);
   the decoder's bytes as held in memory (int4: two values per byte where the CPU kernels run,
-  else one) and the floor they set (bytes / this machine's read bandwidth, measured in the same
-  run);
+  else one) and the floor they set (bytes / this machine's read bandwidth, probed in the child
+  just before and just after its timings: the rate drifts from minute to minute on a shared host);
 * quality against pali-jax's bf16 model on the same checkpoint: the relative L2 error of the
   logits and the top-1 agreement, teacher-forced over 256 random suffix tokens;
 * the demo model (pali_jax/assets/demo/model) on 100 fresh scenes (`shapes.scenes(100, seed=777)`,
@@ -49,7 +49,7 @@ def child(spec: dict) -> dict:
     import jax
     import numpy as np
 
-    from benchmarks.generation import inputs, measure, transformers_generator
+    from benchmarks.generation import inputs, measure, read_bandwidth, transformers_generator
     from benchmarks.peak_rss import peak_rss_bytes
     from pali_jax import PaliGemma
 
@@ -60,7 +60,11 @@ def child(spec: dict) -> dict:
     scheme = spec["scheme"]
     pg = PaliGemma.from_pretrained(spec["hf_dir"], dtype="bfloat16", quantize=None if scheme == "bfloat16" else scheme)
     gen = lambda pixels, ids, n: pg.generate_ids(pixels, ids, max_new_tokens=n).tokens  # noqa: E731
+    # The machine's read rate moves from minute to minute (a shared host): probed just before and
+    # just after this scheme's timings, so that its floor is the one it ran against.
+    before = read_bandwidth()
     row = measure(gen, pg.config, 1, spec["prompt_tokens"], spec["new_tokens"], spec["runs"])
+    bandwidth = [before, read_bandwidth()]
     held = sum(x.addressable_shards[0].data.on_device_size_in_bytes() for x in jax.tree.leaves(pg.params["llm"]))
     pixels, ids = inputs(pg.config, 1, spec["prompt_tokens"])
     suffix = np.random.default_rng(1).integers(3, 256000, (1, SUFFIX)).astype(np.int32)
@@ -68,7 +72,7 @@ def child(spec: dict) -> dict:
     types = np.concatenate([np.zeros((1, ids.shape[1] - SUFFIX)), np.ones((1, SUFFIX))], axis=1).astype(np.int32)
     logits = np.asarray(pg.forward(pixels, ids, types))[0, -SUFFIX - 1 : -1].astype(np.float32)
     np.save(spec["logits"], logits)
-    return {"row": row, "decoder_bytes": held, "peak_rss_bytes": peak_rss_bytes()}
+    return {"row": row, "decoder_bytes": held, "bandwidth": bandwidth, "peak_rss_bytes": peak_rss_bytes()}
 
 
 def demo_agreement(n_scenes: int = 100) -> dict[str, float]:
@@ -142,7 +146,6 @@ def main() -> None:
 
     import numpy as np
 
-    from benchmarks.generation import read_bandwidth
     from pali_jax.backend import cpu_features
 
     hf_dir = pg1_checkpoint(args, "pali-jax-quantized-")
@@ -152,7 +155,6 @@ def main() -> None:
                for s in SCHEMES}
     if not args.skip_transformers:
         results["transformers"] = child_process.run("benchmarks.quantized", {**common, "impl": "transformers"}, tmp)
-    bandwidth = read_bandwidth()
     ref = np.load(_logits_file(tmp, "bfloat16"), allow_pickle=False)
     rows = []
     bf16_ms = results["bfloat16"]["row"]["decode_ms_per_token"]
@@ -162,7 +164,7 @@ def main() -> None:
         quality = ["", ""]
         floor = over_floor = ""
         if name in SCHEMES:
-            floor_ms = res["decoder_bytes"] / bandwidth * 1e3
+            floor_ms = res["decoder_bytes"] / statistics.mean(res["bandwidth"]) * 1e3
             floor = f"{floor_ms:.1f} ({res['decoder_bytes'] / 1e9:.2f} GB)"
             over_floor = f"{ms / floor_ms:.2f}"
             if name != "bfloat16":
@@ -174,13 +176,15 @@ def main() -> None:
                      f"{res['peak_rss_bytes'] / 2**30:.2f}"])
     for row in rows:
         print(" | ".join(row))
+    probes = "; ".join(f"{s} {' / '.join(f'{b / 1e9:.1f}' for b in results[s]['bandwidth'])}" for s in SCHEMES)
     flags = " ".join(sorted(cpu_features())) or "none tracked"
     depth = f"{args.vision_layers} + {args.text_layers} layers"
     report.write(args, "quantized", [
         f"PaliGemma 1 3B widths, {depth}, batch 1", "decode ms/token", "x pali-jax bf16", "read floor ms (decoder bytes held)",
         "x floor", "TTFT ms", f"logits rel. error vs bf16 ({SUFFIX} tokens)", "top-1 agreement", "peak RSS GiB"], rows,
-        note=f"CPU flags: {flags}; read bandwidth {bandwidth / 1e9:.1f} GB/s. Random weights: agreement is against "
-             "pali-jax's own bf16 model on the same checkpoint.")
+        note=f"CPU flags: {flags}; read bandwidth (`generation.read_bandwidth`) probed before and after each "
+             f"scheme's timings, GB/s: {probes}; each floor uses the mean of its scheme's two. Random weights: "
+             "agreement is against pali-jax's own bf16 model on the same checkpoint.")
     forms = compute_forms()
     for row in forms:
         print(" | ".join(row))
