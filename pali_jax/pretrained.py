@@ -410,8 +410,12 @@ class PaliGemma:
             raise UserError("no prompts to compile for: give one prompt per image")
         size = self.config.image_size
         run = self.beam_search.compile if generation.beams > 1 else self.generator.compile
+        done = set()  # the [B, T] shapes compiled: the same shape is the same program
         for rows in _batches(len(prompts), generation.batch_size):
             batch = self.tokenizer(prompts[rows], num_image_tokens=self.config.num_image_tokens)
+            if np.shape(batch.input_ids) in done:
+                continue
+            done.add(np.shape(batch.input_ids))
             pixels = jax.ShapeDtypeStruct((len(batch.input_ids), size, size, 3), self.dtype)
             run(self.params, pixels, batch.input_ids, batch.token_type_ids, batch.attention_mask,
                 generation_config=generation)
