@@ -23,7 +23,7 @@ _EXPORTS = {
     "GenerateOutput": "decode", "StopReason": "decode", "enable_compilation_cache": "generate",
     "GenerationConfig": "generation_config", "GenerationError": "generation_config",
     "ForwardOutput": "intermediates",
-    "PaliGemma": "pretrained", "Result": "pretrained",
+    "PaliGemma": "pretrained", "Result": "pretrained", "Workload": "pretrained",
     "PaliGemmaProcessor": "processor", "PaliGemmaTokenizer": "processor", "load_image": "processor",
     "preprocess_images": "processor",
     "SamplingParams": "sampling",
@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # for type checkers and editors: the same names, imported eag
     from pali_jax.generate import enable_compilation_cache  # noqa: F401
     from pali_jax.generation_config import GenerationConfig, GenerationError  # noqa: F401
     from pali_jax.intermediates import ForwardOutput  # noqa: F401
-    from pali_jax.pretrained import PaliGemma, Result  # noqa: F401
+    from pali_jax.pretrained import PaliGemma, Result, Workload  # noqa: F401
     from pali_jax.processor import PaliGemmaProcessor, PaliGemmaTokenizer, load_image, preprocess_images  # noqa: F401
     from pali_jax.sampling import SamplingParams  # noqa: F401
     from pali_jax.segmentation import MaskDecoder, paste_mask  # noqa: F401

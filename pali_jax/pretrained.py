@@ -533,9 +533,7 @@ def _read_dir(path: Path, config: PaliGemmaConfig, dtype, mesh: Mesh | None, sto
     if quant == stored:
         abstract = abstract_params(config, dtype, dataclasses.replace(CHECKPOINT_LAYOUT, quant=quant))
         if mesh is not None:
-            shardings = sharding.param_shardings(abstract, mesh)
-            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-            return restore_params(path / PARAMS_DIR, abstract)
+            return restore_params(path / PARAMS_DIR, sharding.placed_abstract(abstract, mesh))
         # host arrays: split below as views, then made device arrays (in place on CPU)
         return read_params(path / PARAMS_DIR, abstract)
     # A float directory read in its stored dtypes (memory-mapped: nothing float is held whole), each
@@ -552,14 +550,14 @@ def _read_dir(path: Path, config: PaliGemmaConfig, dtype, mesh: Mesh | None, sto
 def _compiling(pg: PaliGemma, workload: Workload | None) -> Iterator[None]:
     """Runs `pg.compile` for `workload` on another thread while the body reads the weights (XLA
     compiles with the GIL released, so the two overlap), `pg.params` standing for them meanwhile
-    as the abstract tree they will fill. Its errors are raised after the body's."""
+    as the abstract tree they will fill. An error of the body is raised once the compile thread
+    has ended; a compile error once the body is done."""
     if workload is None:
         yield
         return
     abstract = abstract_params(pg.config, pg.dtype, pg.layout)
     if pg.mesh is not None:
-        shardings = sharding.param_shardings(abstract, pg.mesh, out_first=pg.layout.out_first)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        abstract = sharding.placed_abstract(abstract, pg.mesh, out_first=pg.layout.out_first)
     pg.params = abstract
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pali-jax-compile") as pool:
         compiled = pool.submit(pg.compile, workload.prompts, generation_config=workload.generation_config)

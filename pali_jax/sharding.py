@@ -394,9 +394,14 @@ def abstract_sharded_params(
     cfg: PaliGemmaConfig, mesh: AnyMesh, dtype: Any = jnp.float32, min_elements: int | None = None
 ) -> Any:
     """The parameter tree as ShapeDtypeStructs with shardings (jax.eval_shape: no memory)."""
-    abstract = abstract_params(cfg)
-    shardings = param_shardings(abstract, mesh, min_elements)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s), abstract, shardings)
+    return placed_abstract(abstract_params(cfg, dtype), mesh, min_elements)
+
+
+def placed_abstract(abstract: Any, mesh: AnyMesh, min_elements: int | None = None, out_first: bool = False) -> Any:
+    """An abstract parameter tree (`paligemma.abstract_params`) with each leaf's sharding on `mesh`
+    (`param_shardings`): what loading onto shards, or compiling before loading, is given."""
+    shardings = param_shardings(abstract, mesh, min_elements, out_first)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def restore_sharded(
