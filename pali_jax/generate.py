@@ -203,14 +203,35 @@ class Generator:
         return self._output(self._generate(*arguments), generation.max_new_tokens, mask)
 
     def compile(self, params, pixel_values, input_ids, token_type_ids=None, attention_mask=None, *,
-                generation_config: GenerationConfig | None = None, **options: Any) -> None:
-        """Compiles the program `generate` runs for these arguments, without running it. Only the
-        shapes and dtypes of `params` and `pixel_values` count: they may be `jax.ShapeDtypeStruct`s
-        (placed as the arrays `generate` will get), so this can run while the weights load."""
-        _, _, arguments = self._generate_arguments(
+                stream: bool = False, generation_config: GenerationConfig | None = None, **options: Any) -> None:
+        """Compiles the programs `generate` (or with `stream`, `stream`: its prefill and its step)
+        runs for these arguments, without running them. Only the shapes and dtypes of `params` and
+        `pixel_values` count: they may be `jax.ShapeDtypeStruct`s (placed as the arrays the call
+        will get), so this can run while the weights load."""
+        if not stream:
+            _, _, arguments = self._generate_arguments(
+                params, pixel_values, input_ids, token_type_ids, attention_mask, generation_config, options
+            )
+            self._generate.lower(*arguments).compile()
+            return
+        _, arguments = self._stream_arguments(
             params, pixel_values, input_ids, token_type_ids, attention_mask, generation_config, options
         )
-        self._generate.lower(*arguments).compile()
+        prefill = self._prefill.lower(*arguments)
+        prefill.compile()
+        *_, sampling, _, stops = arguments
+        self._step.lower(params, prefill.out_info, sampling, stops).compile()  # the state as prefill returns it
+
+    def _stream_arguments(self, params, pixel_values, input_ids, token_type_ids, attention_mask, generation_config,
+                          options) -> tuple[GenerationConfig, tuple]:
+        """(options resolved and checked, `_prefill`'s arguments)."""
+        generation, (statics, ids, types, mask, stops) = self._prepare(
+            input_ids, token_type_ids, attention_mask, generation_config, options
+        )
+        decode.refuse_records(generation, "stream yields tokens only: {name} is for generate")
+        return generation, (
+            statics, params, pixel_values, ids, types, mask, generation.sampling_params(), generation.prng_key(), stops
+        )
 
     def stream(self, params, pixel_values, input_ids, token_type_ids=None, attention_mask=None, *,
                generation_config: GenerationConfig | None = None, **options: Any) -> Iterator[np.ndarray]:
@@ -218,16 +239,14 @@ class Generator:
 
         The options are checked now, before the iterator is returned; decoding starts at its
         first `next`."""
-        generation, (statics, ids, types, mask, stops) = self._prepare(
-            input_ids, token_type_ids, attention_mask, generation_config, options
+        generation, arguments = self._stream_arguments(
+            params, pixel_values, input_ids, token_type_ids, attention_mask, generation_config, options
         )
-        decode.refuse_records(generation, "stream yields tokens only: {name} is for generate")
-        return self._stream_steps(statics, params, pixel_values, ids, types, mask, stops, generation)
+        return self._stream_steps(arguments, jnp.int32(generation.max_new_tokens))
 
-    def _stream_steps(self, statics, params, pixels, ids, types, mask, stops, generation: GenerationConfig):
-        sampling = generation.sampling_params()
-        state = self._prefill(statics, params, pixels, ids, types, mask, sampling, generation.prng_key(), stops)
-        limit = jnp.int32(generation.max_new_tokens)
+    def _stream_steps(self, arguments: tuple, limit: jax.Array) -> Iterator[np.ndarray]:
+        _, params, *_, sampling, _, stops = arguments
+        state = self._prefill(*arguments)
         while True:
             step = int(state.step)
             yield np.asarray(state.tokens[:, step - 1])

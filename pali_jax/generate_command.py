@@ -176,8 +176,9 @@ def run(args: argparse.Namespace) -> None:
         generation = generation.replace(output_attentions=True)
     t0 = time.perf_counter()
     # Inference only, so on one device each decoder layer keeps its own weights: faster decoding.
-    # The program compiles while the weights are read (not for --stream, whose programs differ).
-    workload = None if args.stream else Workload(tuple([args.prompt] * len(images)), generation)
+    # The programs compile while the weights are read (--stream answers one image at a time).
+    prompts = (args.prompt,) if args.stream else tuple([args.prompt] * len(images))
+    workload = Workload(prompts, generation, stream=args.stream)
     pg = PaliGemma.from_pretrained(model_path, dtype=args.dtype, mesh=mesh, mask_decoder=args.seg_vae,
                                     quantize=args.quantize, group_size=args.group_size, compile_for=workload)
     load_s = time.perf_counter() - t0

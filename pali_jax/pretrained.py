@@ -121,11 +121,13 @@ def _pair(images, prompts) -> tuple[list, list[str]]:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """The `generate(images, prompts, generation_config=...)` calls a process is about to make, one
-    prompt per image (which images does not matter), for `PaliGemma.from_pretrained(compile_for=)`."""
+    """The `generate(images, prompts, generation_config=...)` (or `stream`) calls a process is about
+    to make, one prompt per image (which images does not matter), for
+    `PaliGemma.from_pretrained(compile_for=)`."""
 
     prompts: tuple[str, ...]
     generation_config: GenerationConfig | None = None
+    stream: bool = False  # the calls are `stream(images, prompts, ...)`
 
 
 @dataclasses.dataclass
@@ -203,9 +205,9 @@ class PaliGemma:
         A directory holding LoRA adapters apart from its base (`lora.ADAPTERS_FILE`, written by
         `pali-jax finetune --export-adapters-apart`) loads with them merged: float weights
         (a quantised base dequantised) `W + A B`, or with `quantize` those weights quantised.
-        compile_for: the `generate` calls to come (`Workload`), compiled while the weights are
-        read (`compile`), so that the first of them starts at once: a fresh process waits for the
-        longer of the two instead of both. Its option errors are raised here.
+        compile_for: the `generate` (or `stream`) calls to come (`Workload`), compiled while the
+        weights are read (`compile`), so that the first of them starts at once: a fresh process
+        waits for the longer of the two instead of both. Its option errors are raised here.
         """
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
@@ -357,6 +359,13 @@ class PaliGemma:
             raise GenerationError("return_logits", "return_logits needs generate_ids (Results hold no logits)")
         return generation
 
+    def _for_stream(self, generation: GenerationConfig) -> GenerationConfig:
+        """`generation`, refused where it asks for what `stream` does not do."""
+        if generation.beams > 1:
+            raise GenerationError("beams", "stream decodes greedily or by sampling: beams is for generate")
+        refuse_records(generation, "stream decodes greedily or by sampling: {name} is for generate")
+        return generation
+
     def _start(self, images, prompts, generation_config, options) -> tuple[GenerationConfig, list, list[str]]:
         """Options checked against the model before any image is read, then the (image, prompt) pairs."""
         generation = GenerationConfig.resolve(generation_config, options)
@@ -397,19 +406,23 @@ class PaliGemma:
             results[rows] = _add_masks(results[rows], loaded[rows], mask_decoder or self.mask_decoder, prompts[rows])
         return results
 
-    def compile(self, prompts: str | Sequence[str], *, generation_config: GenerationConfig | None = None,
-                **options: Any) -> None:
-        """Compiles the programs `generate(images, prompts, ...)` runs, for any images (one per
-        prompt), without running them. Works on `params` as arrays or as their abstract tree
-        (`jax.ShapeDtypeStruct`s, as `from_pretrained(compile_for=)` holds while reading). `stream`
-        and the mask decoder compile on first use."""
-        generation = self._for_results(GenerationConfig.resolve(generation_config, options))
+    def compile(self, prompts: str | Sequence[str], *, stream: bool = False,
+                generation_config: GenerationConfig | None = None, **options: Any) -> None:
+        """Compiles the programs `generate(images, prompts, ...)` runs (with `stream`: those of
+        `stream(images, prompts, ...)`), for any images (one per prompt), without running them.
+        Works on `params` as arrays or as their abstract tree (`jax.ShapeDtypeStruct`s, as
+        `from_pretrained(compile_for=)` holds while reading). The mask decoder compiles on first use."""
+        generation = GenerationConfig.resolve(generation_config, options)
+        generation = self._for_stream(generation) if stream else self._for_results(generation)
         generation.check_model(self.config)
         prompts = texts("prompts", prompts)
         if not prompts:
             raise UserError("no prompts to compile for: give one prompt per image")
         size = self.config.image_size
-        run = self.beam_search.compile if generation.beams > 1 else self.generator.compile
+        if generation.beams > 1:
+            run = self.beam_search.compile
+        else:
+            run = functools.partial(self.generator.compile, stream=stream)
         done = set()  # the [B, T] shapes compiled: the same shape is the same program
         for rows in _batches(len(prompts), generation.batch_size):
             batch = self.tokenizer(prompts[rows], num_image_tokens=self.config.num_image_tokens)
@@ -438,9 +451,7 @@ class PaliGemma:
         """
         single = isinstance(prompts, str) and not isinstance(images, (list, tuple))
         generation, loaded, prompts = self._start(images, prompts, generation_config, options)
-        if generation.beams > 1:
-            raise GenerationError("beams", "stream decodes greedily or by sampling: beams is for generate")
-        refuse_records(generation, "stream decodes greedily or by sampling: {name} is for generate")
+        self._for_stream(generation)
         steps = []  # every batch's decoder, created (and so checked) now; each runs when reached
         for rows in _batches(len(prompts), generation.batch_size):
             pixels, enc = self._encode(loaded[rows], prompts[rows])
@@ -560,7 +571,8 @@ def _compiling(pg: PaliGemma, workload: Workload | None) -> Iterator[None]:
         abstract = sharding.placed_abstract(abstract, pg.mesh, out_first=pg.layout.out_first)
     pg.params = abstract
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pali-jax-compile") as pool:
-        compiled = pool.submit(pg.compile, workload.prompts, generation_config=workload.generation_config)
+        compiled = pool.submit(pg.compile, workload.prompts, stream=workload.stream,
+                               generation_config=workload.generation_config)
         yield
         compiled.result()
 

@@ -279,3 +279,29 @@ def test_compile_for_refuses_what_generate_refuses(checkpoint, prompts, generati
     with pytest.raises(UserError) as info:
         PaliGemma.from_pretrained(checkpoint["converted"], compile_for=Workload(prompts, generation))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_compile_for_stream(caplog):
+    generation = GenerationConfig(max_new_tokens=5)
+    jax.config.update("jax_log_compiles", True)  # for every thread: the compile runs on another one
+    try:
+        with caplog.at_level(logging.WARNING):
+            pg = PaliGemma.from_pretrained(DEMO / "model", compile_for=Workload(("caption en",), generation, stream=True))
+            loading = caplog.text
+            caplog.clear()
+            pieces = list(pg.stream(IMAGE, "caption en", generation_config=generation))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    assert "Compiling jit(_prefill_impl)" in loading and "Compiling jit(_step_impl)" in loading
+    assert "_prefill_impl" not in caplog.text and "_step_impl" not in caplog.text  # nothing compiled again
+    assert "".join(pieces) == PaliGemma.from_pretrained(DEMO / "model").generate(IMAGE, "caption en", max_new_tokens=5)[0].text
+
+
+@pytest.mark.parametrize("generation, message", [
+    (GenerationConfig(beams=2), "beams is for generate"),
+    (GenerationConfig(output_scores=True), "stream decodes greedily or by sampling"),
+])
+def test_compile_for_stream_refuses_what_stream_refuses(generation, message):
+    with pytest.raises(UserError) as info:
+        PaliGemma.from_pretrained(DEMO / "model", compile_for=Workload(("caption en",), generation, stream=True))
+    assert message in str(info.value) and "\n" not in str(info.value)
