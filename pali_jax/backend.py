@@ -242,7 +242,7 @@ class Policy:
     def quantized_form(self, dtype, rows: int, out_first: bool, value_dtype) -> QuantizedForm:
         """How `project` multiplies `rows` rows in `dtype` by a quantised weight whose values are
         `value_dtype` (module docstring)."""
-        if jnp.dtype(value_dtype) == jnp.uint8:  # nibble-packed int4: the kernel's form, at any row count
+        if quantize.is_packed(value_dtype):  # nibble-packed int4: the kernel's form, at any row count
             return "int4_kernel" if out_first and self._packs_int4(dtype) else "dequantize"
         if self.platform != "cpu":
             return "dequantize"

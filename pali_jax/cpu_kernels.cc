@@ -239,7 +239,6 @@ ffi::Error QuantMatvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
-
 // ---- int4, two values per byte, scaled per group ---------------------------------------------
 //
 // w [N, K / 2] bytes: in each chunk of 128 contracted inputs, 16-bit word j holds inputs j, 32 + j,

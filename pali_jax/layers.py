@@ -83,8 +83,8 @@ def declare_weight(module: nn.Module, name: str, init: Callable, shape: tuple[in
 
     def quantized_init(key, shape):
         node = quantize.quantize(init(key, shape), quant, contracted, name)
-        if packed and quant.scheme == "int4" and quantize.packable(node[quantize.QVALUE].shape, node[quantize.SCALE].shape):
-            node = {**node, quantize.QVALUE: quantize.pack_int4(node[quantize.QVALUE])}
+        if packed and quant.scheme == "int4":
+            node = quantize.packed_where_possible(node) or node
         return {k: nn.LogicallyPartitioned(v, axes) for k, v in node.items()}
 
     return module.param(name, quantized_init, shape)

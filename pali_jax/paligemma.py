@@ -256,10 +256,8 @@ def _hold_int4(params: dict, dst: Layout) -> None:
     def walk(node):
         if quantize.is_quantized(node):
             qvalue = quantize.values(node)
-            if dst.int4_packed and quantize.packable(qvalue.shape, node[quantize.SCALE].shape):
-                node[quantize.QVALUE] = _pack(qvalue)
-            else:
-                node[quantize.QVALUE] = qvalue.astype(dtype)
+            packed = quantize.packed_where_possible({**node, quantize.QVALUE: qvalue}, _pack) if dst.int4_packed else None
+            node[quantize.QVALUE] = qvalue.astype(dtype) if packed is None else packed[quantize.QVALUE]
             return
         for value in node.values():
             if isinstance(value, dict):
@@ -289,7 +287,7 @@ def detect_layout(params: dict, cfg: PaliGemmaConfig) -> Layout:
     projection shapes."""
     stacked = "layers" in params["llm"]
     quant = quantize.scheme_of(params)
-    packed = quant is not None and any(jnp.dtype(x.dtype) == jnp.uint8 for x in jax.tree.leaves(params["llm"]))
+    packed = quant is not None and any(quantize.is_packed(x.dtype) for x in jax.tree.leaves(params["llm"]))
     for out_first in (False, True):
         layout = Layout(stacked, out_first, quant, int4_packed=packed)
         want = abstract_params(cfg, layout=layout)

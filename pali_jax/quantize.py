@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
@@ -175,16 +175,29 @@ def unpack_int4(packed: jax.Array) -> jax.Array:
     return (u - 8).reshape(*packed.shape[:-1], -1)
 
 
+def is_packed(value_dtype) -> bool:
+    """Whether quantised values of `value_dtype` are nibble-packed int4 (`pack_int4` gives uint8)."""
+    return jnp.dtype(value_dtype) == jnp.uint8
+
+
+def packed_where_possible(node: Mapping[str, jax.Array], pack: Callable = pack_int4) -> dict[str, jax.Array] | None:
+    """The int4 weight `node` with its values nibble-packed (by `pack`, `pack_int4` or a jitted
+    one), or None where its groups are not whole chunks (`packable`)."""
+    if not packable(tuple(node[QVALUE].shape), tuple(node[SCALE].shape)):
+        return None
+    return {**node, QVALUE: pack(node[QVALUE])}
+
+
 def value_shape(node: Mapping[str, jax.Array]) -> tuple[int, ...]:
     """A quantised weight's shape (that of its values, unpacked)."""
     shape = tuple(node[QVALUE].shape)
-    return (*shape[:-1], 2 * shape[-1]) if jnp.dtype(node[QVALUE].dtype) == jnp.uint8 else shape
+    return (*shape[:-1], 2 * shape[-1]) if is_packed(node[QVALUE].dtype) else shape
 
 
 def values(node: Mapping[str, jax.Array]) -> jax.Array:
     """A quantised weight's integer values, unpacked (int8) where they are nibble-packed."""
     q = node[QVALUE]
-    return unpack_int4(q) if jnp.dtype(q.dtype) == jnp.uint8 else q
+    return unpack_int4(q) if is_packed(q.dtype) else q
 
 
 def dequantize(node: Mapping[str, jax.Array], dtype=jnp.float32) -> jax.Array:
@@ -231,7 +244,7 @@ def scheme_of(params: Any) -> Quantization | None:
         nonlocal found, group
         if is_quantized(node):
             qvalue, scale, shape = node[QVALUE], node[SCALE], value_shape(node)
-            if jnp.dtype(qvalue.dtype) in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint8)):
+            if jnp.dtype(qvalue.dtype) == jnp.dtype(jnp.int4) or is_packed(qvalue.dtype):
                 contracted = contracted_axes(shape, tuple(scale.shape))
                 group = max(group, _group_of(shape, tuple(scale.shape), contracted))
             found = found or "int8"
