@@ -74,8 +74,8 @@ def _dot_general(x, w_out_first):
 def _tiled_f32(x, w_out_first):
     policy = backend.Policy.host()
     k = x.shape[1]
-    return backend._tiled(x.astype(jnp.float32), w_out_first, k, True, policy.tile_rows(k, jnp.float32),
-                          policy).astype(x.dtype)
+    return backend._tiled(x.astype(jnp.float32), w_out_first, k, True,
+                          policy.tile_rows(k, jnp.float32)).astype(x.dtype)
 
 
 def _kernel(x, w_out_first):

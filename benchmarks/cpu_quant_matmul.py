@@ -105,7 +105,7 @@ def _tiled_in(dtype):
 
     def product(x, node):
         k = node[quantize.QVALUE].shape[1]
-        return backend._tiled(x.astype(dtype), node, k, True, policy.tile_rows(k, dtype), policy).astype(x.dtype)
+        return backend._tiled(x.astype(dtype), node, k, True, policy.tile_rows(k, dtype)).astype(x.dtype)
 
     return product
 

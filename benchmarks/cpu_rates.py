@@ -10,8 +10,11 @@ first, through `cpu_kernels.bf16_matvec` (bf16 weight), `quant_matvec` (int8), `
 (nibble-packed int4), beside `generation.read_bandwidth`'s jitted reduction and f32 matrix-vector
 product, all interleaved round by round so that they see the same machine. GB/s of weight bytes.
 
-GEMMs: x [2128, K] (a batch of 8 prompts of 266 tokens) times the PaliGemma 1 3B decoder's gate/up
-and down weights and a SigLIP MLP weight, bf16 in, float32 accumulation; GFLOP/s, median of the runs.
+GEMMs: x [266, K] (one prompt of 266 tokens) and [2128, K] (a batch of 8) times the PaliGemma 1 3B
+decoder's gate/up and down weights and a SigLIP MLP weight, bf16 in, float32 accumulation: one XLA
+dot, the same through XLA's oneDNN path, the product `backend.project` runs on the weight stored
+output axes first as bf16 inference holds it (its `matmul_form`: one dot, or tile by tile where
+the contracted axis is wide), and PyTorch's; GFLOP/s, median of the runs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from pali_jax import backend, cpu_kernels
 
 GIB = 1 << 30
 K = 2048
-GEMMS = (("gate_up", 2128, 2048, 16384), ("down", 2128, 16384, 2048), ("SigLIP mlp", 2048, 1152, 4304))
+GEMMS = (("gate_up", 266, 2048, 16384), ("down", 266, 16384, 2048), ("gate_up", 2128, 2048, 16384),
+         ("down", 2128, 16384, 2048), ("SigLIP mlp", 2048, 1152, 4304))
 ONEDNN = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -65,28 +69,34 @@ def streams(runs: int) -> list[list[str]]:
 
 
 def gemms(runs: int) -> list[list[str]]:
-    """GFLOP/s of a prefill's bf16 products: XLA as pali-jax compiles them, XLA's oneDNN path, PyTorch."""
+    """GFLOP/s of a prefill's bf16 products: one XLA dot as pali-jax compiles it, XLA's oneDNN path,
+    `backend.project` on the output-first weight, PyTorch."""
     import torch
 
-    options = backend.Policy.host().compiler_options() or {}
+    policy = backend.Policy.host()
+    options = policy.compiler_options() or {}
     rows = []
     for name, m, k, n in GEMMS:
         a, b = jnp.ones((m, k), jnp.bfloat16), jnp.ones((k, n), jnp.bfloat16)
         ta, tb = torch.ones((m, k), dtype=torch.bfloat16), torch.ones((k, n), dtype=torch.bfloat16)
         dot = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)  # noqa: E731
-        candidates = {"xla": jax.jit(dot, compiler_options=options),
-                      "xla onednn": jax.jit(dot, compiler_options={**options, **ONEDNN})}
-        for fn in candidates.values():
-            fn(a, b).block_until_ready()
+        out_first = name != "SigLIP mlp"  # SigLIP's weights stay [in, out]
+        projected = lambda a, w: backend.project(a, w, 1, out_first, policy)  # noqa: B023, E731
+        candidates = {"xla": (jax.jit(dot, compiler_options=options), b),
+                      "xla onednn": (jax.jit(dot, compiler_options={**options, **ONEDNN}), b),
+                      "project": (jax.jit(projected, compiler_options=options), b.T.copy() if out_first else b)}
+        for fn, w in candidates.values():
+            fn(a, w).block_until_ready()
         torch.mm(ta, tb)
         times: dict[str, list[float]] = {key: [] for key in (*candidates, "torch")}
         for _ in range(runs):
-            for key, fn in candidates.items():
-                times[key].append(_seconds(lambda: fn(a, b).block_until_ready()))  # noqa: B023
+            for key, (fn, w) in candidates.items():
+                times[key].append(_seconds(lambda: fn(a, w).block_until_ready()))  # noqa: B023
             times["torch"].append(_seconds(lambda: torch.mm(ta, tb)))  # noqa: B023
         rate = {key: 2 * m * k * n / statistics.median(t) / 1e9 for key, t in times.items()}
-        rows.append([f"{name} [{m}, {k}] x [{k}, {n}]", *(f"{rate[key]:.0f}" for key in times),
-                     f"{rate['xla'] / rate['torch']:.2f}"])
+        form = policy.matmul_form(jnp.bfloat16, m, out_first, k)
+        rows.append([f"{name} [{m}, {k}] x [{k}, {n}]", *(f"{rate[key]:.0f}" for key in times), form,
+                     f"{rate['xla'] / rate['torch']:.2f}", f"{rate['project'] / rate['torch']:.2f}"])
     return rows
 
 
@@ -106,7 +116,8 @@ def main() -> None:
     for row in gemm_rows:
         print(" | ".join(row), flush=True)
     report.write(args, "cpu_rates_gemms", ["bf16 product", "XLA GFLOP/s", "XLA oneDNN path GFLOP/s",
-                                           "PyTorch GFLOP/s", "XLA / PyTorch"], gemm_rows,
+                                           "backend.project GFLOP/s", "PyTorch GFLOP/s", "project's form",
+                                           "XLA / PyTorch", "project / PyTorch"], gemm_rows,
                  note=f"CPU flags: {flags}. bf16 operands, float32 accumulation; XLA as backend.Policy compiles "
                       "inference programs; medians, interleaved.")
 

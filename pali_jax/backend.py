@@ -23,7 +23,11 @@ A policy decides:
   row read once, bf16 products accumulated in float32). Otherwise, for one to three rows, the
   weight is streamed as the LEFT operand, `w [N, K] @ [x^T | 0]` (`left_zero`: the zero column
   keeps XLA from folding the transpose into the dot, which YNNPACK rejects, and makes N >= 2 for a
-  single row); for more rows a plain dot_general is faster. In float32 the output-first layout
+  single row); for more rows a plain dot_general is faster, except that a prefill's rows (from
+  _FEW_ROWS) times a weight contracting at least `wide_input` inputs (the MLP's down projection)
+  run a few output channels at a time (`tiled`, `_tiled` without dequantisation): YNNPACK's
+  GEMM is faster on those tiles than on the whole weight (benchmarks/cpu_rates.py, `project`
+  against one XLA dot). In float32 the output-first layout
   gains nothing worth a transpose at load. GPUs and TPUs multiply bf16 natively: plain dots,
   checkpoint axis order. Benchmark: benchmarks/cpu_matmul.py (prints the CPU and its flags; the
   forms measured are the ones named here).
@@ -93,7 +97,7 @@ if TYPE_CHECKING:
 Platform = Literal["cpu", "cuda", "rocm", "tpu"]
 PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
 AttentionKernel = Literal["einsum", "cudnn"]
-MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero", "kernel"]
+MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero", "kernel", "tiled"]
 QuantizedForm = Literal["dequantize", "tiled", "tiled_f32", "kernel", "int4_kernel"]
 
 # /proc/cpuinfo flags of the x86 instruction sets XLA:CPU's kernels (YNNPACK, oneDNN, Eigen)
@@ -167,6 +171,11 @@ _FEW_ROWS = 16
 # fast as 2 MB on this project's 2-core machines, their products running on both threads; 16 MB
 # spills the cache).
 _TILE_BYTES = 4 << 20
+# Contracted sizes from which a prefill's bf16 product (many rows, a weight stored output axes
+# first) runs tile by tile like a quantised one: YNNPACK multiplies a few hundred rows by PaliGemma
+# 1's down projection (16384 inputs) faster in tile_bytes tiles of output channels than in one
+# product, and its gate/up (2048 inputs) slower (benchmarks/cpu_rates.py, `project` against `XLA`).
+_WIDE_INPUT = 8192
 # Rows below which `cpu_kernels` multiply: up to 16 (benchmarks/cpu_matmul.py and
 # cpu_quant_matmul.py, `kernel` against the other forms: ahead at 16 rows, level at 24), and the
 # instruction sets each kernel needs.
@@ -187,7 +196,8 @@ class Policy:
 
     platform: Platform | None = None
     cpu_features: frozenset[str] = frozenset()
-    tile_bytes: int = _TILE_BYTES  # the float32 bytes of one tile of the `tiled` quantised product
+    tile_bytes: int = _TILE_BYTES  # the bytes of one tile of a tiled product (its dtype's)
+    wide_input: int | None = _WIDE_INPUT  # contracted sizes from which a bf16 prefill is tiled; None: never
     cpu_kernels: bool = False  # `cpu_kernels` loaded in this process (the host policy sets it)
 
     def __post_init__(self):
@@ -231,12 +241,15 @@ class Policy:
         (of a weight stored output axes first, the only layout the kernels take)."""
         return rows < below and self._has_kernel(flags)
 
-    def matmul_form(self, dtype, rows: int, out_first: bool) -> MatmulForm:
-        """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first."""
+    def matmul_form(self, dtype, rows: int, out_first: bool, n_in: int = 0) -> MatmulForm:
+        """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first,
+        contracting `n_in` inputs."""
         if out_first:
             if self._cpu_bfloat16(dtype) and self._kernel(rows, _BF16_KERNEL_ROWS, _BF16_KERNEL_FLAGS):
                 return "kernel"
-            return "left_zero" if self._cpu_bfloat16(dtype) and rows < _LEFT_ZERO_ROWS else "dot_general"
+            if self._cpu_bfloat16(dtype) and rows < _LEFT_ZERO_ROWS:
+                return "left_zero"
+            return "tiled" if self._cpu_bfloat16(dtype) and rows >= _FEW_ROWS and self._wide(n_in) else "dot_general"
         return "dot_pad" if self._cpu_bfloat16(dtype) and rows == 1 else "dot"
 
     def quantized_form(self, dtype, rows: int, out_first: bool, value_dtype) -> QuantizedForm:
@@ -250,9 +263,12 @@ class Policy:
             return "kernel"
         return "tiled_f32" if rows < _FEW_ROWS or jnp.dtype(dtype) == jnp.float32 else "tiled"
 
+    def _wide(self, n_in: int) -> bool:
+        return self.wide_input is not None and n_in >= self.wide_input
+
     def tile_rows(self, n_in: int, dtype) -> int:
         """Output channels per tile of the tiled forms for a weight contracting `n_in` inputs,
-        dequantised to `dtype`."""
+        dequantised (or converted) to `dtype`."""
         return max(1, self.tile_bytes // (jnp.dtype(dtype).itemsize * n_in))
 
     def attention_kernel(self, dtype, softcap: float | None) -> AttentionKernel:
@@ -302,12 +318,14 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
         return y.astype(x.dtype).reshape(*lead, *out_shape)
     if form in ("tiled", "tiled_f32"):
         dtype = jnp.float32 if form == "tiled_f32" else rows.dtype
-        y = _tiled(rows.astype(dtype), w, n_in, out_first, policy.tile_rows(n_in, dtype), policy)
+        y = _tiled(rows.astype(dtype), w, n_in, out_first, policy.tile_rows(n_in, dtype))
         return y.astype(x.dtype).reshape(*lead, *out_shape)
     if quantized:
         w = quantize.dequantize(w, x.dtype)
-    form = policy.matmul_form(rows.dtype, m, out_first)
-    if form == "kernel":
+    form = policy.matmul_form(rows.dtype, m, out_first, n_in)
+    if form == "tiled":
+        y = _tiled(rows, w, n_in, out_first, policy.tile_rows(n_in, rows.dtype))
+    elif form == "kernel":
         y = cpu_kernels.bf16_matvec(rows, w.reshape(-1, n_in))
     elif form == "left_zero":
         cols = jnp.concatenate([rows.T, jnp.zeros((n_in, 1), rows.dtype)], axis=1)  # [n_in, M + 1]
@@ -320,13 +338,13 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
     return y.astype(x.dtype).reshape(*lead, *out_shape)
 
 
-def _tiled(rows: jax.Array, node, n_in: int, out_first: bool, tile: int, policy: Policy) -> jax.Array:
-    """rows [M, K] times a quantised (or bfloat16) weight -> [M, N] in rows' dtype, the weight
-    dequantised (as `quantize.dequantize` does, to rows' dtype; a bf16 weight converted) `tile`
-    output channels at a time inside a loop (`lax.map`), each tile multiplied by `project` while
-    it is in cache: XLA:CPU does not fuse a dequantisation into a dot, and dequantising the whole
-    weight writes and reads a float copy of it on every call. The last N % tile channels are one
-    smaller product."""
+def _tiled(rows: jax.Array, node, n_in: int, out_first: bool, tile: int) -> jax.Array:
+    """rows [M, K] times a quantised or float weight -> [M, N] in rows' dtype, `tile` output
+    channels at a time inside a loop (`lax.map`), each tile dequantised (as `quantize.dequantize`
+    does, to rows' dtype; a float weight converted to it) and multiplied at once while it is in
+    cache: XLA:CPU does not fuse a dequantisation into a dot, and dequantising the whole weight
+    writes and reads a float copy of it on every call. Each output is computed within one tile's
+    product, so it is rounded once, as in one dot. The last N % tile channels are one smaller product."""
     quantized = quantize.is_quantized(node)
     q = node[quantize.QVALUE] if quantized else node
     k = n_in
@@ -339,16 +357,20 @@ def _tiled(rows: jax.Array, node, n_in: int, out_first: bool, tile: int, policy:
         g = s2.shape[1] if out_first else s2.shape[0]
 
     def product(start, size):  # -> [M, size]
-        wt = jax.lax.dynamic_slice_in_dim(q2, start, size, axis).astype(jnp.float32)
+        wt = jax.lax.dynamic_slice_in_dim(q2, start, size, axis)
         if quantized:
             st = jax.lax.dynamic_slice_in_dim(s2, start, size, axis).astype(jnp.float32)
+            wt = wt.astype(jnp.float32)
             if out_first:
                 wt = (wt.reshape(size, g, k // g) * st[:, :, None]).reshape(size, k)
             else:
                 wt = (wt.reshape(g, k // g, size) * st[:, None, :]).reshape(k, size)
+        wt = wt.astype(rows.dtype)
         if rows.dtype == jnp.float32:  # XLA:CPU's float32 matrix-vector product takes the weight on the left
             return jnp.dot(wt, rows.T).T if out_first else jnp.dot(rows, wt)
-        return project(rows, wt.astype(rows.dtype), 1, out_first, policy)
+        # a prefill's rows: the plain product `matmul_form` picks for a narrow weight, [M, K] x [K, size]
+        y = jax.lax.dot_general(rows, wt, (((1,), (1 if out_first else 0,)), ((), ())), preferred_element_type=jnp.float32)
+        return y.astype(rows.dtype)
 
     tile = min(tile, n)
     full = n // tile * tile
