@@ -19,7 +19,7 @@ Forms (x [M, K], the weight stored [K, N] as in the checkpoint, or [N, K] output
                `backend.Policy.tile_bytes` each) and multiplied by float32 rows while in cache:
                `backend._tiled`, the form quantised weights take on CPU;
   kernel       bf16, w [N, K] through `cpu_kernels.bf16_matvec` (AVX512-BF16 dot products streaming
-               each weight row once: what `backend.project` runs below `_BF16_KERNEL_ROWS` rows where
+               each weight row from memory once: what `backend.project` runs below `_BF16_KERNEL_ROWS` rows where
                the CPU has AVX512-BF16 and the install built the kernels);
   float32      float32, x [M, K] @ w [K, N] (checkpoint layout);
   onednn       `dot` with XLA:CPU's oneDNN path on (`xla_cpu_use_onednn`) and YNNPACK's dot fusion

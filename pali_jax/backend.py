@@ -19,8 +19,9 @@ A policy decides:
   right operand is repacked on every call. On CPU in bf16 the weights are therefore stored output
   axes first. For a few rows (decoding) even YNNPACK's best form streams the weights at a fraction
   of the memory's rate, so where the install built `cpu_kernels` and the CPU has AVX512-BF16,
-  fewer than _BF16_KERNEL_ROWS rows go through `cpu_kernels.bf16_matvec` (`kernel`: each weight
-  row read once, bf16 products accumulated in float32). Otherwise, for one to three rows, the
+  fewer than _BF16_KERNEL_ROWS rows (decoding, batched decoding, beams) go through
+  `cpu_kernels.bf16_matvec` (`kernel`: each weight row read once per block of four rows, bf16
+  products accumulated in float32). Otherwise, for one to three rows, the
   weight is streamed as the LEFT operand, `w [N, K] @ [x^T | 0]` (`left_zero`: the zero column
   keeps XLA from folding the transpose into the dot, which YNNPACK rejects, and makes N >= 2 for a
   single row); for more rows a plain dot_general is faster, except that a prefill's rows (from
@@ -176,10 +177,12 @@ _TILE_BYTES = 4 << 20
 # 1's down projection (16384 inputs) faster in tile_bytes tiles of output channels than in one
 # product, and its gate/up (2048 inputs) slower (benchmarks/cpu_rates.py, `project` against `XLA`).
 _WIDE_INPUT = 8192
-# Rows below which `cpu_kernels` multiply: up to 16 (benchmarks/cpu_matmul.py and
-# cpu_quant_matmul.py, `kernel` against the other forms: ahead at 16 rows, level at 24), and the
-# instruction sets each kernel needs.
-_BF16_KERNEL_ROWS = _QUANT_KERNEL_ROWS = 17
+# Rows below which `cpu_kernels` multiply, and the instruction sets each kernel needs. The bf16
+# kernel runs up to 128 rows (benchmarks/cpu_matmul.py, `kernel` against `dot_general`: ahead from
+# 1 to 128 rows, level at 64, behind at 256), the quantised one up to 16 (cpu_quant_matmul.py,
+# `kernel` against `tiled`: ahead at 16 rows, level at 24).
+_BF16_KERNEL_ROWS = 129
+_QUANT_KERNEL_ROWS = 17
 _BF16_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 _QUANT_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 

@@ -4,8 +4,9 @@
 // Decoding multiplies a few activation rows by every weight of the model once per token, so its
 // speed is the rate at which the weights stream from memory. XLA:CPU's bf16 product (YNNPACK)
 // runs at a fraction of that rate for a few rows, and it cannot multiply an int8 weight without
-// first writing it out in float. These kernels read each weight once, straight from its stored
-// form, and keep the activation rows in registers and L1:
+// first writing it out in float. These kernels read each weight from memory once, straight from
+// its stored form (again from cache for each further block of rows), and keep the activation rows
+// in registers and L1:
 //
 //   pj_bf16_matvec:  x bf16 [M, K], w bf16 [N, K]                -> y f32 [M, N]
 //   pj_quant_matvec: x f32 [M, K],  w int8 [N, K], s f32 [N, G]  -> y f32 [M, N]
@@ -116,37 +117,15 @@ PJ_BF16 void Bf16Block(const uint16_t* x, const uint16_t* w, float* y, int64_t m
     PJ_UNROLL for (int m = 0; m < MB; ++m) y[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
+// Blocks of 4 rows (16 accumulators), each block reading the channels' weight rows again from
+// cache: at 8 rows this runs 1.4-1.8x as fast as one pass over 2 channels x 8 rows, which keeps as
+// many accumulators but loads twice the activations per weight load (benchmarks/cpu_matmul.py,
+// `kernel` at 8 rows).
 template <int R>
 PJ_BF16 void Bf16Rows(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t n0, int64_t N, int64_t K) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) Bf16Block<R, 4>(x, w, y, m, n0, N, K);
   for (; m < M; ++m) Bf16Block<R, 1>(x, w, y, m, n0, N, K);
-}
-
-// Output channels [n0, n1) for MB activation rows from m0 at once, two channels at a time: each
-// weight row is read once for up to 8 rows (16 accumulators), where 4-row blocks would read it twice.
-template <int MB>
-PJ_BF16 void Bf16Wide(const uint16_t* x, const uint16_t* w, float* y, int64_t m0, int64_t n0, int64_t n1, int64_t N,
-                      int64_t K) {
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) Bf16Block<2, MB>(x, w, y, m0, n, N, K);
-  for (; n < n1; ++n) Bf16Block<1, MB>(x, w, y, m0, n, N, K);
-}
-
-PJ_BF16 void Bf16ManyRows(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t n0, int64_t n1, int64_t N,
-                          int64_t K) {
-  int64_t m = 0;
-  for (; m + 8 <= M; m += 8) Bf16Wide<8>(x, w, y, m, n0, n1, N, K);
-  switch (M - m) {
-    case 7: return Bf16Wide<7>(x, w, y, m, n0, n1, N, K);
-    case 6: return Bf16Wide<6>(x, w, y, m, n0, n1, N, K);
-    case 5: return Bf16Wide<5>(x, w, y, m, n0, n1, N, K);
-    case 4: return Bf16Wide<4>(x, w, y, m, n0, n1, N, K);
-    case 3: return Bf16Wide<3>(x, w, y, m, n0, n1, N, K);
-    case 2: return Bf16Wide<2>(x, w, y, m, n0, n1, N, K);
-    case 1: return Bf16Wide<1>(x, w, y, m, n0, n1, N, K);
-    default: return;
-  }
 }
 
 ffi::Error Bf16Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
@@ -162,7 +141,6 @@ ffi::Error Bf16Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   ParallelFor(pool, (N + per - 1) / per, [=](int64_t c) {
     const int64_t n1 = std::min(N, (c + 1) * per);
     int64_t n = c * per;
-    if (M > 4) return Bf16ManyRows(xp, wp, yp, M, n, n1, N, K);
     for (; n + kRowsPerBlock <= n1; n += kRowsPerBlock) Bf16Rows<kRowsPerBlock>(xp, wp, yp, M, n, N, K);
     for (; n < n1; ++n) Bf16Rows<1>(xp, wp, yp, M, n, N, K);
   });
