@@ -24,8 +24,8 @@ A policy decides:
   products accumulated in float32). Otherwise, for one to three rows, the
   weight is streamed as the LEFT operand, `w [N, K] @ [x^T | 0]` (`left_zero`: the zero column
   keeps XLA from folding the transpose into the dot, which YNNPACK rejects, and makes N >= 2 for a
-  single row); for more rows a plain dot_general is faster, except that a prefill's rows (from
-  _FEW_ROWS) times a weight contracting at least `wide_input` inputs (the MLP's down projection)
+  single row); for more rows a plain dot_general is faster, except that a batch's prefill (from
+  _WIDE_TILED_ROWS rows) times a weight contracting at least `wide_input` inputs (the MLP's down projection)
   run a few output channels at a time (`tiled`, `_tiled` without dequantisation): YNNPACK's
   GEMM is faster on those tiles than on the whole weight (benchmarks/cpu_rates.py, `project`
   against one XLA dot). In float32 the output-first layout
@@ -172,14 +172,18 @@ _FEW_ROWS = 16
 # fast as 2 MB on this project's 2-core machines, their products running on both threads; 16 MB
 # spills the cache).
 _TILE_BYTES = 4 << 20
-# Contracted sizes from which a prefill's bf16 product (many rows, a weight stored output axes
-# first) runs tile by tile like a quantised one: YNNPACK multiplies a few hundred rows by PaliGemma
-# 1's down projection (16384 inputs) faster in tile_bytes tiles of output channels than in one
-# product, and its gate/up (2048 inputs) slower (benchmarks/cpu_rates.py, `project` against `XLA`).
+# A prefill's bf16 product with a weight stored output axes first and contracting at least
+# _WIDE_INPUT inputs runs tile by tile like a quantised one from _WIDE_TILED_ROWS rows: YNNPACK
+# multiplies many rows by PaliGemma 1's down projection (16384 inputs) faster in tile_bytes tiles
+# of output channels than in one product, and its gate/up (2048 inputs) slower
+# (benchmarks/cpu_rates.py, `project` against `XLA`). Each tiled product also adds about 0.1 s to
+# the program's compile (a loop where a dot was); 2128 rows (8 prompts) save more than that in one
+# prefill, one prompt's 266 rows a fifth of it, so a single prompt keeps the one product.
 _WIDE_INPUT = 8192
+_WIDE_TILED_ROWS = 1024
 # Rows below which `cpu_kernels` multiply, and the instruction sets each kernel needs. The bf16
 # kernel runs up to 128 rows (benchmarks/cpu_matmul.py, `kernel` against `dot_general`: ahead from
-# 1 to 128 rows, level at 64, behind at 256), the quantised one up to 16 (cpu_quant_matmul.py,
+# 1 to 128 rows, level at 256), the quantised one up to 16 (cpu_quant_matmul.py,
 # `kernel` against `tiled`: ahead at 16 rows, level at 24).
 _BF16_KERNEL_ROWS = 129
 _QUANT_KERNEL_ROWS = 17
@@ -200,7 +204,7 @@ class Policy:
     platform: Platform | None = None
     cpu_features: frozenset[str] = frozenset()
     tile_bytes: int = _TILE_BYTES  # the bytes of one tile of a tiled product (its dtype's)
-    wide_input: int | None = _WIDE_INPUT  # contracted sizes from which a bf16 prefill is tiled; None: never
+    wide_input: int | None = _WIDE_INPUT  # contracted sizes from which a batch's bf16 prefill is tiled; None: never
     cpu_kernels: bool = False  # `cpu_kernels` loaded in this process (the host policy sets it)
 
     def __post_init__(self):
@@ -252,7 +256,7 @@ class Policy:
                 return "kernel"
             if self._cpu_bfloat16(dtype) and rows < _LEFT_ZERO_ROWS:
                 return "left_zero"
-            return "tiled" if self._cpu_bfloat16(dtype) and rows >= _FEW_ROWS and self._wide(n_in) else "dot_general"
+            return "tiled" if self._cpu_bfloat16(dtype) and rows >= _WIDE_TILED_ROWS and self._wide(n_in) else "dot_general"
         return "dot_pad" if self._cpu_bfloat16(dtype) and rows == 1 else "dot"
 
     def quantized_form(self, dtype, rows: int, out_first: bool, value_dtype) -> QuantizedForm:

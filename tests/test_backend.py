@@ -89,29 +89,30 @@ def test_tiled_quantized_product_equals_dequantize_then_dot(scheme, out_first, r
     np.testing.assert_allclose(np.asarray(tiled16, np.float32), np.asarray(plain16, np.float32), rtol=2 ** -7, atol=1e-6)
 
 
-def test_a_prefill_multiplies_a_wide_bfloat16_weight_tile_by_tile():
-    """On CPU a prefill's many bf16 rows times an output-first weight contracting at least
-    `wide_input` inputs run tile by tile (`tiled`), with the numbers of the one product it replaces
-    (each output rounded once to bf16); narrower weights, few rows, float32, the checkpoint layout,
-    other platforms and `wide_input=None` keep their forms."""
-    bf16 = jnp.bfloat16
+def test_a_batch_prefill_multiplies_a_wide_bfloat16_weight_tile_by_tile():
+    """On CPU a batch's prefill (from _WIDE_TILED_ROWS bf16 rows) times an output-first weight
+    contracting at least `wide_input` inputs runs tile by tile (`tiled`), with the numbers of the
+    one product it replaces (each output rounded once to bf16); fewer rows, narrower weights,
+    float32, the checkpoint layout, other platforms and `wide_input=None` keep their forms."""
+    bf16, rows = jnp.bfloat16, backend._WIDE_TILED_ROWS
     cpu = Policy("cpu", tile_bytes=4 * 256 * 2, wide_input=256)  # bf16 tiles of 4 output channels
-    assert cpu.matmul_form(bf16, 20, True, 256) == "tiled"
-    assert cpu.matmul_form(bf16, 20, True, 128) == cpu.matmul_form(bf16, 5, True, 256) == "dot_general"
+    assert cpu.matmul_form(bf16, rows, True, 256) == "tiled"
+    assert cpu.matmul_form(bf16, rows, True, 128) == cpu.matmul_form(bf16, rows - 1, True, 256) == "dot_general"
     assert cpu.matmul_form(bf16, 2, True, 256) == "left_zero"
-    assert cpu.matmul_form(jnp.float32, 20, True, 256) == "dot_general"
-    assert cpu.matmul_form(bf16, 20, False, 256) == "dot"
-    assert Policy("cpu", wide_input=None).matmul_form(bf16, 20, True, 1 << 20) == "dot_general"
-    assert {Policy(p).matmul_form(bf16, 20, True, 1 << 20) for p in ("cuda", "rocm", "tpu", None)} == {"dot_general"}
-    assert Policy("cpu").matmul_form(bf16, 266, True, 16384) == "tiled"  # PaliGemma 1's down projection
+    assert cpu.matmul_form(jnp.float32, rows, True, 256) == "dot_general"
+    assert cpu.matmul_form(bf16, rows, False, 256) == "dot"
+    assert Policy("cpu", wide_input=None).matmul_form(bf16, rows, True, 1 << 20) == "dot_general"
+    assert {Policy(p).matmul_form(bf16, rows, True, 1 << 20) for p in ("cuda", "rocm", "tpu", None)} == {"dot_general"}
+    assert Policy("cpu").matmul_form(bf16, 8 * 266, True, 16384) == "tiled"  # 8 prompts, PaliGemma 1's down projection
+    assert Policy("cpu").matmul_form(bf16, 266, True, 16384) == "dot_general"  # one prompt
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal((2, 13, 256)), bf16)  # 26 output channels: 6 tiles of 4, one of 2
-    x = jnp.asarray(rng.standard_normal((4, 5, 256)), bf16)
+    x = jnp.asarray(rng.standard_normal((4, rows // 4, 256)), bf16)
     got = backend.project(x, w, 1, True, cpu)
     want = backend.project(x, w, 1, True, Policy("cpu", wide_input=None))
-    exact = np.asarray(x, np.float64).reshape(20, 256) @ np.asarray(w, np.float64).reshape(26, 256).T
-    assert got.shape == want.shape == (4, 5, 2, 13) and got.dtype == bf16
-    np.testing.assert_allclose(np.asarray(got, np.float64).reshape(20, 26), exact, rtol=2 ** -8, atol=1e-6)
+    exact = np.asarray(x, np.float64).reshape(rows, 256) @ np.asarray(w, np.float64).reshape(26, 256).T
+    assert got.shape == want.shape == (4, rows // 4, 2, 13) and got.dtype == bf16
+    np.testing.assert_allclose(np.asarray(got, np.float64).reshape(rows, 26), exact, rtol=2 ** -8, atol=1e-6)
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-6)
 
 
