@@ -251,13 +251,15 @@ class Policy:
     def matmul_form(self, dtype, rows: int, out_first: bool, n_in: int = 0) -> MatmulForm:
         """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first,
         contracting `n_in` inputs."""
-        if out_first:
-            if self._cpu_bfloat16(dtype) and self._kernel(rows, _BF16_KERNEL_ROWS, _BF16_KERNEL_FLAGS):
-                return "kernel"
-            if self._cpu_bfloat16(dtype) and rows < _LEFT_ZERO_ROWS:
-                return "left_zero"
-            return "tiled" if self._cpu_bfloat16(dtype) and rows >= _WIDE_TILED_ROWS and self._wide(n_in) else "dot_general"
-        return "dot_pad" if self._cpu_bfloat16(dtype) and rows == 1 else "dot"
+        if not self._cpu_bfloat16(dtype):
+            return "dot_general" if out_first else "dot"
+        if not out_first:
+            return "dot_pad" if rows == 1 else "dot"
+        if self._kernel(rows, _BF16_KERNEL_ROWS, _BF16_KERNEL_FLAGS):
+            return "kernel"
+        if rows < _LEFT_ZERO_ROWS:
+            return "left_zero"
+        return "tiled" if rows >= _WIDE_TILED_ROWS and self._wide(n_in) else "dot_general"
 
     def quantized_form(self, dtype, rows: int, out_first: bool, value_dtype) -> QuantizedForm:
         """How `project` multiplies `rows` rows in `dtype` by a quantised weight whose values are

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import flax.struct
 import jax
@@ -94,6 +94,20 @@ class DecodeState:
     attentions: jax.Array | None = None
     prefill_attentions: jax.Array | None = None
     logprobs: jax.Array | None = None
+
+
+class _PrefillArguments(NamedTuple):
+    """`Generator._prefill`'s arguments, in its order; `stream` and `compile` also read fields."""
+
+    statics: Any
+    params: Any
+    pixel_values: Any
+    input_ids: Any
+    token_type_ids: Any
+    attention_mask: Any
+    sampling: Any
+    key: Any
+    stops: Any
 
 
 class Generator:
@@ -219,17 +233,17 @@ class Generator:
         )
         prefill = self._prefill.lower(*arguments)
         prefill.compile()
-        *_, sampling, _, stops = arguments
-        self._step.lower(params, prefill.out_info, sampling, stops).compile()  # the state as prefill returns it
+        # the step on the state as the prefill returns it
+        self._step.lower(arguments.params, prefill.out_info, arguments.sampling, arguments.stops).compile()
 
     def _stream_arguments(self, params, pixel_values, input_ids, token_type_ids, attention_mask, generation_config,
-                          options) -> tuple[GenerationConfig, tuple]:
+                          options) -> tuple[GenerationConfig, "_PrefillArguments"]:
         """(options resolved and checked, `_prefill`'s arguments)."""
         generation, (statics, ids, types, mask, stops) = self._prepare(
             input_ids, token_type_ids, attention_mask, generation_config, options
         )
         decode.refuse_records(generation, "stream yields tokens only: {name} is for generate")
-        return generation, (
+        return generation, _PrefillArguments(
             statics, params, pixel_values, ids, types, mask, generation.sampling_params(), generation.prng_key(), stops
         )
 
@@ -244,15 +258,14 @@ class Generator:
         )
         return self._stream_steps(arguments, jnp.int32(generation.max_new_tokens))
 
-    def _stream_steps(self, arguments: tuple, limit: jax.Array) -> Iterator[np.ndarray]:
-        _, params, *_, sampling, _, stops = arguments
+    def _stream_steps(self, arguments: "_PrefillArguments", limit: jax.Array) -> Iterator[np.ndarray]:
         state = self._prefill(*arguments)
         while True:
             step = int(state.step)
             yield np.asarray(state.tokens[:, step - 1])
             if not bool(decode.running(state.step, limit, state.done, state.cache)):
                 return
-            state = self._step(params, state, sampling, stops)
+            state = self._step(arguments.params, state, arguments.sampling, arguments.stops)
 
     def _output(self, state: DecodeState, max_new_tokens: int, mask: np.ndarray) -> GenerateOutput:
         """The host copy, cut to the longest row; mask: the prompts' bucketed attention mask."""
