@@ -28,10 +28,7 @@ A policy decides:
   _WIDE_TILED_ROWS rows) times a weight contracting at least `wide_input` inputs (the MLP's down projection)
   run a few output channels at a time (`tiled`, `_tiled` without dequantisation): YNNPACK's
   GEMM is faster on those tiles than on the whole weight (benchmarks/cpu_rates.py, `project`
-  against one XLA dot). On a CPU with AVX512-FP16 (the Intel Xeons measured) a prefill's products
-  from _F32_PREFILL_ROWS rows run in float32 instead (`prefill_f32`, quantised weights too): the
-  weight converted (or dequantised) in cache, a tile of about `prefill_tile_bytes` at a time, or
-  whole where its float32 copy is small; there YNNPACK's float32 GEMM outruns its bf16 one. In float32 the output-first layout
+  against one XLA dot). In float32 the output-first layout
   gains nothing worth a transpose at load. GPUs and TPUs multiply bf16 natively: plain dots,
   checkpoint axis order. Benchmark: benchmarks/cpu_matmul.py (prints the CPU and its flags; the
   forms measured are the ones named here).
@@ -101,8 +98,8 @@ if TYPE_CHECKING:
 Platform = Literal["cpu", "cuda", "rocm", "tpu"]
 PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
 AttentionKernel = Literal["einsum", "cudnn"]
-MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero", "kernel", "tiled", "prefill_f32"]
-QuantizedForm = Literal["dequantize", "tiled", "tiled_f32", "prefill_f32", "kernel", "int4_kernel"]
+MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero", "kernel", "tiled"]
+QuantizedForm = Literal["dequantize", "tiled", "tiled_f32", "kernel", "int4_kernel"]
 
 # /proc/cpuinfo flags of the x86 instruction sets XLA:CPU's kernels (YNNPACK, oneDNN, Eigen)
 # dispatch on for float32, bf16 and int8 matmuls.
@@ -191,19 +188,6 @@ _WIDE_TILED_ROWS = 1024
 _BF16_KERNEL_ROWS = 129
 _QUANT_KERNEL_ROWS = 17
 _BF16_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
-# A prefill's bf16 products (from _F32_PREFILL_ROWS rows: one image's 256 tokens and more) on a CPU
-# with _F32_PREFILL_FLAGS run in float32 on weight tiles of about `prefill_tile_bytes` converted in
-# cache (`prefill_f32`): on the Intel Xeons measured, YNNPACK's float32 GEMM outruns its bf16 one
-# (consistent arithmetic, `compiler_options`) on every decoder and SigLIP shape, an int8 weight's
-# tiles included (benchmarks/cpu_rates.py, `project` against `XLA`). AVX512-FP16 marks those Xeons
-# (Sapphire Rapids and later); the AMD EPYCs (Zen 4) lack it and keep their measured forms.
-# A weight whose float32 copy takes at most _PREFILL_WHOLE_BYTES is converted whole (one tile, no
-# loop): such weights (attention's, SigLIP's) multiply as fast that way, and every loop lengthens
-# the program's compile.
-_F32_PREFILL_ROWS = 256
-_F32_PREFILL_FLAGS = frozenset({"avx512_fp16"})
-_PREFILL_TILE_BYTES = 8 << 20
-_PREFILL_WHOLE_BYTES = 32 << 20
 _QUANT_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 
 
@@ -220,7 +204,6 @@ class Policy:
     platform: Platform | None = None
     cpu_features: frozenset[str] = frozenset()
     tile_bytes: int = _TILE_BYTES  # the bytes of one tile of a tiled product (its dtype's)
-    prefill_tile_bytes: int = _PREFILL_TILE_BYTES  # the bytes of one float32 tile of `prefill_f32`
     wide_input: int | None = _WIDE_INPUT  # contracted sizes from which a batch's bf16 prefill is tiled; None: never
     cpu_kernels: bool = False  # `cpu_kernels` loaded in this process (the host policy sets it)
 
@@ -265,17 +248,11 @@ class Policy:
         (of a weight stored output axes first, the only layout the kernels take)."""
         return rows < below and self._has_kernel(flags)
 
-    def _prefills_in_f32(self, dtype, rows: int) -> bool:
-        """Whether `rows` bf16 rows are multiplied in float32 tiles (`prefill_f32`; see _F32_PREFILL_ROWS)."""
-        return self._cpu_bfloat16(dtype) and rows >= _F32_PREFILL_ROWS and _F32_PREFILL_FLAGS <= self.cpu_features
-
     def matmul_form(self, dtype, rows: int, out_first: bool, n_in: int = 0) -> MatmulForm:
         """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first,
         contracting `n_in` inputs."""
         if not self._cpu_bfloat16(dtype):
             return "dot_general" if out_first else "dot"
-        if self._prefills_in_f32(dtype, rows):
-            return "prefill_f32"
         if not out_first:
             return "dot_pad" if rows == 1 else "dot"
         if self._kernel(rows, _BF16_KERNEL_ROWS, _BF16_KERNEL_FLAGS):
@@ -291,8 +268,6 @@ class Policy:
             return "int4_kernel" if out_first and self._packs_int4(dtype) else "dequantize"
         if self.platform != "cpu":
             return "dequantize"
-        if self._prefills_in_f32(dtype, rows):
-            return "prefill_f32"
         if out_first and jnp.dtype(value_dtype) == jnp.int8 and self._kernel(rows, _QUANT_KERNEL_ROWS, _QUANT_KERNEL_FLAGS):
             return "kernel"
         return "tiled_f32" if rows < _FEW_ROWS or jnp.dtype(dtype) == jnp.float32 else "tiled"
@@ -300,14 +275,10 @@ class Policy:
     def _wide(self, n_in: int) -> bool:
         return self.wide_input is not None and n_in >= self.wide_input
 
-    def tile_rows(self, n_in: int, dtype, form: str = "tiled", n_out: int = 0) -> int:
-        """Output channels per tile of the tiled form `form` for a weight [n_out, n_in] (either
-        order) dequantised (or converted) to `dtype`."""
-        itemsize = jnp.dtype(dtype).itemsize
-        if form == "prefill_f32" and n_out * n_in * itemsize <= _PREFILL_WHOLE_BYTES:
-            return max(1, n_out)
-        tile_bytes = self.prefill_tile_bytes if form == "prefill_f32" else self.tile_bytes
-        return max(1, tile_bytes // (itemsize * n_in))
+    def tile_rows(self, n_in: int, dtype) -> int:
+        """Output channels per tile of the tiled forms for a weight contracting `n_in` inputs,
+        dequantised (or converted) to `dtype`."""
+        return max(1, self.tile_bytes // (jnp.dtype(dtype).itemsize * n_in))
 
     def attention_kernel(self, dtype, softcap: float | None) -> AttentionKernel:
         """Which attention implementation a model in `dtype` runs (see module docstring)."""
@@ -354,12 +325,15 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
         else:
             y = cpu_kernels.quant_matvec(rows.astype(jnp.float32), q, scale)
         return y.astype(x.dtype).reshape(*lead, *out_shape)
-    if form not in ("tiled", "tiled_f32", "prefill_f32"):  # a float weight, or one dequantised whole
-        w = quantize.dequantize(w, x.dtype) if quantized else w
-        form = policy.matmul_form(rows.dtype, m, out_first, n_in)
-    if form in ("tiled", "tiled_f32", "prefill_f32"):
-        dtype = rows.dtype if form == "tiled" else jnp.float32
-        y = _tiled(rows.astype(dtype), w, n_in, out_first, policy.tile_rows(n_in, dtype, form, math.prod(out_shape)))
+    if form in ("tiled", "tiled_f32"):
+        dtype = jnp.float32 if form == "tiled_f32" else rows.dtype
+        y = _tiled(rows.astype(dtype), w, n_in, out_first, policy.tile_rows(n_in, dtype))
+        return y.astype(x.dtype).reshape(*lead, *out_shape)
+    if quantized:
+        w = quantize.dequantize(w, x.dtype)
+    form = policy.matmul_form(rows.dtype, m, out_first, n_in)
+    if form == "tiled":
+        y = _tiled(rows, w, n_in, out_first, policy.tile_rows(n_in, rows.dtype))
     elif form == "kernel":
         y = cpu_kernels.bf16_matvec(rows, w.reshape(-1, n_in))
     elif form == "left_zero":

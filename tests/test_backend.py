@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
 import jax
@@ -149,49 +148,3 @@ def test_tiled_program_never_holds_the_whole_dequantised_weight(dtype):
     tiled = buffers(Policy("cpu", tile_bytes=8 * 512 * 4))  # float32 tiles of 8 channels
     assert "f32[8,512]" in tiled and not re.search(r"(f32|bf16)\[64,512\]", tiled)
     assert re.search(r"(f32|bf16)\[64,512\]", buffers(Policy()))
-
-
-def test_a_prefill_on_an_avx512_fp16_cpu_multiplies_in_float32_tiles():
-    """From _F32_PREFILL_ROWS bf16 rows a CPU with AVX512-FP16 multiplies float and int8 weights in
-    float32 (`prefill_f32`): exact products of the bf16 values, accumulated in float32 and rounded
-    once; a weight whose float32 copy fits _PREFILL_WHOLE_BYTES in one product, a larger one tile by
-    tile. Fewer rows, float32 rows, other CPUs and platforms keep their forms."""
-    from pali_jax import quantize
-    from pali_jax.quantize import Quantization
-
-    bf16, int8, rows = jnp.bfloat16, jnp.int8, backend._F32_PREFILL_ROWS
-    xeon = Policy("cpu", frozenset({"avx512f", "avx512_bf16", "avx512_fp16"}), prefill_tile_bytes=4 * 256 * 4)  # 4 x 256
-    assert xeon.matmul_form(bf16, rows, True, 256) == xeon.matmul_form(bf16, rows, False, 256) == "prefill_f32"
-    assert xeon.quantized_form(bf16, rows, True, int8) == "prefill_f32"
-    assert xeon.matmul_form(bf16, rows - 1, True, 256) == "dot_general" and xeon.matmul_form(jnp.float32, rows, True) == "dot_general"
-    assert xeon.quantized_form(bf16, rows - 1, True, int8) == "tiled"
-    assert Policy("cpu", frozenset({"avx512f", "avx512_bf16"})).matmul_form(bf16, rows, True, 256) == "dot_general"
-    assert Policy("cuda", frozenset({"avx512_fp16"})).matmul_form(bf16, rows, True, 256) == "dot_general"
-    assert xeon.tile_rows(256, jnp.float32, "prefill_f32", n_out=26) == 26  # 26 KB in float32: one product
-    big = backend._PREFILL_WHOLE_BYTES // (4 * 256) + 1
-    assert xeon.tile_rows(256, jnp.float32, "prefill_f32", n_out=big) == 4  # tiles of prefill_tile_bytes
-    rng = np.random.default_rng(5)
-    w = rng.standard_normal((26, 256)).astype(np.float32)
-    x = jnp.asarray(rng.standard_normal((rows, 256)), bf16)
-    x64 = np.asarray(x, np.float64)
-    got = backend.project(x, jnp.asarray(w, bf16), 1, True, xeon)
-    exact = x64 @ np.asarray(jnp.asarray(w, bf16), np.float64).T
-    assert got.dtype == bf16
-    np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2 ** -8, atol=1e-6)
-    node = quantize.quantize(w, Quantization("int8"), (1,))
-    got = backend.project(x, node, 1, True, xeon)
-    exact = x64 @ np.asarray(quantize.dequantize(node, jnp.float32), np.float64).T
-    np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2 ** -8, atol=1e-6)
-    # a weight beyond _PREFILL_WHOLE_BYTES (4097 x 2048): tile by tile, the same numbers
-    k = 2048
-    wide = jnp.asarray(rng.standard_normal((backend._PREFILL_WHOLE_BYTES // (4 * k) + 1, k)), bf16)
-    x = jnp.asarray(rng.standard_normal((rows, k)), bf16)
-    x64 = np.asarray(x, np.float64)
-    xeon = dataclasses.replace(xeon, prefill_tile_bytes=4 * k * 64)  # tiles of 64 channels
-    compiled = jax.jit(lambda x, w: backend.project(x, w, 1, True, xeon)).lower(x, wide).compile(xeon.compiler_options())
-    assert "f32[64,2048]" in compiled.as_text()  # the converted tile
-    assert compiled.memory_analysis().temp_size_in_bytes < wide.size * 4 // 2  # never the whole weight in float32
-    got = np.asarray(backend.project(x, wide, 1, True, xeon), np.float64)
-    w64 = np.asarray(wide, np.float64)
-    bound = 2 ** -8 * np.abs(x64 @ w64.T) + k * 2 ** -24 * (np.abs(x64) @ np.abs(w64).T)  # bf16 rounding + f32 sums
-    assert (np.abs(got - x64 @ w64.T) <= bound).all()
