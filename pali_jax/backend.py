@@ -27,8 +27,8 @@ A policy decides:
   single row); for more rows a plain dot_general is faster, except that a batch's prefill (from
   _WIDE_TILED_ROWS rows) times a weight contracting at least `wide_input` inputs (the MLP's down projection)
   run a few output channels at a time (`tiled`, `_tiled` without dequantisation): YNNPACK's
-  GEMM is faster on those tiles than on the whole weight (benchmarks/cpu_rates.py, `project`
-  against one XLA dot). In float32 the output-first layout
+  GEMM is faster on those tiles than on the whole weight on the AMD EPYCs, level on the Intel
+  Xeons (benchmarks/cpu_rates.py, `project` against one XLA dot). In float32 the output-first layout
   gains nothing worth a transpose at load. GPUs and TPUs multiply bf16 natively: plain dots,
   checkpoint axis order. Benchmark: benchmarks/cpu_matmul.py (prints the CPU and its flags; the
   forms measured are the ones named here).
@@ -173,12 +173,12 @@ _FEW_ROWS = 16
 # spills the cache).
 _TILE_BYTES = 4 << 20
 # A prefill's bf16 product with a weight stored output axes first and contracting at least
-# _WIDE_INPUT inputs runs tile by tile like a quantised one from _WIDE_TILED_ROWS rows: YNNPACK
-# multiplies many rows by PaliGemma 1's down projection (16384 inputs) faster in tile_bytes tiles
-# of output channels than in one product, and its gate/up (2048 inputs) slower
-# (benchmarks/cpu_rates.py, `project` against `XLA`). Each tiled product also adds about 0.1 s to
-# the program's compile (a loop where a dot was); 2128 rows (8 prompts) save more than that in one
-# prefill, one prompt's 266 rows a fifth of it, so a single prompt keeps the one product.
+# _WIDE_INPUT inputs runs tile by tile like a quantised one from _WIDE_TILED_ROWS rows: on the AMD
+# EPYCs YNNPACK multiplies many rows by PaliGemma 1's down projection (16384 inputs) faster in
+# tile_bytes tiles of output channels than in one product, and its gate/up (2048 inputs) slower; on
+# the Intel Xeons the two are level (benchmarks/cpu_rates.py, `project` against `XLA`). Each tiled
+# product also lengthens the program's compile (a loop where a dot was), which a batch's prefill
+# repays and one prompt's does not (docs/performance.md), so a single prompt keeps the one product.
 _WIDE_INPUT = 8192
 _WIDE_TILED_ROWS = 1024
 # Rows below which `cpu_kernels` multiply, and the instruction sets each kernel needs. The bf16
