@@ -3,11 +3,12 @@ projections (q, kv, attention output, gate/up, down) at 1, 8 and 64 rows.
 
     python -m benchmarks.cpu_matmul [--repeats 5] [--rows 1 8 64] [--width-scale 1.0]
 
-Each form is compiled twice, with XLA's defaults and as `backend.Policy` compiles every CPU inference
-program (consistent arithmetic: `xla_cpu_enable_platform_dependent_math` off; no while-loop
-invariant code motion, which would hoist `tiled_f32`'s conversion of the whole weight out of its
-loop), timed interleaved, and its
-error against float64 reported; the table goes into docs/performance.md.
+Each form is compiled twice, with XLA's defaults (`xla_cpu_enable_platform_dependent_math` on:
+YNNPACK picks its kernels by the CPU, AMX's among them) and with consistent arithmetic (that option
+off, and no while-loop invariant code motion, which would hoist `tiled_f32`'s conversion of the
+whole weight out of its loop), timed interleaved, and its error against float64 reported;
+`backend.Policy.compiler_options` takes the second, except on a CPU with AMX, where only the first
+multiplies bf16 on AMX. The table goes into docs/performance.md.
 
 Forms (x [M, K], the weight stored [K, N] as in the checkpoint, or [N, K] output axes first):
   left_zero    bf16, w [N, K] @ [x^T | 0] -> [N, M + 1]: the weight as the LEFT operand, with a zero
@@ -21,6 +22,8 @@ Forms (x [M, K], the weight stored [K, N] as in the checkpoint, or [N, K] output
   kernel       bf16, w [N, K] through `cpu_kernels.bf16_matvec` (AVX512-BF16 dot products streaming
                each weight row from memory once: what `backend.project` runs below `_BF16_KERNEL_ROWS` rows where
                the CPU has AVX512-BF16 and the install built the kernels);
+  amx          bf16, w [N, K] through `cpu_kernels.bf16_gemm` (AMX tiles: what `backend.project` runs
+               from `_AMX_ROWS` rows where this process is granted AMX; listed only there);
   float32      float32, x [M, K] @ w [K, N] (checkpoint layout);
   onednn       `dot` with XLA:CPU's oneDNN path on (`xla_cpu_use_onednn`) and YNNPACK's dot fusion
                off, so that oneDNN gets the dot: what XLA offers besides YNNPACK (it hands oneDNN
@@ -82,6 +85,10 @@ def _kernel(x, w_out_first):
     return cpu_kernels.bf16_matvec(x, w_out_first).astype(x.dtype)
 
 
+def _amx(x, w_out_first):
+    return cpu_kernels.bf16_gemm(x, w_out_first).astype(x.dtype)
+
+
 ONEDNN = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_ynn_fusion_type": ""}
 
 # form -> (product, weight dtype, weight stored output axes first, XLA options added to both compiles)
@@ -92,12 +99,14 @@ FORMS = {
     "dot_general": (_dot_general, jnp.bfloat16, True, {}),
     "tiled_f32": (_tiled_f32, jnp.bfloat16, True, {}),
     "kernel": (_kernel, jnp.bfloat16, True, {}),
+    "amx": (_amx, jnp.bfloat16, True, {}),
     "float32": (_dot, jnp.float32, False, {}),
     "onednn": (_dot, jnp.bfloat16, False, ONEDNN),
 }
 
 
-POLICY = backend.Policy.host().compiler_options()  # how every inference program is compiled on this CPU
+# consistent arithmetic, as backend.Policy compiles every inference program on a CPU without AMX
+CONSISTENT = {**(backend.Policy("cpu").compiler_options() or {}), "xla_cpu_enable_platform_dependent_math": False}
 
 
 def _layer_program(product, options):
@@ -131,11 +140,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--width-scale", type=float, default=1.0)
-    p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
+    p.add_argument("--forms", nargs="+", default=None, choices=list(FORMS), help="default: every form this CPU runs")
     report.add_arguments(p)
     args = p.parse_args()
+    args.forms = args.forms or [f for f in FORMS if f != "amx" or cpu_kernels.amx()]
     if "kernel" in args.forms and not cpu_kernels.load():
         p.error("the kernel form needs pali-jax's CPU kernels, which this install did not build (see setup.py)")
+    if "amx" in args.forms and not cpu_kernels.amx():
+        p.error("the amx form needs a CPU with AMX that Linux lets this process use, and the kernels built")
     features = backend.cpu_features()
     print(f"cpu: {backend.cpu_model()}")
     print(f"flags: {' '.join(sorted(features)) or '(none of the tracked ones)'}")
@@ -144,14 +156,14 @@ def main() -> None:
     print("layer: " + ", ".join(f"{n} {k}x{o}" for n, k, o in shapes))
     rng = np.random.default_rng(0)
     master = [rng.standard_normal((k, o), np.float32) * 0.02 for _, k, o in shapes]
-    columns = ["form", "rows", "ms/layer default (best / median)", "ms/layer as the policy compiles (best / median)",
-               "rel. error default", "rel. error policy"]
+    columns = ["form", "rows", "ms/layer XLA defaults (best / median)", "ms/layer consistent arithmetic (best / median)",
+               "rel. error defaults", "rel. error consistent"]
     print(" | ".join(columns))
     rows = []
     for form in args.forms:
         product, dtype, out_first, extra = FORMS[form]
         ws = [jnp.asarray(w.T.copy() if out_first else w, dtype) for w in master]
-        default, policy = _layer_program(product, extra or None), _layer_program(product, {**(POLICY or {}), **extra} or None)
+        default, policy = _layer_program(product, extra or None), _layer_program(product, {**CONSISTENT, **extra})
         for m in args.rows:
             xs = [jnp.asarray(rng.standard_normal((m, k), np.float32), dtype) for _, k, _ in shapes]
             errors = [_error(run(xs, ws), xs, ws, out_first) for run in (default, policy)]  # compiles both
@@ -165,9 +177,10 @@ def main() -> None:
         del ws
     report.write(args, "cpu_matmul", columns, rows, note=(
         f"CPU flags: {' '.join(sorted(features)) or 'none tracked'}. One PaliGemma 1 3B decoder layer's five "
-        "products per form; 'policy' is the program compiled as backend.Policy compiles every CPU inference program "
-        "(xla_cpu_enable_platform_dependent_math off, no while-loop invariant code motion); errors are the largest max-abs error over the five "
-        "products relative to the largest exact value (float64 on the same operands)."))
+        "products per form; 'consistent' is xla_cpu_enable_platform_dependent_math off and no while-loop invariant code "
+        "motion, as backend.Policy compiles every CPU inference program except on AMX CPUs, where it keeps XLA's "
+        f"platform-dependent math (this CPU: {'AMX' if backend.Policy.host()._has_amx() else 'no AMX'}); errors are the "
+        "largest max-abs error over the five products relative to the largest exact value (float64 on the same operands)."))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ Forms (x [M, K] bf16; w [N, K]; every product accumulates in float32 and is roun
   kernel            `cpu_kernels.quant_matvec` (what `backend.project` runs below
                     `backend._QUANT_KERNEL_ROWS` rows where the install built the kernels and the CPU
                     has AVX-512): the int8 bytes read once, converted in registers, scaled per group;
-                    `bf16 kernel` the bf16 weight through `cpu_kernels.bf16_matvec`.
+                    `bf16 kernel` the bf16 weight through `cpu_kernels.bf16_matvec`;
+  amx               int8 only, where this process may use AMX: `cpu_kernels.int8_gemm` (what
+                    `backend.project` runs from `backend._AMX_INT8_ROWS` rows there; below, the kernel).
 Schemes as `quantize.py` makes them: int8 per output channel, int4 in groups of 128 along K.
 
 Timings are interleaved across forms, shuffled each round (medians and best of --repeats: the
@@ -122,9 +124,11 @@ def forms(scheme: str, tile_sweep: list[int]) -> dict:
         "tiled bf16": (_tiled_in(jnp.bfloat16), None, "held"),
     }
     if cpu_kernels.load():
-        kernels = backend.Policy("cpu", backend.cpu_features(), cpu_kernels=True)
+        kernels = backend.Policy("cpu", backend.cpu_features() - backend.AMX_CPU_FLAGS, cpu_kernels=True)
         out["kernel"] = (_project(kernels), None, "held")
         out["bf16 kernel"] = (_project(kernels), None, "bf16")
+    if cpu_kernels.amx() and scheme == "int8":
+        out["amx"] = (_project(backend.Policy("cpu", backend.cpu_features(), cpu_kernels=True)), None, "held")
     for kib in tile_sweep:
         out[f"tiled {kib}K"] = (_project(backend.Policy("cpu", tile_bytes=kib << 10)), None, "held")
     if scheme == "int8":

@@ -12,9 +12,10 @@ product, all interleaved round by round so that they see the same machine. GB/s 
 
 GEMMs: x [266, K] (one prompt of 266 tokens) and [2128, K] (a batch of 8) times the PaliGemma 1 3B
 decoder's gate/up and down weights and a SigLIP MLP weight, bf16 in, float32 accumulation: one XLA
-dot, the same through XLA's oneDNN path, the product `backend.project` runs on the weight stored
-output axes first as bf16 inference holds it (its `matmul_form`: one dot, or tile by tile where
-the contracted axis is wide), and PyTorch's; GFLOP/s, median of the runs.
+dot as the policy compiles it, the same with consistent arithmetic (YNNPACK without AMX), the same
+through XLA's oneDNN path, the product `backend.project` runs on the weight stored output axes
+first as bf16 inference holds it (its `matmul_form`: one dot, tile by tile where the contracted
+axis is wide, or `cpu_kernels.bf16_gemm` on AMX), and PyTorch's; GFLOP/s, median of the runs.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ K = 2048
 GEMMS = (("gate_up", 266, 2048, 16384), ("down", 266, 16384, 2048), ("gate_up", 2128, 2048, 16384),
          ("down", 2128, 16384, 2048), ("SigLIP mlp", 2048, 1152, 4304))
 ONEDNN = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_ynn_fusion_type": ""}
+CONSISTENT = {"xla_cpu_enable_platform_dependent_math": False}
 
 
 def _seconds(fn) -> float:
@@ -83,6 +85,7 @@ def gemms(runs: int) -> list[list[str]]:
         out_first = name != "SigLIP mlp"  # SigLIP's weights stay [in, out]
         projected = lambda a, w: backend.project(a, w, 1, out_first, policy)  # noqa: B023, E731
         candidates = {"xla": (jax.jit(dot, compiler_options=options), b),
+                      "xla consistent": (jax.jit(dot, compiler_options={**options, **CONSISTENT}), b),
                       "xla onednn": (jax.jit(dot, compiler_options={**options, **ONEDNN}), b),
                       "project": (jax.jit(projected, compiler_options=options), b.T.copy() if out_first else b)}
         for fn, w in candidates.values():
@@ -94,7 +97,7 @@ def gemms(runs: int) -> list[list[str]]:
                 times[key].append(_seconds(lambda: fn(a, w).block_until_ready()))  # noqa: B023
             times["torch"].append(_seconds(lambda: torch.mm(ta, tb)))  # noqa: B023
         rate = {key: 2 * m * k * n / statistics.median(t) / 1e9 for key, t in times.items()}
-        form = policy.matmul_form(jnp.bfloat16, m, out_first, k)
+        form = policy.matmul_form(jnp.bfloat16, m, out_first, k, n)
         rows.append([f"{name} [{m}, {k}] x [{k}, {n}]", *(f"{rate[key]:.0f}" for key in times), form,
                      f"{rate['xla'] / rate['torch']:.2f}", f"{rate['project'] / rate['torch']:.2f}"])
     return rows
@@ -115,11 +118,13 @@ def main() -> None:
     gemm_rows = gemms(max(3, args.runs // 3))
     for row in gemm_rows:
         print(" | ".join(row), flush=True)
-    report.write(args, "cpu_rates_gemms", ["bf16 product", "XLA GFLOP/s", "XLA oneDNN path GFLOP/s",
+    report.write(args, "cpu_rates_gemms", ["bf16 product", "XLA GFLOP/s", "XLA consistent arithmetic GFLOP/s",
+                                           "XLA oneDNN path GFLOP/s",
                                            "backend.project GFLOP/s", "PyTorch GFLOP/s", "project's form",
                                            "XLA / PyTorch", "project / PyTorch"], gemm_rows,
                  note=f"CPU flags: {flags}. bf16 operands, float32 accumulation; XLA as backend.Policy compiles "
-                      "inference programs; medians, interleaved.")
+                      "inference programs (consistent arithmetic except on AMX CPUs), and with consistent arithmetic "
+                      "(xla_cpu_enable_platform_dependent_math off); medians, interleaved.")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,10 @@ A policy decides:
   _WIDE_TILED_ROWS rows) times a weight contracting at least `wide_input` inputs (the MLP's down projection)
   run a few output channels at a time (`tiled`, `_tiled` without dequantisation): YNNPACK's
   GEMM is faster on those tiles than on the whole weight on the AMD EPYCs, level on the Intel
-  Xeons (benchmarks/cpu_rates.py, `project` against one XLA dot). In float32 the output-first layout
+  Xeons (benchmarks/cpu_rates.py, `project` against one XLA dot). On a CPU with AMX (where Linux
+  grants this process the tiles), from _AMX_ROWS rows a product whose shape fits AMX's tiles goes
+  through `cpu_kernels.bf16_gemm` (`amx`: the weight read in place as AMX's left operand, the rows
+  packed once per call; benchmarks/cpu_matmul.py, `amx` against `dot_general`). In float32 the output-first layout
   gains nothing worth a transpose at load. GPUs and TPUs multiply bf16 natively: plain dots,
   checkpoint axis order. Benchmark: benchmarks/cpu_matmul.py (prints the CPU and its flags; the
   forms measured are the ones named here).
@@ -39,7 +42,10 @@ A policy decides:
   written whole and read back on every call, slower than the float weight itself. On CPU, below
   _QUANT_KERNEL_ROWS rows, an int8-held weight (int8, or int4 one value per byte) stored output
   axes first goes through `cpu_kernels.quant_matvec` where it runs (`kernel`: the bytes read once,
-  converted to float32 in registers, each group's sum scaled once). Otherwise the product is
+  converted to float32 in registers, each group's sum scaled once). On AMX, from _AMX_INT8_ROWS bf16
+  rows, an int8 weight with one scale per output channel goes through `cpu_kernels.int8_gemm`
+  (`amx`: its values converted to bf16 exactly, a block at a time, the float32 sums scaled once;
+  benchmarks/cpu_quant_matmul.py, `amx`). Otherwise the product is
   tiled: a `lax.map` over blocks of output channels, each block dequantised (about `tile_bytes`,
   4 MB: it stays in cache, and its product runs on several threads) and multiplied at once. Below
   _FEW_ROWS rows the tiles are float32 whatever the activations (`tiled_f32`: XLA:CPU's float32
@@ -63,8 +69,12 @@ A policy decides:
   tests/test_generate.py), and with
   `xla_cpu_enable_platform_dependent_math` off, which asks YNNPACK (XLA:CPU's matmul library) for
   consistent arithmetic: results that do not depend on the CPU's instruction set (with it on, an
-  AVX512-BF16 CPU accumulates bf16 products its own way, farther from float64). Its cost and its
-  error are measured per form both ways by benchmarks/cpu_matmul.py (docs/performance.md).
+  AVX512-BF16 CPU accumulates bf16 products its own way, farther from float64). YNNPACK is the
+  option's only reader in XLA:CPU. On a CPU with AMX (granted to this process) the option stays on:
+  consistent arithmetic forbids YNNPACK its AMX kernels, which multiply bf16 several times faster
+  there and accumulate in float32 as exactly (the same errors as `cpu_kernels.bf16_gemm`'s).
+  Its cost and its error are measured per form both ways by benchmarks/cpu_matmul.py
+  (docs/performance.md).
   Other platforms get no options.
 * `attention_kernel`: the einsum form (`attention.py`) everywhere except CUDA in half precision
   without Gemma 2's soft cap (which `jax.nn.dot_product_attention` cannot apply), where cuDNN's
@@ -98,8 +108,8 @@ if TYPE_CHECKING:
 Platform = Literal["cpu", "cuda", "rocm", "tpu"]
 PLATFORMS: tuple[Platform, ...] = ("cpu", "cuda", "rocm", "tpu")
 AttentionKernel = Literal["einsum", "cudnn"]
-MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero", "kernel", "tiled"]
-QuantizedForm = Literal["dequantize", "tiled", "tiled_f32", "kernel", "int4_kernel"]
+MatmulForm = Literal["dot", "dot_pad", "dot_general", "left_zero", "kernel", "tiled", "amx"]
+QuantizedForm = Literal["dequantize", "tiled", "tiled_f32", "kernel", "int4_kernel", "amx"]
 
 # /proc/cpuinfo flags of the x86 instruction sets XLA:CPU's kernels (YNNPACK, oneDNN, Eigen)
 # dispatch on for float32, bf16 and int8 matmuls.
@@ -189,6 +199,18 @@ _BF16_KERNEL_ROWS = 129
 _QUANT_KERNEL_ROWS = 17
 _BF16_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 _QUANT_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
+# Rows from which a bf16 or int8 (per-channel) product runs on AMX tiles (`cpu_kernels.bf16_gemm`,
+# `int8_gemm`), where the CPU has AMX-BF16 and Linux grants this process its tiles: level with the
+# matrix-vector kernels for one bf16 row and ahead from two (their dot products run out of
+# registers as rows grow, AMX's 16-row tiles do not), for int8 from 8 rows (below, converting each
+# weight to bf16 costs more than the kernel's reading it); far ahead of YNNPACK's GEMM with
+# consistent arithmetic (benchmarks/cpu_matmul.py, `amx` against `kernel` and `dot_general`;
+# benchmarks/cpu_quant_matmul.py, `amx` against `kernel`). The tiles take N a multiple of 16
+# output channels and an even K.
+_AMX_ROWS = 2
+_AMX_INT8_ROWS = 8
+_AMX_FLAGS = _BF16_KERNEL_FLAGS | {"amx_tile", "amx_bf16"}
+AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "amx_int8"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +246,8 @@ class Policy:
             raise ValueError(f"no policy for backend {platform!r}")
         if platform != "cpu":
             return Policy(platform)
-        return Policy(platform, cpu_features(), cpu_kernels=cpu_kernels.load())
+        features = cpu_features() if cpu_kernels.amx() else cpu_features() - AMX_CPU_FLAGS
+        return Policy(platform, features, cpu_kernels=cpu_kernels.load())
 
     def _cpu_bfloat16(self, dtype) -> bool:
         return self.platform == "cpu" and jnp.dtype(dtype) == jnp.bfloat16
@@ -248,26 +271,38 @@ class Policy:
         (of a weight stored output axes first, the only layout the kernels take)."""
         return rows < below and self._has_kernel(flags)
 
-    def matmul_form(self, dtype, rows: int, out_first: bool, n_in: int = 0) -> MatmulForm:
+    def _amx(self, rows: int, n_in: int, n_out: int, from_rows: int = _AMX_ROWS) -> bool:
+        """Whether AMX multiplies `rows` bf16 rows by a weight [n_out, n_in] stored output axes first
+        (from `from_rows` rows)."""
+        return rows >= from_rows and n_out % 16 == 0 and n_in % 2 == 0 and self._has_amx() and self._has_kernel(_AMX_FLAGS)
+
+    def matmul_form(self, dtype, rows: int, out_first: bool, n_in: int = 0, n_out: int = 1) -> MatmulForm:
         """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first,
-        contracting `n_in` inputs."""
+        contracting `n_in` inputs into `n_out` outputs."""
         if not self._cpu_bfloat16(dtype):
             return "dot_general" if out_first else "dot"
         if not out_first:
             return "dot_pad" if rows == 1 else "dot"
+        if self._amx(rows, n_in, n_out):
+            return "amx"
         if self._kernel(rows, _BF16_KERNEL_ROWS, _BF16_KERNEL_FLAGS):
             return "kernel"
         if rows < _LEFT_ZERO_ROWS:
             return "left_zero"
         return "tiled" if rows >= _WIDE_TILED_ROWS and self._wide(n_in) else "dot_general"
 
-    def quantized_form(self, dtype, rows: int, out_first: bool, value_dtype) -> QuantizedForm:
+    def quantized_form(self, dtype, rows: int, out_first: bool, value_dtype, n_in: int = 0, n_out: int = 1,
+                       groups: int = 1) -> QuantizedForm:
         """How `project` multiplies `rows` rows in `dtype` by a quantised weight whose values are
-        `value_dtype` (module docstring)."""
+        `value_dtype`, contracting `n_in` inputs into `n_out` outputs with `groups` scales per output
+        (module docstring)."""
         if quantize.is_packed(value_dtype):  # nibble-packed int4: the kernel's form, at any row count
             return "int4_kernel" if out_first and self._packs_int4(dtype) else "dequantize"
         if self.platform != "cpu":
             return "dequantize"
+        if (out_first and self._cpu_bfloat16(dtype) and jnp.dtype(value_dtype) == jnp.int8 and groups == 1
+                and self._amx(rows, n_in, n_out, _AMX_INT8_ROWS)):
+            return "amx"
         if out_first and jnp.dtype(value_dtype) == jnp.int8 and self._kernel(rows, _QUANT_KERNEL_ROWS, _QUANT_KERNEL_FLAGS):
             return "kernel"
         return "tiled_f32" if rows < _FEW_ROWS or jnp.dtype(dtype) == jnp.float32 else "tiled"
@@ -290,8 +325,13 @@ class Policy:
         passes and training (see module docstring)."""
         if self.platform != "cpu":
             return None
-        return {"xla_cpu_enable_platform_dependent_math": False,
+        return {"xla_cpu_enable_platform_dependent_math": self._has_amx(),
                 "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+    def _has_amx(self) -> bool:
+        """Whether this CPU multiplies bf16 on AMX tiles in this process (Policy.host keeps AMX's flags
+        only where Linux granted the tiles)."""
+        return {"amx_tile", "amx_bf16"} <= self.cpu_features
 
 
 def training_layout(dtype) -> Layout:
@@ -316,12 +356,17 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
     lead = x.shape[: x.ndim - in_axes]
     rows = x.reshape(-1, n_in)  # [M, n_in]
     m = rows.shape[0]
-    form = policy.quantized_form(rows.dtype, m, out_first, w[quantize.QVALUE].dtype) if quantized else None
-    if form in ("kernel", "int4_kernel"):
-        n_out = math.prod(out_shape)  # output axes lead: [N, K] (packed: [N, K / 2]) and [N, G]
+    n_out = math.prod(out_shape)
+    form = None
+    if quantized:
+        groups = w[quantize.SCALE].size // n_out
+        form = policy.quantized_form(rows.dtype, m, out_first, w[quantize.QVALUE].dtype, n_in, n_out, groups)
+    if form in ("kernel", "int4_kernel", "amx"):  # output axes lead: [N, K] (packed: [N, K / 2]) and [N, G]
         q, scale = w[quantize.QVALUE].reshape(n_out, -1), w[quantize.SCALE].reshape(n_out, -1).astype(jnp.float32)
         if form == "int4_kernel":
             y = cpu_kernels.int4_matvec(rows, q, scale)
+        elif form == "amx":
+            y = cpu_kernels.int8_gemm(rows, q, scale)
         else:
             y = cpu_kernels.quant_matvec(rows.astype(jnp.float32), q, scale)
         return y.astype(x.dtype).reshape(*lead, *out_shape)
@@ -331,8 +376,10 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
         return y.astype(x.dtype).reshape(*lead, *out_shape)
     if quantized:
         w = quantize.dequantize(w, x.dtype)
-    form = policy.matmul_form(rows.dtype, m, out_first, n_in)
-    if form == "tiled":
+    form = policy.matmul_form(rows.dtype, m, out_first, n_in, n_out)
+    if form == "amx":
+        y = cpu_kernels.bf16_gemm(rows, w.reshape(-1, n_in))
+    elif form == "tiled":
         y = _tiled(rows, w, n_in, out_first, policy.tile_rows(n_in, rows.dtype))
     elif form == "kernel":
         y = cpu_kernels.bf16_matvec(rows, w.reshape(-1, n_in))

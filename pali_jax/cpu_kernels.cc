@@ -1,5 +1,6 @@
-// Matrix-vector products for decoding on x86-64 CPUs, called from XLA programs as FFI custom calls
-// (pali_jax/cpu_kernels.py registers them; pali_jax/backend.py decides when they run).
+// Matrix-vector products for decoding on x86-64 CPUs, and a prefill's products on AMX (at the end
+// of this file), called from XLA programs as FFI custom calls (pali_jax/cpu_kernels.py registers
+// them; pali_jax/backend.py decides when they run).
 //
 // Decoding multiplies a few activation rows by every weight of the model once per token, so its
 // speed is the rate at which the weights stream from memory. XLA:CPU's bf16 product (YNNPACK)
@@ -21,7 +22,7 @@
 //
 // Each kernel is compiled for its instruction set with a target attribute, so the library builds
 // and loads on any x86-64 CPU; pali_jax/backend.py calls a kernel only where the CPU has it
-// (bf16: AVX512-BF16; quant: AVX-512 F + BW).
+// (bf16: AVX512-BF16; quant: AVX-512 F + BW; the GEMMs: AMX-BF16, granted to the process).
 
 #include <immintrin.h>
 
@@ -32,6 +33,10 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <vector>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -321,6 +326,271 @@ ffi::Error Int4Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+
+// ---- bf16 and int8 matrix products on AMX (prefill rows) -----------------------------------------
+//
+// For a prefill's hundreds of rows the products are compute-bound, and XLA:CPU's bf16 GEMM
+// (YNNPACK) does not use AMX, which multiplies bf16 many times faster. TDPBF16PS multiplies a tile
+// A [16 rows, 32 bf16] by a tile B [16 bf16 pairs, 16 columns] whose 32-bit elements each hold two
+// consecutive contracted inputs, accumulating into C [16, 16] float32 (bf16 products exact, float32
+// sums). Taking the weight as A (rows: output channels, its stored [N, K] rows) reads it in place;
+// the activations, packed once per call into B tiles, are the small operand. So C is y transposed:
+// C[n, m]. Each block of 2 x 2 tiles (32 channels x 32 rows) accumulates over a chunk of kAmxKc
+// contracted inputs; its partial sums wait in a per-chunk buffer between chunks (the chunk's A
+// tiles stay in L1 across all rows, the packed activations of a chunk in L2), and the last chunk's
+// tiles are transposed into y. An int8 weight (per-channel scale) is converted to bf16 exactly,
+// a block of channels at a time, and its scale applied to the float32 sums.
+
+#define PJ_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
+
+constexpr int64_t kTile = 16;        // rows of a tile; 16-bit pairs (or float32) per tile row
+constexpr int64_t kTileK = 32;       // bf16 contracted inputs per tile row (64 bytes)
+constexpr int64_t kAmxKc = 512;      // contracted inputs per chunk
+constexpr int64_t kAmxChannels = 128;  // output channels per parallel chunk
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: C (2 x 2), 4-5: A (weights), 6-7: B (activations); all 16 rows of 64 bytes.
+PJ_AMX void ConfigureTiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = kTile;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
+// rows[i] (16 32-bit elements each) <- its transpose.
+PJ_AVX512 void Transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// Rows [m0, m0 + 16) of x [M, K] (zero past M) packed as B tiles, one per 32 contracted inputs
+// (zero past K): xp[kt] [16 pairs, 16 rows] of 32-bit pairs.
+PJ_AVX512 void PackRowTiles(const uint16_t* x, int64_t M, int64_t K, int64_t m0, uint32_t* xp) {
+  const int64_t tiles = (K + kTileK - 1) / kTileK;
+  for (int64_t kt = 0; kt < tiles; ++kt) {
+    const int64_t pairs = std::min<int64_t>(kTile, (K - kt * kTileK) / 2);
+    const __mmask16 mask = pairs == kTile ? __mmask16(0xFFFF) : __mmask16((1u << pairs) - 1);
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i)
+      r[i] = m0 + i < M ? _mm512_maskz_loadu_epi32(mask, x + (m0 + i) * K + kt * kTileK) : _mm512_setzero_si512();
+    Transpose16(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xp + kt * 256 + i * 16, r[i]);
+  }
+}
+
+// Output channels [n, n + 16 NT) times rows [m, m + 16 MT), over `steps` tiles of contracted
+// inputs: a, the weight's rows (a_row elements apart) from the chunk's first input; b, the rows'
+// first packed tile (b_next elements to the next 16 rows'). c: the block's four C tiles, its partial
+// sums in (unless first) and out.
+template <int NT, int MT>
+PJ_AMX void AmxBlock(const uint16_t* a, int64_t a_row, const uint32_t* b, int64_t b_next, int64_t steps, float* c,
+                     bool first) {
+  if (first) {
+    _tile_zero(0);
+    if constexpr (MT > 1) _tile_zero(1);
+    if constexpr (NT > 1) _tile_zero(2);
+    if constexpr (NT > 1 && MT > 1) _tile_zero(3);
+  } else {
+    _tile_loadd(0, c, 64);
+    if constexpr (MT > 1) _tile_loadd(1, c + 256, 64);
+    if constexpr (NT > 1) _tile_loadd(2, c + 512, 64);
+    if constexpr (NT > 1 && MT > 1) _tile_loadd(3, c + 768, 64);
+  }
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, a + s * kTileK, a_row * 2);
+    if constexpr (NT > 1) _tile_loadd(5, a + kTile * a_row + s * kTileK, a_row * 2);
+    _tile_loadd(6, b + s * 256, 64);
+    if constexpr (MT > 1) _tile_loadd(7, b + b_next + s * 256, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (MT > 1) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (NT > 1) _tile_dpbf16ps(2, 5, 6);
+    if constexpr (NT > 1 && MT > 1) _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 64);
+  if constexpr (MT > 1) _tile_stored(1, c + 256, 64);
+  if constexpr (NT > 1) _tile_stored(2, c + 512, 64);
+  if constexpr (NT > 1 && MT > 1) _tile_stored(3, c + 768, 64);
+}
+
+// One C tile c [16 channels from n, 16 rows from m] written into y [M, N] transposed (rows past M
+// dropped), times the channels' scales where s is given.
+PJ_AVX512 void WriteTile(const float* c, const float* s, float* y, int64_t M, int64_t N, int64_t n, int64_t m) {
+  __m512i r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + i * 16);
+  Transpose16(r);
+  const __m512 scale = s ? _mm512_loadu_ps(s + n) : _mm512_set1_ps(1.0f);
+  for (int i = 0; i < 16 && m + i < M; ++i) _mm512_storeu_ps(y + (m + i) * N + n, _mm512_mul_ps(_mm512_castsi512_ps(r[i]), scale));
+}
+
+// rows [n, n + rows) of w [N, K] (bf16, or int8 converted exactly), inputs [k0, k0 + width)
+// (zero past K) -> a [rows, width] bf16.
+template <typename W>
+PJ_AMX void CopyWeights(const W* w, int64_t K, int64_t n, int64_t rows, int64_t k0, int64_t width, uint16_t* a) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const W* src = w + (n + r) * K;
+    for (int64_t k = 0; k < width; k += 32) {
+      const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(32, K - k0 - k));
+      const __mmask32 mask = valid == 32 ? ~__mmask32(0) : (__mmask32(1) << valid) - 1;
+      __m512i v;
+      if constexpr (sizeof(W) == 1) {
+        const __m256i bytes = _mm256_maskz_loadu_epi8(mask, src + k0 + k);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
+        v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+      } else {
+        v = _mm512_maskz_loadu_epi16(mask, src + k0 + k);
+      }
+      _mm512_storeu_si512(a + r * width + k, v);
+    }
+  }
+}
+
+// Rows [n, n + rows) of w [N, K], inputs [k0, min(K, k0 + width)), fetched into L2 ahead of their use.
+template <typename W>
+inline void PrefetchWeights(const W* w, int64_t K, int64_t n, int64_t rows, int64_t k0, int64_t width) {
+  const int64_t end = std::min(K, k0 + width);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = k0; k < end; k += 64 / sizeof(W))
+      _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k), _MM_HINT_T1);
+}
+
+// Rows of x per pass: their packed tiles are kept for the pass (in L2 a chunk at a time), and
+// every weight is read once per pass.
+constexpr int64_t kAmxRowsPerPass = 512;
+
+template <typename W>
+PJ_AMX void AmxChannels(const uint32_t* xp, const W* w, const float* s, float* y, int64_t M, int64_t m0,
+                        int64_t rows, int64_t N, int64_t K, int64_t n0, int64_t n1, float* partial, uint16_t* abuf) {
+  const int64_t k_tiles = (K + kTileK - 1) / kTileK, m_tiles = (rows + kTile - 1) / kTile;
+  const int64_t m_pairs = (m_tiles + 1) / 2, chunk_tiles = kAmxKc / kTileK;
+  const int64_t b_next = k_tiles * 256;
+  // A bf16 weight whose rows hold whole tiles is read in place; others are copied (converted, padded).
+  const bool copies = sizeof(W) == 1 || K % kTileK != 0;
+  ConfigureTiles();
+  for (int64_t kt0 = 0; kt0 < k_tiles; kt0 += chunk_tiles) {
+    const int64_t steps = std::min(chunk_tiles, k_tiles - kt0);
+    const bool first = kt0 == 0, last = kt0 + steps == k_tiles;
+    for (int64_t n = n0; n < n1; n += 2 * kTile) {
+      const int64_t nt = std::min<int64_t>(2, (n1 - n) / kTile);
+      // A copied block's successor streams in while this one multiplies: the copy would otherwise
+      // wait on memory with AMX idle (tile loads straight from the weight overlap with the products).
+      if (copies && n + 2 * kTile < n1)
+        PrefetchWeights(w, K, n + 2 * kTile, std::min<int64_t>(2 * kTile, n1 - n - 2 * kTile), kt0 * kTileK, steps * kTileK);
+      else if (copies && !last)
+        PrefetchWeights(w, K, n0, std::min<int64_t>(2 * kTile, n1 - n0), (kt0 + steps) * kTileK, chunk_tiles * kTileK);
+      const uint16_t* a = abuf;
+      int64_t a_row = steps * kTileK;
+      if (!copies) {
+        a = reinterpret_cast<const uint16_t*>(w) + n * K + kt0 * kTileK;
+        a_row = K;
+      } else {
+        CopyWeights(w, K, n, nt * kTile, kt0 * kTileK, steps * kTileK, abuf);
+      }
+      for (int64_t mp = 0; mp < m_pairs; ++mp) {
+        const int64_t mt = std::min<int64_t>(2, m_tiles - 2 * mp);
+        const uint32_t* b = xp + (2 * mp * k_tiles + kt0) * 256;
+        float* c = partial + (((n - n0) / (2 * kTile)) * m_pairs + mp) * 1024;
+        if (nt == 2 && mt == 2) AmxBlock<2, 2>(a, a_row, b, b_next, steps, c, first);
+        else if (nt == 2) AmxBlock<2, 1>(a, a_row, b, b_next, steps, c, first);
+        else if (mt == 2) AmxBlock<1, 2>(a, a_row, b, b_next, steps, c, first);
+        else AmxBlock<1, 1>(a, a_row, b, b_next, steps, c, first);
+        if (last)
+          for (int i = 0; i < nt; ++i)
+            for (int j = 0; j < mt; ++j)
+              WriteTile(c + (2 * i + j) * 256, s, y, M, N, n + i * kTile, m0 + 2 * mp * kTile + j * kTile);
+      }
+    }
+  }
+  _tile_release();
+}
+
+// Linux lets a process use AMX's tile registers only once it has asked (ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA); the grant covers every thread. Asked once; false on a CPU or kernel without AMX.
+bool AmxGranted() {
+  static const bool granted = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+}
+
+template <typename W>
+ffi::Error AmxProduct(ffi::ThreadPool& pool, const uint16_t* x, const W* w, const float* s, float* y, int64_t M,
+                      int64_t N, int64_t K) {
+  if (!AmxGranted()) return ffi::Error(ffi::ErrorCode::kUnavailable, "AMX is not available to this process");
+  const int64_t k_tiles = (K + kTileK - 1) / kTileK;
+  thread_local std::vector<uint32_t> packed;
+  for (int64_t m0 = 0; m0 < M; m0 += kAmxRowsPerPass) {
+    const int64_t rows = std::min(kAmxRowsPerPass, M - m0), m_tiles = (rows + kTile - 1) / kTile;
+    packed.resize(m_tiles * k_tiles * 256);
+    uint32_t* xp = packed.data();
+    ParallelFor(pool, m_tiles, [=](int64_t t) {
+      PackRowTiles(x + m0 * K, rows, K, t * kTile, xp + t * k_tiles * 256);
+    });
+    const int64_t chunks = (N + kAmxChannels - 1) / kAmxChannels;
+    ParallelFor(pool, chunks, [=](int64_t ch) {
+      thread_local std::vector<float> partial;
+      thread_local std::vector<uint16_t> abuf;
+      partial.resize(kAmxChannels / (2 * kTile) * ((m_tiles + 1) / 2) * 1024);
+      abuf.resize(2 * kTile * kAmxKc);
+      AmxChannels(xp, w, s, y, M, m0, rows, N, K, ch * kAmxChannels, std::min(N, (ch + 1) * kAmxChannels),
+                  partial.data(), abuf.data());
+    });
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || wd[0] % kTile != 0 || xd[1] % 2 != 0)
+    return ffi::Error::InvalidArgument("pj_bf16_gemm: expected x [M, K] and w [N, K], N a multiple of 16, K even");
+  return AmxProduct(pool, reinterpret_cast<const uint16_t*>(x.typed_data()),
+                    reinterpret_cast<const uint16_t*>(w.typed_data()), static_cast<const float*>(nullptr),
+                    y->typed_data(), xd[0], wd[0], xd[1]);
+}
+
+ffi::Error Int8Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> s,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != wd[1] || sd[0] != wd[0] || sd[1] != 1 ||
+      wd[0] % kTile != 0 || xd[1] % 2 != 0)
+    return ffi::Error::InvalidArgument(
+        "pj_int8_gemm: expected x [M, K], w [N, K] and s [N, 1], N a multiple of 16, K even");
+  return AmxProduct(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), w.typed_data(), s.typed_data(),
+                    y->typed_data(), xd[0], wd[0], xd[1]);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PjBf16Matvec, Bf16Matvec,
@@ -345,3 +615,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt4Matvec, Int4Matvec,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjBf16Gemm, Bf16Gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt8Gemm, Int8Gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+extern "C" int PjRequestAmx() { return AmxGranted(); }

@@ -3,6 +3,8 @@
     bf16_matvec(x bf16 [M, K], w bf16 [N, K])                    -> float32 [M, N]
     quant_matvec(x f32 [M, K], w int8 [N, K], scale f32 [N, G])  -> float32 [M, N]
     int4_matvec(x bf16 [M, K], w uint8 [N, K / 2], scale f32 [N, G]) -> float32 [M, N]
+    bf16_gemm(x bf16 [M, K], w bf16 [N, K])                      -> float32 [M, N]  (AMX)
+    int8_gemm(x bf16 [M, K], w int8 [N, K], scale f32 [N, 1])    -> float32 [M, N]  (AMX)
 
 They exist because XLA:CPU multiplies a few rows by a bf16 weight at a fraction of the rate the
 weight streams from memory, and cannot multiply an int8 weight without writing it out in float
@@ -33,7 +35,8 @@ from pali_jax import quantize
 log = logging.getLogger(__name__)
 
 _LIBRARY_STEM = "_cpu_kernels"
-_TARGETS = {"pj_bf16_matvec": "PjBf16Matvec", "pj_quant_matvec": "PjQuantMatvec", "pj_int4_matvec": "PjInt4Matvec"}
+_TARGETS = {"pj_bf16_matvec": "PjBf16Matvec", "pj_quant_matvec": "PjQuantMatvec", "pj_int4_matvec": "PjInt4Matvec",
+            "pj_bf16_gemm": "PjBf16Gemm", "pj_int8_gemm": "PjInt8Gemm"}
 DISABLE_ENV = "PALI_JAX_CPU_KERNELS"
 
 
@@ -48,23 +51,37 @@ def library_path() -> Path | None:
 
 
 @functools.cache
-def load() -> bool:
-    """Registers the kernels with XLA's CPU platform, once; False where they cannot run here (no
-    library, or PALI_JAX_CPU_KERNELS=0): then the policy never picks them."""
+def _library() -> ctypes.CDLL | None:
+    """The kernels' library, registered with XLA's CPU platform once; None where they cannot run
+    here (no library, or PALI_JAX_CPU_KERNELS=0)."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
-        return False
+        return None
     path = library_path()
     if path is None:
         log.info("pali-jax's CPU kernels were not built with this install; XLA's products run instead")
-        return False
+        return None
     try:
         library = ctypes.CDLL(str(path))
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (OSError, AttributeError) as e:
         log.warning("pali-jax's CPU kernels (%s) could not be loaded: %s; XLA's products run instead", path, e)
-        return False
-    return True
+        return None
+    return library
+
+
+def load() -> bool:
+    """Whether the kernels are registered in this process (registering them the first time); where
+    not, the policy never picks them."""
+    return _library() is not None
+
+
+@functools.cache
+def amx() -> bool:
+    """Whether this process may use AMX's tiles (the GEMM kernels): the library loaded, and Linux
+    granted the tile state, which it does only on a CPU with AMX and only when asked, once."""
+    library = _library()
+    return library is not None and library.PjRequestAmx() == 1
 
 
 def _call(target: str, m: int, n: int, *operands: jax.Array) -> jax.Array:
@@ -121,3 +138,25 @@ def int4_matvec(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 int4_matvec.defvjp(_keeping_operands(int4_matvec), _quantized_bwd)
+
+
+@jax.custom_vjp
+def bf16_gemm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`bf16_matvec`'s product on AMX tiles, for a prefill's many rows (where `amx()`): x bf16 [M, K]
+    times w bf16 [N, K], N a multiple of 16, K even -> float32 [M, N]; products exact in float32,
+    accumulated in float32."""
+    return _call("pj_bf16_gemm", x.shape[0], w.shape[0], x, w)
+
+
+bf16_gemm.defvjp(_keeping_operands(bf16_gemm), _bf16_bwd)
+
+
+@jax.custom_vjp
+def int8_gemm(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+    """x bf16 [M, K] times the weight w * scale on AMX tiles (where `amx()`) -> float32 [M, N]; w
+    int8 [N, K] (N a multiple of 16, K even), scale float32 [N, 1] per output channel: the int8
+    values converted to bf16 exactly, the products accumulated in float32 and scaled once."""
+    return _call("pj_int8_gemm", x.shape[0], w.shape[0], x, w, scale)
+
+
+int8_gemm.defvjp(_keeping_operands(int8_gemm), _quantized_bwd)

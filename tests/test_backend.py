@@ -38,9 +38,12 @@ def test_choices_follow_the_named_platform_only():
     assert Policy("cuda").attention_kernel(bf16, None) == "cudnn"
     assert Policy("cuda").attention_kernel(bf16, 50.0) == Policy("cuda").attention_kernel(jnp.float32, None) == "einsum"
     assert Policy("rocm").attention_kernel(bf16, None) == "einsum"
-    # the same results on every CPU; no float32 copy of bf16 weights hoisted out of a loop
+    # YNNPACK's consistent arithmetic (except on AMX, whose bf16 GEMM it gives up); no float32 copy of
+    # bf16 weights hoisted out of a loop
     assert Policy("cpu").compiler_options() == {"xla_cpu_enable_platform_dependent_math": False,
                                                 "xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+    amx = Policy("cpu", {"avx512f", "amx_tile", "amx_bf16"}).compiler_options()
+    assert amx == {**Policy("cpu").compiler_options(), "xla_cpu_enable_platform_dependent_math": True}
     assert Policy("tpu").compiler_options() is None and Policy("cuda").compiler_options() is None
     with pytest.raises(ValueError, match="unknown platform"):
         Policy("gpu")

@@ -1,5 +1,6 @@
-"""The CPU decoding kernels (pali_jax/cpu_kernels.cc): built by the install, exact to float32
-rounding, picked by the policy only where they can run, and invisible in the model's answers."""
+"""The CPU kernels (pali_jax/cpu_kernels.cc: decoding's matrix-vector products, prefill's AMX
+GEMMs): built by the install, exact to float32 rounding, picked by the policy only where they can
+run, and invisible in the model's answers."""
 
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from pali_jax.quantize import Quantization
 
 DEMO = Path(__file__).resolve().parents[1] / "pali_jax" / "assets" / "demo" / "model"
 X86 = platform.machine().lower() in ("x86_64", "amd64")
-HOST = backend.cpu_features()
+HOST = Policy.host().cpu_features  # AMX's flags only where this process was granted the tiles
 KERNELS = Policy("cpu", HOST, cpu_kernels=True)
 NO_KERNELS = Policy("cpu", HOST, cpu_kernels=False)
 CAN_BF16 = backend._BF16_KERNEL_FLAGS <= HOST
 CAN_QUANT = backend._QUANT_KERNEL_FLAGS <= HOST
+CAN_AMX = backend._AMX_FLAGS <= HOST and cpu_kernels.amx()
 
 
 def test_the_install_built_and_loads_the_kernels():
@@ -42,7 +44,7 @@ def test_the_install_built_and_loads_the_kernels():
 
 def test_the_environment_switch_turns_them_off(monkeypatch):
     monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "0")
-    assert cpu_kernels.load.__wrapped__() is False  # the uncached body: what a fresh process would decide
+    assert cpu_kernels._library.__wrapped__() is None  # the uncached body: what a fresh process would decide
 
 
 def test_policy_picks_a_kernel_only_where_it_runs():
@@ -69,6 +71,23 @@ def test_policy_picks_a_kernel_only_where_it_runs():
     assert on.inference_layout(bf16).int4_packed and not on.inference_layout(jnp.float32).int4_packed
     assert not Policy("cpu", every).inference_layout(bf16).int4_packed
     assert not Policy("cuda", every, cpu_kernels=True).inference_layout(bf16).int4_packed
+
+
+def test_policy_multiplies_on_amx_only_where_the_tiles_fit():
+    bf16, int8, rows, rows8 = jnp.bfloat16, jnp.int8, backend._AMX_ROWS, backend._AMX_INT8_ROWS
+    amx = Policy("cpu", backend._AMX_FLAGS | backend._QUANT_KERNEL_FLAGS, cpu_kernels=True)
+    assert amx.matmul_form(bf16, rows, True, 2048, 16384) == amx.matmul_form(bf16, 2128, True, 16384, 2048) == "amx"
+    assert amx.matmul_form(bf16, rows - 1, True, 2048, 16384) == "kernel"  # one row: the matrix-vector kernel
+    assert amx.matmul_form(bf16, rows, True, 2048, 8) == amx.matmul_form(bf16, rows, True, 2047, 16) == "kernel"
+    assert amx.matmul_form(jnp.float32, rows, True, 2048, 16) == "dot_general"
+    assert amx.matmul_form(bf16, rows, False, 2048, 16) == "dot"  # training's layout
+    assert amx.quantized_form(bf16, rows8, True, int8, 2048, 16) == "amx"
+    assert amx.quantized_form(bf16, rows8 - 1, True, int8, 2048, 16) == "kernel"
+    assert amx.quantized_form(bf16, 64, True, int8, 2048, 16, groups=16) == "tiled"  # int4 held in bytes: groups
+    assert amx.quantized_form(jnp.float32, 64, True, int8, 2048, 16) == "tiled_f32"
+    no_amx = Policy("cpu", backend._BF16_KERNEL_FLAGS | backend._QUANT_KERNEL_FLAGS, cpu_kernels=True)
+    assert no_amx.matmul_form(bf16, 266, True, 2048, 16384) == "dot_general"
+    assert Policy("cpu", backend._AMX_FLAGS).matmul_form(bf16, 266, True, 2048, 16384) == "dot_general"  # no library
 
 
 def _float32_bound(x64: np.ndarray, w64: np.ndarray) -> np.ndarray:
@@ -131,6 +150,36 @@ def test_int4_matvec_refuses_groups_off_the_packing():
         jax.block_until_ready(cpu_kernels.int4_matvec(x, jnp.zeros((4, 64), jnp.uint8), jnp.ones((4, 2), jnp.float32)))
 
 
+@pytest.mark.skipif(not CAN_AMX, reason="this CPU (or its kernel) gives no AMX: the policy never calls the GEMMs")
+@pytest.mark.parametrize("m", [1, 17, 40, 530])
+@pytest.mark.parametrize("n, k", [(16, 100), (48, 1100), (64, 2048)])
+def test_amx_gemms_are_exact_to_float32_rounding(m, n, k):
+    """bf16, and int8 converted to bf16 exactly, against float64: row counts off the 16-row tiles
+    and past a 512-row pass, N an odd number of 16-channel tiles, K off the 32-input tiles and
+    over several 512-input chunks (partial sums carried between them)."""
+    rng = np.random.default_rng(m * 1000 + n + k)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    y = np.asarray(jax.jit(cpu_kernels.bf16_gemm)(x, w), np.float64)
+    assert y.shape == (m, n)
+    assert np.all(np.abs(y - x64 @ w64.T) <= _float32_bound(x64, w64))
+    node = quantize.quantize(rng.standard_normal((n, k)).astype(np.float32), Quantization("int8"), (1,))
+    y = np.asarray(jax.jit(cpu_kernels.int8_gemm)(x, node[quantize.QVALUE], node[quantize.SCALE]), np.float64)
+    q64 = np.asarray(node[quantize.QVALUE], np.float64)
+    scale = np.asarray(node[quantize.SCALE], np.float64)  # [N, 1]: one product, scaled once
+    assert np.all(np.abs(y - (x64 @ q64.T) * scale.T) <= 2 * _float32_bound(x64, q64) * scale.T)
+
+
+@pytest.mark.skipif(not CAN_AMX, reason="this CPU (or its kernel) gives no AMX: the policy never calls the GEMMs")
+def test_amx_gemms_refuse_shapes_off_the_tiles():
+    x = jnp.ones((32, 64), jnp.bfloat16)
+    with pytest.raises(Exception, match="multiple of 16"):
+        jax.block_until_ready(cpu_kernels.bf16_gemm(x, jnp.ones((24, 64), jnp.bfloat16)))
+    with pytest.raises(Exception, match="s \\[N, 1\\]"):
+        jax.block_until_ready(cpu_kernels.int8_gemm(x, jnp.ones((16, 64), jnp.int8), jnp.ones((16, 2), jnp.float32)))
+
+
 @pytest.mark.skipif(not CAN_BF16, reason="this CPU lacks AVX512-BF16: the policy never calls the kernel (test above)")
 def test_gradients_through_the_kernels_are_the_plain_products():
     rng = np.random.default_rng(1)
@@ -156,14 +205,26 @@ def test_gradients_through_the_kernels_are_the_plain_products():
     deq = quantize.dequantize(node, jnp.float32)
     want_x = jax.grad(lambda x: jnp.sum(jnp.sin(x.astype(jnp.float32) @ deq.T)))(x4)
     np.testing.assert_allclose(np.asarray(gx, np.float32), np.asarray(want_x, np.float32), rtol=2**-7, atol=1e-2)
+    if CAN_AMX:  # the GEMMs share the matrix-vector products' backward passes (16 channels: whole tiles)
+        w16 = jnp.asarray(rng.standard_normal((16, 64)), jnp.bfloat16)
+        got = jax.grad(loss(cpu_kernels.bf16_gemm), argnums=(0, 1))(x, w16)
+        want = jax.grad(loss(plain), argnums=(0, 1))(x, w16)
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=2**-7, atol=1e-2)
+        node = quantize.quantize(np.asarray(w16, np.float32), Quantization("int8"), (1,))
+        deq = quantize.dequantize(node, jnp.float32)
+        gx = jax.grad(lambda x: jnp.sum(jnp.sin(cpu_kernels.int8_gemm(x, node[quantize.QVALUE], node[quantize.SCALE]))))(x)
+        want_x = jax.grad(lambda x: jnp.sum(jnp.sin(x.astype(jnp.float32) @ deq.T)))(x)
+        np.testing.assert_allclose(np.asarray(gx, np.float32), np.asarray(want_x, np.float32), rtol=2**-7, atol=1e-2)
 
 
 @pytest.mark.skipif(not (CAN_BF16 and CAN_QUANT), reason="this CPU lacks the kernels' instruction sets")
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 def test_decode_through_the_kernels_matches_the_model_without_them(quant):
-    """The demo model decoding in bf16 (float weights, int8, int4) with the kernels and without:
-    the same greedy answers on scenes it never saw, each token's log-probability within bf16
-    rounding (the two sum their products in different orders)."""
+    """The demo model decoding in bf16 (float weights, int8, int4) with the kernels and without
+    (its prefill on AMX where the CPU has it): the same greedy answers on scenes it never saw,
+    each token's log-probability within bf16 rounding (the two sum their products in different
+    orders)."""
     pg = PaliGemma.from_pretrained(DEMO, dtype="bfloat16", quantize=quant)
     with_k = dataclasses.replace(pg, policy=KERNELS)
     without = dataclasses.replace(pg, policy=NO_KERNELS)
