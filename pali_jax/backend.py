@@ -366,7 +366,7 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
         if form == "int4_kernel":
             y = cpu_kernels.int4_matvec(rows, q, scale)
         elif form == "amx":
-            y = cpu_kernels.int8_gemm(rows, q, scale)
+            y = cpu_kernels.int8_gemm(rows, q, scale, x.dtype)
         else:
             y = cpu_kernels.quant_matvec(rows.astype(jnp.float32), q, scale)
         return y.astype(x.dtype).reshape(*lead, *out_shape)
@@ -378,7 +378,7 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
         w = quantize.dequantize(w, x.dtype)
     form = policy.matmul_form(rows.dtype, m, out_first, n_in, n_out)
     if form == "amx":
-        y = cpu_kernels.bf16_gemm(rows, w.reshape(-1, n_in))
+        y = cpu_kernels.bf16_gemm(rows, w.reshape(-1, n_in), x.dtype)
     elif form == "tiled":
         y = _tiled(rows, w, n_in, out_first, policy.tile_rows(n_in, rows.dtype))
     elif form == "kernel":

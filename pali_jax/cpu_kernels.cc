@@ -442,14 +442,22 @@ PJ_AMX void AmxBlock(const uint16_t* a, int64_t a_row, const uint32_t* b, int64_
   if constexpr (NT > 1 && MT > 1) _tile_stored(3, c + 768, 64);
 }
 
-// One C tile c [16 channels from n, 16 rows from m] written into y [M, N] transposed (rows past M
-// dropped), times the channels' scales where s is given.
-PJ_AVX512 void WriteTile(const float* c, const float* s, float* y, int64_t M, int64_t N, int64_t n, int64_t m) {
+// One C tile c [16 channels from n, 16 rows from m] written into y [M, N] (float32, or bf16 rounded
+// to nearest even once, as XLA converts) transposed (rows past M dropped), times the channels'
+// scales where s is given.
+template <typename O>
+PJ_AMX void WriteTile(const float* c, const float* s, O* y, int64_t M, int64_t N, int64_t n, int64_t m) {
   __m512i r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + i * 16);
   Transpose16(r);
   const __m512 scale = s ? _mm512_loadu_ps(s + n) : _mm512_set1_ps(1.0f);
-  for (int i = 0; i < 16 && m + i < M; ++i) _mm512_storeu_ps(y + (m + i) * N + n, _mm512_mul_ps(_mm512_castsi512_ps(r[i]), scale));
+  for (int i = 0; i < 16 && m + i < M; ++i) {
+    const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(r[i]), scale);
+    if constexpr (sizeof(O) == 4)
+      _mm512_storeu_ps(y + (m + i) * N + n, v);
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + (m + i) * N + n), (__m256i)_mm512_cvtneps_pbh(v));
+  }
 }
 
 // rows [n, n + rows) of w [N, K] (bf16, or int8 converted exactly), inputs [k0, k0 + width)
@@ -488,8 +496,8 @@ inline void PrefetchWeights(const W* w, int64_t K, int64_t n, int64_t rows, int6
 // every weight is read once per pass.
 constexpr int64_t kAmxRowsPerPass = 512;
 
-template <typename W>
-PJ_AMX void AmxChannels(const uint32_t* xp, const W* w, const float* s, float* y, int64_t M, int64_t m0,
+template <typename W, typename O>
+PJ_AMX void AmxChannels(const uint32_t* xp, const W* w, const float* s, O* y, int64_t M, int64_t m0,
                         int64_t rows, int64_t N, int64_t K, int64_t n0, int64_t n1, float* partial, uint16_t* abuf) {
   const int64_t k_tiles = (K + kTileK - 1) / kTileK, m_tiles = (rows + kTile - 1) / kTile;
   const int64_t m_pairs = (m_tiles + 1) / 2, chunk_tiles = kAmxKc / kTileK;
@@ -544,8 +552,8 @@ bool AmxGranted() {
   return granted;
 }
 
-template <typename W>
-ffi::Error AmxProduct(ffi::ThreadPool& pool, const uint16_t* x, const W* w, const float* s, float* y, int64_t M,
+template <typename W, typename O>
+ffi::Error AmxProduct(ffi::ThreadPool& pool, const uint16_t* x, const W* w, const float* s, O* y, int64_t M,
                       int64_t N, int64_t K) {
   if (!AmxGranted()) return ffi::Error(ffi::ErrorCode::kUnavailable, "AMX is not available to this process");
   const int64_t k_tiles = (K + kTileK - 1) / kTileK;
@@ -570,25 +578,36 @@ ffi::Error AmxProduct(ffi::ThreadPool& pool, const uint16_t* x, const W* w, cons
   return ffi::Error::Success();
 }
 
+// y float32, or bf16 (the sums rounded once: what the model keeps, at half the bytes written).
+template <typename W>
+ffi::Error AmxInto(ffi::ThreadPool& pool, const uint16_t* x, const W* w, const float* s, ffi::AnyBuffer y,
+                   int64_t M, int64_t N, int64_t K) {
+  if (y.element_type() == ffi::DataType::BF16)
+    return AmxProduct(pool, x, w, s, static_cast<uint16_t*>(y.untyped_data()), M, N, K);
+  if (y.element_type() == ffi::DataType::F32)
+    return AmxProduct(pool, x, w, s, static_cast<float*>(y.untyped_data()), M, N, K);
+  return ffi::Error::InvalidArgument("the AMX products write float32 or bf16");
+}
+
 ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                    ffi::ResultBuffer<ffi::F32> y) {
+                    ffi::Result<ffi::AnyBuffer> y) {
   const auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || wd[0] % kTile != 0 || xd[1] % 2 != 0)
     return ffi::Error::InvalidArgument("pj_bf16_gemm: expected x [M, K] and w [N, K], N a multiple of 16, K even");
-  return AmxProduct(pool, reinterpret_cast<const uint16_t*>(x.typed_data()),
-                    reinterpret_cast<const uint16_t*>(w.typed_data()), static_cast<const float*>(nullptr),
-                    y->typed_data(), xd[0], wd[0], xd[1]);
+  return AmxInto(pool, reinterpret_cast<const uint16_t*>(x.typed_data()),
+                 reinterpret_cast<const uint16_t*>(w.typed_data()), static_cast<const float*>(nullptr), *y, xd[0],
+                 wd[0], xd[1]);
 }
 
 ffi::Error Int8Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> s,
-                    ffi::ResultBuffer<ffi::F32> y) {
+                    ffi::Result<ffi::AnyBuffer> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != wd[1] || sd[0] != wd[0] || sd[1] != 1 ||
       wd[0] % kTile != 0 || xd[1] % 2 != 0)
     return ffi::Error::InvalidArgument(
         "pj_int8_gemm: expected x [M, K], w [N, K] and s [N, 1], N a multiple of 16, K even");
-  return AmxProduct(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), w.typed_data(), s.typed_data(),
-                    y->typed_data(), xd[0], wd[0], xd[1]);
+  return AmxInto(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), w.typed_data(), s.typed_data(), *y, xd[0],
+                 wd[0], xd[1]);
 }
 
 }  // namespace
@@ -621,7 +640,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PjBf16Gemm, Bf16Gemm,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt8Gemm, Int8Gemm,
                               ffi::Ffi::Bind()
@@ -629,6 +648,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt8Gemm, Int8Gemm,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::AnyBuffer>());
 
 extern "C" int PjRequestAmx() { return AmxGranted(); }

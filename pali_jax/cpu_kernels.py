@@ -3,8 +3,8 @@
     bf16_matvec(x bf16 [M, K], w bf16 [N, K])                    -> float32 [M, N]
     quant_matvec(x f32 [M, K], w int8 [N, K], scale f32 [N, G])  -> float32 [M, N]
     int4_matvec(x bf16 [M, K], w uint8 [N, K / 2], scale f32 [N, G]) -> float32 [M, N]
-    bf16_gemm(x bf16 [M, K], w bf16 [N, K])                      -> float32 [M, N]  (AMX)
-    int8_gemm(x bf16 [M, K], w int8 [N, K], scale f32 [N, 1])    -> float32 [M, N]  (AMX)
+    bf16_gemm(x bf16 [M, K], w bf16 [N, K])                      -> float32 | bf16 [M, N]  (AMX)
+    int8_gemm(x bf16 [M, K], w int8 [N, K], scale f32 [N, 1])    -> float32 | bf16 [M, N]  (AMX)
 
 They exist because XLA:CPU multiplies a few rows by a bf16 weight at a fraction of the rate the
 weight streams from memory, and cannot multiply an int8 weight without writing it out in float
@@ -84,10 +84,10 @@ def amx() -> bool:
     return library is not None and library.PjRequestAmx() == 1
 
 
-def _call(target: str, m: int, n: int, *operands: jax.Array) -> jax.Array:
+def _call(target: str, m: int, n: int, *operands: jax.Array, dtype=jnp.float32) -> jax.Array:
     if not load():
         raise RuntimeError(f"{target}: pali-jax's CPU kernels are not available in this process")
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")(*operands)
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((m, n), dtype), vmap_method="sequential")(*operands)
 
 
 def _keeping_operands(kernel):
@@ -140,23 +140,33 @@ def int4_matvec(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
 int4_matvec.defvjp(_keeping_operands(int4_matvec), _quantized_bwd)
 
 
-@jax.custom_vjp
-def bf16_gemm(x: jax.Array, w: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def bf16_gemm(x: jax.Array, w: jax.Array, dtype=jnp.float32) -> jax.Array:
     """`bf16_matvec`'s product on AMX tiles, for a prefill's many rows (where `amx()`): x bf16 [M, K]
-    times w bf16 [N, K], N a multiple of 16, K even -> float32 [M, N]; products exact in float32,
+    times w bf16 [N, K], N a multiple of 16, K even -> [M, N] in `dtype` (float32, or bf16: the
+    float32 sums rounded once, to nearest even, as XLA converts); products exact in float32,
     accumulated in float32."""
-    return _call("pj_bf16_gemm", x.shape[0], w.shape[0], x, w)
+    return _call("pj_bf16_gemm", x.shape[0], w.shape[0], x, w, dtype=dtype)
 
 
-bf16_gemm.defvjp(_keeping_operands(bf16_gemm), _bf16_bwd)
+def _gemm_fwd(kernel):
+    return lambda *operands_and_dtype: (kernel(*operands_and_dtype), operands_and_dtype[:-1])
 
 
-@jax.custom_vjp
-def int8_gemm(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
-    """x bf16 [M, K] times the weight w * scale on AMX tiles (where `amx()`) -> float32 [M, N]; w
-    int8 [N, K] (N a multiple of 16, K even), scale float32 [N, 1] per output channel: the int8
-    values converted to bf16 exactly, the products accumulated in float32 and scaled once."""
-    return _call("pj_int8_gemm", x.shape[0], w.shape[0], x, w, scale)
+def _gemm_bwd(bwd):
+    return lambda dtype, residuals, g: bwd(residuals, g.astype(jnp.float32))
 
 
-int8_gemm.defvjp(_keeping_operands(int8_gemm), _quantized_bwd)
+bf16_gemm.defvjp(_gemm_fwd(bf16_gemm), _gemm_bwd(_bf16_bwd))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def int8_gemm(x: jax.Array, w: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """x bf16 [M, K] times the weight w * scale on AMX tiles (where `amx()`) -> [M, N] in `dtype`
+    (float32, or bf16 rounded once); w int8 [N, K] (N a multiple of 16, K even), scale float32
+    [N, 1] per output channel: the int8 values converted to bf16 exactly, the products accumulated
+    in float32 and scaled once."""
+    return _call("pj_int8_gemm", x.shape[0], w.shape[0], x, w, scale, dtype=dtype)
+
+
+int8_gemm.defvjp(_gemm_fwd(int8_gemm), _gemm_bwd(_quantized_bwd))

@@ -161,14 +161,23 @@ def test_amx_gemms_are_exact_to_float32_rounding(m, n, k):
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    y = np.asarray(jax.jit(cpu_kernels.bf16_gemm)(x, w), np.float64)
+    y32 = jax.jit(cpu_kernels.bf16_gemm)(x, w)
+    y = np.asarray(y32, np.float64)
     assert y.shape == (m, n)
     assert np.all(np.abs(y - x64 @ w64.T) <= _float32_bound(x64, w64))
+    # bf16 out: the same sums, rounded once as XLA rounds them
+    y16 = jax.jit(cpu_kernels.bf16_gemm, static_argnums=2)(x, w, jnp.bfloat16)
+    assert y16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y16, np.float32), np.asarray(y32.astype(jnp.bfloat16), np.float32))
     node = quantize.quantize(rng.standard_normal((n, k)).astype(np.float32), Quantization("int8"), (1,))
-    y = np.asarray(jax.jit(cpu_kernels.int8_gemm)(x, node[quantize.QVALUE], node[quantize.SCALE]), np.float64)
-    q64 = np.asarray(node[quantize.QVALUE], np.float64)
-    scale = np.asarray(node[quantize.SCALE], np.float64)  # [N, 1]: one product, scaled once
+    q, s = node[quantize.QVALUE], node[quantize.SCALE]
+    y32 = jax.jit(cpu_kernels.int8_gemm)(x, q, s)
+    y = np.asarray(y32, np.float64)
+    q64 = np.asarray(q, np.float64)
+    scale = np.asarray(s, np.float64)  # [N, 1]: one product, scaled once
     assert np.all(np.abs(y - (x64 @ q64.T) * scale.T) <= 2 * _float32_bound(x64, q64) * scale.T)
+    y16 = jax.jit(cpu_kernels.int8_gemm, static_argnums=3)(x, q, s, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(y16, np.float32), np.asarray(y32.astype(jnp.bfloat16), np.float32))
 
 
 @pytest.mark.skipif(not CAN_AMX, reason="this CPU (or its kernel) gives no AMX: the policy never calls the GEMMs")
@@ -208,6 +217,8 @@ def test_gradients_through_the_kernels_are_the_plain_products():
     if CAN_AMX:  # the GEMMs share the matrix-vector products' backward passes (16 channels: whole tiles)
         w16 = jnp.asarray(rng.standard_normal((16, 64)), jnp.bfloat16)
         got = jax.grad(loss(cpu_kernels.bf16_gemm), argnums=(0, 1))(x, w16)
+        got16 = jax.grad(loss(lambda x, w: cpu_kernels.bf16_gemm(x, w, jnp.bfloat16)), argnums=(0, 1))(x, w16)
+        assert [g.dtype for g in got16] == [jnp.bfloat16, jnp.bfloat16]
         want = jax.grad(loss(plain), argnums=(0, 1))(x, w16)
         for g, r in zip(got, want):
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=2**-7, atol=1e-2)
