@@ -274,7 +274,7 @@ class Policy:
     def _amx(self, rows: int, n_in: int, n_out: int, from_rows: int = _AMX_ROWS) -> bool:
         """Whether AMX multiplies `rows` bf16 rows by a weight [n_out, n_in] stored output axes first
         (from `from_rows` rows)."""
-        return rows >= from_rows and n_out % 16 == 0 and n_in % 2 == 0 and self._has_amx() and self._has_kernel(_AMX_FLAGS)
+        return rows >= from_rows and n_out % 16 == 0 and n_in % 2 == 0 and self._has_kernel(_AMX_FLAGS)
 
     def matmul_form(self, dtype, rows: int, out_first: bool, n_in: int = 0, n_out: int = 1) -> MatmulForm:
         """How `project` multiplies `rows` rows in `dtype` by a weight stored in- or output axes first,
