@@ -86,7 +86,7 @@ def _kernel(x, w_out_first):
 
 
 def _amx(x, w_out_first):
-    return cpu_kernels.bf16_gemm(x, w_out_first).astype(x.dtype)
+    return cpu_kernels.bf16_gemm(x, w_out_first, x.dtype)
 
 
 ONEDNN = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_ynn_fusion_type": ""}
@@ -106,7 +106,7 @@ FORMS = {
 
 
 # consistent arithmetic, as backend.Policy compiles every inference program on a CPU without AMX
-CONSISTENT = {**(backend.Policy("cpu").compiler_options() or {}), "xla_cpu_enable_platform_dependent_math": False}
+CONSISTENT = backend.Policy("cpu").compiler_options()
 
 
 def _layer_program(product, options):

@@ -327,10 +327,11 @@ ffi::Error Int4Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
 }
 
 
-// ---- bf16 and int8 matrix products on AMX (prefill rows) -----------------------------------------
+// ---- bf16 and int8 matrix products on AMX (from a few rows) --------------------------------------
 //
-// For a prefill's hundreds of rows the products are compute-bound, and XLA:CPU's bf16 GEMM
-// (YNNPACK) does not use AMX, which multiplies bf16 many times faster. TDPBF16PS multiplies a tile
+// AMX multiplies bf16 many times faster than AVX-512, and reads a weight at the memory's rate from
+// two rows on (a batch's decoding, a prefill). XLA's YNNPACK reaches AMX only with platform-dependent
+// math, and only for plain dots: not for int8 weights, nor a product a few rows wide. TDPBF16PS multiplies a tile
 // A [16 rows, 32 bf16] by a tile B [16 bf16 pairs, 16 columns] whose 32-bit elements each hold two
 // consecutive contracted inputs, accumulating into C [16, 16] float32 (bf16 products exact, float32
 // sums). Taking the weight as A (rows: output channels, its stored [N, K] rows) reads it in place;

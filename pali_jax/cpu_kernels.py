@@ -142,7 +142,7 @@ int4_matvec.defvjp(_keeping_operands(int4_matvec), _quantized_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def bf16_gemm(x: jax.Array, w: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """`bf16_matvec`'s product on AMX tiles, for a prefill's many rows (where `amx()`): x bf16 [M, K]
+    """`bf16_matvec`'s product on AMX tiles, for more than one row (where `amx()`): x bf16 [M, K]
     times w bf16 [N, K], N a multiple of 16, K even -> [M, N] in `dtype` (float32, or bf16: the
     float32 sums rounded once, to nearest even, as XLA converts); products exact in float32,
     accumulated in float32."""
