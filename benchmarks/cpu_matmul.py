@@ -24,6 +24,9 @@ Forms (x [M, K], the weight stored [K, N] as in the checkpoint, or [N, K] output
                the CPU has AVX512-BF16 and the install built the kernels);
   amx          bf16, w [N, K] through `cpu_kernels.bf16_gemm` (AMX tiles: what `backend.project` runs
                from `_AMX_ROWS` rows where this process is granted AMX; listed only there);
+  amx_kn       bf16, w [K, N] (checkpoint layout) through `cpu_kernels.bf16_gemm(..., out_first=False)`,
+               each block of the weight paired for the tiles per call (what `backend.project` runs from
+               `_AMX_KN_ROWS` rows for a weight stored inputs first, SigLIP's; AMX only);
   float32      float32, x [M, K] @ w [K, N] (checkpoint layout);
   onednn       `dot` with XLA:CPU's oneDNN path on (`xla_cpu_use_onednn`) and YNNPACK's dot fusion
                off, so that oneDNN gets the dot: what XLA offers besides YNNPACK (it hands oneDNN
@@ -89,6 +92,10 @@ def _amx(x, w_out_first):
     return cpu_kernels.bf16_gemm(x, w_out_first, x.dtype)
 
 
+def _amx_kn(x, w):
+    return cpu_kernels.bf16_gemm(x, w, x.dtype, False)
+
+
 ONEDNN = {"xla_cpu_use_onednn": True, "xla_cpu_experimental_ynn_fusion_type": ""}
 
 # form -> (product, weight dtype, weight stored output axes first, XLA options added to both compiles)
@@ -100,6 +107,7 @@ FORMS = {
     "tiled_f32": (_tiled_f32, jnp.bfloat16, True, {}),
     "kernel": (_kernel, jnp.bfloat16, True, {}),
     "amx": (_amx, jnp.bfloat16, True, {}),
+    "amx_kn": (_amx_kn, jnp.bfloat16, False, {}),
     "float32": (_dot, jnp.float32, False, {}),
     "onednn": (_dot, jnp.bfloat16, False, ONEDNN),
 }
@@ -143,11 +151,11 @@ def main() -> None:
     p.add_argument("--forms", nargs="+", default=None, choices=list(FORMS), help="default: every form this CPU runs")
     report.add_arguments(p)
     args = p.parse_args()
-    args.forms = args.forms or [f for f in FORMS if f != "amx" or cpu_kernels.amx()]
+    args.forms = args.forms or [f for f in FORMS if not f.startswith("amx") or cpu_kernels.amx()]
     if "kernel" in args.forms and not cpu_kernels.load():
         p.error("the kernel form needs pali-jax's CPU kernels, which this install did not build (see setup.py)")
-    if "amx" in args.forms and not cpu_kernels.amx():
-        p.error("the amx form needs a CPU with AMX that Linux lets this process use, and the kernels built")
+    if {"amx", "amx_kn"} & set(args.forms) and not cpu_kernels.amx():
+        p.error("the amx forms need a CPU with AMX that Linux lets this process use, and the kernels built")
     features = backend.cpu_features()
     print(f"cpu: {backend.cpu_model()}")
     print(f"flags: {' '.join(sorted(features)) or '(none of the tracked ones)'}")

@@ -205,8 +205,11 @@ _QUANT_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 # registers as rows grow, AMX's 16-row tiles do not), for int8 from 8 rows (below, converting each
 # weight to bf16 costs more than the kernel's reading it); far ahead of YNNPACK's GEMM with
 # consistent arithmetic (benchmarks/cpu_matmul.py, `amx` against `kernel` and `dot_general`;
-# benchmarks/cpu_quant_matmul.py, `amx` against `kernel`). The tiles take N a multiple of 16
-# output channels and an even K.
+# benchmarks/cpu_quant_matmul.py, `amx` against `kernel`). A weight stored inputs first (SigLIP's,
+# the decoder's in the checkpoint layout) is paired for the tiles block by block as it is used:
+# slower than output-first, still ahead of YNNPACK's own AMX product from two rows
+# (benchmarks/cpu_matmul.py, `amx_kn` against `dot`). The tiles take N a multiple of 16 output
+# channels and an even K.
 _AMX_ROWS = 2
 _AMX_INT8_ROWS = 8
 _AMX_FLAGS = _BF16_KERNEL_FLAGS | {"amx_tile", "amx_bf16"}
@@ -271,9 +274,9 @@ class Policy:
         (of a weight stored output axes first, the only layout the kernels take)."""
         return rows < below and self._has_kernel(flags)
 
-    def _amx(self, rows: int, n_in: int, n_out: int, from_rows: int = _AMX_ROWS) -> bool:
-        """Whether AMX multiplies `rows` bf16 rows by a weight [n_out, n_in] stored output axes first
-        (from `from_rows` rows)."""
+    def _amx(self, rows: int, n_in: int, n_out: int, from_rows: int) -> bool:
+        """Whether AMX multiplies `rows` bf16 rows by a weight contracting n_in inputs into n_out
+        outputs (from `from_rows` rows)."""
         return rows >= from_rows and n_out % 16 == 0 and n_in % 2 == 0 and self._has_kernel(_AMX_FLAGS)
 
     def matmul_form(self, dtype, rows: int, out_first: bool, n_in: int = 0, n_out: int = 1) -> MatmulForm:
@@ -281,10 +284,10 @@ class Policy:
         contracting `n_in` inputs into `n_out` outputs."""
         if not self._cpu_bfloat16(dtype):
             return "dot_general" if out_first else "dot"
+        if self._amx(rows, n_in, n_out, _AMX_ROWS):
+            return "amx"
         if not out_first:
             return "dot_pad" if rows == 1 else "dot"
-        if self._amx(rows, n_in, n_out):
-            return "amx"
         if self._kernel(rows, _BF16_KERNEL_ROWS, _BF16_KERNEL_FLAGS):
             return "kernel"
         if rows < _LEFT_ZERO_ROWS:
@@ -300,7 +303,7 @@ class Policy:
             return "int4_kernel" if out_first and self._packs_int4(dtype) else "dequantize"
         if self.platform != "cpu":
             return "dequantize"
-        if (out_first and self._cpu_bfloat16(dtype) and jnp.dtype(value_dtype) == jnp.int8 and groups == 1
+        if (self._cpu_bfloat16(dtype) and jnp.dtype(value_dtype) == jnp.int8 and groups == 1
                 and self._amx(rows, n_in, n_out, _AMX_INT8_ROWS)):
             return "amx"
         if out_first and jnp.dtype(value_dtype) == jnp.int8 and self._kernel(rows, _QUANT_KERNEL_ROWS, _QUANT_KERNEL_FLAGS):
@@ -361,12 +364,14 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
     if quantized:
         groups = w[quantize.SCALE].size // n_out
         form = policy.quantized_form(rows.dtype, m, out_first, w[quantize.QVALUE].dtype, n_in, n_out, groups)
-    if form in ("kernel", "int4_kernel", "amx"):  # output axes lead: [N, K] (packed: [N, K / 2]) and [N, G]
+    if form == "amx":  # one scale per output channel: [N, K] and [N, 1], or [K, N] and [1, N]
+        q, scale = w[quantize.QVALUE], w[quantize.SCALE].astype(jnp.float32)
+        q, scale = (q.reshape(n_out, n_in), scale.reshape(n_out, 1)) if out_first else (q.reshape(n_in, n_out), scale.reshape(1, n_out))
+        return cpu_kernels.int8_gemm(rows, q, scale, x.dtype, out_first).reshape(*lead, *out_shape)
+    if form in ("kernel", "int4_kernel"):  # output axes lead: [N, K] (packed: [N, K / 2]) and [N, G]
         q, scale = w[quantize.QVALUE].reshape(n_out, -1), w[quantize.SCALE].reshape(n_out, -1).astype(jnp.float32)
         if form == "int4_kernel":
             y = cpu_kernels.int4_matvec(rows, q, scale)
-        elif form == "amx":
-            y = cpu_kernels.int8_gemm(rows, q, scale, x.dtype)
         else:
             y = cpu_kernels.quant_matvec(rows.astype(jnp.float32), q, scale)
         return y.astype(x.dtype).reshape(*lead, *out_shape)
@@ -378,7 +383,7 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
         w = quantize.dequantize(w, x.dtype)
     form = policy.matmul_form(rows.dtype, m, out_first, n_in, n_out)
     if form == "amx":
-        y = cpu_kernels.bf16_gemm(rows, w.reshape(-1, n_in), x.dtype)
+        y = cpu_kernels.bf16_gemm(rows, w.reshape(-1, n_in) if out_first else w.reshape(n_in, -1), x.dtype, out_first)
     elif form == "tiled":
         y = _tiled(rows, w, n_in, out_first, policy.tile_rows(n_in, rows.dtype))
     elif form == "kernel":

@@ -33,6 +33,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include <sys/syscall.h>
@@ -331,22 +332,29 @@ ffi::Error Int4Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
 //
 // AMX multiplies bf16 many times faster than AVX-512, and reads a weight at the memory's rate from
 // two rows on (a batch's decoding, a prefill). XLA's YNNPACK reaches AMX only with platform-dependent
-// math, and only for plain dots: not for int8 weights, nor a product a few rows wide. TDPBF16PS multiplies a tile
-// A [16 rows, 32 bf16] by a tile B [16 bf16 pairs, 16 columns] whose 32-bit elements each hold two
-// consecutive contracted inputs, accumulating into C [16, 16] float32 (bf16 products exact, float32
-// sums). Taking the weight as A (rows: output channels, its stored [N, K] rows) reads it in place;
-// the activations, packed once per call into B tiles, are the small operand. So C is y transposed:
-// C[n, m]. Each block of 2 x 2 tiles (32 channels x 32 rows) accumulates over a chunk of kAmxKc
-// contracted inputs; its partial sums wait in a per-chunk buffer between chunks (the chunk's A
-// tiles stay in L1 across all rows, the packed activations of a chunk in L2), and the last chunk's
-// tiles are transposed into y. An int8 weight (per-channel scale) is converted to bf16 exactly,
-// a block of channels at a time, and its scale applied to the float32 sums.
+// math, and only for plain dots: not for int8 weights, nor a product a few rows wide. TDPBF16PS
+// multiplies a tile A [16 rows, 32 bf16] by a tile B [16 bf16 pairs, 16 columns] whose 32-bit
+// elements each hold two consecutive contracted inputs, accumulating into C [16, 16] float32 (bf16
+// products exact, float32 sums).
+//
+// A weight stored output channels first ([N, K]) is the A operand, its rows read in place: the
+// activations, packed once per call into B tiles, are the small operand, and C is y transposed
+// (C[n, m]). A weight stored inputs first ([K, N], the checkpoint's layout) is the B operand: each
+// block of it is packed into pairs as it is used, the activations are A tiles, and C is y. Each
+// block of 2 x 2 tiles (32 channels x 32 rows) accumulates over a chunk of kAmxKc contracted inputs;
+// its partial sums wait in a per-chunk buffer between chunks (the chunk's weight tiles stay in L1
+// across all rows, the packed activations of a chunk in L2), and the last chunk's tiles are
+// written into y. An int8 weight (per-channel scale) is converted to bf16 exactly as its block is
+// copied, and its scale applied to the float32 sums. Every buffer a tile is loaded from starts on
+// a 64-byte boundary and has 64-byte rows: a tile row across two cache lines halves TILELOADD's
+// rate.
 
 #define PJ_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16")))
 
 constexpr int64_t kTile = 16;        // rows of a tile; 16-bit pairs (or float32) per tile row
 constexpr int64_t kTileK = 32;       // bf16 contracted inputs per tile row (64 bytes)
-constexpr int64_t kAmxKc = 512;      // contracted inputs per chunk
+constexpr int64_t kTileElems = kTile * kTileK;  // bf16 per tile
+constexpr int64_t kAmxKc = 256;      // contracted inputs per chunk
 constexpr int64_t kAmxChannels = 128;  // output channels per parallel chunk
 
 struct alignas(64) TileConfig {
@@ -357,7 +365,7 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles 0-3: C (2 x 2), 4-5: A (weights), 6-7: B (activations); all 16 rows of 64 bytes.
+// Tiles 0-3: C (2 x 2), 4-5: the weight's, 6-7: the activations'; all 16 rows of 64 bytes.
 PJ_AMX void ConfigureTiles() {
   TileConfig config;
   for (int t = 0; t < 8; ++t) {
@@ -394,8 +402,9 @@ PJ_AVX512 void Transpose16(__m512i r[16]) {
   }
 }
 
-// Rows [m0, m0 + 16) of x [M, K] (zero past M) packed as B tiles, one per 32 contracted inputs
-// (zero past K): xp[kt] [16 pairs, 16 rows] of 32-bit pairs.
+// Rows [m0, m0 + 16) of x [M, K] (zero past M), one tile per 32 contracted inputs (zero past K),
+// into xp[kt]: as B tiles [16 pairs, 16 rows] of 32-bit pairs (pairs), or as A tiles [16 rows, 32].
+template <bool kPairs>
 PJ_AVX512 void PackRowTiles(const uint16_t* x, int64_t M, int64_t K, int64_t m0, uint32_t* xp) {
   const int64_t tiles = (K + kTileK - 1) / kTileK;
   for (int64_t kt = 0; kt < tiles; ++kt) {
@@ -404,18 +413,19 @@ PJ_AVX512 void PackRowTiles(const uint16_t* x, int64_t M, int64_t K, int64_t m0,
     __m512i r[16];
     for (int i = 0; i < 16; ++i)
       r[i] = m0 + i < M ? _mm512_maskz_loadu_epi32(mask, x + (m0 + i) * K + kt * kTileK) : _mm512_setzero_si512();
-    Transpose16(r);
+    if constexpr (kPairs) Transpose16(r);
     for (int i = 0; i < 16; ++i) _mm512_storeu_si512(xp + kt * 256 + i * 16, r[i]);
   }
 }
 
-// Output channels [n, n + 16 NT) times rows [m, m + 16 MT), over `steps` tiles of contracted
-// inputs: a, the weight's rows (a_row elements apart) from the chunk's first input; b, the rows'
-// first packed tile (b_next elements to the next 16 rows'). c: the block's four C tiles, its partial
-// sums in (unless first) and out.
-template <int NT, int MT>
-PJ_AMX void AmxBlock(const uint16_t* a, int64_t a_row, const uint32_t* b, int64_t b_next, int64_t steps, float* c,
-                     bool first) {
+// Weight tiles [n, n + 16 NT) times row tiles [m, m + 16 MT), over `steps` tiles of contracted
+// inputs: a, the weight's first tile (the next step's a_step elements on, its rows a_stride bytes
+// apart, the second tile a_next elements on); b, the rows' first packed tile (b_next elements to
+// the next 16 rows'). c: the block's four C tiles, its partial sums in (unless first) and out;
+// C[n, m] for a weight [N, K] (the weight A), C[m, n] for a weight [K, N] (kKN: the weight B).
+template <int NT, int MT, bool kKN>
+PJ_AMX void AmxBlock(const uint16_t* a, int64_t a_step, int64_t a_stride, int64_t a_next, const uint32_t* b,
+                     int64_t b_next, int64_t steps, float* c, bool first) {
   if (first) {
     _tile_zero(0);
     if constexpr (MT > 1) _tile_zero(1);
@@ -428,14 +438,21 @@ PJ_AMX void AmxBlock(const uint16_t* a, int64_t a_row, const uint32_t* b, int64_
     if constexpr (NT > 1 && MT > 1) _tile_loadd(3, c + 768, 64);
   }
   for (int64_t s = 0; s < steps; ++s) {
-    _tile_loadd(4, a + s * kTileK, a_row * 2);
-    if constexpr (NT > 1) _tile_loadd(5, a + kTile * a_row + s * kTileK, a_row * 2);
+    _tile_loadd(4, a + s * a_step, a_stride);
+    if constexpr (NT > 1) _tile_loadd(5, a + a_next + s * a_step, a_stride);
     _tile_loadd(6, b + s * 256, 64);
     if constexpr (MT > 1) _tile_loadd(7, b + b_next + s * 256, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (MT > 1) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (NT > 1) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (NT > 1 && MT > 1) _tile_dpbf16ps(3, 5, 7);
+    if constexpr (kKN) {
+      _tile_dpbf16ps(0, 6, 4);
+      if constexpr (NT > 1) _tile_dpbf16ps(2, 6, 5);
+      if constexpr (MT > 1) _tile_dpbf16ps(1, 7, 4);
+      if constexpr (NT > 1 && MT > 1) _tile_dpbf16ps(3, 7, 5);
+    } else {
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (MT > 1) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NT > 1) _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NT > 1 && MT > 1) _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, c, 64);
   if constexpr (MT > 1) _tile_stored(1, c + 256, 64);
@@ -443,14 +460,14 @@ PJ_AMX void AmxBlock(const uint16_t* a, int64_t a_row, const uint32_t* b, int64_
   if constexpr (NT > 1 && MT > 1) _tile_stored(3, c + 768, 64);
 }
 
-// One C tile c [16 channels from n, 16 rows from m] written into y [M, N] (float32, or bf16 rounded
-// to nearest even once, as XLA converts) transposed (rows past M dropped), times the channels'
-// scales where s is given.
-template <typename O>
+// One C tile c (16 channels from n, 16 rows from m; C[n, m] transposed first unless kKN) written
+// into y [M, N] (float32, or bf16 rounded to nearest even once, as XLA converts; rows past M
+// dropped), times the channels' scales where s is given.
+template <bool kKN, typename O>
 PJ_AMX void WriteTile(const float* c, const float* s, O* y, int64_t M, int64_t N, int64_t n, int64_t m) {
   __m512i r[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(c + i * 16);
-  Transpose16(r);
+  if constexpr (!kKN) Transpose16(r);
   const __m512 scale = s ? _mm512_loadu_ps(s + n) : _mm512_set1_ps(1.0f);
   for (int i = 0; i < 16 && m + i < M; ++i) {
     const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(r[i]), scale);
@@ -461,86 +478,133 @@ PJ_AMX void WriteTile(const float* c, const float* s, O* y, int64_t M, int64_t N
   }
 }
 
-// rows [n, n + rows) of w [N, K] (bf16, or int8 converted exactly), inputs [k0, k0 + width)
-// (zero past K) -> a [rows, width] bf16.
+// 32 consecutive weights from p (those past `valid` zero) as bf16: int8 converted exactly.
 template <typename W>
-PJ_AMX void CopyWeights(const W* w, int64_t K, int64_t n, int64_t rows, int64_t k0, int64_t width, uint16_t* a) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const W* src = w + (n + r) * K;
-    for (int64_t k = 0; k < width; k += 32) {
-      const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(32, K - k0 - k));
-      const __mmask32 mask = valid == 32 ? ~__mmask32(0) : (__mmask32(1) << valid) - 1;
-      __m512i v;
-      if constexpr (sizeof(W) == 1) {
-        const __m256i bytes = _mm256_maskz_loadu_epi8(mask, src + k0 + k);
-        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
-        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
-        v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
-      } else {
-        v = _mm512_maskz_loadu_epi16(mask, src + k0 + k);
+PJ_AMX __m512i LoadAsBf16(const W* p, int64_t valid) {
+  const __mmask32 mask = valid >= 32 ? ~__mmask32(0) : valid <= 0 ? __mmask32(0) : (__mmask32(1) << valid) - 1;
+  if constexpr (sizeof(W) == 1) {
+    const __m256i bytes = _mm256_maskz_loadu_epi8(mask, p);
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(bytes)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(bytes, 1)));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  } else {
+    return _mm512_maskz_loadu_epi16(mask, p);
+  }
+}
+
+// The weights of channels [n0, n1) (a multiple of 16) and inputs [k0, k0 + width) (zero past K)
+// of w (bf16, or int8 converted) -> a, tile by tile: the 32 channels from n at
+// a + (n - n0) width, step s and channel tile i at + (s nt + i) kTileElems (nt: 2, or 1 for a last
+// 16). For a weight [N, K] its rows as they are (A tiles); for a weight [K, N] (kKN) pairs of its
+// rows interleaved (B tiles: element (p, j) holds inputs 2p and 2p + 1 of channel j), read a whole
+// row of the range at a time.
+template <bool kKN, typename W>
+PJ_AMX void CopyWeights(const W* w, int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t width,
+                        uint16_t* a) {
+  if constexpr (kKN) {
+    // output element e of channel tile i takes channel 16 i + e / 2 of input row 2p + e % 2
+    alignas(64) uint16_t order[2][32];
+    for (int e = 0; e < 32; ++e) order[0][e] = (e & 1) * 32 + (e >> 1), order[1][e] = (e & 1) * 32 + 16 + (e >> 1);
+    const __m512i lo = _mm512_load_si512(order[0]), hi = _mm512_load_si512(order[1]);
+    for (int64_t k = 0; k < width; k += 2) {
+      for (int64_t n = n0; n < n1; n += 2 * kTile) {
+        const int64_t nt = std::min<int64_t>(2, (n1 - n) / kTile);
+        const __m512i even = k0 + k < K ? LoadAsBf16(w + (k0 + k) * N + n, nt * kTile) : _mm512_setzero_si512();
+        const __m512i odd = k0 + k + 1 < K ? LoadAsBf16(w + (k0 + k + 1) * N + n, nt * kTile) : _mm512_setzero_si512();
+        uint16_t* tile = a + (n - n0) * width + (k / kTileK) * nt * kTileElems + (k % kTileK) * kTile;
+        _mm512_storeu_si512(tile, _mm512_permutex2var_epi16(even, lo, odd));
+        if (nt > 1) _mm512_storeu_si512(tile + kTileElems, _mm512_permutex2var_epi16(even, hi, odd));
       }
-      _mm512_storeu_si512(a + r * width + k, v);
+    }
+  } else {
+    for (int64_t n = n0; n < n1; n += 2 * kTile) {
+      const int64_t rows = std::min<int64_t>(2 * kTile, n1 - n);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < width; k += kTileK)
+          _mm512_storeu_si512(a + (n - n0) * width + (k / kTileK * rows + r) * kTileK,
+                              LoadAsBf16(w + (n + r) * K + k0 + k, K - k0 - k));
     }
   }
 }
 
-// Rows [n, n + rows) of w [N, K], inputs [k0, min(K, k0 + width)), fetched into L2 ahead of their use.
-template <typename W>
-inline void PrefetchWeights(const W* w, int64_t K, int64_t n, int64_t rows, int64_t k0, int64_t width) {
+// The part `part` of `parts` of the weights of channels [n, n + rows) and inputs
+// [k0, min(K, k0 + width)) fetched into L2 ahead of their use: split by channels for a weight
+// [N, K], by inputs for [K, N].
+template <bool kKN, typename W>
+inline void PrefetchWeights(const W* w, int64_t N, int64_t K, int64_t n, int64_t rows, int64_t k0, int64_t width,
+                            int64_t part, int64_t parts) {
   const int64_t end = std::min(K, k0 + width);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = k0; k < end; k += 64 / sizeof(W))
-      _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k), _MM_HINT_T1);
+  if constexpr (kKN) {
+    for (int64_t k = k0 + (end - k0) * part / parts; k < k0 + (end - k0) * (part + 1) / parts; ++k)
+      for (int64_t j = 0; j < rows; j += 64 / sizeof(W))
+        _mm_prefetch(reinterpret_cast<const char*>(w + k * N + n + j), _MM_HINT_T1);
+  } else {
+    for (int64_t r = rows * part / parts; r < rows * (part + 1) / parts; ++r)
+      for (int64_t k = k0; k < end; k += 64 / sizeof(W))
+        _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k), _MM_HINT_T1);
+  }
 }
 
 // Rows of x per pass: their packed tiles are kept for the pass (in L2 a chunk at a time), and
 // every weight is read once per pass.
 constexpr int64_t kAmxRowsPerPass = 512;
 
-template <typename W, typename O>
+template <bool kKN, typename W, typename O>
 PJ_AMX void AmxChannels(const uint32_t* xp, const W* w, const float* s, O* y, int64_t M, int64_t m0,
                         int64_t rows, int64_t N, int64_t K, int64_t n0, int64_t n1, float* partial, uint16_t* abuf) {
   const int64_t k_tiles = (K + kTileK - 1) / kTileK, m_tiles = (rows + kTile - 1) / kTile;
   const int64_t m_pairs = (m_tiles + 1) / 2, chunk_tiles = kAmxKc / kTileK;
   const int64_t b_next = k_tiles * 256;
-  // A bf16 weight whose rows hold whole tiles is read in place; others are copied (converted, padded).
-  const bool copies = sizeof(W) == 1 || K % kTileK != 0;
+  // A bf16 weight [N, K] whose rows hold whole tiles is read in place; others are copied (converted,
+  // padded, paired).
+  const bool copies = kKN || sizeof(W) == 1 || K % kTileK != 0;
   ConfigureTiles();
+  const int64_t blocks = (n1 - n0 + 2 * kTile - 1) / (2 * kTile);
   for (int64_t kt0 = 0; kt0 < k_tiles; kt0 += chunk_tiles) {
     const int64_t steps = std::min(chunk_tiles, k_tiles - kt0);
     const bool first = kt0 == 0, last = kt0 + steps == k_tiles;
+    // Weights stream into L2 ahead of their use, spread over the products (a burst of prefetches
+    // stalls on the fill buffers): a copied chunk's successor, or a weight read in place's next
+    // block; otherwise the copy, or the first tile loads, would wait on memory with AMX idle.
+    if (copies) CopyWeights<kKN>(w, N, K, n0, n1, kt0 * kTileK, steps * kTileK, abuf);
     for (int64_t n = n0; n < n1; n += 2 * kTile) {
-      const int64_t nt = std::min<int64_t>(2, (n1 - n) / kTile);
-      // A copied block's successor streams in while this one multiplies: the copy would otherwise
-      // wait on memory with AMX idle (tile loads straight from the weight overlap with the products).
-      if (copies && n + 2 * kTile < n1)
-        PrefetchWeights(w, K, n + 2 * kTile, std::min<int64_t>(2 * kTile, n1 - n - 2 * kTile), kt0 * kTileK, steps * kTileK);
-      else if (copies && !last)
-        PrefetchWeights(w, K, n0, std::min<int64_t>(2 * kTile, n1 - n0), (kt0 + steps) * kTileK, chunk_tiles * kTileK);
-      const uint16_t* a = abuf;
-      int64_t a_row = steps * kTileK;
+      const int64_t nt = std::min<int64_t>(2, (n1 - n) / kTile), block = (n - n0) / (2 * kTile);
+      int64_t pn = n0, prows = n1 - n0, pk = (kt0 + steps) * kTileK, pw = last ? 0 : chunk_tiles * kTileK;
+      int64_t part = block * m_pairs, parts = blocks * m_pairs;
+      if (!copies) {
+        pn = n + 2 * kTile, prows = std::min<int64_t>(2 * kTile, n1 - pn), part = 0, parts = m_pairs;
+        pk = kt0 * kTileK, pw = pn < n1 ? steps * kTileK : 0;
+      }
+      const uint16_t* a = abuf + (n - n0) * steps * kTileK;
+      int64_t a_step = nt * kTileElems, a_stride = 64, a_next = kTileElems;
       if (!copies) {
         a = reinterpret_cast<const uint16_t*>(w) + n * K + kt0 * kTileK;
-        a_row = K;
-      } else {
-        CopyWeights(w, K, n, nt * kTile, kt0 * kTileK, steps * kTileK, abuf);
+        a_step = kTileK, a_stride = K * 2, a_next = kTile * K;
       }
       for (int64_t mp = 0; mp < m_pairs; ++mp) {
         const int64_t mt = std::min<int64_t>(2, m_tiles - 2 * mp);
         const uint32_t* b = xp + (2 * mp * k_tiles + kt0) * 256;
-        float* c = partial + (((n - n0) / (2 * kTile)) * m_pairs + mp) * 1024;
-        if (nt == 2 && mt == 2) AmxBlock<2, 2>(a, a_row, b, b_next, steps, c, first);
-        else if (nt == 2) AmxBlock<2, 1>(a, a_row, b, b_next, steps, c, first);
-        else if (mt == 2) AmxBlock<1, 2>(a, a_row, b, b_next, steps, c, first);
-        else AmxBlock<1, 1>(a, a_row, b, b_next, steps, c, first);
+        if (pw) PrefetchWeights<kKN>(w, N, K, pn, prows, pk, pw, part + mp, parts);
+        float* c = partial + (block * m_pairs + mp) * 1024;
+        if (nt == 2 && mt == 2) AmxBlock<2, 2, kKN>(a, a_step, a_stride, a_next, b, b_next, steps, c, first);
+        else if (nt == 2) AmxBlock<2, 1, kKN>(a, a_step, a_stride, a_next, b, b_next, steps, c, first);
+        else if (mt == 2) AmxBlock<1, 2, kKN>(a, a_step, a_stride, a_next, b, b_next, steps, c, first);
+        else AmxBlock<1, 1, kKN>(a, a_step, a_stride, a_next, b, b_next, steps, c, first);
         if (last)
           for (int i = 0; i < nt; ++i)
             for (int j = 0; j < mt; ++j)
-              WriteTile(c + (2 * i + j) * 256, s, y, M, N, n + i * kTile, m0 + 2 * mp * kTile + j * kTile);
+              WriteTile<kKN>(c + (2 * i + j) * 256, s, y, M, N, n + i * kTile, m0 + 2 * mp * kTile + j * kTile);
       }
     }
   }
   _tile_release();
+}
+
+// n elements of v's storage from a 64-byte boundary.
+template <typename T>
+T* Aligned(std::vector<T>& v, int64_t n) {
+  v.resize(n + 64 / sizeof(T));
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
 }
 
 // Linux lets a process use AMX's tile registers only once it has asked (ARCH_REQ_XCOMP_PERM for
@@ -553,7 +617,7 @@ bool AmxGranted() {
   return granted;
 }
 
-template <typename W, typename O>
+template <bool kKN, typename W, typename O>
 ffi::Error AmxProduct(ffi::ThreadPool& pool, const uint16_t* x, const W* w, const float* s, O* y, int64_t M,
                       int64_t N, int64_t K) {
   if (!AmxGranted()) return ffi::Error(ffi::ErrorCode::kUnavailable, "AMX is not available to this process");
@@ -561,54 +625,67 @@ ffi::Error AmxProduct(ffi::ThreadPool& pool, const uint16_t* x, const W* w, cons
   thread_local std::vector<uint32_t> packed;
   for (int64_t m0 = 0; m0 < M; m0 += kAmxRowsPerPass) {
     const int64_t rows = std::min(kAmxRowsPerPass, M - m0), m_tiles = (rows + kTile - 1) / kTile;
-    packed.resize(m_tiles * k_tiles * 256);
-    uint32_t* xp = packed.data();
+    uint32_t* xp = Aligned(packed, m_tiles * k_tiles * 256);
     ParallelFor(pool, m_tiles, [=](int64_t t) {
-      PackRowTiles(x + m0 * K, rows, K, t * kTile, xp + t * k_tiles * 256);
+      PackRowTiles<!kKN>(x + m0 * K, rows, K, t * kTile, xp + t * k_tiles * 256);
     });
     const int64_t chunks = (N + kAmxChannels - 1) / kAmxChannels;
     ParallelFor(pool, chunks, [=](int64_t ch) {
       thread_local std::vector<float> partial;
       thread_local std::vector<uint16_t> abuf;
-      partial.resize(kAmxChannels / (2 * kTile) * ((m_tiles + 1) / 2) * 1024);
-      abuf.resize(2 * kTile * kAmxKc);
-      AmxChannels(xp, w, s, y, M, m0, rows, N, K, ch * kAmxChannels, std::min(N, (ch + 1) * kAmxChannels),
-                  partial.data(), abuf.data());
+      float* c = Aligned(partial, kAmxChannels / (2 * kTile) * ((m_tiles + 1) / 2) * 1024);
+      uint16_t* a = Aligned(abuf, kAmxChannels * kAmxKc);
+      AmxChannels<kKN>(xp, w, s, y, M, m0, rows, N, K, ch * kAmxChannels, std::min(N, (ch + 1) * kAmxChannels), c,
+                       a);
     });
   }
   return ffi::Error::Success();
 }
 
 // y float32, or bf16 (the sums rounded once: what the model keeps, at half the bytes written).
-template <typename W>
+template <bool kKN, typename W>
 ffi::Error AmxInto(ffi::ThreadPool& pool, const uint16_t* x, const W* w, const float* s, ffi::AnyBuffer y,
                    int64_t M, int64_t N, int64_t K) {
   if (y.element_type() == ffi::DataType::BF16)
-    return AmxProduct(pool, x, w, s, static_cast<uint16_t*>(y.untyped_data()), M, N, K);
+    return AmxProduct<kKN>(pool, x, w, s, static_cast<uint16_t*>(y.untyped_data()), M, N, K);
   if (y.element_type() == ffi::DataType::F32)
-    return AmxProduct(pool, x, w, s, static_cast<float*>(y.untyped_data()), M, N, K);
+    return AmxProduct<kKN>(pool, x, w, s, static_cast<float*>(y.untyped_data()), M, N, K);
   return ffi::Error::InvalidArgument("the AMX products write float32 or bf16");
 }
 
-ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                    ffi::Result<ffi::AnyBuffer> y) {
+// x [M, K] and w [N, K] (or [K, N], kKN) -> M, N and K, or an error naming `target`.
+template <bool kKN, typename Wt>
+ffi::Error GemmShapes(const char* target, ffi::Buffer<ffi::BF16>& x, Wt& w, int64_t& M, int64_t& N, int64_t& K) {
   const auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || wd[0] % kTile != 0 || xd[1] % 2 != 0)
-    return ffi::Error::InvalidArgument("pj_bf16_gemm: expected x [M, K] and w [N, K], N a multiple of 16, K even");
-  return AmxInto(pool, reinterpret_cast<const uint16_t*>(x.typed_data()),
-                 reinterpret_cast<const uint16_t*>(w.typed_data()), static_cast<const float*>(nullptr), *y, xd[0],
-                 wd[0], xd[1]);
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != (kKN ? wd[0] : wd[1]) || (kKN ? wd[1] : wd[0]) % kTile != 0 ||
+      xd[1] % 2 != 0)
+    return ffi::Error::InvalidArgument(std::string(target) + ": expected x [M, K] and w " +
+                                       (kKN ? "[K, N]" : "[N, K]") + ", N a multiple of 16, K even");
+  M = xd[0], N = kKN ? wd[1] : wd[0], K = xd[1];
+  return ffi::Error::Success();
 }
 
+template <bool kKN>
+ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::Result<ffi::AnyBuffer> y) {
+  int64_t M, N, K;
+  if (auto error = GemmShapes<kKN>(kKN ? "pj_bf16_gemm_kn" : "pj_bf16_gemm", x, w, M, N, K); error.failure())
+    return error;
+  return AmxInto<kKN>(pool, reinterpret_cast<const uint16_t*>(x.typed_data()),
+                      reinterpret_cast<const uint16_t*>(w.typed_data()), static_cast<const float*>(nullptr), *y, M, N,
+                      K);
+}
+
+template <bool kKN>
 ffi::Error Int8Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> s,
                     ffi::Result<ffi::AnyBuffer> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != wd[1] || sd[0] != wd[0] || sd[1] != 1 ||
-      wd[0] % kTile != 0 || xd[1] % 2 != 0)
-    return ffi::Error::InvalidArgument(
-        "pj_int8_gemm: expected x [M, K], w [N, K] and s [N, 1], N a multiple of 16, K even");
-  return AmxInto(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), w.typed_data(), s.typed_data(), *y, xd[0],
-                 wd[0], xd[1]);
+  const char* target = kKN ? "pj_int8_gemm_kn" : "pj_int8_gemm";
+  int64_t M, N, K;
+  if (auto error = GemmShapes<kKN>(target, x, w, M, N, K); error.failure()) return error;
+  if (s.element_count() != static_cast<size_t>(N))
+    return ffi::Error::InvalidArgument(std::string(target) + ": expected one scale per output channel");
+  return AmxInto<kKN>(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), w.typed_data(), s.typed_data(), *y, M,
+                      N, K);
 }
 
 }  // namespace
@@ -636,14 +713,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt4Matvec, Int4Matvec,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PjBf16Gemm, Bf16Gemm,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjBf16Gemm, Bf16Gemm<false>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::AnyBuffer>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt8Gemm, Int8Gemm,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjBf16GemmKn, Bf16Gemm<true>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt8Gemm, Int8Gemm<false>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt8GemmKn, Int8Gemm<true>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()

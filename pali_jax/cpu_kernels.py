@@ -3,8 +3,9 @@
     bf16_matvec(x bf16 [M, K], w bf16 [N, K])                    -> float32 [M, N]
     quant_matvec(x f32 [M, K], w int8 [N, K], scale f32 [N, G])  -> float32 [M, N]
     int4_matvec(x bf16 [M, K], w uint8 [N, K / 2], scale f32 [N, G]) -> float32 [M, N]
-    bf16_gemm(x bf16 [M, K], w bf16 [N, K])                      -> float32 | bf16 [M, N]  (AMX)
-    int8_gemm(x bf16 [M, K], w int8 [N, K], scale f32 [N, 1])    -> float32 | bf16 [M, N]  (AMX)
+    bf16_gemm(x bf16 [M, K], w bf16 [N, K] | [K, N])             -> float32 | bf16 [M, N]  (AMX)
+    int8_gemm(x bf16 [M, K], w int8 [N, K] | [K, N], scale f32 [N, 1] | [1, N])
+                                                                 -> float32 | bf16 [M, N]  (AMX)
 
 They exist because XLA:CPU multiplies a few rows by a bf16 weight at a fraction of the rate the
 weight streams from memory, and cannot multiply an int8 weight without writing it out in float
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 _LIBRARY_STEM = "_cpu_kernels"
 _TARGETS = {"pj_bf16_matvec": "PjBf16Matvec", "pj_quant_matvec": "PjQuantMatvec", "pj_int4_matvec": "PjInt4Matvec",
-            "pj_bf16_gemm": "PjBf16Gemm", "pj_int8_gemm": "PjInt8Gemm"}
+            "pj_bf16_gemm": "PjBf16Gemm", "pj_int8_gemm": "PjInt8Gemm", "pj_bf16_gemm_kn": "PjBf16GemmKn",
+            "pj_int8_gemm_kn": "PjInt8GemmKn"}
 DISABLE_ENV = "PALI_JAX_CPU_KERNELS"
 
 
@@ -102,10 +104,11 @@ def bf16_matvec(x: jax.Array, w: jax.Array) -> jax.Array:
     return _call("pj_bf16_matvec", x.shape[0], w.shape[0], x, w)
 
 
-def _bf16_bwd(residuals, g):  # g [M, N]: the plain products, so that a gradient never needs the kernel
+def _bf16_bwd(residuals, g, out_first: bool = True):  # g [M, N]: plain products, never the kernels
     x, w = residuals
-    gx = jnp.dot(g, w.astype(jnp.float32)).astype(x.dtype)
-    gw = jnp.dot(g.T, x.astype(jnp.float32)).astype(w.dtype)
+    w32 = w.astype(jnp.float32)
+    gx = jnp.dot(g, w32 if out_first else w32.T).astype(x.dtype)
+    gw = (jnp.dot(g.T, x.astype(jnp.float32)) if out_first else jnp.dot(x.astype(jnp.float32).T, g)).astype(w.dtype)
     return gx, gw
 
 
@@ -119,10 +122,10 @@ def quant_matvec(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
     return _call("pj_quant_matvec", x.shape[0], w.shape[0], x, w, scale)
 
 
-def _quantized_bwd(residuals, g):  # the frozen integer weight and its scales get no gradient
+def _quantized_bwd(residuals, g, out_first: bool = True):  # the frozen integer weight and its scales get no gradient
     x, w, scale = residuals
-    weight = quantize.dequantize({quantize.QVALUE: w, quantize.SCALE: scale}, jnp.float32)  # [N, K]
-    return jnp.dot(g, weight).astype(x.dtype), None, None
+    weight = quantize.dequantize({quantize.QVALUE: w, quantize.SCALE: scale}, jnp.float32)  # [N, K] | [K, N]
+    return jnp.dot(g, weight if out_first else weight.T).astype(x.dtype), None, None
 
 
 quant_matvec.defvjp(_keeping_operands(quant_matvec), _quantized_bwd)
@@ -140,33 +143,35 @@ def int4_matvec(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
 int4_matvec.defvjp(_keeping_operands(int4_matvec), _quantized_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def bf16_gemm(x: jax.Array, w: jax.Array, dtype=jnp.float32) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def bf16_gemm(x: jax.Array, w: jax.Array, dtype=jnp.float32, out_first: bool = True) -> jax.Array:
     """`bf16_matvec`'s product on AMX tiles, for more than one row (where `amx()`): x bf16 [M, K]
-    times w bf16 [N, K], N a multiple of 16, K even -> [M, N] in `dtype` (float32, or bf16: the
-    float32 sums rounded once, to nearest even, as XLA converts); products exact in float32,
-    accumulated in float32."""
-    return _call("pj_bf16_gemm", x.shape[0], w.shape[0], x, w, dtype=dtype)
+    times w bf16 [N, K] (out_first) or [K, N] (the checkpoint's layout), N a multiple of 16, K even
+    -> [M, N] in `dtype` (float32, or bf16: the float32 sums rounded once, to nearest even, as XLA
+    converts); products exact in float32, accumulated in float32."""
+    n = w.shape[0] if out_first else w.shape[1]
+    return _call("pj_bf16_gemm" if out_first else "pj_bf16_gemm_kn", x.shape[0], n, x, w, dtype=dtype)
 
 
 def _gemm_fwd(kernel):
-    return lambda *operands_and_dtype: (kernel(*operands_and_dtype), operands_and_dtype[:-1])
+    return lambda *operands_and_flags: (kernel(*operands_and_flags), operands_and_flags[:-2])
 
 
 def _gemm_bwd(bwd):
-    return lambda dtype, residuals, g: bwd(residuals, g.astype(jnp.float32))
+    return lambda dtype, out_first, residuals, g: bwd(residuals, g.astype(jnp.float32), out_first)
 
 
 bf16_gemm.defvjp(_gemm_fwd(bf16_gemm), _gemm_bwd(_bf16_bwd))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def int8_gemm(x: jax.Array, w: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def int8_gemm(x: jax.Array, w: jax.Array, scale: jax.Array, dtype=jnp.float32, out_first: bool = True) -> jax.Array:
     """x bf16 [M, K] times the weight w * scale on AMX tiles (where `amx()`) -> [M, N] in `dtype`
-    (float32, or bf16 rounded once); w int8 [N, K] (N a multiple of 16, K even), scale float32
-    [N, 1] per output channel: the int8 values converted to bf16 exactly, the products accumulated
-    in float32 and scaled once."""
-    return _call("pj_int8_gemm", x.shape[0], w.shape[0], x, w, scale, dtype=dtype)
+    (float32, or bf16 rounded once); w int8 [N, K] with scale float32 [N, 1] (out_first), or w
+    [K, N] with scale [1, N]; N a multiple of 16, K even: the int8 values converted to bf16
+    exactly, the products accumulated in float32 and scaled once per output channel."""
+    n = w.shape[0] if out_first else w.shape[1]
+    return _call("pj_int8_gemm" if out_first else "pj_int8_gemm_kn", x.shape[0], n, x, w, scale, dtype=dtype)
 
 
 int8_gemm.defvjp(_gemm_fwd(int8_gemm), _gemm_bwd(_quantized_bwd))

@@ -90,13 +90,6 @@ def declare_weight(module: nn.Module, name: str, init: Callable, shape: tuple[in
     return module.param(name, quantized_init, shape)
 
 
-def quantized_weight(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], axes: tuple,
-                     contracted: tuple[int, ...], quant: Quantization | None, dtype) -> jax.Array:
-    """`declare_weight`, returned in `dtype` (a quantised weight dequantised)."""
-    w = declare_weight(module, name, init, shape, axes, contracted, quant)
-    return quantize.dequantize(w, dtype) if quant is not None else w.astype(dtype)
-
-
 def product(multiply: Callable[[jax.Array, Any], jax.Array], x: jax.Array, w: Any, dtype) -> jax.Array:
     """`multiply(x, w)` for a parameter `declare_weight` returned: a float weight cast to `dtype`,
     or a quantised one as stored (`backend.project` multiplies it in the form the policy picks),

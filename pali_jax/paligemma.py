@@ -47,7 +47,7 @@ class PaliGemmaModel(nn.Module):
 
     def setup(self):
         quant = self.layout.quant
-        self.img = SigLIP(self.cfg.vision, self.cfg.text.width, self.dtype, self.remat, quant and quant.vision)
+        self.img = SigLIP(self.cfg.vision, self.cfg.text.width, self.dtype, self.remat, quant and quant.vision, self.policy)
         self.llm = Gemma(self.cfg.text, self.dtype, self.remat, self.layout, self.policy)
 
     def embed_image(self, pixel_values: jax.Array) -> jax.Array:

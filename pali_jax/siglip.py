@@ -15,20 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pali_jax import backend
+from pali_jax.backend import Policy
 from pali_jax.config import SiglipConfig
 from pali_jax.intermediates import INTERMEDIATES
-from pali_jax.layers import quantized_weight
+from pali_jax.layers import declare_weight, product
 from pali_jax.quantize import Quantization
-
-
-def _accumulate_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """The Dense layers' product, accumulated in float32 and rounded to the input dtype (as
-    transformers' bf16 matmuls do). XLA:CPU multiplies bf16 only as bf16 x bf16 -> f32 (YNNPACK);
-    a product with a bf16 result runs in float32 on converted operands, more slowly (see
-    `backend.py` and benchmarks/cpu_matmul.py)."""
-    del preferred_element_type
-    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32)
-    return out.astype(lhs.dtype)
 
 
 def _axes(init, *names):
@@ -40,14 +32,16 @@ _KERNEL, _BIAS = nn.initializers.lecun_normal(), nn.initializers.zeros_init()
 
 class Dense(nn.Module):
     """A biased projection over x's last `n_in` axes (nn.DenseGeneral's parameters and numerics:
-    kernel [*in, *out], bias [*out], products accumulated in float32 and rounded to `dtype`), whose
-    kernel `layers.quantized_weight` declares, so that it can be quantised."""
+    kernel [*in, *out], bias [*out], products accumulated in float32 and rounded to `dtype`, as
+    transformers' bf16 matmuls do), whose kernel `layers.declare_weight` declares, so that it can
+    be quantised, and `backend.project` multiplies in the form `policy` picks."""
 
     features: int | tuple[int, ...]
     axes: tuple[str, ...]  # the kernel's logical axes, inputs then outputs
     n_in: int = 1
     dtype: jnp.dtype = jnp.float32
     quant: Quantization | None = None
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -59,16 +53,19 @@ class Dense(nn.Module):
             flat = (math.prod(shape[: self.n_in]), math.prod(shape[self.n_in :]))
             return _KERNEL(key, flat).reshape(shape)
 
-        kernel = quantized_weight(self, "kernel", init, shape, self.axes, tuple(range(self.n_in)), self.quant, self.dtype)
+        kernel = declare_weight(self, "kernel", init, shape, self.axes, tuple(range(self.n_in)), self.quant)
         bias = self.param("bias", _axes(_BIAS, *self.axes[self.n_in :]), features)
-        dims = ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ()))
-        y = _accumulate_f32(x.astype(self.dtype), kernel, dims)
+        y = product(self._multiply, x.astype(self.dtype), kernel, self.dtype)
         return y + bias.astype(self.dtype)
 
+    def _multiply(self, x: jax.Array, kernel) -> jax.Array:
+        return backend.project(x, kernel, self.n_in, False, self.policy)
 
-def _dense(features, axes: tuple[str, ...], dtype, name: str | None = None, n_in: int = 1, quant=None) -> Dense:
+
+def _dense(features, axes: tuple[str, ...], dtype, policy: Policy, name: str | None = None, n_in: int = 1,
+           quant=None) -> Dense:
     """A biased projection whose kernel has logical `axes` (inputs then outputs)."""
-    return Dense(features, axes, n_in, dtype, quant, name=name)
+    return Dense(features, axes, n_in, dtype, quant, policy, name=name)
 
 
 def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
@@ -81,35 +78,37 @@ class Attention(nn.Module):
     cfg: SiglipConfig
     dtype: jnp.dtype = jnp.float32
     quant: Quantization | None = None
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.cfg
         heads = (c.num_heads, c.head_dim)
         axes = ("vision_embed", "vision_heads", "vision_head_dim")
-        q, k, v = (_dense(heads, axes, self.dtype, name, quant=self.quant)(x) for name in ("query", "key", "value"))  # [B, T, N, H]
+        q, k, v = (_dense(heads, axes, self.dtype, self.policy, name, quant=self.quant)(x) for name in ("query", "key", "value"))  # [B, T, N, H]
         logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * c.head_dim**-0.5
         probs = jax.nn.softmax(logits, axis=-1)
         self.sow(INTERMEDIATES, "attention", probs)
         out = jnp.einsum("bnts,bsnh->btnh", probs.astype(self.dtype), v)
         axes = ("vision_heads", "vision_head_dim", "vision_embed")
-        return _dense(c.width, axes, self.dtype, "out", n_in=2, quant=self.quant)(out)
+        return _dense(c.width, axes, self.dtype, self.policy, "out", n_in=2, quant=self.quant)(out)
 
 
 class EncoderBlock(nn.Module):
     cfg: SiglipConfig
     dtype: jnp.dtype = jnp.float32
     quant: Quantization | None = None
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x: jax.Array, _=None) -> tuple[jax.Array, None]:
         c = self.cfg
         h = _layer_norm(c.layer_norm_eps, self.dtype, "LayerNorm_0")(x)
-        x = x + Attention(c, self.dtype, self.quant, name="MultiHeadDotProductAttention_0")(h)
+        x = x + Attention(c, self.dtype, self.quant, self.policy, name="MultiHeadDotProductAttention_0")(h)
         h = _layer_norm(c.layer_norm_eps, self.dtype, "LayerNorm_1")(x)
-        h = _dense(c.mlp_dim, ("vision_embed", "vision_mlp"), self.dtype, "Dense_0", quant=self.quant)(h)
+        h = _dense(c.mlp_dim, ("vision_embed", "vision_mlp"), self.dtype, self.policy, "Dense_0", quant=self.quant)(h)
         h = nn.gelu(h, approximate=c.gelu_approximate)
-        x = x + _dense(c.width, ("vision_mlp", "vision_embed"), self.dtype, "Dense_1", quant=self.quant)(h)
+        x = x + _dense(c.width, ("vision_mlp", "vision_embed"), self.dtype, self.policy, "Dense_1", quant=self.quant)(h)
         self.sow(INTERMEDIATES, "output", x)
         return x, None
 
@@ -119,6 +118,7 @@ class Encoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     quant: Quantization | None = None
+    policy: Policy = Policy()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -126,7 +126,7 @@ class Encoder(nn.Module):
         x, _ = nn.scan(
             block, variable_axes={"params": 0, INTERMEDIATES: 0}, split_rngs={"params": True}, length=self.cfg.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(self.cfg, self.dtype, self.quant, name="encoderblock")(x, None)
+        )(self.cfg, self.dtype, self.quant, self.policy, name="encoderblock")(x, None)
         return _layer_norm(self.cfg.layer_norm_eps, self.dtype, "encoder_norm")(x)
 
 
@@ -138,6 +138,7 @@ class SigLIP(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     quant: Quantization | None = None  # of the projections and the projector (int8: `Quantization.vision`)
+    policy: Policy = Policy()  # the platform the projections are multiplied for (`backend.Policy`)
 
     def setup(self):
         c = self.cfg
@@ -147,8 +148,8 @@ class SigLIP(nn.Module):
         )
         pos_init = _axes(nn.initializers.normal(0.02), None, "patches", "vision_embed")
         self.pos_embedding = self.param("pos_embedding", pos_init, (1, c.num_patches, c.width))
-        self.Transformer = Encoder(c, self.dtype, self.remat, self.quant)
-        self.head = _dense(self.out_width, ("vision_embed", "embed"), self.dtype, quant=self.quant)
+        self.Transformer = Encoder(c, self.dtype, self.remat, self.quant, self.policy)
+        self.head = _dense(self.out_width, ("vision_embed", "embed"), self.dtype, self.policy, quant=self.quant)
 
     def encode(self, pixels: jax.Array) -> jax.Array:
         """[B, H, W, 3] -> [B, P, width]: the vision tower's last hidden state (after its final norm)."""

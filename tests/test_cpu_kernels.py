@@ -80,7 +80,11 @@ def test_policy_multiplies_on_amx_only_where_the_tiles_fit():
     assert amx.matmul_form(bf16, rows - 1, True, 2048, 16384) == "kernel"  # one row: the matrix-vector kernel
     assert amx.matmul_form(bf16, rows, True, 2048, 8) == amx.matmul_form(bf16, rows, True, 2047, 16) == "kernel"
     assert amx.matmul_form(jnp.float32, rows, True, 2048, 16) == "dot_general"
-    assert amx.matmul_form(bf16, rows, False, 2048, 16) == "dot"  # training's layout
+    # inputs first (SigLIP's, the checkpoint's layout): paired per call, from the same rows
+    assert amx.matmul_form(bf16, rows, False, 1152, 4304) == amx.quantized_form(bf16, rows8, False, int8, 1152, 4304) == "amx"
+    assert amx.matmul_form(bf16, rows - 1, False, 2048, 16) == "dot_pad"
+    assert amx.quantized_form(bf16, rows8 - 1, False, int8, 1152, 4304) == "tiled_f32"
+    assert amx.matmul_form(bf16, rows, False, 2048, 8) == "dot"  # off the tiles
     assert amx.quantized_form(bf16, rows8, True, int8, 2048, 16) == "amx"
     assert amx.quantized_form(bf16, rows8 - 1, True, int8, 2048, 16) == "kernel"
     assert amx.quantized_form(bf16, 64, True, int8, 2048, 16, groups=16) == "tiled"  # int4 held in bytes: groups
@@ -152,32 +156,60 @@ def test_int4_matvec_refuses_groups_off_the_packing():
 
 @pytest.mark.skipif(not CAN_AMX, reason="this CPU (or its kernel) gives no AMX: the policy never calls the GEMMs")
 @pytest.mark.parametrize("m", [1, 17, 40, 530])
-@pytest.mark.parametrize("n, k", [(16, 100), (48, 1100), (64, 2048)])
-def test_amx_gemms_are_exact_to_float32_rounding(m, n, k):
-    """bf16, and int8 converted to bf16 exactly, against float64: row counts off the 16-row tiles
-    and past a 512-row pass, N an odd number of 16-channel tiles, K off the 32-input tiles and
-    over several 512-input chunks (partial sums carried between them)."""
+@pytest.mark.parametrize("n, k", [(16, 100), (48, 1100), (64, 2048), (272, 600)])
+@pytest.mark.parametrize("out_first", [True, False])
+def test_amx_gemms_are_exact_to_float32_rounding(m, n, k, out_first):
+    """bf16, and int8 converted to bf16 exactly, against float64, the weight stored output channels
+    first or inputs first: row counts off the 16-row tiles and past a 512-row pass, N an odd number
+    of 16-channel tiles and past one thread's 128 channels, K off the 32-input tiles and over
+    several 256-input chunks (partial sums carried between them). Both layouts sum in the same
+    order: the same bits."""
     rng = np.random.default_rng(m * 1000 + n + k)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)
+    stored = w if out_first else w.T
     x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
-    y32 = jax.jit(cpu_kernels.bf16_gemm)(x, w)
+    gemm = jax.jit(cpu_kernels.bf16_gemm, static_argnums=(2, 3))
+    y32 = gemm(x, stored, jnp.float32, out_first)
     y = np.asarray(y32, np.float64)
     assert y.shape == (m, n)
     assert np.all(np.abs(y - x64 @ w64.T) <= _float32_bound(x64, w64))
+    if not out_first:
+        np.testing.assert_array_equal(np.asarray(y32), np.asarray(gemm(x, w, jnp.float32, True)))
     # bf16 out: the same sums, rounded once as XLA rounds them
-    y16 = jax.jit(cpu_kernels.bf16_gemm, static_argnums=2)(x, w, jnp.bfloat16)
+    y16 = gemm(x, stored, jnp.bfloat16, out_first)
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(y16, np.float32), np.asarray(y32.astype(jnp.bfloat16), np.float32))
     node = quantize.quantize(rng.standard_normal((n, k)).astype(np.float32), Quantization("int8"), (1,))
-    q, s = node[quantize.QVALUE], node[quantize.SCALE]
-    y32 = jax.jit(cpu_kernels.int8_gemm)(x, q, s)
+    q, s = node[quantize.QVALUE], node[quantize.SCALE]  # [N, K], [N, 1]
+    int8 = jax.jit(cpu_kernels.int8_gemm, static_argnums=(3, 4))
+    y32 = int8(x, q if out_first else q.T, s if out_first else s.T, jnp.float32, out_first)
     y = np.asarray(y32, np.float64)
     q64 = np.asarray(q, np.float64)
     scale = np.asarray(s, np.float64)  # [N, 1]: one product, scaled once
     assert np.all(np.abs(y - (x64 @ q64.T) * scale.T) <= 2 * _float32_bound(x64, q64) * scale.T)
-    y16 = jax.jit(cpu_kernels.int8_gemm, static_argnums=3)(x, q, s, jnp.bfloat16)
+    y16 = int8(x, q if out_first else q.T, s if out_first else s.T, jnp.bfloat16, out_first)
     np.testing.assert_array_equal(np.asarray(y16, np.float32), np.asarray(y32.astype(jnp.bfloat16), np.float32))
+
+
+@pytest.mark.parametrize("quant, target", [(None, "pj_bf16_gemm_kn"), ("int8", "pj_int8_gemm_kn")])
+def test_siglip_projections_take_the_policys_forms(quant, target):
+    """SigLIP's projections (weights stored inputs first) are multiplied by `backend.project` like
+    the decoder's: on an AMX policy, a bf16 model's vision tower lowers each of them (four in
+    attention, two in the MLP, in the one scanned layer, and the projector) to the AMX GEMM for
+    inputs-first weights, float or int8; a policy without AMX keeps XLA's dots."""
+    amx = Policy("cpu", backend._AMX_FLAGS | backend._QUANT_KERNEL_FLAGS, cpu_kernels=True)
+    pg = PaliGemma.from_pretrained(DEMO, dtype="bfloat16", quantize=quant)
+    size, n_image = pg.config.image_size, pg.config.num_image_tokens
+    pixels = jnp.zeros((1, size, size, 3), jnp.bfloat16)
+    ids = jnp.full((1, n_image + 4), pg.config.image_token_id, jnp.int32).at[0, n_image:].set(2)
+
+    def lowered(policy: Policy) -> str:
+        module = dataclasses.replace(pg.module, policy=policy)
+        return jax.jit(module.apply).lower({"params": pg.params}, pixels, ids).as_text()
+
+    assert lowered(amx).count(f"@{target}(") == 7
+    assert f"@{target}(" not in lowered(NO_KERNELS)
 
 
 @pytest.mark.skipif(not CAN_AMX, reason="this CPU (or its kernel) gives no AMX: the policy never calls the GEMMs")
@@ -185,8 +217,13 @@ def test_amx_gemms_refuse_shapes_off_the_tiles():
     x = jnp.ones((32, 64), jnp.bfloat16)
     with pytest.raises(Exception, match="multiple of 16"):
         jax.block_until_ready(cpu_kernels.bf16_gemm(x, jnp.ones((24, 64), jnp.bfloat16)))
-    with pytest.raises(Exception, match="s \\[N, 1\\]"):
+    with pytest.raises(Exception, match="one scale per output channel"):
         jax.block_until_ready(cpu_kernels.int8_gemm(x, jnp.ones((16, 64), jnp.int8), jnp.ones((16, 2), jnp.float32)))
+    with pytest.raises(Exception, match=r"w \[K, N\], N a multiple of 16"):
+        jax.block_until_ready(cpu_kernels.bf16_gemm(x, jnp.ones((64, 24), jnp.bfloat16), jnp.float32, False))
+    with pytest.raises(Exception, match="one scale per output channel"):
+        jax.block_until_ready(cpu_kernels.int8_gemm(x, jnp.ones((64, 16), jnp.int8), jnp.ones((1, 8), jnp.float32),
+                                                    jnp.float32, False))
 
 
 @pytest.mark.skipif(not CAN_BF16, reason="this CPU lacks AVX512-BF16: the policy never calls the kernel (test above)")
@@ -222,11 +259,18 @@ def test_gradients_through_the_kernels_are_the_plain_products():
         want = jax.grad(loss(plain), argnums=(0, 1))(x, w16)
         for g, r in zip(got, want):
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=2**-7, atol=1e-2)
+        kn = lambda x, w: cpu_kernels.bf16_gemm(x, w, jnp.float32, False)  # noqa: E731
+        got_x, got_w = jax.grad(loss(kn), argnums=(0, 1))(x, w16.T)  # inputs first: the weight's gradient too
+        np.testing.assert_allclose(np.asarray(got_x, np.float32), np.asarray(want[0], np.float32), rtol=2**-7, atol=1e-2)
+        np.testing.assert_allclose(np.asarray(got_w, np.float32), np.asarray(want[1], np.float32).T, rtol=2**-7, atol=1e-2)
         node = quantize.quantize(np.asarray(w16, np.float32), Quantization("int8"), (1,))
         deq = quantize.dequantize(node, jnp.float32)
-        gx = jax.grad(lambda x: jnp.sum(jnp.sin(cpu_kernels.int8_gemm(x, node[quantize.QVALUE], node[quantize.SCALE]))))(x)
+        q, s = node[quantize.QVALUE], node[quantize.SCALE]
         want_x = jax.grad(lambda x: jnp.sum(jnp.sin(x.astype(jnp.float32) @ deq.T)))(x)
-        np.testing.assert_allclose(np.asarray(gx, np.float32), np.asarray(want_x, np.float32), rtol=2**-7, atol=1e-2)
+        for out_first in (True, False):
+            int8 = lambda x: cpu_kernels.int8_gemm(x, q if out_first else q.T, s if out_first else s.T, jnp.float32, out_first)  # noqa: B023, E731
+            gx = jax.grad(lambda x: jnp.sum(jnp.sin(int8(x))))(x)
+            np.testing.assert_allclose(np.asarray(gx, np.float32), np.asarray(want_x, np.float32), rtol=2**-7, atol=1e-2)
 
 
 @pytest.mark.skipif(not (CAN_BF16 and CAN_QUANT), reason="this CPU lacks the kernels' instruction sets")
