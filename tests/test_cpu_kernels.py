@@ -155,8 +155,8 @@ def test_int4_matvec_refuses_groups_off_the_packing():
 
 
 @pytest.mark.skipif(not CAN_AMX, reason="this CPU (or its kernel) gives no AMX: the policy never calls the GEMMs")
-@pytest.mark.parametrize("m", [1, 17, 40, 530])
-@pytest.mark.parametrize("n, k", [(16, 100), (48, 1100), (64, 2048), (272, 600)])
+@pytest.mark.parametrize("m", [1, 17, 530])
+@pytest.mark.parametrize("n, k", [(16, 100), (48, 1100), (272, 600)])
 @pytest.mark.parametrize("out_first", [True, False])
 def test_amx_gemms_are_exact_to_float32_rounding(m, n, k, out_first):
     """bf16, and int8 converted to bf16 exactly, against float64, the weight stored output channels
