@@ -32,7 +32,10 @@ Forms (x [M, K] bf16; w [N, K]; every product accumulates in float32 and is roun
                     has AVX-512): the int8 bytes read once, converted in registers, scaled per group;
                     `bf16 kernel` the bf16 weight through `cpu_kernels.bf16_matvec`;
   amx               int8 only, where this process may use AMX: `cpu_kernels.int8_gemm` (what
-                    `backend.project` runs from `backend._AMX_INT8_ROWS` rows there; below, the kernel).
+                    `backend.project` runs from `backend._AMX_INT8_ROWS` rows there; below, the kernel);
+  packed amx        int4 only, where this process may use AMX: the packed bytes through
+                    `cpu_kernels.int4_gemm`, dequantised to bf16 a block at a time (what
+                    `backend.project` runs from `backend._AMX_INT4_ROWS` rows there).
 Schemes as `quantize.py` makes them: int8 per output channel, int4 in groups of 128 along K.
 
 Timings are interleaved across forms, shuffled each round (medians and best of --repeats: the
@@ -137,7 +140,10 @@ def forms(scheme: str, tile_sweep: list[int]) -> dict:
         out["tiled jnp.int4"] = (_project(backend.Policy("cpu")), None, "q")
         out["tiled packed"] = (_tiled_packed(backend.Policy("cpu").tile_bytes), None, "packed")
         if cpu_kernels.load():
-            out["packed kernel"] = (_project(backend.Policy("cpu", backend.cpu_features(), cpu_kernels=True)), None, "packed")
+            out["packed kernel"] = (_project(backend.Policy("cpu", backend.cpu_features() - backend.AMX_CPU_FLAGS,
+                                                            cpu_kernels=True)), None, "packed")
+        if cpu_kernels.amx():
+            out["packed amx"] = (_project(backend.Policy("cpu", backend.cpu_features(), cpu_kernels=True)), None, "packed")
     return out
 
 

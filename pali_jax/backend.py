@@ -55,11 +55,13 @@ A policy decides:
   benchmarks/cpu_quant_matmul.py (the forms, the kernel, tile sizes, XLA:CPU's YNNPACK elementwise
   fusion, an int8 x int8 dot on dynamically quantised rows, nibble-packed int4; docs/performance.md).
   Nibble-packed int4 (`Layout.int4_packed`, which `inference_layout` picks in bf16 on CPU where
-  the bf16 kernel runs) always goes through `cpu_kernels.int4_matvec` (`int4_kernel`), whatever
-  the rows: packed bytes have no other fast product (XLA:CPU unpacks nibbles slowly: `tiled
-  packed`). The same measurement has it far ahead for decoding's few rows and behind the tiled
-  product of int4 held one per byte at a prefill's hundreds (`--rows 256`), the price of half the
-  bytes. Elsewhere a packed weight is dequantised whole.
+  the bf16 kernel runs) goes through `cpu_kernels.int4_matvec` (`int4_kernel`), and on a CPU with
+  AMX from `_AMX_INT4_ROWS` rows through `cpu_kernels.int4_gemm` (each block dequantised to bf16
+  as it is used, the tiled form's numerics): packed bytes have no other fast product (XLA:CPU
+  unpacks nibbles slowly: `tiled packed`). The same measurement has the matrix-vector kernel far
+  ahead for decoding's few rows and behind the tiled product of int4 held one per byte at a
+  prefill's hundreds (`--rows 256`), the price of half the bytes. Elsewhere a packed weight is
+  dequantised whole.
 * `compiler_options`: while-loop invariant code motion on XLA:CPU hoists the float32 conversion
   of every bf16 weight out of the loop that uses it (XLA:CPU computes all non-YNNPACK bf16 ops in
   float32): a bf16 model would then decode on a float32 copy of its weights, and a train step over
@@ -212,6 +214,11 @@ _QUANT_KERNEL_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl"})
 # channels and an even K.
 _AMX_ROWS = 2
 _AMX_INT8_ROWS = 8
+# Rows from which nibble-packed int4 runs on AMX (`cpu_kernels.int4_gemm`: each block dequantised to
+# bf16 as it is used) rather than through `int4_matvec`, which reads half int8's bytes but whose dot
+# products run out of registers as rows grow (benchmarks/cpu_quant_matmul.py, `packed amx` against
+# `packed kernel`).
+_AMX_INT4_ROWS = 12
 _AMX_FLAGS = _BF16_KERNEL_FLAGS | {"amx_tile", "amx_bf16"}
 AMX_CPU_FLAGS = frozenset({"amx_tile", "amx_bf16", "amx_int8"})
 
@@ -299,8 +306,10 @@ class Policy:
         """How `project` multiplies `rows` rows in `dtype` by a quantised weight whose values are
         `value_dtype`, contracting `n_in` inputs into `n_out` outputs with `groups` scales per output
         (module docstring)."""
-        if quantize.is_packed(value_dtype):  # nibble-packed int4: the kernel's form, at any row count
-            return "int4_kernel" if out_first and self._packs_int4(dtype) else "dequantize"
+        if quantize.is_packed(value_dtype):  # nibble-packed int4: the kernels' forms, at any row count
+            if not (out_first and self._packs_int4(dtype)):
+                return "dequantize"
+            return "amx" if self._amx(rows, n_in, n_out, _AMX_INT4_ROWS) else "int4_kernel"
         if self.platform != "cpu":
             return "dequantize"
         if (self._cpu_bfloat16(dtype) and jnp.dtype(value_dtype) == jnp.int8 and groups == 1
@@ -364,8 +373,10 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
     if quantized:
         groups = w[quantize.SCALE].size // n_out
         form = policy.quantized_form(rows.dtype, m, out_first, w[quantize.QVALUE].dtype, n_in, n_out, groups)
-    if form == "amx":  # one scale per output channel: [N, K] and [N, 1], or [K, N] and [1, N]
+    if form == "amx":  # one scale per output channel: [N, K] and [N, 1], or [K, N] and [1, N]; packed int4 [N, K / 2], [N, G]
         q, scale = w[quantize.QVALUE], w[quantize.SCALE].astype(jnp.float32)
+        if quantize.is_packed(q.dtype):
+            return cpu_kernels.int4_gemm(rows, q.reshape(n_out, -1), scale.reshape(n_out, -1), x.dtype).reshape(*lead, *out_shape)
         q, scale = (q.reshape(n_out, n_in), scale.reshape(n_out, 1)) if out_first else (q.reshape(n_in, n_out), scale.reshape(1, n_out))
         return cpu_kernels.int8_gemm(rows, q, scale, x.dtype, out_first).reshape(*lead, *out_shape)
     if form in ("kernel", "int4_kernel"):  # output axes lead: [N, K] (packed: [N, K / 2]) and [N, G]

@@ -13,6 +13,9 @@
 //   pj_quant_matvec: x f32 [M, K],  w int8 [N, K], s f32 [N, G]  -> y f32 [M, N]
 //   pj_int4_matvec:  x bf16 [M, K], w u8 [N, K / 2], s f32 [N, G] -> y f32 [M, N]  (nibble-packed)
 //
+// and on AMX (f32 or bf16 out): pj_bf16_gemm / pj_int8_gemm (w [N, K]), pj_bf16_gemm_kn /
+// pj_int8_gemm_kn (w [K, N]), pj_int4_gemm (nibble-packed, dequantised to bf16 block by block).
+//
 // y[m, n] = sum_k x[m, k] w[n, k] (times s[n, g] per group of K / G contracted inputs). Weights
 // are output axes first ([N, K], the inference layout of pali_jax.backend), so each output is one
 // contiguous dot product. bf16 products are exact in float32 and accumulated in float32
@@ -34,6 +37,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <sys/syscall.h>
@@ -328,7 +332,7 @@ ffi::Error Int4Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
 }
 
 
-// ---- bf16 and int8 matrix products on AMX (from a few rows) --------------------------------------
+// ---- bf16, int8 and int4 matrix products on AMX (from a few rows) -------------------------------
 //
 // AMX multiplies bf16 many times faster than AVX-512, and reads a weight at the memory's rate from
 // two rows on (a batch's decoding, a prefill). XLA's YNNPACK reaches AMX only with platform-dependent
@@ -345,7 +349,8 @@ ffi::Error Int4Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffe
 // its partial sums wait in a per-chunk buffer between chunks (the chunk's weight tiles stay in L1
 // across all rows, the packed activations of a chunk in L2), and the last chunk's tiles are
 // written into y. An int8 weight (per-channel scale) is converted to bf16 exactly as its block is
-// copied, and its scale applied to the float32 sums. Every buffer a tile is loaded from starts on
+// copied, and its scale applied to the float32 sums; a nibble-packed int4 one is dequantised to
+// bf16 as its block is copied (CopyNibbles). Every buffer a tile is loaded from starts on
 // a 64-byte boundary and has 64-byte rows: a tile row across two cache lines halves TILELOADD's
 // rate.
 
@@ -492,6 +497,33 @@ PJ_AMX __m512i LoadAsBf16(const W* p, int64_t valid) {
   }
 }
 
+// Nibble-packed int4 (`pack_int4`: each 128-input chunk 64 bytes, 16-bit word j holding inputs j,
+// 32 + j, 64 + j and 96 + j), scaled per group of inputs: its blocks are dequantised to bf16 as they
+// are copied (each weight times its group's scale, rounded once to bf16: what XLA's tiled form and
+// the GPU's dequantise-in-the-fusion multiply), so the tiles' products use no other scale.
+struct Nibbles {
+  uint8_t bits;
+};
+
+// Rows [n, n + rows) of a nibble-packed weight (K inputs, scales s [N, G]), inputs [k0, k0 + width)
+// (whole 128-input chunks) dequantised to bf16 -> a, rows of A tiles as CopyWeights lays them out.
+PJ_AMX void CopyNibbles(const Nibbles* w, const float* s, int64_t G, int64_t K, int64_t n, int64_t rows, int64_t k0,
+                        int64_t width, uint16_t* a) {
+  const __m512i table = Int4Table();
+  const int64_t group = K / G;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < width; k += 128) {
+      const __m512i words = _mm512_loadu_si512(reinterpret_cast<const uint8_t*>(w) + (n + r) * (K / 2) + (k0 + k) / 2);
+      const __m512 scale = _mm512_set1_ps(s[(n + r) * G + (k0 + k) / group]);
+      for (int q = 0; q < 4; ++q) {  // inputs k + 32 q + j, j < 32
+        const __m512i v = _mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4 * q), table);
+        const __m512 lo = _mm512_mul_ps(_mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256(v)), scale);
+        const __m512 hi = _mm512_mul_ps(_mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64(v, 1)), scale);
+        _mm512_storeu_si512(a + ((k + 32 * q) / kTileK * rows + r) * kTileK, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+    }
+}
+
 // The weights of channels [n0, n1) (a multiple of 16) and inputs [k0, k0 + width) (zero past K)
 // of w (bf16, or int8 converted) -> a, tile by tile: the 32 channels from n at
 // a + (n - n0) width, step s and channel tile i at + (s nt + i) kTileElems (nt: 2, or 1 for a last
@@ -499,9 +531,15 @@ PJ_AMX __m512i LoadAsBf16(const W* p, int64_t valid) {
 // rows interleaved (B tiles: element (p, j) holds inputs 2p and 2p + 1 of channel j), read a whole
 // row of the range at a time.
 template <bool kKN, typename W>
-PJ_AMX void CopyWeights(const W* w, int64_t N, int64_t K, int64_t n0, int64_t n1, int64_t k0, int64_t width,
-                        uint16_t* a) {
-  if constexpr (kKN) {
+PJ_AMX void CopyWeights(const W* w, const float* s, int64_t G, int64_t N, int64_t K, int64_t n0, int64_t n1,
+                        int64_t k0, int64_t width, uint16_t* a) {
+  if constexpr (std::is_same_v<W, Nibbles>) {
+    static_assert(!kKN, "nibble-packed weights are stored output channels first");
+    for (int64_t n = n0; n < n1; n += 2 * kTile) {
+      const int64_t rows = std::min<int64_t>(2 * kTile, n1 - n);
+      CopyNibbles(w, s, G, K, n, rows, k0, width, a + (n - n0) * width);
+    }
+  } else if constexpr (kKN) {
     // output element e of channel tile i takes channel 16 i + e / 2 of input row 2p + e % 2
     alignas(64) uint16_t order[2][32];
     for (int e = 0; e < 32; ++e) order[0][e] = (e & 1) * 32 + (e >> 1), order[1][e] = (e & 1) * 32 + 16 + (e >> 1);
@@ -534,7 +572,12 @@ template <bool kKN, typename W>
 inline void PrefetchWeights(const W* w, int64_t N, int64_t K, int64_t n, int64_t rows, int64_t k0, int64_t width,
                             int64_t part, int64_t parts) {
   const int64_t end = std::min(K, k0 + width);
-  if constexpr (kKN) {
+  if constexpr (std::is_same_v<W, Nibbles>) {  // two inputs per byte
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w);
+    for (int64_t r = rows * part / parts; r < rows * (part + 1) / parts; ++r)
+      for (int64_t k = k0; k < end; k += 128)
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + (n + r) * (K / 2) + k / 2), _MM_HINT_T1);
+  } else if constexpr (kKN) {
     for (int64_t k = k0 + (end - k0) * part / parts; k < k0 + (end - k0) * (part + 1) / parts; ++k)
       for (int64_t j = 0; j < rows; j += 64 / sizeof(W))
         _mm_prefetch(reinterpret_cast<const char*>(w + k * N + n + j), _MM_HINT_T1);
@@ -550,7 +593,7 @@ inline void PrefetchWeights(const W* w, int64_t N, int64_t K, int64_t n, int64_t
 constexpr int64_t kAmxRowsPerPass = 512;
 
 template <bool kKN, typename W, typename O>
-PJ_AMX void AmxChannels(const uint32_t* xp, const W* w, const float* s, O* y, int64_t M, int64_t m0,
+PJ_AMX void AmxChannels(const uint32_t* xp, const W* w, const float* s, int64_t G, O* y, int64_t M, int64_t m0,
                         int64_t rows, int64_t N, int64_t K, int64_t n0, int64_t n1, float* partial, uint16_t* abuf) {
   const int64_t k_tiles = (K + kTileK - 1) / kTileK, m_tiles = (rows + kTile - 1) / kTile;
   const int64_t m_pairs = (m_tiles + 1) / 2, chunk_tiles = kAmxKc / kTileK;
@@ -558,6 +601,7 @@ PJ_AMX void AmxChannels(const uint32_t* xp, const W* w, const float* s, O* y, in
   // A bf16 weight [N, K] whose rows hold whole tiles is read in place; others are copied (converted,
   // padded, paired).
   const bool copies = kKN || sizeof(W) == 1 || K % kTileK != 0;
+  const float* out_scale = std::is_same_v<W, Nibbles> ? nullptr : s;  // int4's scales go in with the copy
   ConfigureTiles();
   const int64_t blocks = (n1 - n0 + 2 * kTile - 1) / (2 * kTile);
   for (int64_t kt0 = 0; kt0 < k_tiles; kt0 += chunk_tiles) {
@@ -566,7 +610,7 @@ PJ_AMX void AmxChannels(const uint32_t* xp, const W* w, const float* s, O* y, in
     // Weights stream into L2 ahead of their use, spread over the products (a burst of prefetches
     // stalls on the fill buffers): a copied chunk's successor, or a weight read in place's next
     // block; otherwise the copy, or the first tile loads, would wait on memory with AMX idle.
-    if (copies) CopyWeights<kKN>(w, N, K, n0, n1, kt0 * kTileK, steps * kTileK, abuf);
+    if (copies) CopyWeights<kKN>(w, s, G, N, K, n0, n1, kt0 * kTileK, steps * kTileK, abuf);
     for (int64_t n = n0; n < n1; n += 2 * kTile) {
       const int64_t nt = std::min<int64_t>(2, (n1 - n) / kTile), block = (n - n0) / (2 * kTile);
       int64_t pn = n0, prows = n1 - n0, pk = (kt0 + steps) * kTileK, pw = last ? 0 : chunk_tiles * kTileK;
@@ -593,7 +637,7 @@ PJ_AMX void AmxChannels(const uint32_t* xp, const W* w, const float* s, O* y, in
         if (last)
           for (int i = 0; i < nt; ++i)
             for (int j = 0; j < mt; ++j)
-              WriteTile<kKN>(c + (2 * i + j) * 256, s, y, M, N, n + i * kTile, m0 + 2 * mp * kTile + j * kTile);
+              WriteTile<kKN>(c + (2 * i + j) * 256, out_scale, y, M, N, n + i * kTile, m0 + 2 * mp * kTile + j * kTile);
       }
     }
   }
@@ -618,8 +662,8 @@ bool AmxGranted() {
 }
 
 template <bool kKN, typename W, typename O>
-ffi::Error AmxProduct(ffi::ThreadPool& pool, const uint16_t* x, const W* w, const float* s, O* y, int64_t M,
-                      int64_t N, int64_t K) {
+ffi::Error AmxProduct(ffi::ThreadPool& pool, const uint16_t* x, const W* w, const float* s, int64_t G, O* y,
+                      int64_t M, int64_t N, int64_t K) {
   if (!AmxGranted()) return ffi::Error(ffi::ErrorCode::kUnavailable, "AMX is not available to this process");
   const int64_t k_tiles = (K + kTileK - 1) / kTileK;
   thread_local std::vector<uint32_t> packed;
@@ -635,8 +679,8 @@ ffi::Error AmxProduct(ffi::ThreadPool& pool, const uint16_t* x, const W* w, cons
       thread_local std::vector<uint16_t> abuf;
       float* c = Aligned(partial, kAmxChannels / (2 * kTile) * ((m_tiles + 1) / 2) * 1024);
       uint16_t* a = Aligned(abuf, kAmxChannels * kAmxKc);
-      AmxChannels<kKN>(xp, w, s, y, M, m0, rows, N, K, ch * kAmxChannels, std::min(N, (ch + 1) * kAmxChannels), c,
-                       a);
+      AmxChannels<kKN>(xp, w, s, G, y, M, m0, rows, N, K, ch * kAmxChannels, std::min(N, (ch + 1) * kAmxChannels),
+                       c, a);
     });
   }
   return ffi::Error::Success();
@@ -644,12 +688,12 @@ ffi::Error AmxProduct(ffi::ThreadPool& pool, const uint16_t* x, const W* w, cons
 
 // y float32, or bf16 (the sums rounded once: what the model keeps, at half the bytes written).
 template <bool kKN, typename W>
-ffi::Error AmxInto(ffi::ThreadPool& pool, const uint16_t* x, const W* w, const float* s, ffi::AnyBuffer y,
-                   int64_t M, int64_t N, int64_t K) {
+ffi::Error AmxInto(ffi::ThreadPool& pool, const uint16_t* x, const W* w, const float* s, int64_t G,
+                   ffi::AnyBuffer y, int64_t M, int64_t N, int64_t K) {
   if (y.element_type() == ffi::DataType::BF16)
-    return AmxProduct<kKN>(pool, x, w, s, static_cast<uint16_t*>(y.untyped_data()), M, N, K);
+    return AmxProduct<kKN>(pool, x, w, s, G, static_cast<uint16_t*>(y.untyped_data()), M, N, K);
   if (y.element_type() == ffi::DataType::F32)
-    return AmxProduct<kKN>(pool, x, w, s, static_cast<float*>(y.untyped_data()), M, N, K);
+    return AmxProduct<kKN>(pool, x, w, s, G, static_cast<float*>(y.untyped_data()), M, N, K);
   return ffi::Error::InvalidArgument("the AMX products write float32 or bf16");
 }
 
@@ -672,8 +716,8 @@ ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
   if (auto error = GemmShapes<kKN>(kKN ? "pj_bf16_gemm_kn" : "pj_bf16_gemm", x, w, M, N, K); error.failure())
     return error;
   return AmxInto<kKN>(pool, reinterpret_cast<const uint16_t*>(x.typed_data()),
-                      reinterpret_cast<const uint16_t*>(w.typed_data()), static_cast<const float*>(nullptr), *y, M, N,
-                      K);
+                      reinterpret_cast<const uint16_t*>(w.typed_data()), static_cast<const float*>(nullptr), 1, *y, M,
+                      N, K);
 }
 
 template <bool kKN>
@@ -684,8 +728,21 @@ ffi::Error Int8Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
   if (auto error = GemmShapes<kKN>(target, x, w, M, N, K); error.failure()) return error;
   if (s.element_count() != static_cast<size_t>(N))
     return ffi::Error::InvalidArgument(std::string(target) + ": expected one scale per output channel");
-  return AmxInto<kKN>(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), w.typed_data(), s.typed_data(), *y, M,
-                      N, K);
+  return AmxInto<kKN>(pool, reinterpret_cast<const uint16_t*>(x.typed_data()), w.typed_data(), s.typed_data(), 1, *y,
+                      M, N, K);
+}
+
+ffi::Error Int4Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> s,
+                    ffi::Result<ffi::AnyBuffer> y) {
+  const auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != 2 * wd[1] || sd[0] != wd[0] || sd[1] < 1 ||
+      xd[1] % sd[1] != 0 || (xd[1] / sd[1]) % 128 != 0 || wd[0] % kTile != 0)
+    return ffi::Error::InvalidArgument(
+        "pj_int4_gemm: expected x [M, K], w [N, K / 2] and s [N, G], N a multiple of 16, groups of K / G a multiple "
+        "of 128");
+  return AmxInto<false>(pool, reinterpret_cast<const uint16_t*>(x.typed_data()),
+                        reinterpret_cast<const Nibbles*>(w.typed_data()), s.typed_data(), sd[1], *y, xd[0], wd[0],
+                        xd[1]);
 }
 
 }  // namespace
@@ -740,6 +797,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt8GemmKn, Int8Gemm<true>,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt4Gemm, Int4Gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>());
 

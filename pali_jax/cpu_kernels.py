@@ -6,6 +6,7 @@
     bf16_gemm(x bf16 [M, K], w bf16 [N, K] | [K, N])             -> float32 | bf16 [M, N]  (AMX)
     int8_gemm(x bf16 [M, K], w int8 [N, K] | [K, N], scale f32 [N, 1] | [1, N])
                                                                  -> float32 | bf16 [M, N]  (AMX)
+    int4_gemm(x bf16 [M, K], w uint8 [N, K / 2], scale f32 [N, G]) -> float32 | bf16 [M, N]  (AMX)
 
 They exist because XLA:CPU multiplies a few rows by a bf16 weight at a fraction of the rate the
 weight streams from memory, and cannot multiply an int8 weight without writing it out in float
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 _LIBRARY_STEM = "_cpu_kernels"
 _TARGETS = {"pj_bf16_matvec": "PjBf16Matvec", "pj_quant_matvec": "PjQuantMatvec", "pj_int4_matvec": "PjInt4Matvec",
             "pj_bf16_gemm": "PjBf16Gemm", "pj_int8_gemm": "PjInt8Gemm", "pj_bf16_gemm_kn": "PjBf16GemmKn",
-            "pj_int8_gemm_kn": "PjInt8GemmKn"}
+            "pj_int8_gemm_kn": "PjInt8GemmKn", "pj_int4_gemm": "PjInt4Gemm"}
 DISABLE_ENV = "PALI_JAX_CPU_KERNELS"
 
 
@@ -175,3 +176,18 @@ def int8_gemm(x: jax.Array, w: jax.Array, scale: jax.Array, dtype=jnp.float32, o
 
 
 int8_gemm.defvjp(_gemm_fwd(int8_gemm), _gemm_bwd(_quantized_bwd))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def int4_gemm(x: jax.Array, w: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """x bf16 [M, K] times a nibble-packed int4 weight on AMX tiles (where `amx()`) -> [M, N] in
+    `dtype`; w uint8 [N, K / 2] (`quantize.pack_int4`, N a multiple of 16), scale float32 [N, G]
+    for G groups of K / G inputs, a multiple of `quantize.PACK_CHUNK`. Each block of the weight is
+    dequantised to bf16 as it is used (each value times its group's scale, rounded once: the
+    numerics of XLA's tiled form and of the GPU's dequantisation), then multiplied by the rows
+    exactly with float32 sums; `int4_matvec` instead scales exact group sums."""
+    return _call("pj_int4_gemm", x.shape[0], w.shape[0], x, w, scale, dtype=dtype)
+
+
+int4_gemm.defvjp(lambda x, w, scale, dtype: (int4_gemm(x, w, scale, dtype), (x, w, scale)),
+                 lambda dtype, residuals, g: _quantized_bwd(residuals, g.astype(jnp.float32)))

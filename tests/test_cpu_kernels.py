@@ -85,12 +85,16 @@ def test_policy_multiplies_on_amx_only_where_the_tiles_fit():
     assert amx.matmul_form(bf16, rows - 1, False, 2048, 16) == "dot_pad"
     assert amx.quantized_form(bf16, rows8 - 1, False, int8, 1152, 4304) == "tiled_f32"
     assert amx.matmul_form(bf16, rows, False, 2048, 8) == "dot"  # off the tiles
+    packed, rows4 = jnp.uint8, backend._AMX_INT4_ROWS  # nibble-packed int4: the int4 kernel below
+    assert amx.quantized_form(bf16, rows4, True, packed, 2048, 16, groups=16) == "amx"
+    assert amx.quantized_form(bf16, rows4 - 1, True, packed, 2048, 16, groups=16) == "int4_kernel"
     assert amx.quantized_form(bf16, rows8, True, int8, 2048, 16) == "amx"
     assert amx.quantized_form(bf16, rows8 - 1, True, int8, 2048, 16) == "kernel"
     assert amx.quantized_form(bf16, 64, True, int8, 2048, 16, groups=16) == "tiled"  # int4 held in bytes: groups
     assert amx.quantized_form(jnp.float32, 64, True, int8, 2048, 16) == "tiled_f32"
     no_amx = Policy("cpu", backend._BF16_KERNEL_FLAGS | backend._QUANT_KERNEL_FLAGS, cpu_kernels=True)
     assert no_amx.matmul_form(bf16, 266, True, 2048, 16384) == "dot_general"
+    assert no_amx.quantized_form(bf16, 266, True, jnp.uint8, 2048, 16, groups=16) == "int4_kernel"
     assert Policy("cpu", backend._AMX_FLAGS).matmul_form(bf16, 266, True, 2048, 16384) == "dot_general"  # no library
 
 
@@ -192,6 +196,30 @@ def test_amx_gemms_are_exact_to_float32_rounding(m, n, k, out_first):
     np.testing.assert_array_equal(np.asarray(y16, np.float32), np.asarray(y32.astype(jnp.bfloat16), np.float32))
 
 
+@pytest.mark.skipif(not CAN_AMX, reason="this CPU (or its kernel) gives no AMX: the policy never calls the GEMMs")
+@pytest.mark.parametrize("m", [1, 17, 530])
+@pytest.mark.parametrize("n, k, group", [(16, 128, 128), (48, 384, 128), (272, 1024, 256)])
+def test_int4_gemm_is_the_product_with_the_weight_dequantised_to_bf16(m, n, k, group):
+    """Nibble-packed int4 on AMX: each weight times its group's scale rounded once to bf16 (the tiled
+    form's and the GPU's numerics), then the exact products summed in float32: against float64 on
+    that bf16 weight, within float32 rounding; bf16 out is that sum rounded once."""
+    rng = np.random.default_rng(m * 1000 + n + k)
+    node = quantize.quantize(rng.standard_normal((n, k)).astype(np.float32), Quantization("int4", group), (1,))
+    packed, scale = quantize.pack_int4(node[quantize.QVALUE]), node[quantize.SCALE]
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    gemm = jax.jit(cpu_kernels.int4_gemm, static_argnums=3)
+    y32 = gemm(x, packed, scale, jnp.float32)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(quantize.dequantize(node, jnp.bfloat16), np.float64)
+    assert np.all(np.abs(np.asarray(y32, np.float64) - x64 @ w64.T) <= _float32_bound(x64, w64))
+    y16 = gemm(x, packed, scale, jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(y16, np.float32), np.asarray(y32.astype(jnp.bfloat16), np.float32))
+    if m == 17:  # the gradient: the plain product of the output's gradient with the float32 dequantised weight
+        gx = jax.grad(lambda x: jnp.sum(jnp.sin(cpu_kernels.int4_gemm(x, packed, scale))))(x)
+        deq = np.asarray(quantize.dequantize(node, jnp.float32), np.float64)
+        want = np.cos(np.asarray(y32, np.float64)) @ deq  # [M, K], then rounded to x's bf16
+        np.testing.assert_allclose(np.asarray(gx, np.float64), want, rtol=2**-7, atol=1e-3 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("quant, target", [(None, "pj_bf16_gemm_kn"), ("int8", "pj_int8_gemm_kn")])
 def test_siglip_projections_take_the_policys_forms(quant, target):
     """SigLIP's projections (weights stored inputs first) are multiplied by `backend.project` like
@@ -219,6 +247,8 @@ def test_amx_gemms_refuse_shapes_off_the_tiles():
         jax.block_until_ready(cpu_kernels.bf16_gemm(x, jnp.ones((24, 64), jnp.bfloat16)))
     with pytest.raises(Exception, match="one scale per output channel"):
         jax.block_until_ready(cpu_kernels.int8_gemm(x, jnp.ones((16, 64), jnp.int8), jnp.ones((16, 2), jnp.float32)))
+    with pytest.raises(Exception, match="groups of K / G a multiple of 128"):
+        jax.block_until_ready(cpu_kernels.int4_gemm(x, jnp.zeros((16, 32), jnp.uint8), jnp.ones((16, 1), jnp.float32)))
     with pytest.raises(Exception, match=r"w \[K, N\], N a multiple of 16"):
         jax.block_until_ready(cpu_kernels.bf16_gemm(x, jnp.ones((64, 24), jnp.bfloat16), jnp.float32, False))
     with pytest.raises(Exception, match="one scale per output channel"):
