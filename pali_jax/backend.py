@@ -373,12 +373,15 @@ def project(x: jax.Array, w, in_axes: int, out_first: bool, policy: Policy) -> j
     if quantized:
         groups = w[quantize.SCALE].size // n_out
         form = policy.quantized_form(rows.dtype, m, out_first, w[quantize.QVALUE].dtype, n_in, n_out, groups)
-    if form == "amx":  # one scale per output channel: [N, K] and [N, 1], or [K, N] and [1, N]; packed int4 [N, K / 2], [N, G]
+    if form == "amx":
         q, scale = w[quantize.QVALUE], w[quantize.SCALE].astype(jnp.float32)
-        if quantize.is_packed(q.dtype):
-            return cpu_kernels.int4_gemm(rows, q.reshape(n_out, -1), scale.reshape(n_out, -1), x.dtype).reshape(*lead, *out_shape)
-        q, scale = (q.reshape(n_out, n_in), scale.reshape(n_out, 1)) if out_first else (q.reshape(n_in, n_out), scale.reshape(1, n_out))
-        return cpu_kernels.int8_gemm(rows, q, scale, x.dtype, out_first).reshape(*lead, *out_shape)
+        if quantize.is_packed(q.dtype):  # [N, K / 2] and [N, G]
+            y = cpu_kernels.int4_gemm(rows, q.reshape(n_out, -1), scale.reshape(n_out, -1), x.dtype)
+        elif out_first:  # one scale per output channel: [N, K] and [N, 1]
+            y = cpu_kernels.int8_gemm(rows, q.reshape(n_out, n_in), scale.reshape(n_out, 1), x.dtype)
+        else:  # [K, N] and [1, N]
+            y = cpu_kernels.int8_gemm(rows, q.reshape(n_in, n_out), scale.reshape(1, n_out), x.dtype, False)
+        return y.reshape(*lead, *out_shape)
     if form in ("kernel", "int4_kernel"):  # output axes lead: [N, K] (packed: [N, K / 2]) and [N, G]
         q, scale = w[quantize.QVALUE].reshape(n_out, -1), w[quantize.SCALE].reshape(n_out, -1).astype(jnp.float32)
         if form == "int4_kernel":

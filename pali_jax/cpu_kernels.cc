@@ -312,14 +312,24 @@ PJ_BF16 void Int4Rows(const uint16_t* x, const uint8_t* w, const float* s, float
   }
 }
 
-ffi::Error Int4Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> w,
-                      ffi::Buffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> y) {
+// x [M, K], nibble-packed w [N, K / 2] and s [N, G] (groups of K / G a multiple of 128, and N a
+// multiple of `channels`) -> M, N, K and G, or an error naming `target`.
+ffi::Error Int4Shapes(const char* target, int64_t channels, ffi::Buffer<ffi::BF16>& x, ffi::Buffer<ffi::U8>& w,
+                      ffi::Buffer<ffi::F32>& s, int64_t& M, int64_t& N, int64_t& K, int64_t& G) {
   const auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != 2 * wd[1] || sd[0] != wd[0] || sd[1] < 1 ||
-      xd[1] % (128 * sd[1]) != 0)
-    return ffi::Error::InvalidArgument(
-        "pj_int4_matvec: expected x [M, K], w [N, K / 2] and s [N, G], groups of K / G a multiple of 128");
-  const int64_t M = xd[0], K = xd[1], N = wd[0], G = sd[1];
+      xd[1] % (128 * sd[1]) != 0 || wd[0] % channels != 0)
+    return ffi::Error::InvalidArgument(std::string(target) + ": expected x [M, K], w [N, K / 2] and s [N, G], " +
+                                       (channels > 1 ? "N a multiple of 16, " : "") +
+                                       "groups of K / G a multiple of 128");
+  M = xd[0], N = wd[0], K = xd[1], G = sd[1];
+  return ffi::Error::Success();
+}
+
+ffi::Error Int4Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> w,
+                      ffi::Buffer<ffi::F32> s, ffi::ResultBuffer<ffi::F32> y) {
+  int64_t M, N, K, G;
+  if (auto error = Int4Shapes("pj_int4_matvec", 1, x, w, s, M, N, K, G); error.failure()) return error;
   const auto* xp = reinterpret_cast<const uint16_t*>(x.typed_data());
   const uint8_t* wp = w.typed_data();
   const float* sp = s.typed_data();
@@ -572,19 +582,17 @@ template <bool kKN, typename W>
 inline void PrefetchWeights(const W* w, int64_t N, int64_t K, int64_t n, int64_t rows, int64_t k0, int64_t width,
                             int64_t part, int64_t parts) {
   const int64_t end = std::min(K, k0 + width);
-  if constexpr (std::is_same_v<W, Nibbles>) {  // two inputs per byte
-    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(w);
-    for (int64_t r = rows * part / parts; r < rows * (part + 1) / parts; ++r)
-      for (int64_t k = k0; k < end; k += 128)
-        _mm_prefetch(reinterpret_cast<const char*>(bytes + (n + r) * (K / 2) + k / 2), _MM_HINT_T1);
-  } else if constexpr (kKN) {
+  if constexpr (kKN) {
     for (int64_t k = k0 + (end - k0) * part / parts; k < k0 + (end - k0) * (part + 1) / parts; ++k)
       for (int64_t j = 0; j < rows; j += 64 / sizeof(W))
         _mm_prefetch(reinterpret_cast<const char*>(w + k * N + n + j), _MM_HINT_T1);
   } else {
+    const auto bytes = [](int64_t inputs) {  // packed int4: two inputs per byte
+      return std::is_same_v<W, Nibbles> ? inputs / 2 : inputs * static_cast<int64_t>(sizeof(W));
+    };
+    const char* base = reinterpret_cast<const char*>(w);
     for (int64_t r = rows * part / parts; r < rows * (part + 1) / parts; ++r)
-      for (int64_t k = k0; k < end; k += 64 / sizeof(W))
-        _mm_prefetch(reinterpret_cast<const char*>(w + (n + r) * K + k), _MM_HINT_T1);
+      for (int64_t b = bytes(k0); b < bytes(end); b += 64) _mm_prefetch(base + bytes((n + r) * K) + b, _MM_HINT_T1);
   }
 }
 
@@ -734,15 +742,22 @@ ffi::Error Int8Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
 
 ffi::Error Int4Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::U8> w, ffi::Buffer<ffi::F32> s,
                     ffi::Result<ffi::AnyBuffer> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), sd = s.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || sd.size() != 2 || xd[1] != 2 * wd[1] || sd[0] != wd[0] || sd[1] < 1 ||
-      xd[1] % sd[1] != 0 || (xd[1] / sd[1]) % 128 != 0 || wd[0] % kTile != 0)
-    return ffi::Error::InvalidArgument(
-        "pj_int4_gemm: expected x [M, K], w [N, K / 2] and s [N, G], N a multiple of 16, groups of K / G a multiple "
-        "of 128");
+  int64_t M, N, K, G;
+  if (auto error = Int4Shapes("pj_int4_gemm", kTile, x, w, s, M, N, K, G); error.failure()) return error;
   return AmxInto<false>(pool, reinterpret_cast<const uint16_t*>(x.typed_data()),
-                        reinterpret_cast<const Nibbles*>(w.typed_data()), s.typed_data(), sd[1], *y, xd[0], wd[0],
-                        xd[1]);
+                        reinterpret_cast<const Nibbles*>(w.typed_data()), s.typed_data(), G, *y, M, N, K);
+}
+
+// The AMX GEMMs' arguments: x bf16 and a weight of type W (then, for a quantised one, its float32
+// scales); the result float32 or bf16.
+template <ffi::DataType W>
+auto AmxBinding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::BF16>>().Arg<ffi::Buffer<W>>();
+}
+
+template <ffi::DataType W>
+auto ScaledAmxBinding() {
+  return AmxBinding<W>().template Arg<ffi::Buffer<ffi::F32>>().template Ret<ffi::AnyBuffer>();
 }
 
 }  // namespace
@@ -770,42 +785,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt4Matvec, Int4Matvec,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PjBf16Gemm, Bf16Gemm<false>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PjBf16GemmKn, Bf16Gemm<true>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt8Gemm, Int8Gemm<false>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt8GemmKn, Int8Gemm<true>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt4Gemm, Int4Gemm,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjBf16Gemm, Bf16Gemm<false>, AmxBinding<ffi::BF16>().Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjBf16GemmKn, Bf16Gemm<true>, AmxBinding<ffi::BF16>().Ret<ffi::AnyBuffer>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt8Gemm, Int8Gemm<false>, ScaledAmxBinding<ffi::S8>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt8GemmKn, Int8Gemm<true>, ScaledAmxBinding<ffi::S8>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PjInt4Gemm, Int4Gemm, ScaledAmxBinding<ffi::U8>());
 
 extern "C" int PjRequestAmx() { return AmxGranted(); }

@@ -154,15 +154,22 @@ def bf16_gemm(x: jax.Array, w: jax.Array, dtype=jnp.float32, out_first: bool = T
     return _call("pj_bf16_gemm" if out_first else "pj_bf16_gemm_kn", x.shape[0], n, x, w, dtype=dtype)
 
 
-def _gemm_fwd(kernel):
-    return lambda *operands_and_flags: (kernel(*operands_and_flags), operands_and_flags[:-2])
+def _gemm_fwd(kernel, static: int):
+    """A GEMM's custom-VJP forward: its result, its operands (all but its `static` last arguments) kept."""
+    return lambda *args: (kernel(*args), args[:-static])
 
 
 def _gemm_bwd(bwd):
-    return lambda dtype, out_first, residuals, g: bwd(residuals, g.astype(jnp.float32), out_first)
+    """A GEMM's custom-VJP backward from a matrix-vector product's: the static arguments (dtype, then
+    out_first where the GEMM has it) first, the output's gradient in float32."""
+    def backward(dtype, *layout_residuals_g):
+        *layout, residuals, g = layout_residuals_g
+        return bwd(residuals, g.astype(jnp.float32), *layout)
+
+    return backward
 
 
-bf16_gemm.defvjp(_gemm_fwd(bf16_gemm), _gemm_bwd(_bf16_bwd))
+bf16_gemm.defvjp(_gemm_fwd(bf16_gemm, 2), _gemm_bwd(_bf16_bwd))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -175,7 +182,7 @@ def int8_gemm(x: jax.Array, w: jax.Array, scale: jax.Array, dtype=jnp.float32, o
     return _call("pj_int8_gemm" if out_first else "pj_int8_gemm_kn", x.shape[0], n, x, w, scale, dtype=dtype)
 
 
-int8_gemm.defvjp(_gemm_fwd(int8_gemm), _gemm_bwd(_quantized_bwd))
+int8_gemm.defvjp(_gemm_fwd(int8_gemm, 2), _gemm_bwd(_quantized_bwd))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -189,5 +196,4 @@ def int4_gemm(x: jax.Array, w: jax.Array, scale: jax.Array, dtype=jnp.float32) -
     return _call("pj_int4_gemm", x.shape[0], w.shape[0], x, w, scale, dtype=dtype)
 
 
-int4_gemm.defvjp(lambda x, w, scale, dtype: (int4_gemm(x, w, scale, dtype), (x, w, scale)),
-                 lambda dtype, residuals, g: _quantized_bwd(residuals, g.astype(jnp.float32)))
+int4_gemm.defvjp(_gemm_fwd(int4_gemm, 1), _gemm_bwd(_quantized_bwd))

@@ -85,7 +85,8 @@ class Attention(nn.Module):
         c = self.cfg
         heads = (c.num_heads, c.head_dim)
         axes = ("vision_embed", "vision_heads", "vision_head_dim")
-        q, k, v = (_dense(heads, axes, self.dtype, self.policy, name, quant=self.quant)(x) for name in ("query", "key", "value"))  # [B, T, N, H]
+        q, k, v = (_dense(heads, axes, self.dtype, self.policy, name, quant=self.quant)(x)
+                   for name in ("query", "key", "value"))  # [B, T, N, H]
         logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * c.head_dim**-0.5
         probs = jax.nn.softmax(logits, axis=-1)
         self.sow(INTERMEDIATES, "attention", probs)
